@@ -1,0 +1,212 @@
+"""Offline web app (Gradio): upload cell images, see label, p_parasitized and a Grad-CAM overlay.
+
+The page is served entirely from this machine: Gradio's own bundled scripts and fonts
+(``LocalFont``), analytics off (``GRADIO_ANALYTICS_ENABLED=False``, ``analytics_enabled=False``),
+no server-side rendering, no share link. A browser test checks that the page requests nothing
+off-host.
+
+One predictor is built at start-up and shared by all sessions. With the PyTorch back-end each
+result shows the cell beside its Grad-CAM overlay (:func:`malaria_screen.inference.gradcam.explain`);
+with an ONNX model (no gradients) the cell alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+from importlib import resources  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from malaria_screen.data.io import decode_image  # noqa: E402
+from malaria_screen.data.preprocess import letterbox  # noqa: E402
+from malaria_screen.fileio import atomic_write_text  # noqa: E402
+
+__all__ = ["build_app", "classify_files", "launch", "sample_files"]
+
+log = logging.getLogger(__name__)
+
+_TITLE = "malaria-screen: thin-smear red blood cell classifier"
+_DISCLAIMER = ("Upload Giemsa-stained thin-smear **single-cell** images (PNG, JPEG, WebP, TIFF...). Each is classified "
+               "Parasitized / Uninfected with p(parasitized); the heat map (Grad-CAM, Selvaraju et al. 2017) shows where "
+               "the model found its evidence. *Research use only; not a medical device.*")
+_CSV_COLUMNS = ["file", "label", "p_parasitized", "error"]
+_TILE_PX = 160
+
+
+def sample_files() -> list[str]:
+    """Bundled example cells (``malaria_screen/assets/samples/<Class>/*.png``), sorted; [] if absent."""
+    root = Path(str(resources.files("malaria_screen") / "assets" / "samples"))
+    return sorted(str(p) for p in root.glob("*/*.png")) if root.is_dir() else []
+
+
+def _tile(rgb: np.ndarray, overlay: np.ndarray | None) -> np.ndarray:
+    """Cell (and overlay) side by side, each letterboxed to ``_TILE_PX`` px for display."""
+    parts = [letterbox(rgb, _TILE_PX)] + ([letterbox(overlay, _TILE_PX)] if overlay is not None else [])
+    return np.concatenate(parts, axis=1)
+
+
+def _csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in _CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, explain: bool = True, max_files: int = 500):
+    """Classify uploaded files and build what the page shows; the app's one handler.
+
+    Parameters
+    ----------
+    predictor : CellClassifierBase
+    paths : sequence of str
+        Uploaded files (Gradio's temporary copies).
+    out_dir : path
+        Folder for the results CSV (written atomically).
+    explain : bool, default=True
+        Grad-CAM overlays (PyTorch back-end only; ignored otherwise).
+    max_files : int, default=500
+        Files beyond this are reported as errors, not processed.
+
+    Returns
+    -------
+    summary : str
+        Markdown: n cells, n Parasitized, n failed.
+    gallery : list of (ndarray, str)
+        ``(H, W, 3) uint8`` tile (cell | overlay) and its caption, per classified file.
+    rows : list of list
+        Table rows ``[file, label, p_parasitized, error]``.
+    csv_path : str or None
+        The CSV with the same rows.
+    """
+    from malaria_screen.inference.gradcam import explain as run_explain
+
+    paths = [str(p) for p in (paths or [])]
+    can_explain = explain and hasattr(predictor, "net") and hasattr(getattr(predictor, "net"), "forward_features")
+    rows, gallery = [], []
+    pos = None if predictor.positive_index is None else predictor.class_names[predictor.positive_index]
+    for i, p in enumerate(paths):
+        name = Path(p).name
+        row = {"file": name, "label": None, "p_parasitized": None, "error": None}
+        rows.append(row)
+        if i >= max_files:
+            row["error"] = f"not processed: more than {max_files} files in one upload"
+            continue
+        try:
+            rgb = decode_image(p)
+            if can_explain:
+                (ex,) = run_explain(predictor, [rgb])
+                label, pp, ov = ex.label, ex.p_parasitized, ex.overlay
+            else:
+                probs = predictor.predict_proba_prepared(letterbox(rgb, predictor.input_size)[None])
+                label = predictor.label_of(probs)[0]
+                pp = None if predictor.positive_index is None else float(probs[0, predictor.positive_index])
+                ov = None
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
+            row["error"] = str(exc) if type(exc).__name__ == "ImageDecodeError" else f"{type(exc).__name__}: {exc}"
+            continue
+        row.update(label=label, p_parasitized=None if pp is None else round(pp, 4))
+        gallery.append((_tile(rgb, ov), f"{name}: {label}" + ("" if pp is None else f" (p={pp:.3f})")))
+    n_ok = sum(1 for r in rows if r["error"] is None)
+    n_pos = sum(1 for r in rows if pos is not None and r["label"] == pos)
+    n_bad = len(rows) - n_ok
+    summary = (f"**{n_ok} cells classified: {n_pos} {pos or 'positive'}, {n_ok - n_pos} other**"
+               + (f"; {n_bad} file(s) failed" if n_bad else "")) if rows else "No files uploaded."
+    if rows and not can_explain and explain:
+        summary += "\n\n(Grad-CAM overlays need the PyTorch model; this app runs an ONNX model.)"
+    csv_path = None
+    if rows:
+        csv_path = str(atomic_write_text(Path(out_dir) / "malaria_screen_results.csv", _csv(rows)))
+    table = [[r["file"], r["label"], r["p_parasitized"], r["error"]] for r in rows]
+    return summary, gallery, table, csv_path
+
+
+def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str | Path | None = None):
+    """Build the Gradio app around one predictor.
+
+    Parameters
+    ----------
+    predictor : CellClassifierBase
+        Built once; shared by all sessions.
+    examples : sequence of str, optional
+        Example image paths; default :func:`sample_files`.
+    work_dir : path, optional
+        Folder for result CSVs; default a new temporary folder.
+
+    Returns
+    -------
+    gradio.Blocks
+        Launch with :func:`launch` (which sets the offline options).
+    """
+    import gradio as gr
+
+    examples = list(sample_files() if examples is None else examples)
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="malaria-screen-app-"))
+    metrics = predictor.metrics or {}
+    model_line = f"Model: `{Path(predictor.source).name if predictor.source else '?'}` ({getattr(predictor, 'backend', '?')})"
+    if "accuracy" in metrics and "roc_auc" in metrics:
+        model_line += f"; test patients: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}"
+
+    def run(files, request: gr.Request | None = None):
+        paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
+        sess = work / (getattr(request, "session_hash", None) or "session")
+        summary, gallery, table, csv_path = classify_files(predictor, paths, out_dir=sess)
+        return summary, gallery, table, csv_path
+
+    with gr.Blocks(title="malaria-screen", analytics_enabled=False) as demo:
+        gr.Markdown(f"# {_TITLE}\n{_DISCLAIMER}\n\n{model_line}")
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="Cell images", file_count="multiple", file_types=["image"], elem_id="cell-files")
+                btn = gr.Button("Classify", variant="primary", elem_id="classify-btn")
+                if examples:
+                    gr.Examples(examples=[[[p]] for p in examples[:8]] + [[examples]], inputs=[files],
+                                label="Examples (bundled NIH cells; last row: all)", examples_per_page=9)
+            with gr.Column(scale=2):
+                summary = gr.Markdown(elem_id="summary")
+                gallery = gr.Gallery(label="Cell | Grad-CAM", columns=4, height="auto", elem_id="gallery")
+                table = gr.Dataframe(headers=_CSV_COLUMNS, label="Results", elem_id="results", interactive=False)
+                csv_file = gr.File(label="Results (CSV)", elem_id="csv")
+        outs = [summary, gallery, table, csv_file]
+        btn.click(run, inputs=[files], outputs=outs)
+        files.upload(run, inputs=[files], outputs=outs)
+    return demo
+
+
+def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False, **kwargs):
+    """Build and serve the app, offline.
+
+    Parameters
+    ----------
+    predictor : CellClassifierBase
+    host : str, default="127.0.0.1"
+        Interface to bind; the default serves this machine only.
+    port : int, default=7860
+    prevent_thread_lock : bool, default=False
+        Return immediately (tests) instead of blocking.
+    **kwargs
+        Passed to :func:`build_app`.
+
+    Returns
+    -------
+    gradio.Blocks
+        The running app (``.close()`` stops it).
+    """
+    import gradio as gr
+
+    demo = build_app(predictor, **kwargs)
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False, show_error=True,
+                prevent_thread_lock=prevent_thread_lock, quiet=True, footer_links=["api", "settings"],
+                theme=gr.themes.Default(), pwa=False, mcp_server=False, enable_monitoring=False)
+    return demo

@@ -1,0 +1,3 @@
+from malaria_screen.cli import main
+
+main()

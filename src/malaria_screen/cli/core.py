@@ -1,0 +1,297 @@
+"""Core commands: ``train``, ``evaluate``, ``predict``, ``models``.
+
+Heavy imports (torch, Lightning) happen inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+log = logging.getLogger("malaria_screen.cli")
+
+
+def _echo_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    typer.echo(line)
+    typer.echo("  ".join("-" * w for w in widths))
+    for r in rows:
+        typer.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+
+
+def train(
+    data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Image folder in NIH layout: DATA_DIR/<Class>/*"),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (weights, config, split, logs, plots, metrics)"),
+    model: str = typer.Option("cellnet", help="Architecture (see `malaria-screen models`)"),
+    input_size: Optional[int] = typer.Option(None, help="Square input side, pixels. Default: the model's own"),
+    epochs: int = typer.Option(20, help="Maximum epochs"),
+    batch_size: int = typer.Option(128, help="Cells per batch"),
+    optimizer: str = typer.Option("adamw", help="adam | adamw"),
+    lr: float = typer.Option(4e-3, help="Peak (one-cycle) or initial (plateau) learning rate"),
+    weight_decay: float = typer.Option(5e-4, help="Decoupled weight decay"),
+    scheduler: str = typer.Option("onecycle", help="onecycle (seed 003) | plateau (factor 0.5, patience 2, min_lr 1e-6; seed 000) | none"),
+    grad_clip: float = typer.Option(0.1, help="Clip gradients by value; 0 disables"),
+    augment: bool = typer.Option(True, help="Flips, 90-degree rotations, padded random crop, mild colour jitter"),
+    early_stopping: int = typer.Option(0, help="Stop after N epochs without val-loss improvement; 0 disables"),
+    val_fraction: float = typer.Option(0.1, help="Share of PATIENTS for validation"),
+    test_fraction: float = typer.Option(0.2, help="Share of PATIENTS for test"),
+    seed: int = typer.Option(0, help="Seed of split, initialisation and shuffling"),
+    groups: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="CSV path,patient for non-NIH file names"),
+    group_per_image: bool = typer.Option(False, help="Group per image when no patient is known (LEAKY; warned)"),
+    resume: bool = typer.Option(False, help="Continue a killed run from OUT/checkpoints/last.ckpt"),
+    devices: str = typer.Option("1", help="Devices (Lightning), e.g. 2 for 2-process DDP"),
+    strategy: str = typer.Option("auto", help="Lightning strategy, e.g. ddp"),
+    accelerator: str = typer.Option("auto", help="cpu | gpu | auto"),
+    precision: Optional[str] = typer.Option(None, help="Lightning precision, e.g. 16-mixed on GPU"),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes"),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cell store folder. Default: $MALARIA_SCREEN_CACHE or ~/.cache/malaria-screen"),
+    progress: bool = typer.Option(True, help="Progress bars"),
+    weights: Optional[str] = typer.Option(
+        None, help="Pretrained weights: 'imagenet' (EfficientNet-Lite0's bundled ImageNet weights) or PATH to a local "
+        "ImageNet file (.safetensors, or a torch state dict read weights-only). Default: random initialisation"),
+    freeze: bool = typer.Option(False, help="Transfer: frozen pretrained backbone (BatchNorm statistics fixed), train the head only"),
+    backbone_lr_scale: float = typer.Option(1.0, help="Fine-tuning: backbone learning rate = lr x this (e.g. 0.1); head gets lr"),
+    unfreeze_at_epoch: Optional[int] = typer.Option(
+        None, help="With --freeze: unfreeze the backbone at this 0-based epoch and fine-tune it (gradual unfreezing)"),
+    limit_train_batches: Optional[float] = typer.Option(None, help="Batches (>1) or share (<=1) per epoch: smoke runs"),
+) -> None:
+    """Train a cell classifier with a patient-level split, then evaluate it on the test patients.
+
+    Transfer learning: --weights with --freeze (feature extractor) or without it (fine-tuning,
+    optionally with --backbone-lr-scale and, after --freeze, --unfreeze-at-epoch). Any image folder
+    with two or more classes trains; data without a Parasitized class get multi-class metrics.
+    """
+    from malaria_screen.config import TrainConfig
+    from malaria_screen.models import default_input_size
+    from malaria_screen.training.run import train as run_train
+
+    try:
+        cfg = TrainConfig(
+            model=model, input_size=input_size or default_input_size(model), epochs=epochs, batch_size=batch_size,
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, grad_clip=grad_clip, augment=augment,
+            early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+            num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
+            backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    dev: int | str = int(devices) if devices.isdigit() else devices
+    ltb = None if limit_train_batches is None else (int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
+    res = run_train(data_dir, out, cfg, resume=resume, groups_csv=groups, group_per_image=group_per_image, cache_dir=cache_dir,
+                    accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, progress=progress,
+                    limit_train_batches=ltb)
+    if not res.is_global_zero:  # other DDP ranks: rank zero evaluates and writes
+        return
+    typer.echo(f"trained {res.config.model} in {res.seconds:.1f} s ({res.epochs_run} epochs); run folder: {out}")
+    if res.config.positive_index is None or res.config.num_classes != 2:
+        import numpy as np
+
+        from malaria_screen.fileio import atomic_write_json
+        from malaria_screen.inference import Predictor
+        from malaria_screen.research.multiclass import multiclass_metrics
+
+        sub = res.cells.subset(res.split.test)
+        probs = Predictor.from_dir(out).predict_proba_prepared(sub.images)
+        mm = multiclass_metrics(np.asarray(sub.labels), probs, sub.patients, class_names=res.config.class_names)
+        mm.update(split="test", model=res.config.model, data=str(res.cells.root))
+        atomic_write_json(out / "metrics.json", mm)
+        typer.echo(f"\ntest: {mm['n_groups']} groups, {mm['n_cells']} images (95% CI: bootstrap over groups)")
+        _echo_table([[k, f"{mm[k]:.4f}", f"[{mm['ci95'][k][0]:.4f}, {mm['ci95'][k][1]:.4f}]"]
+                     for k in ("accuracy", "macro_f1", "roc_auc_ovr_macro")], ["metric", "value", "95% CI"])
+        typer.echo(f"chance (commonest class): {mm['chance_accuracy']:.4f}")
+        return
+    m = _evaluate_split(out, res.cells, res.split.test, split_name="test")
+    _print_metrics(m)
+
+
+def _evaluate_split(run_dir: Path, cells, idx, *, split_name: str) -> dict:
+    import numpy as np
+
+    from malaria_screen.evaluation.report import write_evaluation
+    from malaria_screen.inference import Predictor
+
+    pred = Predictor.from_dir(run_dir)
+    sub = cells.subset(idx)
+    probs = pred.predict_proba_prepared(sub.images)
+    if pred.positive_index is None:
+        raise typer.BadParameter("evaluation needs a model with a Parasitized class")
+    pos_name = pred.class_names[pred.positive_index]
+    y = (np.asarray([cells.class_names[k] for k in sub.labels]) == pos_name).astype(int)
+    return write_evaluation(run_dir, y_true=y, p_pos=probs[:, pred.positive_index], patients=sub.patients,
+                            relpaths=sub.relpaths, threshold=pred.threshold, split_name=split_name,
+                            extra={"model": pred.config.model, "data": str(cells.root)})
+
+
+def _print_metrics(m: dict) -> None:
+    rows = []
+    for k in ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc"):
+        lo, hi = m["ci95"][k]
+        rows.append([k, f"{m[k]:.4f}", f"[{lo:.4f}, {hi:.4f}]"])
+    typer.echo(f"\n{m.get('split', '')}: {m['n_patients']} patients, {m['n_cells']} cells (95% CI: bootstrap over patients)")
+    _echo_table(rows, ["metric", "value", "95% CI"])
+
+
+def _load_predictor(model: Optional[Path], backend: str, **kwargs):
+    """Load the model for ``predict``/``evaluate``; torch is imported only for the torch back-end."""
+    from malaria_screen.inference import BACKENDS, load_model
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    try:
+        return load_model(model, backend=backend, **kwargs)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    except ImportError as exc:
+        raise typer.BadParameter(f"the {backend} back-end is not installed ({exc}); install malaria-screen[runtime] "
+                                 "and pass an .onnx model, or install the full package") from exc
+
+
+def _seen_patients(pred) -> set[str]:
+    """Patients a model was trained or validated on: from its run folder's ``split.json``, or
+    from an exported ONNX model's metadata (``malaria_screen.seen_patients``)."""
+    seen: set[str] = set()
+    if getattr(pred, "seen_patients", None):
+        for name in ("train", "val"):
+            seen |= set(pred.seen_patients.get(name, []))
+        return seen
+    split_path = Path(pred.source) / "split.json" if pred.source and Path(pred.source).is_dir() else None
+    if split_path and split_path.exists():
+        man = json.loads(split_path.read_text())
+        for name in ("train", "val"):
+            seen |= set(man["splits"].get(name, {}).get("patients", []))
+    return seen
+
+
+def _rows_to_csv(rows: list[dict], columns: list[str]) -> str:
+    """CSV text (header + rows); torch- and sklearn-free, for the runtime install."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def evaluate(
+    data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Image folder in NIH layout"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for metrics.json, per_patient.csv, predictions.csv, plots"),
+    model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
+    backend: str = typer.Option("auto", help="torch | onnx | auto (onnx for .onnx files, else torch)"),
+    include_train_patients: bool = typer.Option(
+        False, help="Also score patients the model was trained or validated on (LEAKY; flagged in metrics.json)"),
+    groups: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="CSV path,patient for non-NIH names"),
+    group_per_image: bool = typer.Option(False, help="Group per image (leaky; warned)"),
+    n_boot: int = typer.Option(1000, help="Bootstrap replicates over patients for the 95% CIs"),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cell store folder"),
+    progress: bool = typer.Option(True, help="Progress bars"),
+) -> None:
+    """Evaluate a model on a dataset, by patient, with 95% bootstrap CIs.
+
+    Patients the model was trained or validated on (from its split.json) are left out unless
+    --include-train-patients is given: a benchmark cannot leak by accident.
+    """
+    import numpy as np
+
+    from malaria_screen.data.dataset import load_cell_set
+    from malaria_screen.evaluation.report import write_evaluation
+
+    pred = _load_predictor(model, backend)
+    if pred.positive_index is None:
+        raise typer.BadParameter(f"model classes {pred.class_names} have no Parasitized class")
+    cells = load_cell_set(data_dir, size_px=pred.input_size, cache_dir=cache_dir, groups_csv=groups,
+                          group_per_image=group_per_image, progress=progress)
+    seen = _seen_patients(pred)
+    excluded = sorted({p for p in cells.patients if p in seen})
+    keep = np.arange(len(cells)) if include_train_patients else np.asarray([i for i, p in enumerate(cells.patients) if p not in seen], dtype=np.int64)
+    if excluded and not include_train_patients:
+        typer.echo(f"left out {len(cells) - len(keep)} cells of {len(excluded)} patients the model was trained/validated on", err=True)
+    if len(keep) == 0:
+        typer.echo("no cells left to evaluate (all patients were seen in training)", err=True)
+        raise typer.Exit(2)
+    sub = cells.subset(keep)
+    positive = pred.class_names[pred.positive_index]
+    if positive not in sub.class_names:
+        raise typer.BadParameter(f"dataset classes {sub.class_names} have no {positive!r} folder")
+    y = (np.asarray(sub.labels) == sub.class_names.index(positive)).astype(int)
+    probs = pred.predict_proba_prepared(sub.images)[:, pred.positive_index]
+    leaky = bool(include_train_patients and excluded)
+    m = write_evaluation(out, y_true=y, p_pos=probs, patients=sub.patients, relpaths=sub.relpaths, threshold=pred.threshold,
+                         split_name="all patients (LEAKY: includes training patients)" if leaky else "held-out patients",
+                         n_boot=n_boot, extra={"model": pred.source, "backend": pred.backend, "data": str(cells.root), "leaky": leaky,
+                                               "excluded_seen_patients": len(excluded) if not include_train_patients else 0,
+                                               "decode_errors": cells.errors})
+    _print_metrics(m)
+    typer.echo(f"wrote {out}/metrics.json")
+
+
+def predict(
+    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (recursive)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Results file: .csv or .json"),
+    model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
+    backend: str = typer.Option("auto", help="torch | onnx | auto (onnx for .onnx files, or when torch is not installed)"),
+    batch_size: int = typer.Option(256, help="Cells per inference batch"),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads"),
+    quiet: bool = typer.Option(False, help="Do not print the results table"),
+) -> None:
+    """Classify cell images; one row per file: path, label, p_parasitized, error.
+
+    A file that cannot be read gets an error row and the rest go on; the exit status is 1 if any
+    file failed, 0 otherwise. The results file is written atomically.
+    """
+    from malaria_screen.data.dataset import list_image_files
+    from malaria_screen.fileio import atomic_write_json, atomic_write_text
+
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise typer.BadParameter(f"--out must end in .csv or .json, got {out.name}")
+    try:
+        files = list_image_files(paths)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc))
+    pred = _load_predictor(model, backend, batch_size=batch_size)
+    rows = [r.__dict__ for r in pred.predict_files(files, workers=workers)]
+    cols = ["path", "label", "p_parasitized", "error"]
+    for r in rows:
+        if r["p_parasitized"] is not None:
+            r["p_parasitized"] = round(r["p_parasitized"], 6)
+    if out.suffix.lower() == ".csv":
+        atomic_write_text(out, _rows_to_csv(rows, cols))
+    else:
+        atomic_write_json(out, {"model": pred.source, "backend": pred.backend, "threshold": pred.threshold, "results": rows})
+    n_bad = sum(1 for r in rows if r["error"])
+    if not quiet:
+        table = [[Path(r["path"]).name[:48], r["label"] or "-", "-" if r["p_parasitized"] is None else f"{r['p_parasitized']:.3f}",
+                  (r["error"] or "")[:60]] for r in rows]
+        _echo_table(table, ["file", "label", "p_parasitized", "error"])
+    n_par = sum(1 for r in rows if r["label"] == "Parasitized")
+    typer.echo(f"\n{len(rows)} files: {n_par} Parasitized, {len(rows) - n_par - n_bad} other, {n_bad} failed -> {out}")
+    if n_bad:
+        raise typer.Exit(1)
+
+
+def models() -> None:
+    """List the registered architectures with parameters and MFLOPs per cell."""
+    from malaria_screen.models import build_model, count_flops, count_parameters, default_input_size, list_models
+
+    rows = []
+    for name in list_models():
+        s = default_input_size(name)
+        m = build_model(name, input_size=s)
+        rows.append([name, str(s), f"{count_parameters(m):,}", f"{count_flops(m, s) / 1e6:.1f}"])
+    _echo_table(rows, ["model", "input px", "parameters", "MFLOPs/cell"])
+
+
+def register(app: typer.Typer) -> None:
+    """Add the core commands to ``app``."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("predict")(predict)
+    app.command("models")(models)

@@ -1,0 +1,271 @@
+"""Deployment commands: ``export``, ``app``, ``serve``, ``explain``, ``bench-infer``.
+
+The main CLI calls :func:`register`. Heavy imports (torch, onnx, gradio, fastapi) happen inside
+the commands, so ``--help`` is instant and the torch-free runtime install still starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+__all__ = ["app_cmd", "bench_infer", "explain", "export", "register", "serve"]
+
+log = logging.getLogger("malaria_screen.cli")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    typer.echo("  ".join(h.ljust(k) for h, k in zip(header, w)))
+    typer.echo("  ".join("-" * k for k in w))
+    for r in rows:
+        typer.echo("  ".join(str(x).ljust(k) for x, k in zip(r, w)))
+
+
+def _model_dir(model: Optional[Path]) -> Path:
+    from malaria_screen.inference import default_model_dir
+
+    return Path(model) if model is not None else default_model_dir()
+
+
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="Destination .onnx file (written atomically) + <stem>.report.json"),
+    model: Optional[Path] = typer.Option(None, help="Run folder; default: the bundled model"),
+    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)"),
+    int8: bool = typer.Option(False, "--int8", help="Static int8 quantisation calibrated on TRAINING-patient cells"),
+    data: Optional[Path] = typer.Option(None, help="NIH cell folder the run's split.json refers to. Default: $MALARIA_SCREEN_DATA/nih_cell_images"),
+    calibration_cells: int = typer.Option(512, min=16, help="Training-patient cells for int8 calibration"),
+    quant_format: str = typer.Option("qdq", help="int8 graph format: qdq | qoperator"),
+    check: bool = typer.Option(True, help="Check parity and test-patient accuracy of torch / fp32 / int8"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+    seed: int = typer.Option(0, help="Seed of the calibration sample"),
+) -> None:
+    """Export a model to ONNX: input (N, S, S, 3) uint8 letterboxed RGB cells, output (N, C) float32
+    probabilities; preprocessing config in the model's metadata.
+
+    Prints file sizes and, on the run's test patients, accuracy / ROC-AUC of torch, ONNX fp32 and
+    (with --int8) ONNX int8 side by side.
+    """
+    from malaria_screen.export.pipeline import ExportParityError, export_model, report_path
+
+    if fmt != "onnx":
+        raise typer.BadParameter(f"--format must be onnx, got {fmt!r}")
+    if out.suffix.lower() != ".onnx":
+        raise typer.BadParameter(f"--out must end in .onnx, got {out.name}")
+    if quant_format not in ("qdq", "qoperator"):
+        raise typer.BadParameter(f"--quant-format must be qdq or qoperator, got {quant_format!r}")
+    try:
+        rep = export_model(_model_dir(model), out, int8=int8, data_dir=data, calibration_cells=calibration_cells,
+                           quant_format=quant_format, check=check, seed=seed, opset=opset)
+    except (FileNotFoundError, ExportParityError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    par = rep["parity"]
+    typer.echo(f"wrote {out} ({rep['size_bytes']['written']:,} bytes, {rep['precision']}); report: {report_path(out)}")
+    typer.echo(f"fp32 parity vs torch on {par['n_cells']} {par['cells']} cells: max |dp| = {par['max_abs_diff']:.2e} "
+               f"(tolerance {par['tolerance']:.0e})")
+    if rep.get("calibration"):
+        c = rep["calibration"]
+        typer.echo(f"int8 calibrated on {c['n_cells']} cells of {c['n_patients']} training patients")
+    if rep["test"]:
+        ts = rep["test_set"]
+        typer.echo(f"\ntest patients: {ts['n_patients']} patients, {ts['n_cells']} cells")
+        _table([[r["backend"], "-" if r["size_bytes"] is None else f"{r['size_bytes']:,}", f"{r['accuracy']:.4f}",
+                 f"{r['accuracy_delta_points']:+.2f}", f"{r['roc_auc']:.4f}", f"{r['max_abs_diff']:.2e}",
+                 f"{100 * r['label_agreement']:.2f}"] for r in rep["test"]],
+               ["backend", "bytes", "accuracy", "d acc (points)", "ROC-AUC", "max |dp| vs torch", "same label %"])
+
+
+def explain(
+    paths: List[Path] = typer.Argument(..., help="Cell images and/or folders (recursive)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for <name>_gradcam.png overlays and explanations.csv"),
+    model: Optional[Path] = typer.Option(None, help="Run folder (PyTorch; Grad-CAM needs gradients); default: bundled"),
+    target: Optional[str] = typer.Option(None, "--class", help="Class to explain (e.g. Parasitized). Default: the predicted class"),
+    alpha: float = typer.Option(0.45, min=0.0, max=1.0, help="Heat-map opacity"),
+) -> None:
+    """Write Grad-CAM overlays (Selvaraju et al. 2017): where the model saw the evidence.
+
+    A file that cannot be read gets an error row in explanations.csv and the rest go on; the exit
+    status is 1 if any file failed.
+    """
+    import io
+
+    from PIL import Image
+
+    from malaria_screen.cli.core import _rows_to_csv
+    from malaria_screen.data.dataset import list_image_files
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.fileio import atomic_write_bytes, atomic_write_text
+    from malaria_screen.inference import load_model
+    from malaria_screen.inference.gradcam import explain as run_explain
+
+    try:
+        files = list_image_files(paths)
+        pred = load_model(model, backend="torch")
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    cls_idx = None
+    if target is not None:
+        if target not in pred.class_names:
+            raise typer.BadParameter(f"--class must be one of {pred.class_names}, got {target!r}")
+        cls_idx = pred.class_names.index(target)
+    rows, used = [], set()
+    for f in files:
+        row = {"path": str(f), "label": None, "p_parasitized": None, "explained_class": None, "overlay": None, "error": None}
+        try:
+            (ex,) = run_explain(pred, [decode_image(f)], class_index=cls_idx, alpha=alpha)
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
+            row["error"] = str(exc) if exc.__class__.__name__ == "ImageDecodeError" else f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            continue
+        name, k = f"{f.stem}_gradcam.png", 1
+        while name in used:
+            k += 1
+            name = f"{f.stem}_{k}_gradcam.png"
+        used.add(name)
+        buf = io.BytesIO()
+        Image.fromarray(ex.overlay).save(buf, format="PNG")
+        atomic_write_bytes(out / name, buf.getvalue())
+        row.update(label=ex.label, p_parasitized=None if ex.p_parasitized is None else round(ex.p_parasitized, 6),
+                   explained_class=ex.explained_class, overlay=name)
+        rows.append(row)
+    atomic_write_text(out / "explanations.csv", _rows_to_csv(rows, ["path", "label", "p_parasitized", "explained_class", "overlay", "error"]))
+    n_bad = sum(1 for r in rows if r["error"])
+    typer.echo(f"{len(rows) - n_bad} overlays, {n_bad} failed -> {out}")
+    if n_bad:
+        raise typer.Exit(1)
+
+
+def app_cmd(
+    model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only)"),
+    port: int = typer.Option(7860, help="TCP port"),
+) -> None:
+    """Start the offline web app (Gradio): upload cell images, see label, p_parasitized and Grad-CAM."""
+    from malaria_screen.app import launch
+    from malaria_screen.inference import load_model
+
+    try:
+        pred = load_model(model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    launch(pred, host=host, port=port)
+
+
+def serve(
+    model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
+    backend: str = typer.Option("auto", help="torch | onnx | auto"),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    max_file_bytes: int = typer.Option(8 * 1024 * 1024, help="Largest accepted file, bytes"),
+    max_request_bytes: int = typer.Option(64 * 1024 * 1024, help="Largest accepted request body, bytes"),
+    max_images: int = typer.Option(256, help="Most images per request"),
+    max_pixels: int = typer.Option(25_000_000, help="Largest accepted image, width x height pixels"),
+    log_level: str = typer.Option("warning", help="uvicorn log level"),
+) -> None:
+    """Start the REST API (FastAPI): POST /v1/classify, GET /v1/model, GET /healthz, /docs."""
+    import uvicorn
+
+    from malaria_screen.inference import load_model
+    from malaria_screen.serve import ServeLimits, create_app
+
+    try:
+        pred = load_model(model, backend=backend)
+        limits = ServeLimits(max_file_bytes=max_file_bytes, max_request_bytes=max_request_bytes, max_images=max_images,
+                             max_pixels=max_pixels)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    uvicorn.run(create_app(pred, limits), host=host, port=port, log_level=log_level)
+
+
+def bench_infer(
+    data: Optional[Path] = typer.Argument(None, help="Cell image folder. Default: $MALARIA_SCREEN_DATA/nih_cell_images"),
+    model: Optional[Path] = typer.Option(None, help="Run folder; default: the bundled model"),
+    fp32: Optional[Path] = typer.Option(None, help="ONNX fp32 file; default: exported to a temporary folder"),
+    int8: Optional[Path] = typer.Option(None, help="ONNX int8 file; default: exported (calibrated) to a temporary folder"),
+    n_files: int = typer.Option(2048, min=16, help="Files to classify per measurement (seeded sample)"),
+    batch: List[int] = typer.Option([1, 256], help="Batch sizes (repeat the option)"),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads. Default: min(8, CPUs + 2)"),
+    threads: Optional[int] = typer.Option(None, help="Inference threads (torch and ONNX Runtime). Default: library defaults"),
+    as_png: bool = typer.Option(False, help="Re-encode the sampled cells as PNG first (pixels identical), as users' files are"),
+    backends: str = typer.Option("torch,onnx-fp32,onnx-int8", help="Comma-separated subset to run"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Print end-to-end cells/s (image file to label) for torch eager, ONNX fp32 and ONNX int8, with
+    the decode / inference split and the ratio to this machine's matmul ceiling."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from malaria_screen.data.dataset import list_image_files
+    from malaria_screen.export.bench import bench_backends, format_bench_table
+    from malaria_screen.export.split_cells import default_nih_dir
+    from malaria_screen.fileio import atomic_write_json
+    from malaria_screen.inference import OnnxPredictor, Predictor
+    from malaria_screen.models import build_model, count_flops
+
+    data = data or default_nih_dir()
+    if not data.is_dir():
+        raise typer.BadParameter(f"no data folder {data}")
+    wanted = [b.strip() for b in backends.split(",") if b.strip()]
+    mdir = _model_dir(model)
+    all_files = list_image_files([data])
+    rng = np.random.default_rng(seed)
+    files = [str(all_files[i]) for i in sorted(rng.choice(len(all_files), size=min(n_files, len(all_files)), replace=False))]
+    with tempfile.TemporaryDirectory(prefix="malaria-screen-bench-") as tmp:
+        if as_png:
+            from PIL import Image
+
+            from malaria_screen.data.io import decode_image
+
+            pngs = []
+            for i, f in enumerate(files):
+                p = os.path.join(tmp, f"{i:06d}.png")
+                Image.fromarray(decode_image(f)).save(p)
+                pngs.append(p)
+            files = pngs
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        models = {}
+        pt = Predictor.from_dir(mdir)
+        if "torch" in wanted:
+            models["torch"] = pt
+        if "onnx-fp32" in wanted or ("onnx-int8" in wanted and int8 is None):
+            if fp32 is None:
+                from malaria_screen.export.onnx import export_onnx
+
+                fp32 = export_onnx(pt, Path(tmp) / "model.onnx")
+            if "onnx-fp32" in wanted:
+                models["onnx-fp32"] = OnnxPredictor.from_file(fp32, num_threads=threads)
+        if "onnx-int8" in wanted:
+            if int8 is None:
+                from malaria_screen.export.onnx import quantize_int8
+                from malaria_screen.export.split_cells import load_split_cells
+
+                cal = load_split_cells(mdir / "split.json", default_nih_dir(), "train", pt.input_size, n=512, seed=seed)
+                int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", cal.cells)
+            models["onnx-int8"] = OnnxPredictor.from_file(int8, num_threads=threads)
+        net = build_model(pt.config.model, num_classes=pt.config.num_classes, input_size=pt.input_size)
+        mflops = count_flops(net, pt.input_size) / 1e6
+        res = bench_backends(models, files, batch_sizes=batch, mflops_per_cell=mflops, workers=workers)
+    res.update(model=str(mdir), data=str(data), as_png=as_png, threads=threads)
+    typer.echo(format_bench_table(res))
+    if json_out:
+        atomic_write_json(json_out, res)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the deployment commands to ``app``."""
+    app.command("export")(export)
+    app.command("app")(app_cmd)
+    app.command("serve")(serve)
+    app.command("explain")(explain)
+    app.command("bench-infer")(bench_infer)

@@ -1,0 +1,141 @@
+"""Typer commands for whole-smear screening: ``smear``, ``smear-eval`` and ``crops``.
+
+The main CLI calls :func:`register`. Heavy imports happen inside the commands (fast start).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+__all__ = ["crops", "register", "smear", "smear_eval"]
+
+
+def _load_model(model: Optional[str], no_classify: bool):
+    if no_classify:
+        return None
+    from malaria_screen.inference import load_model
+
+    try:
+        return load_model(model)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: cannot load the cell model: {exc}. Pass --model RUN_DIR or --no-classify.", err=True)
+        raise typer.Exit(2) from exc
+
+
+def smear(
+    fields: List[Path] = typer.Argument(..., help="Field images (JPEG/PNG/TIFF, any size) and/or folders of them; all are one slide."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.json, <stem>_overlay.png, summary.json, report.html."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model run folder; default: the bundled default model."),
+    pixel_size_um: Optional[float] = typer.Option(
+        None, "--pixel-size-um", min=1e-4, help="Pixel size at the specimen, µm/px. Default: estimate the RBC scale from each image (RBC ≈ 7.5 µm)."
+    ),
+    stain: str = typer.Option("none", "--stain", help="Stain normalisation towards the NIH crops: none | reinhard | macenko."),
+    scale_to_nih: bool = typer.Option(False, "--scale-to-nih/--no-scale-to-nih", help="Resize cell crops to the NIH scale (~130 px per cell)."),
+    count_border: bool = typer.Option(True, "--count-border/--no-count-border", help="Count cells cut by the image border in the parasitemia."),
+    ci: str = typer.Option("wilson", "--ci", help="Binomial 95% interval: wilson | exact (Clopper-Pearson)."),
+    no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line."),
+) -> None:
+    """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia."""
+    from malaria_screen.smear.report import run_smear
+
+    if stain not in ("none", "reinhard", "macenko"):
+        raise typer.BadParameter(f"--stain must be none, reinhard or macenko, got {stain!r}")
+    if ci not in ("wilson", "exact"):
+        raise typer.BadParameter(f"--ci must be wilson or exact, got {ci!r}")
+    predictor = _load_model(model, no_classify)
+
+    def progress(name: str, entry: dict) -> None:
+        if quiet:
+            return
+        if "error" in entry:
+            typer.echo(f"{name}: ERROR {entry['error']}", err=True)
+        else:
+            p = entry["parasitemia"]
+            ptxt = "n/a" if p is None else f"{100 * p:.2f}%"
+            typer.echo(f"{name}: {entry['n_rbc']} RBC, {entry['n_infected']} infected, parasitemia {ptxt} ({entry['seconds']:.2f} s)")
+
+    s = run_smear(
+        fields,
+        out,
+        predictor,
+        pixel_size_um=pixel_size_um,
+        stain=stain,
+        scale_to_nih=scale_to_nih,
+        count_border_cells=count_border,
+        ci_method=ci,
+        progress=progress,
+    )
+    p = s["parasitemia"]
+    lo, hi = s["parasitemia_ci95"]
+    ptxt = "n/a" if p is None else f"{100 * p:.3f}% (95% CI {100 * lo:.3f}-{100 * hi:.3f}%)"
+    typer.echo(
+        f"{s['n_fields']} field(s), {s['n_failed']} failed: {s['n_rbc']} RBC, {s['n_infected']} infected, "
+        f"parasitemia {ptxt}. Report: {Path(out) / 'report.html'}"
+    )
+    if s["n_fields"] == 0:
+        raise typer.Exit(1)
+
+
+def smear_eval(
+    field_dir: Path = typer.Argument(..., help="Folder of annotated field images (IML_Malaria layout)."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="IML annotations.json (boxes, px)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for metrics.json and per_field.csv."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model run folder; default: the bundled default model."),
+    no_classify: bool = typer.Option(False, "--no-classify", help="Evaluate the segmentation only (no infection metrics)."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-4, help="µm/px; default: estimated per image."),
+    stain: str = typer.Option("none", "--stain", help="none | reinhard | macenko."),
+    iou: float = typer.Option(0.5, "--iou", min=0.05, max=1.0, help="IoU threshold of a detection match."),
+    chula_dir: Optional[Path] = typer.Option(None, "--chula", help="Optional Chula-RBC-12 folder (images/, labels/) for the red-cell count check."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N fields."),
+) -> None:
+    """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field."""
+    from malaria_screen.fileio import atomic_write_json
+    from malaria_screen.smear.evaluate import evaluate_dataset
+
+    predictor = _load_model(model, no_classify)
+    metrics = evaluate_dataset(
+        field_dir,
+        annotations,
+        predictor,
+        out_dir=out,
+        pixel_size_um=pixel_size_um,
+        stain=stain,
+        iou_threshold=iou,
+        chula_dir=chula_dir,
+        limit=limit,
+    )
+    atomic_write_json(Path(out) / "metrics.json", metrics)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+def crops(
+    field_dir: Path = typer.Argument(..., help="Folder of annotated field images."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="IML annotations.json (boxes, px)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: Parasitized/, Uninfected/, groups.csv (path,patient)."),
+    margin_px: int = typer.Option(2, "--margin-px", min=0, help="Margin around each box, px."),
+    no_mask: bool = typer.Option(False, "--no-mask", help="Keep the whole box instead of blacking out pixels outside the cell."),
+) -> None:
+    """Export annotated cells as an NIH-layout crop folder (+ groups.csv for leak-free training)."""
+    from malaria_screen.smear.crops import export_annotation_crops
+    from malaria_screen.smear.evaluate import load_iml_annotations
+
+    ann = load_iml_annotations(annotations)
+    s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
+    for name, err in s.errors.items():
+        typer.echo(f"{name}: ERROR {err}", err=True)
+    typer.echo(
+        f"{s.n_fields} field(s): {s.n_parasitized} Parasitized, {s.n_uninfected} Uninfected crops "
+        f"({s.n_skipped} skipped, {len(s.errors)} failed). Groups: {s.groups_csv}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``smear``, ``smear-eval`` and ``crops`` to the main Typer app."""
+    app.command("smear")(smear)
+    app.command("smear-eval")(smear_eval)
+    app.command("crops")(crops)

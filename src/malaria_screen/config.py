@@ -1,0 +1,154 @@
+"""One typed, frozen configuration for a trained cell model, saved as ``config.json`` beside it.
+
+Inference reads everything it needs (architecture, input size, mean/std, class names, decision
+threshold) from this file and hard-codes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run and the model it produces.
+
+    Attributes
+    ----------
+    model : str
+        Registry name (see ``malaria_screen.models.list_models()``).
+    input_size : int
+        Square model input side, pixels. Cells are letterboxed (aspect kept, black padding).
+    channels : int
+        Input channels (3, RGB).
+    class_names : tuple of str
+        Output classes in logit order; sorted class folder names.
+    positive_class : str
+        Class whose probability is ``p_parasitized`` and whose recall is sensitivity.
+    mean, std : tuple of 3 floats
+        Per-channel statistics of training-patient cells in [0, 1] units.
+    threshold : float
+        Decision threshold on the positive-class probability.
+    epochs, batch_size : int
+    optimizer : {"adam", "adamw"}
+    lr, weight_decay : float
+        Peak learning rate (one-cycle) or initial rate (plateau); decoupled weight decay.
+    scheduler : {"onecycle", "plateau", "none"}
+        One-cycle (Smith 2018, seed 003) or ReduceLROnPlateau (factor 0.5, patience 2,
+        min_lr 1e-6, seed 000).
+    grad_clip : float
+        Gradient clipping by value (seed 003 uses 0.1); 0 disables.
+    augment : bool
+    early_stopping_patience : int
+        Epochs without val-loss improvement before stopping; 0 disables.
+    val_fraction, test_fraction : float
+        Share of patients held out for validation and test.
+    seed : int
+    label_smoothing : float
+    num_workers : int
+        DataLoader worker processes (0 = decode in the main process; cells are pre-decoded).
+    pretrained_weights : str or None
+        Initial backbone weights: a local ImageNet weights file (safetensors, or a torch state
+        dict read with ``weights_only=True``), ``"imagenet"`` for the weights bundled by a model
+        (EfficientNet-Lite0), or None (random initialisation). Only used when training starts;
+        the trained weights live in ``weights.safetensors``.
+    freeze_backbone : bool
+        Train only the classifier head; the backbone (parameters and BatchNorm statistics) stays
+        fixed: the pretrained network is a feature extractor.
+    backbone_lr_scale : float
+        Fine-tuning: the backbone's learning rate is ``lr * backbone_lr_scale`` (the head's is
+        ``lr``); 1 trains all layers alike.
+    unfreeze_at_epoch : int or None
+        With ``freeze_backbone``: unfreeze the backbone at this (0-based) epoch and fine-tune it
+        from then on at ``lr * backbone_lr_scale`` (head first, then everything; gradual
+        unfreezing after Howard & Ruder 2018). None keeps it frozen throughout.
+    """
+
+    model: str = "cellnet"
+    input_size: int = 64
+    channels: int = 3
+    class_names: tuple[str, ...] = ("Parasitized", "Uninfected")
+    positive_class: str = "Parasitized"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    threshold: float = 0.5
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 4e-3
+    weight_decay: float = 5e-4
+    scheduler: str = "onecycle"
+    grad_clip: float = 0.1
+    augment: bool = True
+    early_stopping_patience: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    label_smoothing: float = 0.0
+    num_workers: int = 0
+    pretrained_weights: str | None = None
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+    unfreeze_at_epoch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.scheduler not in ("onecycle", "plateau", "none"):
+            raise ValueError(f"scheduler must be 'onecycle', 'plateau' or 'none', got {self.scheduler!r}")
+        if self.input_size < 8:
+            raise ValueError(f"input_size must be >= 8 px, got {self.input_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not self.backbone_lr_scale > 0:
+            raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
+        if self.unfreeze_at_epoch is not None and (not self.freeze_backbone or self.unfreeze_at_epoch < 1):
+            raise ValueError(f"unfreeze_at_epoch={self.unfreeze_at_epoch} needs freeze_backbone=True and a value >= 1")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean/std need {self.channels} values, got {self.mean} / {self.std}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def positive_index(self) -> int | None:
+        """Index of ``positive_class`` in ``class_names``, or None if absent."""
+        return self.class_names.index(self.positive_class) if self.positive_class in self.class_names else None
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text; written atomically to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            from malaria_screen.fileio import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict; unknown keys raise ``ValueError``; lists become tuples."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

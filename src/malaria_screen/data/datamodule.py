@@ -1,0 +1,125 @@
+"""Lightning DataModule over a pre-decoded :class:`CellSet` and a patient-level split."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from malaria_screen.data.dataset import CellSet
+from malaria_screen.data.split import SplitIndices
+from malaria_screen.data.transforms import eval_transform, train_transform
+
+__all__ = ["CellDataset", "CellDataModule", "channel_stats"]
+
+log = logging.getLogger(__name__)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``(N, H, W, C) uint8`` images, in [0, 1] units.
+
+    Computed in float64 over all pixels (black letterbox padding included, as the model sees it).
+    """
+    x = images.reshape(-1, images.shape[-1])
+    s1 = np.zeros(x.shape[1]); s2 = np.zeros(x.shape[1])
+    for start in range(0, len(x), 4_000_000):  # bounded memory
+        chunk = x[start : start + 4_000_000].astype(np.float64) / 255.0
+        s1 += chunk.sum(0); s2 += (chunk**2).sum(0)
+    n = len(x)
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+class CellDataset(Dataset):
+    """Cells as ``(3, S, S) float32`` tensors with int64 labels.
+
+    Parameters
+    ----------
+    images : (N, S, S, 3) ndarray of uint8
+    labels : (N,) ndarray of int
+    transform : callable
+        Applied to each ``(3, S, S) uint8`` tensor.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # view, no copy
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+class CellDataModule(L.LightningDataModule):
+    """Train/val/test loaders of one patient-level split.
+
+    Parameters
+    ----------
+    cells : CellSet
+    split : SplitIndices
+    mean, std : sequence of float
+        Training-patient channel statistics.
+    batch_size : int, default=128
+    augment : bool, default=True
+    num_workers : int, default=0
+    seed : int, default=0
+        Seeds the training shuffle.
+    """
+
+    def __init__(
+        self,
+        cells: CellSet,
+        split: SplitIndices,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        batch_size: int = 128,
+        augment: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cells, self.split = cells, split
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.batch_size, self.augment, self.num_workers, self.seed = batch_size, augment, num_workers, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        size = self.cells.size_px
+        tr, ev = train_transform(size, self.mean, self.std, augment=self.augment), eval_transform(self.mean, self.std)
+        c = self.cells
+        self.train_set = CellDataset(c.images[self.split.train], c.labels[self.split.train], tr)
+        self.val_set = CellDataset(c.images[self.split.val], c.labels[self.split.val], ev)
+        self.test_set = CellDataset(c.images[self.split.test], c.labels[self.split.test], ev)
+        for name, idx in self.split.as_dict().items():
+            pats = {c.patients[i] for i in idx}
+            per_class = np.bincount(c.labels[idx], minlength=len(c.class_names)) if len(idx) else []
+            log.info("%s: %d patients, %d cells, per class %s", name, len(pats), len(idx), dict(zip(c.class_names, map(int, per_class))))
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=g if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)

@@ -1,0 +1,164 @@
+"""Patient-level splits: no patient ever falls on two sides.
+
+Cells of one patient are correlated (same slide, stain, microscope; infected patients give cells
+of both classes), so a random cell split inflates accuracy. Splits here wrap scikit-learn's
+:class:`~sklearn.model_selection.StratifiedGroupKFold`, grouping by patient and keeping the class
+balance of cells close to the whole set's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+__all__ = ["patient_folds", "patient_split", "SplitIndices", "check_leak_free", "split_manifest"]
+
+
+@dataclass(frozen=True)
+class SplitIndices:
+    """Cell indices of a train/val/test split, each an ``(n,) int64`` array."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def _validate(labels: np.ndarray, patients: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    groups = np.asarray(patients)
+    if labels.shape[0] != groups.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} cells but patients has {groups.shape[0]}")
+    return labels, groups
+
+
+def patient_folds(
+    labels: np.ndarray, patients: Sequence[str], *, n_splits: int = 5, seed: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(train_idx, test_idx)`` for patient-grouped, label-stratified k-fold.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (n_cells,)
+        Class index of each cell.
+    patients : sequence of str of length n_cells
+        Patient id of each cell.
+    n_splits : int, default=5
+    seed : int, default=0
+
+    Yields
+    ------
+    train_idx, test_idx : ndarray of int64
+        No patient appears in both.
+
+    Raises
+    ------
+    ValueError
+        If lengths differ or there are fewer patients than ``n_splits``.
+    """
+    labels, groups = _validate(labels, patients)
+    n_patients = len(np.unique(groups))
+    if n_patients < n_splits:
+        raise ValueError(f"need at least n_splits={n_splits} patients, got {n_patients}")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for tr, te in sgkf.split(np.zeros(len(labels)), labels, groups):
+        yield tr.astype(np.int64), te.astype(np.int64)
+
+
+def patient_split(
+    labels: np.ndarray,
+    patients: Sequence[str],
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> SplitIndices:
+    """Split cells into train/val/test by patient (default 70/10/20 of patients).
+
+    The test set is one fold of a ``round(1 / test_fraction)``-fold
+    :class:`~sklearn.model_selection.StratifiedGroupKFold`; the validation set is one fold of a
+    second grouped split of the rest. Fractions are approximate (whole patients).
+
+    Parameters
+    ----------
+    labels : ndarray of shape (n_cells,)
+    patients : sequence of str of length n_cells
+    val_fraction, test_fraction : float, default=0.1, 0.2
+        Share of patients in validation and test; ``val_fraction=0`` gives an empty val set.
+    seed : int, default=0
+
+    Returns
+    -------
+    SplitIndices
+
+    Raises
+    ------
+    ValueError
+        If fractions are out of range or there are too few patients (at least 3 are needed,
+        2 with ``val_fraction=0``).
+    """
+    labels, groups = _validate(labels, patients)
+    if not (0 < test_fraction < 1) or not (0 <= val_fraction < 1) or val_fraction + test_fraction >= 1:
+        raise ValueError(f"bad fractions: val={val_fraction}, test={test_fraction}")
+    n_test_folds = max(2, round(1 / test_fraction))
+    tr_all, te = next(iter(patient_folds(labels, groups, n_splits=min(n_test_folds, len(np.unique(groups))), seed=seed)))
+    if val_fraction == 0:
+        return SplitIndices(train=np.sort(tr_all), val=np.zeros(0, dtype=np.int64), test=np.sort(te))
+    rest_share = 1 - test_fraction
+    n_val_folds = max(2, round(rest_share / val_fraction))
+    sub_groups = groups[tr_all]
+    n_sub_patients = len(np.unique(sub_groups))
+    if n_sub_patients < 2:
+        raise ValueError(f"too few patients ({len(np.unique(groups))}) for a train/val/test split")
+    tr_i, va_i = next(iter(patient_folds(labels[tr_all], sub_groups, n_splits=min(n_val_folds, n_sub_patients), seed=seed + 1)))
+    return SplitIndices(train=np.sort(tr_all[tr_i]), val=np.sort(tr_all[va_i]), test=np.sort(te))
+
+
+def split_manifest(
+    split: SplitIndices, *, patients: Sequence[str], relpaths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], seed: int
+) -> dict:
+    """JSON-ready record of a split: patients, files and counts per split.
+
+    Returns
+    -------
+    manifest : dict
+        ``{"seed", "class_names", "splits": {name: {"patients", "files", "n_cells",
+        "n_patients", "n_per_class"}}}``.
+    """
+    out: dict = {"seed": seed, "class_names": list(class_names), "splits": {}}
+    for name, idx in split.as_dict().items():
+        pats = sorted({patients[i] for i in idx})
+        counts = np.bincount(np.asarray(labels)[idx], minlength=len(class_names)) if len(idx) else np.zeros(len(class_names), int)
+        out["splits"][name] = {
+            "n_cells": int(len(idx)),
+            "n_patients": len(pats),
+            "n_per_class": {c: int(n) for c, n in zip(class_names, counts)},
+            "patients": pats,
+            "files": [relpaths[i] for i in idx],
+        }
+    return out
+
+
+def check_leak_free(manifest: dict) -> None:
+    """Check that no patient and no file appears in two splits of a manifest.
+
+    Raises
+    ------
+    ValueError
+        Naming the patients or files shared between two splits.
+    """
+    splits = manifest["splits"]
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared_p = set(splits[a]["patients"]) & set(splits[b]["patients"])
+            if shared_p:
+                raise ValueError(f"patient leakage: {sorted(shared_p)[:5]} in both {a!r} and {b!r}")
+            shared_f = set(splits[a].get("files", [])) & set(splits[b].get("files", []))
+            if shared_f:
+                raise ValueError(f"file leakage: {sorted(shared_f)[:5]} in both {a!r} and {b!r}")

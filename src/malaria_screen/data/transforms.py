@@ -1,0 +1,60 @@
+"""Train and eval transforms (torchvision ``transforms.v2``) on ``(3, S, S) uint8`` cell tensors.
+
+Augmentation follows seed 002/003 (flips, padded random crop) plus 90-degree rotations, which
+are label-preserving for a round cell seen from above, and mild colour jitter for stain variation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+__all__ = ["RandomRot90", "train_transform", "eval_transform", "normalize_batch"]
+
+
+class RandomRot90(torch.nn.Module):
+    """Rotate a ``(..., H, W)`` tensor by k x 90 degrees, k uniform in {0, 1, 2, 3}."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(torch.randint(0, 4, ()).item())
+        return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def train_transform(size_px: int, mean: Sequence[float], std: Sequence[float], *, augment: bool = True) -> v2.Compose:
+    """Augment and normalise one cell: ``(3, S, S) uint8`` in, ``(3, S, S) float32`` out.
+
+    Parameters
+    ----------
+    size_px : int
+        Cell side in pixels; the padded random crop pads by ``size_px // 16`` with black.
+    mean, std : sequence of 3 floats
+        Per-channel statistics in [0, 1] units, computed on training patients.
+    augment : bool, default=True
+        False gives :func:`eval_transform`.
+    """
+    if not augment:
+        return eval_transform(mean, std)
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            RandomRot90(),
+            v2.RandomCrop(size_px, padding=max(1, size_px // 16), fill=0),
+            v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Normalise without augmentation: ``(3, S, S)`` or ``(B, 3, S, S)`` uint8 in, float32 out."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
+
+
+def normalize_batch(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(B, H, W, 3) uint8`` (NHWC, as stored) to normalised ``(B, 3, H, W) float32``."""
+    x = images_uint8.permute(0, 3, 1, 2)
+    return eval_transform(mean, std)(x)

@@ -1,0 +1,1 @@
+"""Evaluation by patient: metrics with patient-bootstrap confidence intervals (:mod:`.metrics`)."""

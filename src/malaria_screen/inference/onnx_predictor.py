@@ -1,0 +1,163 @@
+"""OnnxPredictor: classify cells with ONNX Runtime, no torch (the ``malaria-screen[runtime]`` install).
+
+The ``.onnx`` file written by ``malaria-screen export`` carries everything: the network, the
+normalisation (inside the graph), and the preprocessing config in its metadata
+(``metadata_props['malaria_screen.config']``). The graph takes letterboxed cells
+``(N, S, S, 3) uint8`` and returns softmax probabilities ``(N, num_classes) float32``
+(see :mod:`malaria_screen.export.onnx`), so this back-end only decodes, letterboxes and calls
+``InferenceSession.run``; decoding, batching and labelling are shared with the PyTorch
+:class:`~malaria_screen.inference.predictor.Predictor` through
+:class:`~malaria_screen.inference.base.CellClassifierBase`.
+
+Imports: numpy, Pillow, onnxruntime and ``malaria_screen.{config,data.io,data.preprocess}``;
+OpenCV is used for letterboxing when installed, else Pillow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from malaria_screen.config import TrainConfig
+from malaria_screen.inference.base import CellClassifierBase
+
+__all__ = ["OnnxPredictor", "read_onnx_metadata", "ONNX_FILE_NAMES"]
+
+log = logging.getLogger(__name__)
+
+#: File names looked up, in order, when a model FOLDER is loaded with the ONNX back-end.
+ONNX_FILE_NAMES: tuple[str, ...] = ("model.onnx", "model.int8.onnx")
+
+_META_CONFIG = "malaria_screen.config"  # same keys as malaria_screen.export.onnx (which needs onnx/torch)
+_META_METRICS = "malaria_screen.metrics"
+_META_IO = "malaria_screen.onnx_io"
+_IO_CONTRACT = "cells_nhwc_uint8->probs"
+
+
+def read_onnx_metadata(session) -> dict[str, str]:
+    """``metadata_props`` of a loaded model: ``{key: value}`` (strings)."""
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+class OnnxPredictor(CellClassifierBase):
+    """Classify cell images with an exported ONNX model through ONNX Runtime.
+
+    Same interface as :class:`~malaria_screen.inference.predictor.Predictor`: ``predict``,
+    ``predict_proba``, ``predict_proba_prepared``, ``predict_files``, ``label_of``,
+    ``input_size``, ``threshold``, ``class_names``, ``positive_index``, ``source``, ``metrics``.
+
+    Parameters
+    ----------
+    session : onnxruntime.InferenceSession
+        Of a model written by ``malaria-screen export`` (input ``cells`` ``(N, S, S, 3) uint8``,
+        output ``probs`` ``(N, C) float32``).
+    config : TrainConfig
+    metrics : dict, optional
+    batch_size : int, default=256
+        Cells per ``session.run``.
+    source : str, optional
+        The ``.onnx`` path.
+    precision : str, optional
+        ``"fp32"``, ``"int8-qdq"``... from the metadata.
+    seen_patients : dict, optional
+        ``{"train": [...], "val": [...]}``: patients the model was trained and validated on
+        (from the run's split, stored at export), so evaluation can leave them out.
+    """
+
+    backend = "onnx"
+
+    def __init__(self, session, config: TrainConfig, *, metrics: dict | None = None, batch_size: int = 256,
+                 source: str | None = None, precision: str | None = None,
+                 seen_patients: dict[str, list[str]] | None = None) -> None:
+        super().__init__(config, metrics=metrics, batch_size=batch_size, source=source)
+        self.session = session
+        self.precision = precision
+        self.seen_patients = seen_patients or {}
+        self._input = session.get_inputs()[0].name
+        self._output = session.get_outputs()[0].name
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, batch_size: int = 256, num_threads: int | None = None,
+                  providers: list[str] | None = None) -> "OnnxPredictor":
+        """Load an ``.onnx`` file, or the first of :data:`ONNX_FILE_NAMES` in a folder.
+
+        Parameters
+        ----------
+        path : path
+            A ``.onnx`` file written by ``malaria-screen export``, or a folder holding one.
+        batch_size : int, default=256
+        num_threads : int, optional
+            ONNX Runtime intra-op threads; default: ONNX Runtime's (one per physical core).
+        providers : list of str, optional
+            Execution providers; default ``["CPUExecutionProvider"]``.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the file (or a model file in the folder) does not exist.
+        ValueError
+            If the file is not a malaria-screen ONNX model (no config in its metadata) or its
+            input/output contract differs.
+        """
+        import onnxruntime as ort
+
+        path = Path(path)
+        if path.is_dir():
+            found = [path / n for n in ONNX_FILE_NAMES if (path / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"no ONNX model in {path} (looked for {', '.join(ONNX_FILE_NAMES)}); "
+                                        "create one with `malaria-screen export`")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"no such ONNX model: {path}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if num_threads:
+            so.intra_op_num_threads = int(num_threads)
+        so.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types (InvalidGraph, Fail...)
+            raise ValueError(f"cannot load ONNX model {path}: {exc}") from exc
+        meta = read_onnx_metadata(session)
+        if _META_CONFIG not in meta:
+            raise ValueError(f"{path} has no {_META_CONFIG!r} metadata: not exported by `malaria-screen export`")
+        if meta.get(_META_IO, _IO_CONTRACT) != _IO_CONTRACT:
+            raise ValueError(f"{path}: unsupported graph contract {meta.get(_META_IO)!r} (expected {_IO_CONTRACT!r})")
+        cfg = TrainConfig.from_dict(json.loads(meta[_META_CONFIG]))
+        inp = session.get_inputs()[0]
+        if inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+            raise ValueError(f"{path}: input must be (N, S, S, 3) uint8, got {inp.shape} {inp.type}")
+        metrics = json.loads(meta.get(_META_METRICS) or "{}")
+        return cls(session, cfg, metrics=metrics, batch_size=batch_size, source=str(path),
+                   precision=meta.get("malaria_screen.precision"),
+                   seen_patients=json.loads(meta.get("malaria_screen.seen_patients") or "{}"))
+
+    def predict_proba_prepared(self, cells: np.ndarray) -> np.ndarray:
+        """Class probabilities of letterboxed cells.
+
+        Parameters
+        ----------
+        cells : (N, S, S, 3) ndarray of uint8
+            Already at the model's input size (other dtypes are clipped to [0, 255] and cast).
+
+        Returns
+        -------
+        probs : (N, num_classes) ndarray of float32
+
+        Raises
+        ------
+        ValueError
+            If the shape is not ``(N, S, S, 3)``.
+        """
+        self._check_cells(cells)
+        if cells.dtype != np.uint8:
+            cells = np.clip(cells, 0, 255).astype(np.uint8)
+        out = np.empty((len(cells), len(self.class_names)), dtype=np.float32)
+        for s in range(0, len(cells), self.batch_size):
+            x = np.ascontiguousarray(cells[s : s + self.batch_size])
+            out[s : s + len(x)] = self.session.run([self._output], {self._input: x})[0]
+        return out

@@ -1,0 +1,124 @@
+"""Predictor: a trained cell model plus its preprocessing, read from a run folder.
+
+A run folder (or the bundled default model) holds ``config.json`` and ``weights.safetensors``;
+everything the predictor does (input size, mean/std, class names, threshold) comes from there.
+Images are decoded by content, letterboxed to the model's input size (aspect kept, black
+padding, as the NIH crops), normalised with the training patients' mean/std and classified in
+batches. File decoding runs in a thread pool that overlaps inference
+(:class:`~malaria_screen.inference.base.CellClassifierBase`, shared with the ONNX back-end).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from malaria_screen.config import TrainConfig
+from malaria_screen.inference.base import CellClassifierBase, FileResult, default_model_dir
+from malaria_screen.models.registry import build_model
+from malaria_screen.training.run import load_weights
+
+__all__ = ["Predictor", "FileResult", "load_model", "default_model_dir"]
+
+log = logging.getLogger(__name__)
+
+
+class Predictor(CellClassifierBase):
+    """Classify cell images with a trained network.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        Maps ``(B, 3, S, S) float32`` to logits ``(B, num_classes)``.
+    config : TrainConfig
+    metrics : dict, optional
+        Test-patient metrics shipped with the model (``metrics.json``), for display.
+    batch_size : int, default=256
+    device : str, default="cpu"
+    """
+
+    backend = "torch"
+
+    def __init__(self, net: torch.nn.Module, config: TrainConfig, *, metrics: dict | None = None,
+                 batch_size: int = 256, device: str = "cpu", source: str | None = None) -> None:
+        super().__init__(config, metrics=metrics, batch_size=batch_size, source=source)
+        self.net = net.to(device).eval()
+        self.device = device
+        self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self._inv_std = 1.0 / (torch.tensor(config.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, run_dir: str | Path, **kwargs) -> "Predictor":
+        """Load ``config.json`` + ``weights.safetensors`` (+ optional ``metrics.json``) from a folder.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the folder lacks ``config.json`` or ``weights.safetensors``.
+        """
+        run_dir = Path(run_dir)
+        cfg_path, w_path = run_dir / "config.json", run_dir / "weights.safetensors"
+        for p in (cfg_path, w_path):
+            if not p.exists():
+                raise FileNotFoundError(f"not a model folder: {p} is missing")
+        cfg = TrainConfig.from_json(cfg_path)
+        net = build_model(cfg.model, num_classes=cfg.num_classes, input_size=cfg.input_size, in_chans=cfg.channels)
+        load_weights(net, w_path)
+        metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
+        return cls(net, cfg, metrics=metrics, source=str(run_dir), **kwargs)
+
+    # -- core (decoding, batching and labelling: CellClassifierBase) ---------------------------
+    @torch.inference_mode()
+    def predict_proba_prepared(self, cells: np.ndarray) -> np.ndarray:
+        """Class probabilities of letterboxed cells.
+
+        Parameters
+        ----------
+        cells : (N, S, S, 3) ndarray of uint8
+            Already at the model's input size.
+
+        Returns
+        -------
+        probs : (N, num_classes) ndarray of float32
+        """
+        self._check_cells(cells)
+        out = np.empty((len(cells), len(self.class_names)), dtype=np.float32)
+        for s in range(0, len(cells), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(cells[s : s + self.batch_size])).to(self.device)
+            x = (x.permute(0, 3, 1, 2).float() - self._mean) * self._inv_std
+            out[s : s + len(x)] = self.net(x).softmax(-1).float().cpu().numpy()
+        return out
+
+
+def load_model(path: str | Path | None = None, **kwargs) -> Predictor:
+    """Load a cell model: the bundled default (``path=None``) or a run folder.
+
+    Parameters
+    ----------
+    path : path, optional
+        A run folder written by ``malaria-screen train``; None loads the bundled default model.
+    **kwargs
+        Passed to :class:`Predictor` (``batch_size``, ``device``).
+
+    Returns
+    -------
+    Predictor
+        ``predict(images)`` gives p_parasitized per image.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder is not a model folder.
+
+    Examples
+    --------
+    >>> import malaria_screen
+    >>> model = malaria_screen.load_model()
+    >>> p = model.predict(["cell.png"])  # doctest: +SKIP
+    """
+    return Predictor.from_dir(default_model_dir() if path is None else Path(path), **kwargs)

@@ -1,0 +1,262 @@
+"""Cell crops prepared like the NIH/NLM training crops, and annotation → NIH-folder export.
+
+The NIH malaria cell images (Rajaraman et al., PeerJ 2018) were cut from thin-smear fields by
+the NLM Malaria Screener segmentation (Poostchi et al. 2018): each crop is the bounding box of
+one segmented cell with every pixel outside the cell mask set to black, about 130 px across.
+:func:`cell_crop` reproduces that layout from a label image (cell centred in a square black
+canvas, aspect kept), so the classifier trained on NIH crops sees the same kind of input; the
+classifier's own letterbox resize then brings it to the model input size.
+
+:func:`export_annotation_crops` turns annotated fields (IML_Malaria boxes) into an NIH-layout
+folder ``Parasitized/`` + ``Uninfected/`` of PNG crops named ``<field stem>_cell_<k>.png`` and a
+``groups.csv`` (``path,patient`` with patient = field id) for leak-free grouped training.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from malaria_screen.smear.segment import CellProps
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExportSummary", "box_cell_mask", "cell_crop", "cell_crops", "export_annotation_crops"]
+
+
+def _square_pad(crop: np.ndarray) -> np.ndarray:
+    h, w = crop.shape[:2]
+    s = max(h, w)
+    if h == w:
+        return crop
+    out = np.zeros((s, s, 3), np.uint8)
+    y0, x0 = (s - h) // 2, (s - w) // 2
+    out[y0 : y0 + h, x0 : x0 + w] = crop
+    return out
+
+
+def cell_crop(
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    bbox: tuple[int, int, int, int],
+    *,
+    margin_px: int = 2,
+    square: bool = True,
+) -> np.ndarray:
+    """Cut one cell: its bounding box plus a margin, black outside the cell mask.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 field.
+    mask : np.ndarray
+        ``(H, W)`` bool mask of this cell (or a ``(h, w)`` mask already aligned to ``bbox``
+        grown by ``margin_px``, clipped to the image).
+    bbox : tuple of int
+        ``(x, y, w, h)`` px of the cell.
+    margin_px : int
+        Black margin around the cell, px.
+    square : bool
+        Pad with black to a square with the cell centred (as the NIH crops look after the
+        classifier's letterbox; harmless either way).
+
+    Returns
+    -------
+    np.ndarray
+        ``(h', w', 3)`` uint8 crop.
+    """
+    H, W = rgb.shape[:2]
+    x, y, w, h = (int(v) for v in bbox)
+    x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
+    x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
+    crop = rgb[y0:y1, x0:x1].copy()
+    m = mask[y0:y1, x0:x1] if mask.shape == (H, W) else mask
+    crop[~m.astype(bool)] = 0
+    return _square_pad(crop) if square else crop
+
+
+def cell_crops(
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    cells: list[CellProps],
+    *,
+    margin_px: int = 2,
+    square: bool = True,
+) -> list[np.ndarray]:
+    """Crops of all cells of a label image (see :func:`cell_crop`).
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 field.
+    labels : np.ndarray
+        ``(H, W)`` int label image matching ``cells``.
+    cells : list of CellProps
+        Cells to cut (``id`` = label value).
+
+    Returns
+    -------
+    list of np.ndarray
+        One ``(h, w, 3)`` uint8 crop per cell, same order as ``cells``.
+    """
+    H, W = labels.shape
+    out = []
+    for c in cells:
+        x, y, w, h = c.bbox
+        x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
+        x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
+        m = labels[y0:y1, x0:x1] == c.id
+        out.append(cell_crop(rgb, m, c.bbox, margin_px=margin_px, square=square))
+    return out
+
+
+def box_cell_mask(rgb_box: np.ndarray, *, threshold_od: float | None = None) -> np.ndarray:
+    """Mask of the cell inside an annotation box: green-OD foreground ∩ the inscribed ellipse.
+
+    Parameters
+    ----------
+    rgb_box : np.ndarray
+        ``(h, w, 3)`` uint8 pixels of the (slightly enlarged) annotation box.
+    threshold_od : float, optional
+        Green optical-density threshold; default: Otsu of the box.
+
+    Returns
+    -------
+    np.ndarray
+        ``(h, w)`` bool mask. Falls back to the ellipse alone if thresholding finds nothing.
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    h, w = rgb_box.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    ell = ((xx + 0.5 - w / 2) / (w / 2 * 1.04)) ** 2 + ((yy + 0.5 - h / 2) / (h / 2 * 1.04)) ** 2 <= 1.0
+    g = rgb_box[..., 1].astype(np.float32)
+    bg = max(float(np.percentile(g, 98)), 1.0)
+    od = np.clip(-np.log((g + 1) / (bg + 1)), 0, None)
+    if threshold_od is None:
+        threshold_od = float(threshold_otsu(od)) if od.max() > od.min() else 0.0
+    fg = ndi.binary_fill_holes(od > max(threshold_od, 0.03)) & ell
+    lab, n = ndi.label(fg)
+    if n == 0 or fg.sum() < 0.2 * ell.sum():
+        return ell
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return ndi.binary_fill_holes(lab == int(sizes.argmax()))
+
+
+@dataclass
+class ExportSummary:
+    """Result of :func:`export_annotation_crops`: counts per class, fields, errors."""
+
+    n_parasitized: int
+    n_uninfected: int
+    n_fields: int
+    n_skipped: int
+    errors: dict[str, str]
+    groups_csv: Path
+
+
+def export_annotation_crops(
+    field_dir: str | Path,
+    annotations: dict,
+    out_dir: str | Path,
+    *,
+    infected_types: frozenset[str] | None = None,
+    margin_px: int = 2,
+    mask_cells: bool = True,
+) -> ExportSummary:
+    """Write NIH-layout PNG crops from annotated boxes.
+
+    Parameters
+    ----------
+    field_dir : str or Path
+        Folder of field images (names as in ``annotations``).
+    annotations : dict
+        Image name -> list of :class:`~malaria_screen.smear.evaluate.GroundTruthBox`
+        (see :func:`~malaria_screen.smear.evaluate.load_iml_annotations`).
+    out_dir : str or Path
+        Output folder; ``Parasitized/``, ``Uninfected/`` and ``groups.csv`` are written there.
+    infected_types : frozenset of str, optional
+        Box types written to ``Parasitized/``; default ring/trophozoite/schizont/gametocyte.
+        ``difficult`` boxes are skipped; every other type goes to ``Uninfected/``.
+    margin_px : int
+        Margin around each box, px.
+    mask_cells : bool
+        Black out pixels outside the cell (as in the NIH crops); False keeps the whole box.
+
+    Returns
+    -------
+    ExportSummary
+
+    Notes
+    -----
+    Crops are named ``<field stem>_cell_<k>.png`` (k = index of the box in the field's
+    annotation) and ``groups.csv`` maps each crop's relative path to its field id, so a grouped
+    split never puts cells of one field on both sides. Fields from the same patient/slide are
+    still separate groups: group by slide if that is known.
+    """
+    from PIL import Image
+
+    from malaria_screen.fileio import atomic_write_bytes, atomic_write_text
+    from malaria_screen.smear.evaluate import IGNORED_TYPES, INFECTED_TYPES
+
+    inf_types = INFECTED_TYPES if infected_types is None else frozenset(infected_types)
+    field_dir, out_dir = Path(field_dir), Path(out_dir)
+    for cls in ("Parasitized", "Uninfected"):
+        (out_dir / cls).mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str]] = []
+    counts = {"Parasitized": 0, "Uninfected": 0}
+    errors: dict[str, str] = {}
+    n_fields = n_skipped = 0
+    decode = _decoder()
+    for name in sorted(annotations):
+        path = field_dir / name
+        try:
+            rgb = decode(path)
+        except (OSError, ValueError) as exc:
+            errors[name] = str(exc)
+            logger.warning("skipping %s: %s", name, exc)
+            continue
+        n_fields += 1
+        stem = Path(name).stem
+        H, W = rgb.shape[:2]
+        for k, box in enumerate(annotations[name]):
+            if box.type in IGNORED_TYPES:
+                n_skipped += 1
+                continue
+            x, y, w, h = (int(round(v)) for v in box.bbox)
+            x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
+            x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
+            if x1 - x0 < 4 or y1 - y0 < 4:
+                n_skipped += 1
+                continue
+            crop = rgb[y0:y1, x0:x1].copy()
+            if mask_cells:
+                crop[~box_cell_mask(crop)] = 0
+            cls = "Parasitized" if box.type in inf_types else "Uninfected"
+            rel = f"{cls}/{stem}_cell_{k}.png"
+            buf = io.BytesIO()
+            Image.fromarray(crop).save(buf, format="PNG")
+            atomic_write_bytes(out_dir / rel, buf.getvalue())
+            rows.append((rel, stem))
+            counts[cls] += 1
+    sio = io.StringIO()
+    wr = csv.writer(sio, lineterminator="\n")
+    wr.writerow(["path", "patient"])
+    wr.writerows(rows)
+    groups = out_dir / "groups.csv"
+    atomic_write_text(groups, sio.getvalue())
+    return ExportSummary(counts["Parasitized"], counts["Uninfected"], n_fields, n_skipped, errors, groups)
+
+
+def _decoder():
+    """``decode_image`` from the core (raises ImageDecodeError, a ValueError)."""
+    from malaria_screen.data.io import decode_image
+
+    return decode_image

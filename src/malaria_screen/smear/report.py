@@ -1,0 +1,321 @@
+"""Outputs of whole-smear screening: overlay PNG, per-field JSON, ``summary.json``, ``report.html``.
+
+:func:`run_smear` screens every field of one slide (a list of files/folders): each field gives
+``<stem>.json`` and ``<stem>_overlay.png``; the run gives ``summary.json`` (totals over the
+fields, a per-file error entry for every field that could not be read) and a self-contained
+offline ``report.html`` (inline CSS, base64 JPEG thumbnails, no external fonts or scripts).
+Every file is written atomically (temporary file in the same folder, then ``os.replace``), so an
+interrupted run never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from malaria_screen.smear.screen import FieldResult, binomial_ci, screen_field
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+__all__ = ["IMAGE_SUFFIXES", "collect_fields", "overlay_image", "run_smear", "write_field_outputs"]
+
+
+def collect_fields(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders into a sorted list of field image paths.
+
+    Folders contribute their (non-recursive, non-hidden) files with an image suffix
+    (:data:`IMAGE_SUFFIXES`, case-insensitive); files named explicitly are always included
+    (decoding is by content). Missing paths are kept, to be reported as errors.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(
+                sorted(
+                    q
+                    for q in p.iterdir()
+                    if q.is_file() and not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
+        else:
+            out.append(p)
+    seen: set[Path] = set()
+    uniq = []
+    for p in out:
+        if p not in seen:
+            seen.add(p)
+            uniq.append(p)
+    return uniq
+
+
+def overlay_image(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
+    """Draw cell outlines (green uninfected, red infected, grey unclassified, yellow border-cut),
+    infected cells' ids in red, and excluded WBC boxes in blue.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 field.
+    result : FieldResult
+        Its screening result (with ``labels``).
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W, 3)`` uint8 overlay.
+    """
+    import cv2
+
+    out = np.ascontiguousarray(rgb.copy())
+    lab = result.labels
+    if lab is not None and lab.size:
+        n = int(lab.max())
+        colors = np.zeros((n + 1, 3), np.uint8)
+        for c in result.cells:
+            if c.label == "Parasitized":
+                colors[c.id] = (230, 0, 0)
+            elif c.border:
+                colors[c.id] = (230, 200, 0)
+            elif c.label == "Uninfected":
+                colors[c.id] = (0, 170, 0)
+            else:
+                colors[c.id] = (90, 90, 90)
+        edge = np.zeros(lab.shape, bool)
+        edge[:-1] |= lab[:-1] != lab[1:]
+        edge[1:] |= lab[:-1] != lab[1:]
+        edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+        edge[:, 1:] |= lab[:, :-1] != lab[:, 1:]
+        edge &= lab > 0
+        thick = max(1, round(max(rgb.shape[:2]) / 800))
+        if thick > 1:
+            edge = cv2.dilate(edge.astype(np.uint8), np.ones((thick, thick), np.uint8)).astype(bool) & (lab > 0)
+        out[edge] = colors[lab[edge]]
+    scale = max(0.4, max(rgb.shape[:2]) / 1600)
+    for c in result.cells:
+        if c.label == "Parasitized":
+            x, y, w, h = c.bbox
+            org = (int(x + w / 2 - 8 * scale), int(y + h / 2 + 6 * scale))
+            cv2.putText(out, str(c.id), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), max(2, int(4 * scale)), cv2.LINE_AA)
+            cv2.putText(out, str(c.id), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (220, 0, 0), max(1, int(2 * scale)), cv2.LINE_AA)
+    for x, y, w, h in result.wbc_boxes:
+        cv2.rectangle(out, (int(x), int(y)), (int(x + w), int(y + h)), (0, 60, 255), 2)
+    return out
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # pragma: no cover - cv2 failure
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _thumb_b64(rgb: np.ndarray, max_side: int = 360) -> str:
+    import cv2
+
+    h, w = rgb.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
+
+
+def write_field_outputs(out_dir: Path, stem: str, rgb: np.ndarray, result: FieldResult) -> tuple[Path, Path, np.ndarray]:
+    """Write ``<stem>.json`` and ``<stem>_overlay.png`` atomically; returns both paths and the
+    overlay array."""
+    from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
+
+    ov = overlay_image(rgb, result)
+    jp = atomic_write_json(out_dir / f"{stem}.json", result.to_json())
+    op = atomic_write_bytes(out_dir / f"{stem}_overlay.png", _png_bytes(ov))
+    return jp, op, ov
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """Output stems, unique case-insensitively, never ``summary``/``report``: ``f``, ``f_2``, ..."""
+    taken = {"summary", "report"}
+    stems = []
+    for p in paths:
+        base = p.stem or "field"
+        s, k = base, 1
+        while s.lower() in taken:
+            k += 1
+            s = f"{base}_{k}"
+        taken.add(s.lower())
+        stems.append(s)
+    return stems
+
+
+def run_smear(
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    model: Any,
+    *,
+    pixel_size_um: float | None = None,
+    stain: str = "none",
+    scale_to_nih: bool = False,
+    count_border_cells: bool = True,
+    ci_method: str = "wilson",
+    progress: Callable[[str, dict], None] | None = None,
+    **segment_kwargs,
+) -> dict:
+    """Screen the fields of one slide and write all outputs to ``out_dir``.
+
+    Parameters
+    ----------
+    inputs : iterable of path
+        Field images and/or folders of them (see :func:`collect_fields`).
+    out_dir : path
+        Output folder (created).
+    model : CellModel or None
+        Cell classifier (see :func:`~malaria_screen.smear.screen.screen_field`); None =
+        segmentation/counting only.
+    pixel_size_um, stain, scale_to_nih, count_border_cells, ci_method, **segment_kwargs
+        Passed to :func:`~malaria_screen.smear.screen.screen_field`.
+    progress : callable, optional
+        Called as ``progress(name, entry)`` after each field (entry has an ``error`` key on
+        failure).
+
+    Returns
+    -------
+    dict
+        The ``summary.json`` document: totals (``n_fields``, ``n_failed``, ``n_rbc``,
+        ``n_infected``, ``parasitemia``, ``parasitemia_ci95``), ``fields`` and ``errors``.
+    """
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.fileio import atomic_write_json, atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = collect_fields(inputs)
+    stems = _unique_stems(paths)
+    fields: list[dict] = []
+    errors: list[dict] = []
+    thumbs: dict[str, str] = {}
+    t_start = time.perf_counter()
+    for path, stem in zip(paths, stems):
+        try:
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            rgb = decode_image(path)
+            res = screen_field(
+                rgb,
+                model,
+                image_name=path.name,
+                pixel_size_um=pixel_size_um,
+                stain=stain,
+                scale_to_nih=scale_to_nih,
+                count_border_cells=count_border_cells,
+                ci_method=ci_method,
+                **segment_kwargs,
+            )
+            jp, op, ov = write_field_outputs(out, stem, rgb, res)
+        except (OSError, ValueError, RuntimeError) as exc:
+            entry = {"image": path.name, "path": str(path), "error": f"{type(exc).__name__}: {exc}"}
+            errors.append(entry)
+            logger.warning("field %s failed: %s", path, exc)
+            if progress:
+                progress(path.name, entry)
+            continue
+        entry = {
+            "image": path.name,
+            "path": str(path),
+            "json": jp.name,
+            "overlay": op.name,
+            "width": res.width,
+            "height": res.height,
+            "n_rbc": res.n_rbc,
+            "n_infected": res.n_infected,
+            "n_wbc": res.n_wbc,
+            "parasitemia": res.parasitemia,
+            "parasitemia_ci95": res.parasitemia_ci95,
+            "rbc_diameter_px": None if not np.isfinite(res.rbc_diameter_px) else round(float(res.rbc_diameter_px), 2),
+            "seconds": round(res.seconds.get("total", float("nan")), 4),
+        }
+        fields.append(entry)
+        thumbs[op.name] = _thumb_b64(ov)
+        if progress:
+            progress(path.name, entry)
+    n_rbc = sum(f["n_rbc"] for f in fields)
+    n_inf = sum(f["n_infected"] for f in fields)
+    classified = model is not None
+    lo, hi = binomial_ci(n_inf, n_rbc, method=ci_method) if classified else (0.0, 1.0)
+    summary = {
+        "n_fields": len(fields),
+        "n_failed": len(errors),
+        "n_rbc": n_rbc,
+        "n_infected": n_inf,
+        "parasitemia": (n_inf / n_rbc) if (n_rbc and classified) else None,
+        "parasitemia_ci95": [lo, hi],
+        "ci_method": ci_method,
+        "classified": classified,
+        "settings": {
+            "pixel_size_um": pixel_size_um,
+            "stain": stain,
+            "scale_to_nih": scale_to_nih,
+            "count_border_cells": count_border_cells,
+            "model": getattr(model, "source", None) if model is not None else None,
+            "threshold": float(getattr(model, "threshold", 0.5)) if model is not None else None,
+        },
+        "seconds_total": round(time.perf_counter() - t_start, 3),
+        "fields": fields,
+        "errors": errors,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "report.html", _report_html(summary, thumbs))
+    return summary
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100.0 * x:.2f}%"
+
+
+def _report_html(summary: dict, thumbs: dict[str, str]) -> str:
+    e = html.escape
+    rows = []
+    for f in summary["fields"]:
+        lo, hi = f["parasitemia_ci95"]
+        img = thumbs.get(f["overlay"], "")
+        thumb = (
+            f'<a href="{e(f["overlay"])}"><img alt="overlay of {e(f["image"])}" src="data:image/jpeg;base64,{img}"></a>'
+            if img
+            else ""
+        )
+        rows.append(
+            f"<tr><td>{e(f['image'])}</td><td>{f['n_rbc']}</td><td>{f['n_infected']}</td>"
+            f"<td>{_pct(f['parasitemia'])}</td><td>{_pct(lo)} – {_pct(hi)}</td><td>{f['n_wbc']}</td>"
+            f"<td><a href=\"{e(f['json'])}\">json</a></td><td>{thumb}</td></tr>"
+        )
+    err_rows = "".join(f"<tr><td>{e(x['image'])}</td><td>{e(x['error'])}</td></tr>" for x in summary["errors"])
+    lo, hi = summary["parasitemia_ci95"]
+    note = "" if summary["classified"] else "<p><b>No classifier was run: counts only.</b></p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>malaria-screen smear report</title>
+<style>
+body{{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:1.5em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:middle}}
+th{{background:#f2f2f2}}img{{max-width:360px;display:block}}.big{{font-size:1.4em}}
+.warn{{color:#a00}}</style></head><body>
+<h1>Whole-smear screening report</h1>
+{note}
+<p class="big">Parasitemia: <b>{_pct(summary['parasitemia'])}</b> (95% CI {_pct(lo)} – {_pct(hi)}, {e(summary['ci_method'])})
+&mdash; {summary['n_infected']} infected of {summary['n_rbc']} red cells in {summary['n_fields']} field(s).</p>
+<p>Failed fields: {summary['n_failed']}. Research use only; not a diagnostic device. Outlines: green uninfected,
+red infected (numbered by cell id), yellow cut by the border, blue boxes excluded white cells.</p>
+<table><tr><th>Field</th><th>RBC</th><th>Infected</th><th>Parasitemia</th><th>95% CI</th><th>WBC excl.</th><th>Data</th><th>Overlay</th></tr>
+{''.join(rows)}
+</table>
+{('<h2 class="warn">Errors</h2><table><tr><th>File</th><th>Error</th></tr>' + err_rows + '</table>') if err_rows else ''}
+</body></html>
+"""

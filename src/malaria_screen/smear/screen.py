@@ -1,0 +1,258 @@
+"""Whole-field screening: segment the red cells, classify each cell crop, estimate parasitemia.
+
+Pipeline per field (the design of the NLM Malaria Screener, Poostchi et al. 2018 /
+Yang et al. 2020): :func:`~malaria_screen.smear.segment.segment_field` → optional stain
+normalisation (Reinhard 2001 / Macenko 2009, :mod:`malaria_screen.smear.stain`) → NIH-style crops
+(:mod:`malaria_screen.smear.crops`) → the cell classifier in batches → per-cell probability and
+label → field parasitemia = infected / all red cells with a binomial 95 % confidence interval
+(Wilson score interval by default, Clopper-Pearson optional, via ``scipy.stats.binomtest``).
+
+The model is duck-typed: any object with ``predict(list_of_uint8_rgb_arrays) -> (N,) float``
+(probability of Parasitized) and a ``threshold`` attribute works, e.g.
+:class:`malaria_screen.inference.Predictor` or a test fake.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from malaria_screen.smear.segment import CellProps, Segmentation, cell_properties, segment_field
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellModel", "CellResult", "FieldResult", "binomial_ci", "screen_field"]
+
+
+class CellModel(Protocol):
+    """What :func:`screen_field` needs from a cell classifier."""
+
+    threshold: float
+
+    def predict(self, images: list) -> np.ndarray:  # pragma: no cover - protocol
+        ...
+
+
+@dataclass
+class CellResult:
+    """One cell of a field: ``bbox`` ``[x, y, w, h]`` px, ``area_px``, ``p_parasitized`` in
+    [0, 1] (None if not classified), ``label`` ("Parasitized"/"Uninfected"/None), ``border``."""
+
+    id: int
+    bbox: list[int]
+    area_px: int
+    p_parasitized: float | None
+    label: str | None
+    border: bool
+
+
+@dataclass
+class FieldResult:
+    """Screening result of one field; :meth:`to_json` gives the per-field JSON document.
+
+    Attributes
+    ----------
+    image : str
+        Field name.
+    width, height : int
+        Field size, px.
+    n_rbc, n_infected : int
+        Counted red cells and those labelled Parasitized.
+    parasitemia : float or None
+        ``n_infected / n_rbc`` (fraction 0..1); None when no cell was found.
+    parasitemia_ci95 : list of float
+        Binomial 95 % interval ``[lo, hi]`` (fractions).
+    cells : list of CellResult
+    rbc_diameter_px : float
+        Typical RBC diameter used for segmentation, px.
+    n_wbc : int
+        White blood cells detected and excluded.
+    seconds : dict
+        Wall time per stage, s.
+    labels : np.ndarray or None
+        ``(H, W)`` int32 label image (not serialised).
+    """
+
+    image: str
+    width: int
+    height: int
+    n_rbc: int
+    n_infected: int
+    parasitemia: float | None
+    parasitemia_ci95: list[float]
+    cells: list[CellResult]
+    rbc_diameter_px: float
+    n_wbc: int = 0
+    classified: bool = True
+    seconds: dict[str, float] = field(default_factory=dict)
+    labels: np.ndarray | None = field(default=None, repr=False)
+    wbc_boxes: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (no NaN: missing values are None)."""
+        d = {
+            "image": self.image,
+            "width": self.width,
+            "height": self.height,
+            "n_rbc": self.n_rbc,
+            "n_infected": self.n_infected,
+            "parasitemia": self.parasitemia,
+            "parasitemia_ci95": list(self.parasitemia_ci95),
+            "rbc_diameter_px": None if not np.isfinite(self.rbc_diameter_px) else round(float(self.rbc_diameter_px), 2),
+            "n_wbc": self.n_wbc,
+            "classified": self.classified,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "cells": [asdict(c) for c in self.cells],
+        }
+        return d
+
+
+def binomial_ci(k: int, n: int, *, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """Confidence interval of a binomial proportion ``k / n``.
+
+    Parameters
+    ----------
+    k, n : int
+        Successes (infected cells) and trials (red cells), ``0 <= k <= n``.
+    confidence : float
+        Confidence level (default 0.95).
+    method : {"wilson", "exact"}
+        Wilson score interval or Clopper-Pearson ("exact").
+
+    Returns
+    -------
+    (float, float)
+        ``(lo, hi)`` fractions in [0, 1]; ``(0.0, 1.0)`` when ``n == 0``.
+
+    Raises
+    ------
+    ValueError
+        If ``k`` is not within ``[0, n]``.
+    """
+    from scipy.stats import binomtest
+
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return (0.0, 1.0)
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method=method)
+    return (float(max(0.0, ci.low)), float(min(1.0, ci.high)))
+
+
+def _predict_batched(model: Any, crops: list[np.ndarray], batch_size: int) -> np.ndarray:
+    out = []
+    for s in range(0, len(crops), batch_size):
+        p = np.asarray(model.predict(crops[s : s + batch_size]), dtype=np.float64).reshape(-1)
+        if len(p) != len(crops[s : s + batch_size]):
+            raise ValueError(f"model returned {len(p)} probabilities for {len(crops[s:s + batch_size])} crops")
+        out.append(p)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def screen_field(
+    rgb: np.ndarray,
+    model: CellModel | None,
+    *,
+    image_name: str = "field",
+    pixel_size_um: float | None = None,
+    stain: str = "none",
+    scale_to_nih: bool = False,
+    count_border_cells: bool = True,
+    batch_size: int = 256,
+    ci_method: str = "wilson",
+    segmentation: Segmentation | None = None,
+    **segment_kwargs,
+) -> FieldResult:
+    """Screen one thin-smear field.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 RGB field.
+    model : CellModel or None
+        Object with ``predict(list of (h, w, 3) uint8) -> (N,) p_parasitized`` and
+        ``threshold``. None = segmentation only (no labels, parasitemia None).
+    image_name : str
+        Name recorded in the result.
+    pixel_size_um : float, optional
+        µm per px; if None the RBC scale is estimated from the image.
+    stain : {"none", "reinhard", "macenko"}
+        Stain normalisation of the cell pixels towards the NIH training crops.
+    scale_to_nih : bool
+        Resize crops so a cell is ~130 px across (the NIH crop scale) before classification.
+    count_border_cells : bool
+        Count cells cut by the image border in ``n_rbc`` / ``n_infected`` (they are always
+        listed, with ``border: true``).
+    batch_size : int
+        Crops per ``model.predict`` call.
+    ci_method : {"wilson", "exact"}
+        Binomial interval for the parasitemia.
+    segmentation : Segmentation, optional
+        Precomputed segmentation (skips segmentation).
+    **segment_kwargs
+        Passed to :func:`~malaria_screen.smear.segment.segment_field`.
+
+    Returns
+    -------
+    FieldResult
+
+    Raises
+    ------
+    ValueError
+        If ``rgb`` is not ``(H, W, 3)``, ``stain`` is unknown, or the model returns the wrong
+        number of probabilities.
+    """
+    from malaria_screen.smear.crops import cell_crops
+    from malaria_screen.smear.stain import normalize_stain, rescale, scale_factor_to_nih
+
+    t0 = time.perf_counter()
+    seg = segmentation or segment_field(rgb, pixel_size_um=pixel_size_um, **segment_kwargs)
+    props: list[CellProps] = cell_properties(seg.labels)
+    t1 = time.perf_counter()
+    h, w = rgb.shape[:2]
+    probs = None
+    if model is not None and props:
+        src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
+        crops = cell_crops(src, seg.labels, props)
+        if scale_to_nih:
+            f = scale_factor_to_nih(seg.rbc_diameter_px)
+            crops = [rescale(c, f) for c in crops]
+        t2 = time.perf_counter()
+        probs = _predict_batched(model, crops, batch_size)
+    else:
+        t2 = time.perf_counter()
+        if stain not in ("none", "reinhard", "macenko"):
+            raise ValueError(f"unknown stain normalisation {stain!r}")
+    t3 = time.perf_counter()
+    thr = float(getattr(model, "threshold", 0.5)) if model is not None else 0.5
+    cells = []
+    for i, c in enumerate(props):
+        p = None if probs is None else float(probs[i])
+        lab = None if p is None else ("Parasitized" if p >= thr else "Uninfected")
+        cells.append(CellResult(c.id, list(c.bbox), c.area_px, p, lab, c.border))
+    counted = [c for c in cells if count_border_cells or not c.border]
+    n = len(counted)
+    k = sum(1 for c in counted if c.label == "Parasitized")
+    classified = model is not None
+    par = (k / n) if (n and classified) else None
+    ci = binomial_ci(k, n, method=ci_method) if classified else (0.0, 1.0)
+    return FieldResult(
+        image=image_name,
+        width=w,
+        height=h,
+        n_rbc=n,
+        n_infected=k,
+        parasitemia=par,
+        parasitemia_ci95=[ci[0], ci[1]],
+        cells=cells,
+        rbc_diameter_px=seg.rbc_diameter_px,
+        n_wbc=len(seg.wbc_boxes),
+        classified=classified,
+        seconds={"segment": t1 - t0, "crops": t2 - t1, "classify": t3 - t2, "total": t3 - t0},
+        labels=seg.labels,
+        wbc_boxes=list(seg.wbc_boxes),
+    )

@@ -1,0 +1,619 @@
+"""Red-blood-cell segmentation for whole thin-smear fields.
+
+Pure functions: arrays in, arrays out (no file I/O, no model).
+
+Algorithm
+---------
+1. **Stain-robust foreground signal.** The background (plasma-free glass) colour is estimated
+   from the brightest pixels of the field and every pixel is converted to optical density
+   ``OD_c = -log((I_c + 1) / (B_c + 1))`` per channel ``c`` (Beer-Lambert). Haemoglobin and the
+   eosin component of Giemsa absorb mostly green light, so the green-channel OD separates red
+   cells from background for pale-grey, pink and deep-magenta stains alike; it is insensitive to
+   the illumination colour because it is relative to the field's own background.
+2. **Scale.** The typical RBC diameter in pixels is either derived from ``pixel_size_um``
+   (``rbc_diameter_um / pixel_size_um``, default 7.5 µm) or *estimated from the image*: on a
+   coarse copy, the foreground (Otsu 1979 threshold, holes filled) is distance-transformed and
+   the median of the per-object maxima of the distance transform (≈ the radius of one cell,
+   even inside clumps of touching cells) gives the diameter. The field is then resized so that
+   a cell is ``work_diameter_px`` across; all later parameters are fractions of that diameter,
+   so the same defaults work on 1280x960 IML fields (≈ 80 px cells) and 640x480 Chula fields
+   (≈ 40 px cells).
+3. **Foreground.** Otsu threshold of the smoothed signal, central-pallor holes filled, specks
+   (< ``min_area_frac`` of a cell) removed, small opening to cut thin bridges.
+4. **Touching cells** are split by the marker-controlled watershed (Beucher & Meyer 1993) of the
+   inverted, smoothed distance transform; markers are distance-transform peaks at least
+   ~0.35 cell diameters apart and at least ~0.3 radii deep. This is the approach of the NLM
+   Malaria Screener (Poostchi et al. 2018, Yang et al. 2020), which also segments cells with a
+   threshold + distance-transform watershed before classifying each cell crop.
+5. **Exclusion.** White-blood-cell nuclei are much darker in the *red* channel than any red
+   cell (purple/blue chromatin absorbs red light, haemoglobin and eosin barely do). Pixels whose
+   red-channel OD exceeds the red-cell level of the field by a margin form nucleus blobs; blobs
+   larger than ``wbc_nucleus_min_frac`` of a cell mark a WBC, and segments overlapping the
+   (dilated) WBC are excluded. Intra-erythrocytic parasites are also dark but far smaller.
+   Segments smaller than ``min_area_frac`` or larger than ``max_area_frac`` of a typical cell
+   (debris, platelets, unsplit clumps) are excluded as well.
+6. Segments touching the image border are kept but flagged (``border=True``).
+
+References
+----------
+- N. Otsu, "A threshold selection method from gray-level histograms", IEEE Trans. SMC 9(1), 1979.
+- S. Beucher, F. Meyer, "The morphological approach to segmentation: the watershed
+  transformation", in Mathematical Morphology in Image Processing, 1993.
+- M. Poostchi et al., "Malaria parasite detection and cell counting for human and mouse using
+  thin blood smear microscopy", J. Med. Imaging 5(4), 2018.
+- F. Yang et al., "Deep learning for smartphone-based malaria parasite detection in thick blood
+  smears" / NLM Malaria Screener, IEEE JBHI 24(5), 2020.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Typical diameter of a human red blood cell, µm.
+RBC_DIAMETER_UM = 7.5
+
+__all__ = [
+    "RBC_DIAMETER_UM",
+    "CellProps",
+    "Segmentation",
+    "cell_properties",
+    "estimate_rbc_diameter_px",
+    "foreground_signal",
+    "segment_cells",
+    "segment_field",
+]
+
+
+@dataclass(frozen=True)
+class CellProps:
+    """Properties of one segmented cell.
+
+    Attributes
+    ----------
+    id : int
+        Label value in the label image (1..N).
+    bbox : tuple of int
+        ``(x, y, w, h)`` in px, top-left origin, full-resolution image coordinates.
+    area_px : int
+        Mask area in px.
+    centroid : tuple of float
+        ``(x, y)`` centre of mass in px.
+    border : bool
+        True if the cell touches the image border (probably cut by it).
+    """
+
+    id: int
+    bbox: tuple[int, int, int, int]
+    area_px: int
+    centroid: tuple[float, float]
+    border: bool
+
+
+@dataclass
+class Segmentation:
+    """Result of :func:`segment_field`.
+
+    Attributes
+    ----------
+    labels : np.ndarray
+        ``(H, W)`` int32, 0 = background/excluded, 1..N = red blood cells.
+    rbc_diameter_px : float
+        Typical RBC diameter used, px (estimated or from ``pixel_size_um``).
+    diameter_estimated : bool
+        True if ``rbc_diameter_px`` was estimated from the image.
+    scale : float
+        Working-resolution / full-resolution size ratio used internally.
+    wbc_boxes : list of tuple of int
+        ``(x, y, w, h)`` px boxes of excluded white blood cells.
+    n_excluded : int
+        Number of other excluded objects (debris, platelets, clumps).
+    """
+
+    labels: np.ndarray
+    rbc_diameter_px: float
+    diameter_estimated: bool
+    scale: float
+    wbc_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    n_excluded: int = 0
+
+    @property
+    def n_cells(self) -> int:
+        """Number of labelled red blood cells."""
+        return int(self.labels.max()) if self.labels.size else 0
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    if not isinstance(rgb, np.ndarray):
+        raise TypeError(f"rgb must be a numpy array, got {type(rgb).__name__}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must have shape (H, W, 3), got {rgb.shape}")
+    if rgb.shape[0] < 8 or rgb.shape[1] < 8:
+        raise ValueError(f"rgb image too small: shape {rgb.shape}, need at least 8x8 px")
+    if rgb.dtype != np.uint8:
+        if np.issubdtype(rgb.dtype, np.floating) and rgb.size and float(np.nanmax(rgb)) <= 1.0:
+            warnings.warn("float image in [0, 1] given; scaling to 0..255", stacklevel=3)
+            rgb = np.clip(rgb * 255.0, 0, 255)
+        elif rgb.dtype == np.uint16:
+            warnings.warn("uint16 image given; scaling to 8 bit", stacklevel=3)
+            rgb = rgb / 257.0
+        else:
+            warnings.warn(f"non-uint8 image (dtype {rgb.dtype}); clipping to 0..255", stacklevel=3)
+            rgb = np.clip(rgb, 0, 255)
+        rgb = rgb.astype(np.uint8)
+    return rgb
+
+
+def foreground_signal(rgb: np.ndarray, *, bg_percentile: float = 97.0) -> np.ndarray:
+    """Per-channel optical density relative to the field background.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 RGB field.
+    bg_percentile : float
+        Pixels brighter than this percentile of the grey level define the background colour.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W, 3)`` float32 optical density (≥ 0, unitless); background ≈ 0.
+
+    Raises
+    ------
+    ValueError
+        If ``rgb`` is not ``(H, W, 3)``.
+    """
+    rgb = _check_rgb(rgb)
+    # Background colour from the brightest pixels of a coarse copy (speed); median per channel.
+    h, w = rgb.shape[:2]
+    step = max(1, int(max(h, w) // 400))
+    sub = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
+    grey = sub.mean(axis=1)
+    bright = sub[grey >= np.percentile(grey, bg_percentile)]
+    bg = np.median(bright, axis=0) if len(bright) else sub.max(axis=0)
+    bg = np.maximum(bg, 1.0)
+    # OD via a lookup table per channel (fast on uint8).
+    od = np.empty(rgb.shape, np.float32)
+    levels = np.arange(256, dtype=np.float32)
+    for c in range(3):
+        lut = np.clip(-np.log((levels + 1.0) / (bg[c] + 1.0)), 0.0, None).astype(np.float32)
+        od[..., c] = lut[rgb[..., c]]
+    return od
+
+
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() == values.max():
+        return float(values.max()) if values.size else 0.0
+    return float(threshold_otsu(values))
+
+
+def _fill_small_holes(mask: np.ndarray, max_hole_px: float | None) -> np.ndarray:
+    """Fill holes (background regions not touching the border) up to ``max_hole_px`` px."""
+    from scipy import ndimage as ndi
+
+    if max_hole_px is None:
+        return ndi.binary_fill_holes(mask)
+    holes, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(holes.ravel())
+    fill = sizes <= max_hole_px
+    fill[0] = False
+    # Background regions touching the image border are not holes.
+    edge = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    fill[edge] = False
+    return mask | fill[holes]
+
+
+def _fg_mask(
+    signal: np.ndarray, min_object_px: int, max_hole_px: float | None = None, factor: float = 1.0
+) -> tuple[np.ndarray, float]:
+    from scipy import ndimage as ndi
+
+    thr = factor * _otsu(signal[:: max(1, signal.shape[0] // 300), :: max(1, signal.shape[1] // 300)])
+    # Guard against fields with no cells: the threshold must be a real contrast.
+    thr = max(thr, 0.08)
+    mask = signal > thr
+    mask = _fill_small_holes(mask, max_hole_px)
+    if min_object_px > 1:
+        lab, n = ndi.label(mask)
+        if n:
+            sizes = np.bincount(lab.ravel())
+            keep = sizes >= min_object_px
+            keep[0] = False
+            mask = keep[lab]
+    return mask, thr
+
+
+def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None) -> float:
+    """Estimate the typical red-cell diameter of a field from the image alone.
+
+    The coarse foreground's distance transform is maximal near each cell's centre with a
+    value ≈ the cell radius, whether the cell is isolated or in a clump of touching cells; the
+    median of the per-object maxima (objects with tiny maxima, i.e. specks, ignored) is taken.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 RGB field.
+    od : np.ndarray, optional
+        Precomputed :func:`foreground_signal` of ``rgb``.
+
+    Returns
+    -------
+    float
+        Estimated RBC diameter in px (full resolution). Returns NaN if no cell-like object is
+        found.
+    """
+    import cv2
+    from scipy import ndimage as ndi
+
+    rgb = _check_rgb(rgb)
+    if od is None:
+        od = foreground_signal(rgb)
+    h, w = rgb.shape[:2]
+    s = min(1.0, 480.0 / max(h, w))
+    g = od[..., 1]
+    if s < 1.0:
+        g = cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    g = cv2.GaussianBlur(g, (0, 0), 1.0)
+    mask, _ = _fg_mask(g, min_object_px=12)
+    if not mask.any():
+        return float("nan")
+    dt = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+    # Peaks of the distance transform: one near the centre of every cell, isolated or in a
+    # clump; a cell's peak value is ~ its radius.
+    from skimage.feature import peak_local_max
+
+    peaks = peak_local_max(dt, min_distance=3, threshold_abs=2.0, exclude_border=True)
+    maxima = dt[peaks[:, 0], peaks[:, 1]].astype(np.float64) if len(peaks) else np.zeros(0)
+    if maxima.size == 0:
+        return float("nan")
+    # Ignore fragments much thinner than the bulk of the objects.
+    maxima = maxima[maxima >= 0.5 * np.percentile(maxima, 75)]
+    radius = float(np.median(maxima))
+    return (2.0 * radius + 1.0) / s
+
+
+def segment_field(
+    rgb: np.ndarray,
+    *,
+    pixel_size_um: float | None = None,
+    rbc_diameter_um: float = RBC_DIAMETER_UM,
+    rbc_diameter_px: float | None = None,
+    work_diameter_px: float = 30.0,
+    min_area_frac: float = 0.3,
+    max_area_frac: float = 2.6,
+    min_marker_distance_frac: float = 0.36,
+    max_hole_frac: float = 0.4,
+    threshold_factor: float = 1.0,
+    split_clumps: bool = False,
+    exclude_wbc: bool = True,
+    wbc_nucleus_min_frac: float = 0.2,
+    wbc_red_od_margin: float = 0.15,
+    wbc_green_od_margin: float = 0.8,
+) -> Segmentation:
+    """Segment the red blood cells of one thin-smear field.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 RGB field, any size.
+    pixel_size_um : float, optional
+        Pixel size at the specimen in µm/px. If given, the RBC diameter is
+        ``rbc_diameter_um / pixel_size_um`` px; otherwise it is estimated from the image.
+    rbc_diameter_um : float
+        Typical RBC diameter in µm (default 7.5), used with ``pixel_size_um``.
+    rbc_diameter_px : float, optional
+        Typical RBC diameter in px; overrides both of the above.
+    work_diameter_px : float
+        Cells are processed at a resolution where they are this many px across (speed).
+    min_area_frac, max_area_frac : float
+        Segments with area outside ``[min, max] x`` the area of a typical cell are excluded.
+        Border-cut cells use half the minimum.
+    min_marker_distance_frac : float
+        Minimum distance between two watershed markers, as a fraction of the RBC diameter.
+    threshold_factor : float
+        The foreground threshold is this factor times Otsu's threshold of the green OD.
+    max_hole_frac : float
+        Holes in the foreground up to this fraction of a cell area are filled (central pallor);
+        larger ones are gaps between cells and stay background.
+    split_clumps : bool
+        Split segments larger than ``max_area_frac`` cells (overlapping cells the watershed
+        could not separate) into ``round(area / (0.9 * cell area))`` parts by k-means of their
+        pixel coordinates, instead of dropping them.
+    exclude_wbc : bool
+        Detect and exclude white blood cells by their dark nuclei.
+    wbc_nucleus_min_frac : float
+        Minimum area of a nucleus blob, as a fraction of a typical cell area.
+    wbc_red_od_margin : float
+        Red-channel OD margin above the 99th percentile of the field's cells that marks a
+        nucleus pixel.
+    wbc_green_od_margin : float
+        Green-channel OD margin above the median of the field's cells that marks a nucleus
+        pixel.
+
+    Returns
+    -------
+    Segmentation
+        Labels ``(H, W)`` int32 at full resolution and metadata.
+
+    Raises
+    ------
+    ValueError
+        If ``rgb`` is not ``(H, W, 3)``, or a size parameter is not positive.
+    """
+    import cv2
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    rgb = _check_rgb(rgb)
+    h, w = rgb.shape[:2]
+    if pixel_size_um is not None and not pixel_size_um > 0:
+        raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
+    if rbc_diameter_px is not None and not rbc_diameter_px > 0:
+        raise ValueError(f"rbc_diameter_px must be > 0, got {rbc_diameter_px}")
+    od = foreground_signal(rgb)
+
+    estimated = False
+    if rbc_diameter_px is not None:
+        diam = float(rbc_diameter_px)
+    elif pixel_size_um is not None:
+        diam = float(rbc_diameter_um) / float(pixel_size_um)
+    else:
+        diam = estimate_rbc_diameter_px(rgb, od=od)
+        estimated = True
+        if not np.isfinite(diam):
+            logger.info("no cell-like objects found; empty segmentation")
+            return Segmentation(np.zeros((h, w), np.int32), float("nan"), True, 1.0)
+    if diam < 6:
+        warnings.warn(f"RBC diameter {diam:.1f} px is very small; segmentation unreliable", stacklevel=2)
+    if diam > max(h, w):
+        warnings.warn(f"RBC diameter {diam:.1f} px exceeds the image size {w}x{h}", stacklevel=2)
+
+    scale = min(2.0, work_diameter_px / diam)
+    wh = (max(8, round(w * scale)), max(8, round(h * scale)))
+    scale_x, scale_y = wh[0] / w, wh[1] / h
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    odw = cv2.resize(od, wh, interpolation=interp)
+    d = diam * scale  # diameter at working resolution
+    r = d / 2.0
+    cell_area = np.pi * r * r
+
+    g = cv2.GaussianBlur(odw[..., 1], (0, 0), max(0.5, d / 30.0))
+    fg, thr = _fg_mask(
+        g, min_object_px=max(4, int(0.5 * min_area_frac * cell_area)), max_hole_px=max_hole_frac * cell_area,
+        factor=threshold_factor,
+    )
+    # Neutral black marks burned into the image (scale bar, text) are not cells: every channel
+    # absorbs strongly there, whereas stained cells and nuclei transmit most red light.
+    fg &= ~(cv2.resize(od[..., 0], wh, interpolation=cv2.INTER_NEAREST) > 1.5)
+    # Cut thin bridges between cells.
+    k = max(1, int(round(d / 12)))
+    se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
+    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, se).astype(bool)
+
+    dt = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
+    dts = cv2.GaussianBlur(dt, (0, 0), max(0.5, d / 20.0))
+    comp, ncomp = ndi.label(fg)
+    peaks = peak_local_max(
+        dts,
+        min_distance=max(2, int(round(min_marker_distance_frac * d))),
+        threshold_abs=0.3 * r,
+        labels=comp,
+        exclude_border=False,
+    )
+    markers = np.zeros(fg.shape, np.int32)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    seg = watershed(-dts, markers, mask=fg).astype(np.int32)
+
+    if split_clumps:
+        seg = _split_clumps(seg, cell_area, max_area_frac)
+
+    # --- per-segment filtering -------------------------------------------------------------
+    n = int(seg.max())
+    areas = np.bincount(seg.ravel(), minlength=n + 1).astype(np.float64)
+    keep = np.ones(n + 1, bool)
+    keep[0] = False
+    objs = ndi.find_objects(seg)
+    border = np.zeros(n + 1, bool)
+    for i, sl in enumerate(objs, start=1):
+        if sl is None:
+            keep[i] = False
+            continue
+        border[i] = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop >= fg.shape[0] or sl[1].stop >= fg.shape[1]
+    min_a = min_area_frac * cell_area
+    too_small = areas < np.where(border, 0.5 * min_a, min_a)
+    too_big = areas > max_area_frac * cell_area
+    keep &= ~too_small & ~too_big
+
+    wbc_boxes: list[tuple[int, int, int, int]] = []
+    n_wbc_segments = 0
+    if exclude_wbc and keep.any():
+        sig = max(0.5, d / 30.0)
+        red = cv2.GaussianBlur(odw[..., 0], (0, 0), sig)
+        green = cv2.GaussianBlur(odw[..., 1], (0, 0), sig)
+        inside = keep[seg]
+        ref_red = float(np.percentile(red[inside], 99)) if inside.any() else 0.5
+        ref_green = float(np.median(green[inside])) if inside.any() else 0.5
+        # Nuclei: far more green absorption than a red cell of this field (grey/pink stains),
+        # or more red absorption (deep-magenta stains, where red cells already absorb most
+        # green light). Purple chromatin absorbs green more than red; neutral black marks
+        # (scale bars, text burned into the image) absorb both equally and are not nuclei.
+        nuc = ((green > ref_green + wbc_green_od_margin) | (red > ref_red + wbc_red_od_margin)) & (
+            green > 1.25 * red
+        )
+        nuc = cv2.morphologyEx(nuc.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        nlab, nn = ndi.label(nuc)
+        if nn:
+            nsz = np.bincount(nlab.ravel())
+            big = nsz >= wbc_nucleus_min_frac * cell_area
+            big[0] = False
+            if big.any():
+                # Group nucleus lobes of one WBC; dilate to cover the cytoplasm.
+                kk = max(1, int(round(0.3 * d)))
+                se2 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kk + 1, 2 * kk + 1))
+                wbc = cv2.dilate(big[nlab].astype(np.uint8), se2).astype(bool)
+                overlap = np.bincount(seg[wbc].ravel(), minlength=n + 1)
+                hit = overlap >= 0.2 * np.maximum(areas, 1)
+                hit[0] = False
+                n_wbc_segments = int((hit & keep).sum())
+                keep &= ~hit
+                wl, nw = ndi.label(wbc)
+                for sl in ndi.find_objects(wl):
+                    if sl is None:
+                        continue
+                    y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+                    wbc_boxes.append(
+                        (
+                            int(x0 / scale_x),
+                            int(y0 / scale_y),
+                            int(round((x1 - x0) / scale_x)),
+                            int(round((y1 - y0) / scale_y)),
+                        )
+                    )
+
+    n_excluded = int((~keep[1:]).sum()) - n_wbc_segments
+    relabel = np.zeros(n + 1, np.int32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    segk = relabel[seg]
+
+    # --- back to full resolution -----------------------------------------------------------
+    if segk.shape != (h, w):
+        lab_full = cv2.resize(segk, (w, h), interpolation=cv2.INTER_NEAREST)
+        fgf = cv2.resize((segk > 0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+        lab_full = np.where(fgf, lab_full, 0).astype(np.int32)
+    else:
+        lab_full = segk
+    logger.debug(
+        "segment_field: %dx%d, diameter %.1f px (%s), %d cells, %d WBC, %d excluded, otsu %.3f",
+        w, h, diam, "estimated" if estimated else "given", int(keep.sum()), len(wbc_boxes), n_excluded, thr,
+    )
+    return Segmentation(lab_full, diam, estimated, float(scale), wbc_boxes, max(0, n_excluded))
+
+
+def _split_clumps(seg: np.ndarray, cell_area: float, max_area_frac: float, max_cells: int = 12) -> np.ndarray:
+    """Split over-large segments into k compact parts (k-means on pixel coordinates)."""
+    import cv2
+    from scipy import ndimage as ndi
+
+    n = int(seg.max())
+    if n == 0:
+        return seg
+    areas = np.bincount(seg.ravel(), minlength=n + 1)
+    big = [i for i in range(1, n + 1) if max_area_frac * cell_area < areas[i] <= max_cells * cell_area]
+    if not big:
+        return seg
+    seg = seg.copy()
+    objs = ndi.find_objects(seg)
+    nxt = n + 1
+    crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+    for i in big:
+        sl = objs[i - 1]
+        m = seg[sl] == i
+        ys, xs = np.nonzero(m)
+        k = max(2, int(round(areas[i] / (0.9 * cell_area))))
+        pts = np.stack([xs, ys], 1).astype(np.float32)
+        cv2.setRNGSeed(0)
+        _, lab, _ = cv2.kmeans(pts, k, None, crit, 2, cv2.KMEANS_PP_CENTERS)
+        lab = lab.ravel()
+        sub = seg[sl]
+        for j in range(1, k):
+            sel = lab == j
+            sub[ys[sel], xs[sel]] = nxt
+            nxt += 1
+    return seg
+
+
+def segment_cells(
+    rgb: np.ndarray,
+    *,
+    pixel_size_um: float | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """Segment red blood cells; label image only (see :func:`segment_field`).
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 RGB field.
+    pixel_size_um : float, optional
+        µm per px at the specimen; estimated from the RBC size if not given.
+    **kwargs
+        Passed to :func:`segment_field`.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` int32 label image: 0 background/excluded, 1..N red blood cells.
+
+    Raises
+    ------
+    ValueError
+        If ``rgb`` is not ``(H, W, 3)``.
+    """
+    return segment_field(rgb, pixel_size_um=pixel_size_um, **kwargs).labels
+
+
+def cell_properties(labels: np.ndarray, *, border_margin_px: int = 1) -> list[CellProps]:
+    """Per-cell bounding box, area, centroid and border flag of a label image.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        ``(H, W)`` integer label image (0 = background).
+    border_margin_px : int
+        A cell whose mask comes within this many px of the image edge is flagged ``border``.
+
+    Returns
+    -------
+    list of CellProps
+        One entry per present label, ordered by label id.
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` is not 2-D.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must have shape (H, W), got {labels.shape}")
+    h, w = labels.shape
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return []
+    objs = ndi.find_objects(labels.astype(np.int32, copy=False))
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    ys, xs = np.indices((h, w), sparse=True)
+    sum_x = np.bincount(labels.ravel(), weights=np.broadcast_to(xs, (h, w)).ravel(), minlength=n + 1)
+    sum_y = np.bincount(labels.ravel(), weights=np.broadcast_to(ys, (h, w)).ravel(), minlength=n + 1)
+    out = []
+    m = border_margin_px
+    for i, sl in enumerate(objs, start=1):
+        if sl is None:
+            continue
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        border = y0 < m or x0 < m or y1 > h - m or x1 > w - m
+        a = int(areas[i])
+        out.append(
+            CellProps(
+                id=i,
+                bbox=(int(x0), int(y0), int(x1 - x0), int(y1 - y0)),
+                area_px=a,
+                centroid=(float(sum_x[i] / a), float(sum_y[i] / a)),
+                border=bool(border),
+            )
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Training: the Lightning system (:mod:`.module`) and one run (:mod:`.run`)."""

@@ -1,0 +1,329 @@
+"""One training run: data -> patient-level split -> Lightning fit -> run folder.
+
+The run folder holds everything needed to use, audit or resume the model:
+
+- ``config.json``: :class:`~malaria_screen.config.TrainConfig` (architecture, input size, mean/std
+  of training patients, class names, threshold, optimiser settings);
+- ``weights.safetensors``: the best-validation-loss network weights (no pickle);
+- ``split.json``: patients and files per split, checked leak-free;
+- ``checkpoints/last.ckpt`` and ``checkpoints/best*.ckpt``: Lightning checkpoints, for ``--resume``;
+- ``tb/`` (TensorBoard) and ``csv/`` (CSV) logs; ``samples_grid.png``; ``training_curves.png``.
+
+Evaluation on the test patients is a separate step (``malaria_screen.evaluation``), which the CLI
+runs right after training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from malaria_screen.config import TrainConfig
+from malaria_screen.data.dataset import CellSet, load_cell_set
+from malaria_screen.data.split import SplitIndices, check_leak_free, patient_split, split_manifest
+from malaria_screen.fileio import atomic_write_json
+from malaria_screen.models.registry import build_model
+from malaria_screen.plotting import save_cell_grid, save_training_curves
+
+__all__ = ["train", "TrainResult", "save_weights", "load_weights", "split_from_manifest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` produced.
+
+    Attributes
+    ----------
+    run_dir : Path
+    config : TrainConfig
+    cells : CellSet
+        The decoded dataset (for evaluation without decoding again).
+    split : SplitIndices
+    seconds : float
+        Wall time of ``Trainer.fit``, seconds.
+    epochs_run : int
+    is_global_zero : bool
+        False in the other processes of a multi-process (DDP) run, which write no files.
+    """
+
+    run_dir: Path
+    config: TrainConfig
+    cells: CellSet
+    split: SplitIndices
+    seconds: float
+    epochs_run: int
+    is_global_zero: bool = True
+
+
+def save_weights(net: torch.nn.Module, path: str | Path) -> Path:
+    """Save a network's ``state_dict`` as safetensors (atomic; tensors made contiguous)."""
+    from safetensors.torch import save
+
+    from malaria_screen.fileio import atomic_write_bytes
+
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return atomic_write_bytes(path, save(state))
+
+
+def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load safetensors weights into ``net`` (strict) and return it in eval mode.
+
+    Raises
+    ------
+    RuntimeError
+        If keys or shapes do not match the architecture.
+    """
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(path)), strict=True)
+    return net.eval()
+
+
+def split_from_manifest(manifest: dict, relpaths: list[str]) -> SplitIndices:
+    """Indices of a saved split in the current cell list (files missing now are dropped)."""
+    pos = {rp: i for i, rp in enumerate(relpaths)}
+    parts = {}
+    for name in ("train", "val", "test"):
+        files = manifest["splits"].get(name, {}).get("files", [])
+        parts[name] = np.asarray(sorted(pos[f] for f in files if f in pos), dtype=np.int64)
+    return SplitIndices(**parts)
+
+
+def _history_from_csv(csv_dir: Path) -> dict[str, list[float]]:
+    files = sorted(csv_dir.glob("**/metrics.csv"))
+    if not files:
+        return {}
+    per_epoch: dict[int, dict[str, float]] = {}
+    with open(files[-1], newline="") as fh:
+        for row in csv.DictReader(fh):
+            if not row.get("epoch"):
+                continue
+            e = int(float(row["epoch"]))
+            for k, v in row.items():
+                if k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc") and v not in ("", None):
+                    per_epoch.setdefault(e, {})[k] = float(v)
+    if not per_epoch:
+        return {}
+    n = max(per_epoch) + 1
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc")
+    return {k: [per_epoch.get(e, {}).get(k, math.nan) for e in range(n)] for k in keys}
+
+
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    groups_csv: str | Path | None = None,
+    group_per_image: bool = False,
+    cache_dir: str | Path | None = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    precision: str | None = None,
+    progress: bool = True,
+    limit_train_batches: float | int | None = None,
+    cells: CellSet | None = None,
+    split: SplitIndices | None = None,
+) -> TrainResult:
+    """Train a cell classifier on an NIH-layout folder with a patient-level split.
+
+    Parameters
+    ----------
+    data_dir : path
+        ``<data_dir>/<ClassName>/*`` images.
+    out_dir : path
+        Run folder (created). With ``resume=True`` it must hold an earlier run's
+        ``config.json``, ``split.json`` and ``checkpoints/last.ckpt``.
+    config : TrainConfig, optional
+        Hyper-parameters; ``class_names``, ``mean`` and ``std`` are filled from the data.
+        Ignored on resume (the saved one is used).
+    resume : bool, default=False
+        Continue a killed run from ``checkpoints/last.ckpt`` (same split, same config).
+    groups_csv, group_per_image :
+        Patient grouping for non-NIH names (see :func:`malaria_screen.data.load_cell_set`).
+    cache_dir : path, optional
+        Cell store folder.
+    accelerator, devices, strategy, precision :
+        Passed to :class:`lightning.Trainer` (``devices=2, strategy="ddp"`` for data-parallel).
+    progress : bool, default=True
+    limit_train_batches : float or int, optional
+        Passed to the Trainer (short smoke runs).
+    cells : CellSet, optional
+        Already decoded cells of ``data_dir`` at ``config.input_size`` (cross-validation and
+        model comparison decode once); default: :func:`load_cell_set`.
+    split : SplitIndices, optional
+        A patient-level split of ``cells`` to use instead of :func:`patient_split` (checked
+        leak-free); e.g. one fold of :func:`~malaria_screen.data.split.patient_folds`.
+
+    Only the global-zero process writes files (``config.json``, ``split.json``, plots, weights);
+    with ``strategy="ddp"`` Lightning starts the other processes by running the same command
+    again, and they write nothing.
+
+    Transfer learning comes from ``config``: ``pretrained_weights`` initialises the model
+    (passed to the builder as ``weights``), ``freeze_backbone``, ``backbone_lr_scale`` and
+    ``unfreeze_at_epoch`` go to :class:`~malaria_screen.training.module.CellClassifier`.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    FileNotFoundError
+        On resume without a checkpoint.
+    ValueError
+        If the split leaks patients or the data cannot be grouped; if ``pretrained_weights`` is
+        set for a model that takes no weights; if gradual unfreezing is combined with DDP.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from malaria_screen.data.datamodule import CellDataModule, channel_stats
+    from malaria_screen.training.module import CellClassifier
+
+    # Lightning's DDP launcher re-runs the command with LOCAL_RANK/RANK set: known before the
+    # Trainer exists, so the other ranks can keep their hands off the run folder from the start.
+    is_zero = getattr(rank_zero_only, "rank", 0) == 0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    last_ckpt = ckpt_dir / "last.ckpt"
+
+    if resume:
+        if not last_ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last_ckpt}")
+        cfg = TrainConfig.from_json(out / "config.json")
+        manifest = json.loads((out / "split.json").read_text())
+        check_leak_free(manifest)
+        if cells is None:
+            cells = load_cell_set(data_dir, size_px=cfg.input_size, cache_dir=cache_dir, groups_csv=groups_csv,
+                                  group_per_image=group_per_image, progress=progress)
+        split = split_from_manifest(manifest, cells.relpaths)
+        log.info("resuming %s from %s", out, last_ckpt)
+    else:
+        cfg = config or TrainConfig()
+        if cells is None:
+            cells = load_cell_set(data_dir, size_px=cfg.input_size, cache_dir=cache_dir, groups_csv=groups_csv,
+                                  group_per_image=group_per_image, progress=progress)
+        elif cells.size_px != cfg.input_size:
+            raise ValueError(f"cells are {cells.size_px} px but config.input_size is {cfg.input_size}")
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if split is None:
+            split = patient_split(cells.labels, cells.patients, val_fraction=cfg.val_fraction,
+                                  test_fraction=cfg.test_fraction, seed=cfg.seed)
+        manifest = split_manifest(split, patients=cells.patients, relpaths=cells.relpaths, labels=cells.labels,
+                                  class_names=cells.class_names, seed=cfg.seed)
+        check_leak_free(manifest)
+        mean, std = channel_stats(cells.images[split.train])
+        cfg = cfg.replace(class_names=tuple(cells.class_names), mean=mean, std=std)
+        if is_zero:
+            atomic_write_json(out / "split.json", manifest)
+            cfg.to_json(out / "config.json")
+            _save_sample_grid(cells, split, out / "samples_grid.png", seed=cfg.seed)
+
+    if cfg.unfreeze_at_epoch is not None and "ddp" in str(strategy):
+        raise ValueError("gradual unfreezing (unfreeze_at_epoch) is not supported with DDP: parameters unfrozen "
+                         "after DDP starts are not synchronised; freeze for good or fine-tune from the start")
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # On resume the checkpoint holds every weight: the pretrained file is not read again.
+    weights = None if resume else cfg.pretrained_weights
+    net = _build_net(cfg, weights)
+    pos = cfg.positive_index if cfg.positive_index is not None else 0
+    system = CellClassifier(net, num_classes=cfg.num_classes, positive_index=pos, optimizer=cfg.optimizer, lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing,
+                            freeze_backbone=cfg.freeze_backbone, backbone_lr_scale=cfg.backbone_lr_scale,
+                            unfreeze_at_epoch=cfg.unfreeze_at_epoch)
+    dm = CellDataModule(cells, split, cfg.mean, cfg.std, batch_size=cfg.batch_size, augment=cfg.augment,
+                        num_workers=cfg.num_workers, seed=cfg.seed)
+
+    has_val = len(split.val) > 0
+    monitor = "val_loss" if has_val else "train_loss"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True, save_top_k=1),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if cfg.early_stopping_patience > 0 and has_val:
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience))
+    trainer = L.Trainer(
+        default_root_dir=out,
+        max_epochs=cfg.epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        gradient_clip_val=cfg.grad_clip or None,
+        gradient_clip_algorithm="value",
+        callbacks=callbacks,
+        logger=[TensorBoardLogger(out, name="tb", version=0), CSVLogger(out, name="csv", version=0)],
+        enable_progress_bar=progress,
+        enable_model_summary=progress,
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+        limit_train_batches=limit_train_batches,
+        deterministic=False,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(system, datamodule=dm, ckpt_path=str(last_ckpt) if resume else None, weights_only=True if resume else None)
+    seconds = time.perf_counter() - t0
+
+    if trainer.is_global_zero:
+        best = callbacks[0].best_model_path or str(last_ckpt)
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+        save_weights(net, out / "weights.safetensors")
+        hist = _history_from_csv(out / "csv")
+        if hist:
+            save_training_curves(hist, out / "training_curves.png")
+        atomic_write_json(out / "train_info.json", {
+            "fit_seconds": round(seconds, 2),
+            "epochs_run": int(trainer.current_epoch),
+            "best_checkpoint": Path(best).name,
+            "best_score": float(callbacks[0].best_model_score) if callbacks[0].best_model_score is not None else None,
+            "monitor": monitor,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        })
+    return TrainResult(run_dir=out, config=cfg, cells=cells, split=split, seconds=seconds, epochs_run=int(trainer.current_epoch),
+                       is_global_zero=bool(trainer.is_global_zero))
+
+
+def _build_net(cfg: TrainConfig, weights: str | None) -> torch.nn.Module:
+    """Build ``cfg.model``, passing ``weights`` only when set (builders without it still work).
+
+    Raises
+    ------
+    ValueError
+        If ``weights`` is set and the model's builder takes no ``weights`` argument.
+    """
+    kw: dict = dict(num_classes=cfg.num_classes, input_size=cfg.input_size, in_chans=cfg.channels)
+    if weights is None:
+        return build_model(cfg.model, **kw)
+    try:
+        return build_model(cfg.model, weights=weights, **kw)
+    except TypeError as exc:
+        if "weights" in str(exc):
+            raise ValueError(f"model {cfg.model!r} takes no pretrained weights (pretrained_weights={weights!r})") from exc
+        raise
+
+
+def _save_sample_grid(cells: CellSet, split: SplitIndices, path: Path, *, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(split.train, size=min(16, len(split.train)), replace=False)
+    titles = [f"{cells.class_names[cells.labels[i]]}\n{cells.patients[i]}" for i in idx]
+    save_cell_grid(cells.images[idx], titles, path)

@@ -1,0 +1,91 @@
+"""Web app: the handler classifies and explains; in real headless Chromium an upload shows its result
+and the page requests nothing off-host."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytest.importorskip("gradio")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_classify_files_explains_and_writes_csv(random_run, sample_pngs, tmp_path):
+    from malaria_screen.app import classify_files
+    from malaria_screen.inference import Predictor
+
+    pt = Predictor.from_dir(random_run)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    summary, gallery, table, csv_path = classify_files(pt, [str(p) for p in sample_pngs[:3]] + [str(bad)], out_dir=tmp_path / "o")
+    ref = list(pt.predict_files(sample_pngs[:3]))
+    n_par = sum(r.label == "Parasitized" for r in ref)
+    assert f"3 cells classified: {n_par} Parasitized" in summary and "1 file(s) failed" in summary
+    assert len(gallery) == 3 and gallery[0][0].shape == (160, 320, 3)  # cell | Grad-CAM overlay
+    assert [row[1] for row in table[:3]] == [r.label for r in ref] and table[3][3]
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["file"] for r in rows] == [p.name for p in sample_pngs[:3]] + ["notes.png"]
+
+
+def test_onnx_model_runs_without_overlays(onnx_fp32, sample_pngs, tmp_path):
+    from malaria_screen.app import classify_files
+    from malaria_screen.inference import OnnxPredictor
+
+    summary, gallery, table, _ = classify_files(OnnxPredictor.from_file(onnx_fp32), [str(sample_pngs[0])], out_dir=tmp_path)
+    assert "1 cells classified" in summary and "PyTorch" in summary
+    assert gallery[0][0].shape == (160, 160, 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.browser
+def test_upload_in_headless_chromium_shows_result_offline(random_run, sample_pngs, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium not installed (/usr/bin/chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from malaria_screen.app import launch
+    from malaria_screen.inference import Predictor
+
+    pt = Predictor.from_dir(random_run)
+    sample = next(p for p in sample_pngs if p.parent.name == "Parasitized")
+    expected = next(pt.predict_files([sample])).label
+    port = _free_port()
+    demo = launch(pt, host="127.0.0.1", port=port, prevent_thread_lock=True, work_dir=tmp_path / "work")
+    off_host: list[str] = []
+    all_requests: list[str] = []
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            page.on("request", lambda req: all_requests.append(req.url))
+            page.on("request", lambda req: off_host.append(req.url)
+                    if urlparse(req.url).hostname not in ("127.0.0.1", "localhost", None) and not req.url.startswith(("data:", "blob:"))
+                    else None)
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle", timeout=60_000)
+            page.locator("#cell-files input[type=file]").set_input_files(str(sample))
+            summary = page.locator("#summary")
+            summary.get_by_text("cells classified").wait_for(timeout=60_000)
+            text = summary.inner_text()
+            assert "1 cells classified" in text
+            assert f"{1 if expected == 'Parasitized' else 0} Parasitized" in text
+            assert page.locator("#results").get_by_text(sample.name).count() >= 1
+            assert page.locator("#gallery img").count() >= 1
+            page.wait_for_load_state("networkidle")
+            browser.close()
+    finally:
+        demo.close()
+    assert len(all_requests) > 5  # the listener saw the page load its scripts, styles and fonts
+    assert off_host == [], f"the page requested off-host resources: {off_host}"

@@ -1,0 +1,87 @@
+"""CLI: export, predict/evaluate with the ONNX back-end, explain, bench-infer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def cli():
+    from malaria_screen.cli import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_export_int8_prints_side_by_side_and_writes_report(cli, random_run, nih_dir, tmp_path):
+    out = tmp_path / "m.int8.onnx"
+    r = cli("export", "--model", random_run, "--format", "onnx", "--int8", "--out", out, "--data", nih_dir,
+            "--calibration-cells", 64)
+    assert r.exit_code == 0, r.output
+    for word in ("torch", "onnx-fp32", "onnx-int8", "ROC-AUC", "3 patients"):
+        assert word in r.output
+    rep = json.loads((tmp_path / "m.int8.report.json").read_text())
+    assert rep["precision"] == "int8-qdq" and rep["parity"]["max_abs_diff"] <= 1e-4
+    assert rep["calibration"]["n_patients"] == 6 and rep["test_set"]["n_patients"] == 3
+    assert cli("export", "--model", random_run, "--format", "tflite", "--out", out).exit_code != 0
+    assert cli("export", "--model", random_run, "--out", tmp_path / "m.pt").exit_code != 0
+
+
+def test_predict_and_evaluate_with_onnx_backend(cli, random_run, onnx_fp32, sample_pngs, nih_dir, tmp_path):
+    out = tmp_path / "p.csv"
+    r = cli("predict", *sample_pngs[:6], "--model", onnx_fp32, "--backend", "onnx", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    rows_onnx = list(csv.DictReader(out.open()))
+    r = cli("predict", *sample_pngs[:6], "--model", random_run, "--backend", "torch", "--out", tmp_path / "t.csv", "--quiet")
+    rows_torch = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert [x["label"] for x in rows_onnx] == [x["label"] for x in rows_torch]
+    assert cli("predict", sample_pngs[0], "--model", onnx_fp32, "--backend", "torch", "--out", out).exit_code != 0
+    # evaluate: a tiny NIH-layout folder with 2 training and 2 test patients' cells; the ONNX
+    # model carries its split's patients and leaves the training ones out
+    split = json.loads((random_run / "split.json").read_text())["splits"]
+    data = tmp_path / "nih"
+    files = split["train"]["files"][:48] + split["test"]["files"][:48]
+    for rel in files:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(nih_dir / rel, data / rel)
+    r = cli("evaluate", data, "--model", onnx_fp32, "--out", tmp_path / "ev", "--n-boot", 20,
+            "--cache-dir", tmp_path / "cache", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "left out 48 cells" in r.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n_cells"] == 48 and m["backend"] == "onnx"
+
+
+def test_explain_writes_overlays_and_survives_bad_files(cli, random_run, sample_pngs, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "cams"
+    r = cli("explain", sample_pngs[0], sample_pngs[-1], bad, "--model", random_run, "--out", out)
+    assert r.exit_code == 1  # one file failed
+    rows = list(csv.DictReader((out / "explanations.csv").open()))
+    assert len(rows) == 3 and rows[2]["error"] and not rows[0]["error"]
+    from PIL import Image
+
+    from malaria_screen.data.io import decode_image
+
+    ov = Image.open(out / rows[0]["overlay"])
+    assert ov.size[::-1] == decode_image(sample_pngs[0]).shape[:2]
+    assert cli("explain", sample_pngs[0], "--model", random_run, "--out", out, "--class", "Nope").exit_code != 0
+
+
+def test_bench_infer_prints_table(cli, random_run, onnx_fp32, nih_dir, tmp_path):
+    r = cli("bench-infer", nih_dir, "--model", random_run, "--fp32", onnx_fp32, "--backends", "torch,onnx-fp32",
+            "--n-files", 48, "--batch", 1, "--batch", 16, "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert {(x["backend"], x["batch"]) for x in res["rows"]} == {("torch", 1), ("torch", 16), ("onnx-fp32", 1), ("onnx-fp32", 16)}
+    assert all(x["end_to_end"] > 0 and x["decode"] > 0 and x["infer"] > 0 and x["ceiling_ratio"] > 0 for x in res["rows"])
+    assert "matmul ceiling" in r.output

@@ -1,0 +1,96 @@
+"""ONNX export: graph validity, metadata, dynamic batch, fp32 parity with torch, int8 quantisation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _meta(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_fp32_graph_is_valid_with_config_metadata_and_uint8_nhwc_input(onnx_fp32, random_run):
+    model = onnx.load(str(onnx_fp32))
+    onnx.checker.check_model(model, full_check=True)
+    inp = model.graph.input[0]
+    assert inp.name == "cells"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["N", 64, 64, 3]
+    meta = _meta(onnx_fp32)
+    cfg = json.loads(meta["malaria_screen.config"])
+    assert cfg == json.loads((random_run / "config.json").read_text())
+    assert meta["malaria_screen.precision"] == "fp32"
+    seen = json.loads(meta["malaria_screen.seen_patients"])
+    assert set(seen["train"]) == set(json.loads((random_run / "split.json").read_text())["splits"]["train"]["patients"])
+
+
+def test_fp32_matches_torch_on_real_cells_at_any_batch(onnx_fp32, random_run, real_cells):
+    from malaria_screen.inference import OnnxPredictor, Predictor
+
+    pt, ox = Predictor.from_dir(random_run), OnnxPredictor.from_file(onnx_fp32)
+    p_t = pt.predict_proba_prepared(real_cells)
+    assert p_t[:, 0].std() > 1e-3  # the random model does not output a constant
+    for bs in (1, 7, 256):
+        ox.batch_size = bs
+        np.testing.assert_allclose(ox.predict_proba_prepared(real_cells), p_t, atol=1e-4, rtol=0)
+
+
+def test_int8_is_smaller_records_calibration_and_agrees(onnx_fp32, onnx_int8, random_run, real_cells):
+    from malaria_screen.inference import OnnxPredictor
+
+    assert onnx_int8.stat().st_size < 0.5 * onnx_fp32.stat().st_size
+    meta = _meta(onnx_int8)
+    assert meta["malaria_screen.precision"] == "int8-qdq"
+    q = json.loads(meta["malaria_screen.quantization"])
+    assert q["calibration_cells"] == 96 and q["n_patients"] >= 2
+    ops = {n.op_type for n in onnx.load(str(onnx_int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "Softmax" in ops
+    p32 = OnnxPredictor.from_file(onnx_fp32).predict_proba_prepared(real_cells)[:, 0]
+    p8 = OnnxPredictor.from_file(onnx_int8).predict_proba_prepared(real_cells)[:, 0]
+    # a random network's logit is a small difference of large activations, so int8 error is
+    # amplified here; the accuracy target is checked on the trained model below
+    assert np.corrcoef(p8, p32)[0, 1] > 0.9, np.corrcoef(p8, p32)[0, 1]
+
+
+def test_quantize_rejects_wrong_cells(onnx_fp32, tmp_path):
+    from malaria_screen.export import quantize_int8
+
+    with pytest.raises(ValueError, match="calibration cells"):
+        quantize_int8(onnx_fp32, tmp_path / "x.onnx", np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="quant_format"):
+        quantize_int8(onnx_fp32, tmp_path / "x.onnx", np.zeros((4, 64, 64, 3), np.uint8), quant_format="fp8")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int8_export_needs_real_calibration_data(random_run, tmp_path):
+    from malaria_screen.export.pipeline import export_model
+
+    with pytest.raises(FileNotFoundError, match="calibration"):
+        export_model(random_run, tmp_path / "m.int8.onnx", int8=True, data_dir=tmp_path / "nowhere")
+    assert not (tmp_path / "m.int8.onnx").exists()
+
+
+@pytest.mark.slow
+def test_default_model_int8_meets_targets_on_test_patients(default_model_dir, nih_dir, tmp_path):
+    """Issue 3 targets, on the bundled model's own test patients: fp32 within 1e-4 of torch,
+    int8 loses <= 0.5 accuracy points, int8 file <= 200 KB."""
+    from malaria_screen.export.pipeline import export_model, report_path
+
+    out = tmp_path / "default.int8.onnx"
+    rep = export_model(default_model_dir, out, int8=True, data_dir=nih_dir)
+    assert rep["parity"]["max_abs_diff"] <= 1e-4 and rep["parity"]["cells"] == "test patients"
+    rows = {r["backend"]: r for r in rep["test"]}
+    assert rows["onnx-fp32"]["max_abs_diff"] <= 1e-4
+    assert rows["onnx-int8"]["accuracy_delta_points"] >= -0.5
+    assert rows["onnx-int8"]["roc_auc"] >= rows["torch"]["roc_auc"] - 0.005
+    assert out.stat().st_size <= 200 * 1024
+    assert rep["test_set"]["n_patients"] >= 10 and rep["calibration"]["n_patients"] >= 10
+    assert json.loads(report_path(out).read_text())["test"] == json.loads(json.dumps(rep["test"]))
+    assert "malaria_screen.export_check" in _meta(out)

@@ -1,0 +1,92 @@
+"""OnnxPredictor has Predictor's interface and answers; load_model dispatches on the path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+
+def test_same_interface_and_results_as_torch(random_run, onnx_fp32, sample_pngs, tmp_path):
+    from malaria_screen.inference import OnnxPredictor, Predictor
+
+    pt, ox = Predictor.from_dir(random_run), OnnxPredictor.from_file(onnx_fp32)
+    for attr in ("input_size", "threshold", "class_names", "positive_index", "metrics"):
+        assert getattr(ox, attr) == getattr(pt, attr), attr
+    assert ox.source == str(onnx_fp32) and ox.backend == "onnx" and pt.backend == "torch"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(sample_pngs[0].read_bytes()[:200])  # truncated PNG
+    files = [sample_pngs[0], bad, tmp_path / "missing.png", *sample_pngs[1:]]
+    r_t = list(pt.predict_files(files, chunk=5, workers=2))
+    r_o = list(ox.predict_files(files, chunk=5, workers=2))
+    assert [r.path for r in r_o] == [str(f) for f in files]
+    assert r_o[1].error and ("truncated" in r_o[1].error.lower() or "corrupt" in r_o[1].error.lower())
+    assert r_o[2].error and "no such file" in r_o[2].error
+    ok = [i for i, r in enumerate(r_t) if r.error is None]
+    assert len(ok) == len(sample_pngs)
+    assert [r_o[i].label for i in ok] == [r_t[i].label for i in ok]
+    np.testing.assert_allclose([r_o[i].p_parasitized for i in ok], [r_t[i].p_parasitized for i in ok], atol=1e-4)
+    p1 = ox.predict(sample_pngs[0])
+    assert p1.shape == (1,) and abs(p1[0] - r_t[0].p_parasitized) < 1e-4
+    assert ox.label_of(np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)) == ["Parasitized", "Uninfected"]
+    with pytest.raises(ValueError, match="expected"):
+        ox.predict_proba_prepared(np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_load_model_dispatch(random_run, onnx_fp32, tmp_path):
+    from malaria_screen.inference import OnnxPredictor, Predictor, load_model
+
+    assert isinstance(load_model(onnx_fp32), OnnxPredictor)
+    assert isinstance(load_model(random_run), Predictor)
+    with pytest.raises(ValueError, match="ONNX"):
+        load_model(onnx_fp32, backend="torch")
+    with pytest.raises(FileNotFoundError, match="no ONNX model"):
+        load_model(random_run, backend="onnx")
+    with pytest.raises(ValueError, match="backend"):
+        load_model(random_run, backend="tensorflow")
+    (tmp_path / "model.onnx").write_bytes(onnx_fp32.read_bytes())
+    assert isinstance(load_model(tmp_path, backend="onnx"), OnnxPredictor)
+
+
+def test_rejects_foreign_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from malaria_screen.inference import OnnxPredictor
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    p = tmp_path / "foreign.onnx"
+    p.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString())
+    with pytest.raises(ValueError, match="not exported by"):
+        OnnxPredictor.from_file(p)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="cannot load"):
+        OnnxPredictor.from_file(tmp_path / "junk.onnx")
+
+
+def test_fast_decoder_gives_pillow_pixels_and_pillow_errors(nih_dir, sample_pngs, tmp_path):
+    from PIL import Image
+
+    from malaria_screen.data.io import ImageDecodeError, decode_image
+    from malaria_screen.inference.base import decode_fast
+
+    webps = sorted((nih_dir / "Parasitized").iterdir())[:40] + sorted((nih_dir / "Uninfected").iterdir())[:40]
+    rgba = tmp_path / "rgba.png"
+    arr = np.asarray(Image.open(sample_pngs[0]).convert("RGBA")).copy()
+    arr[::3, ::2, 3] = 77
+    Image.fromarray(arr).save(rgba)
+    pal = tmp_path / "pal.png"
+    Image.open(sample_pngs[1]).convert("P").save(pal, transparency=0)
+    for f in [*webps, *sample_pngs, rgba, pal]:
+        np.testing.assert_array_equal(decode_fast(f), decode_image(f), err_msg=str(f))
+        np.testing.assert_array_equal(decode_fast(f.read_bytes()), decode_image(f), err_msg=str(f))
+    cut = tmp_path / "cut.webp"
+    cut.write_bytes(webps[0].read_bytes()[:150])
+    for bad in (cut, tmp_path / "missing.png"):
+        with pytest.raises(ImageDecodeError):
+            decode_fast(bad)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_fast(webps[0], max_pixels=100)

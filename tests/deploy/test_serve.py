@@ -1,0 +1,103 @@
+"""REST API: results equal the predictor's, limits answer 413/415/422, bad images get item errors."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def predictor(onnx_fp32):
+    from malaria_screen.inference import OnnxPredictor
+
+    return OnnxPredictor.from_file(onnx_fp32)
+
+
+def _client(predictor, **limits):
+    from fastapi.testclient import TestClient
+
+    from malaria_screen.serve import ServeLimits, create_app
+
+    return TestClient(create_app(predictor, ServeLimits(**limits)))
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_classify_matches_predictor_with_per_item_errors(predictor, sample_pngs):
+    c = _client(predictor)
+    parts = [("files", (p.name, p.read_bytes(), "image/png")) for p in sample_pngs[:5]]
+    parts.insert(2, ("files", ("notes.png", b"this is not an image", "image/png")))
+    parts.append(("files", ("cut.png", sample_pngs[0].read_bytes()[:300], "image/png")))
+    r = c.post("/v1/classify", files=parts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n_images"] == 7 and body["n_failed"] == 2
+    res = body["results"]
+    assert [x["filename"] for x in res] == [p[1][0] for p in parts]
+    assert res[2]["label"] is None and "not a recognised image" in res[2]["error"]
+    assert res[6]["label"] is None and res[6]["error"]
+    ref = list(predictor.predict_files(sample_pngs[:5]))
+    got = [x for x in res if x["error"] is None]
+    assert [x["label"] for x in got] == [x.label for x in ref]
+    np.testing.assert_allclose([x["p_parasitized"] for x in got], [x.p_parasitized for x in ref], atol=1e-5)
+    assert body["n_parasitized"] == sum(x.label == "Parasitized" for x in ref)
+
+
+def test_limits_and_status_codes(predictor, sample_pngs):
+    c = _client(predictor, max_images=3, max_file_bytes=50_000, max_request_bytes=200_000, max_pixels=200 * 200)
+    one = ("files", (sample_pngs[0].name, sample_pngs[0].read_bytes(), "image/png"))
+    r = c.post("/v1/classify", files=[one] * 4)
+    assert r.status_code == 413 and "more than 3 images" in r.json()["detail"]
+    r = c.post("/v1/classify", files=[("files", ("big.bin", b"\0" * 300_000, "application/octet-stream"))])
+    assert r.status_code == 413 and "200,000 bytes" in r.json()["detail"]
+    r = c.post("/v1/classify", content=b'{"image": "x"}', headers={"content-type": "application/json"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    r = c.post("/v1/classify", files=[("note", (None, b"hello"))])
+    assert r.status_code == 422 and "no image" in r.json()["detail"]
+    r = c.post("/v1/classify", content=b"--xyz\r\nbroken", headers={"content-type": "multipart/form-data; boundary=abc"})
+    assert r.status_code == 422
+    # per-item limits: bytes per file, pixels per image
+    rng = np.random.default_rng(0)
+    noisy = _png(rng.integers(0, 256, (150, 150, 3), dtype=np.uint8))  # ~67 kB > 50 kB
+    huge = _png(np.zeros((300, 300, 3), np.uint8))  # small file, 90,000 px > 40,000 px
+    r = c.post("/v1/classify", files=[one, ("files", ("noisy.png", noisy, "image/png")), ("files", ("huge.png", huge, "image/png"))])
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert res[0]["label"] is not None
+    assert "file too large" in res[1]["error"] and "50,000 bytes" in res[1]["error"]
+    assert "too large" in res[2]["error"] and "40,000" in res[2]["error"]
+
+
+def test_model_health_openapi(predictor):
+    c = _client(predictor)
+    assert c.get("/healthz").json() == {"status": "ok"}
+    m = c.get("/v1/model").json()
+    assert m["config"]["input_size"] == 64 and m["backend"] == "onnx" and m["limits"]["max_images"] == 256
+    spec = c.get("/openapi.json").json()
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["properties"]["files"]["items"]["format"] == "binary"
+    assert {"/healthz", "/v1/model"} <= set(spec["paths"])
+
+
+def test_writes_no_temporary_files(predictor, sample_pngs, tmp_path, monkeypatch):
+    """Starlette spools uploads over 1 MB to the temp folder; this API parses in memory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    c = _client(predictor)
+    big = _png(np.random.default_rng(1).integers(0, 256, (700, 700, 3), dtype=np.uint8))  # ~1.5 MB
+    assert len(big) > 1024 * 1024
+    r = c.post("/v1/classify", files=[("files", ("big.png", big, "image/png")),
+                                      ("files", (sample_pngs[0].name, sample_pngs[0].read_bytes(), "image/png"))])
+    assert r.status_code == 200 and r.json()["n_failed"] == 0
+    assert list(tmp_path.iterdir()) == []

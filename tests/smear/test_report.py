@@ -1,0 +1,114 @@
+"""run_smear outputs: per-field JSON schema, overlay, summary.json, offline report.html, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FakeModel, synthetic_field
+from malaria_screen.smear.report import run_smear
+
+FIELD_KEYS = {"image", "width", "height", "n_rbc", "n_infected", "parasitemia", "parasitemia_ci95", "cells"}
+CELL_KEYS = {"id", "bbox", "area_px", "p_parasitized", "label", "border"}
+
+
+def _check_field_json(doc: dict, width: int, height: int) -> None:
+    assert FIELD_KEYS <= set(doc)
+    assert doc["width"] == width and doc["height"] == height
+    assert doc["n_rbc"] == len([c for c in doc["cells"]]) or doc["n_rbc"] <= len(doc["cells"])
+    lo, hi = doc["parasitemia_ci95"]
+    assert 0.0 <= lo <= hi <= 1.0
+    if doc["parasitemia"] is not None:
+        assert 0.0 <= doc["parasitemia"] <= 1.0
+        assert doc["parasitemia"] == pytest.approx(doc["n_infected"] / doc["n_rbc"])
+    ids = set()
+    for c in doc["cells"]:
+        assert CELL_KEYS <= set(c)
+        x, y, w, h = c["bbox"]
+        assert all(isinstance(v, int) for v in c["bbox"])
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= width and y + h <= height
+        assert c["area_px"] > 0 and c["area_px"] <= w * h
+        assert isinstance(c["border"], bool)
+        assert c["label"] in ("Parasitized", "Uninfected")
+        assert 0.0 <= c["p_parasitized"] <= 1.0
+        ids.add(c["id"])
+    assert len(ids) == len(doc["cells"])
+
+
+def test_outputs_on_synthetic_and_corrupt(tmp_path):
+    img, _ = synthetic_field()
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(img).save(src / "good.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.txt").write_text("not an image, ignored by the folder scan")
+    out = tmp_path / "out"
+    summary = run_smear([src], out, FakeModel())
+
+    assert summary["n_fields"] == 1 and summary["n_failed"] == 2
+    assert {e["image"] for e in summary["errors"]} == {"broken.jpg", "empty.png"}
+    assert all(e["error"] for e in summary["errors"])
+    doc = json.loads((out / "good.json").read_text())
+    _check_field_json(doc, 300, 300)
+    assert doc["n_rbc"] == 6
+    ov = np.asarray(Image.open(out / "good_overlay.png"))
+    assert ov.shape == (300, 300, 3) and not np.array_equal(ov, img)
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["n_rbc"] == 6 and on_disk["n_failed"] == 2
+    assert on_disk["fields"][0]["json"] == "good.json"
+
+    html = (out / "report.html").read_text()
+    assert "<html" in html and "good.png" in html and "broken.jpg" in html
+    # offline: no external resources
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    assert "data:image/jpeg;base64," in html
+    # atomic writes leave no temporary files
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_missing_file_is_an_error_entry(tmp_path):
+    summary = run_smear([tmp_path / "nope.jpg"], tmp_path / "out", FakeModel())
+    assert summary["n_fields"] == 0 and summary["n_failed"] == 1
+    assert "nope.jpg" in summary["errors"][0]["error"]
+
+
+def test_same_stem_fields_do_not_overwrite(tmp_path):
+    img, _ = synthetic_field()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(img).save(tmp_path / "a" / "f.png")
+    Image.fromarray(img).save(tmp_path / "b" / "f.png")
+    s = run_smear([tmp_path / "a" / "f.png", tmp_path / "b" / "f.png"], tmp_path / "out", None)
+    assert sorted(f["json"] for f in s["fields"]) == ["f.json", "f_2.json"]
+    assert s["parasitemia"] is None and s["n_rbc"] == 12
+
+
+def test_real_chula_field_with_fake_model(tmp_path, chula_dir):
+    shutil.copy(chula_dir / "images" / "1.jpg", tmp_path / "1.jpg")
+    out = tmp_path / "out"
+    summary = run_smear([tmp_path / "1.jpg"], out, FakeModel())
+    doc = json.loads((out / "1.json").read_text())
+    _check_field_json(doc, 640, 480)
+    # 117 annotated red cells in this field
+    assert 100 <= doc["n_rbc"] <= 135
+    assert summary["n_rbc"] == doc["n_rbc"]
+
+
+def test_bundled_demo_field_screens():
+    from importlib import resources
+
+    demo = resources.files("malaria_screen") / "assets" / "demo_field"
+    field = demo / "chula_rbc_1.jpg"
+    assert field.is_file() and "MIT License" in (demo / "LICENSE").read_text()
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.screen import screen_field
+
+    res = screen_field(decode_image(str(field)), None)
+    assert 100 <= res.n_rbc <= 135

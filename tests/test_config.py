@@ -1,0 +1,25 @@
+import json
+
+import pytest
+
+from malaria_screen.config import TrainConfig
+
+
+def test_round_trip(tmp_path):
+    cfg = TrainConfig(model="bn_cnn", input_size=50, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), lr=1e-3, scheduler="plateau")
+    p = tmp_path / "config.json"
+    cfg.to_json(p)
+    back = TrainConfig.from_json(p)
+    assert back == cfg
+    assert json.loads(p.read_text())["class_names"] == ["Parasitized", "Uninfected"]
+    assert back.positive_index == 0 and back.num_classes == 2
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="scheduler"):
+        TrainConfig(scheduler="cosine")
+    with pytest.raises(ValueError, match="threshold"):
+        TrainConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({"modle": "x"})
+    assert TrainConfig(class_names=("a", "b", "c")).positive_index is None

@@ -1,0 +1,102 @@
+"""Integration: train a tiny run on real cells of a few patients, resume it, evaluate, predict."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_subset
+from malaria_screen.cli import app
+from malaria_screen.data.split import check_leak_free
+
+PATIENTS = ["P1", "P3", "P4", "P5", "P6", "P7", "C1_thinF", "C3thin", "C4thin", "C2NThinF"]
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(nih_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    data = make_subset(nih_dir, tmp / "data", PATIENTS)
+    run = tmp / "run"
+    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "32",
+                              "--val-fraction", "0.2", "--test-fraction", "0.3", "--no-progress",
+                              "--cache-dir", str(tmp / "cache")])
+    assert res.exit_code == 0, res.output
+    return data, run, res.output
+
+
+def test_run_folder_is_complete(tiny_run):
+    _, run, output = tiny_run
+    for name in ("weights.safetensors", "config.json", "split.json", "metrics.json", "per_patient.csv", "predictions.csv",
+                 "samples_grid.png", "training_curves.png", "confusion_matrix.png", "roc_curve.png", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    assert any((run / "tb").rglob("events.out.tfevents*"))
+    assert (run / "csv" / "version_0" / "metrics.csv").exists()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"] == "cellnet" and cfg["class_names"] == ["Parasitized", "Uninfected"]
+    assert all(0 < m < 1 for m in cfg["mean"]) and all(0 < s < 1 for s in cfg["std"])
+    manifest = json.loads((run / "split.json").read_text())
+    check_leak_free(manifest)
+    assert sum(v["n_patients"] for v in manifest["splits"].values()) == len(PATIENTS)
+    m = json.loads((run / "metrics.json").read_text())
+    for k in ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc"):
+        assert m[k] is not None and 0.0 <= m[k] <= 1.0, k
+        lo, hi = m["ci95"][k]
+        assert lo <= hi
+    assert m["n_patients"] == manifest["splits"]["test"]["n_patients"]
+    assert m["n_cells"] == manifest["splits"]["test"]["n_cells"]
+    # one real epoch on ~1,500 cells already separates the classes
+    assert m["roc_auc"] > 0.75
+    assert "test:" in output and "accuracy" in output
+
+
+def test_resume_continues_from_last_checkpoint(tiny_run):
+    data, run, _ = tiny_run
+    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "2", "--resume", "--no-progress"])
+    # --resume reads the saved config (epochs=2): training is already complete, nothing to redo
+    assert res.exit_code == 0, res.output
+    info = json.loads((run / "train_info.json").read_text())
+    assert info["epochs_run"] == 2
+
+
+def test_evaluate_leaves_out_training_patients(tiny_run, tmp_path):
+    data, run, _ = tiny_run
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", str(data), "--model", str(run), "--out", str(out), "--n-boot", "200", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    test_patients = json.loads((run / "split.json").read_text())["splits"]["test"]["patients"]
+    assert m["n_patients"] == len(test_patients) and m["leaky"] is False
+    with open(out / "per_patient.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["patient"] for r in rows) == sorted(test_patients)
+    assert all(0 <= float(r["fraction_predicted_parasitized"]) <= 1 for r in rows)
+    res = runner.invoke(app, ["evaluate", str(data), "--model", str(run), "--out", str(out), "--n-boot", "50",
+                              "--include-train-patients", "--no-progress"])
+    assert res.exit_code == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["leaky"] is True and m2["n_patients"] == len(PATIENTS)
+
+
+def test_predict_with_bad_files(tiny_run, tmp_path):
+    data, run, _ = tiny_run
+    files = sorted((data / "Parasitized").iterdir())[:5]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.bin").write_bytes(b"not an image at all")
+    out = tmp_path / "pred.json"
+    res = runner.invoke(app, ["predict", *map(str, files), str(tmp_path / "empty.png"), str(tmp_path / "notes.bin"),
+                              "--model", str(run), "--out", str(out)])
+    assert res.exit_code == 1  # some files failed
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 7
+    good, bad = rows[:5], rows[5:]
+    assert all(r["error"] is None and 0 <= r["p_parasitized"] <= 1 and r["label"] in ("Parasitized", "Uninfected") for r in good)
+    assert "empty" in bad[0]["error"] and "not a recognised image" in bad[1]["error"]
+    assert all(r["label"] is None for r in bad)
+    from malaria_screen import load_model
+
+    p = load_model(run).predict(files)
+    np.testing.assert_allclose(p, [r["p_parasitized"] for r in good], atol=1e-6)
