@@ -35,6 +35,7 @@ def test_run_folder_is_complete(tiny_run):
         assert (run / name).exists(), name
     assert any((run / "tb").rglob("events.out.tfevents*"))
     assert (run / "csv" / "version_0" / "metrics.csv").exists()
+    assert "Tip" not in output and "GPU available" not in output  # Lightning's chatter stays quiet
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"] == "cellnet" and cfg["class_names"] == ["Parasitized", "Uninfected"]
     assert all(0 < m < 1 for m in cfg["mean"]) and all(0 < s < 1 for s in cfg["std"])

@@ -100,18 +100,18 @@ def split_from_manifest(manifest: dict, relpaths: list[str]) -> SplitIndices:
 
 
 def _history_from_csv(csv_dir: Path) -> dict[str, list[float]]:
-    files = sorted(csv_dir.glob("**/metrics.csv"))
-    if not files:
-        return {}
+    """Per-epoch metrics merged over every CSV log version (a resumed run adds a version)."""
+    files = sorted(csv_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     per_epoch: dict[int, dict[str, float]] = {}
-    with open(files[-1], newline="") as fh:
-        for row in csv.DictReader(fh):
-            if not row.get("epoch"):
-                continue
-            e = int(float(row["epoch"]))
-            for k, v in row.items():
-                if k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc") and v not in ("", None):
-                    per_epoch.setdefault(e, {})[k] = float(v)
+    for f in files:
+        with open(f, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if not row.get("epoch"):
+                    continue
+                e = int(float(row["epoch"]))
+                for k, v in row.items():
+                    if k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auroc") and v not in ("", None):
+                        per_epoch.setdefault(e, {})[k] = float(v)
     if not per_epoch:
         return {}
     n = max(per_epoch) + 1
@@ -196,6 +196,10 @@ def train(
     from malaria_screen.data.datamodule import CellDataModule, channel_stats
     from malaria_screen.training.module import CellClassifier
 
+    if not log.isEnabledFor(logging.INFO):  # Lightning sets its own loggers to INFO on import
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
     # Lightning's DDP launcher re-runs the command with LOCAL_RANK/RANK set: known before the
     # Trainer exists, so the other ranks can keep their hands off the run folder from the start.
     is_zero = getattr(rank_zero_only, "rank", 0) == 0
@@ -270,7 +274,8 @@ def train(
         gradient_clip_val=cfg.grad_clip or None,
         gradient_clip_algorithm="value",
         callbacks=callbacks,
-        logger=[TensorBoardLogger(out, name="tb", version=0), CSVLogger(out, name="csv", version=0)],
+        # version=None: a resumed run logs to a new version folder instead of overwriting the old one
+        logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
         enable_progress_bar=progress,
         enable_model_summary=progress,
         log_every_n_steps=10,
