@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MALARIA_SCREEN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test venv lint bench-data bench-train bench-predict train-default clean
+.PHONY: demo test venv bench-data bench-train bench-predict bench-infer bench-smear loadtest train-default export-default browser-deps clean
 
 venv: $(STAMP)
 
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/malaria-screen predict src/malaria_screen/assets/samples --out demo_out/predictions.csv
 	$(BIN)/malaria-screen smear src/malaria_screen/assets/demo_field/chula_rbc_1.jpg --out demo_out/smear
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
@@ -32,6 +32,24 @@ bench-train: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(BIN)/python benchmarks/bench_predict.py $(MALARIA_SCREEN_DATA)/nih_cell_images
+
+bench-infer: $(STAMP)
+	$(BIN)/python benchmarks/bench_infer.py $(MALARIA_SCREEN_DATA)/nih_cell_images
+
+bench-smear: $(STAMP)
+	$(BIN)/python benchmarks/bench_smear.py --data $(MALARIA_SCREEN_DATA)
+
+loadtest: $(STAMP)
+	$(BIN)/python benchmarks/loadtest_serve.py --clients 50 --requests 20
+
+# The web-app test drives Debian's chromium (never `playwright install`: no browser downloads).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: the browser test will be skipped"
+
+export-default: $(STAMP)
+	$(BIN)/malaria-screen export --out src/malaria_screen/assets/default_model/model.onnx
+	$(BIN)/malaria-screen export --int8 --out src/malaria_screen/assets/default_model/model.int8.onnx
 
 # Re-train the bundled default model (the recipe documented in README.md).
 train-default: $(STAMP)

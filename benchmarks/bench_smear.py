@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  RBC detection @IoU>=0.5   P {f(m['rbc_precision'])}  R {f(m['rbc_recall'])}  F1 {f(m['rbc_f1'])}")
     print(f"  (border FPs not counted)  P {f(m['rbc_precision_border_fp_ignored'])}  F1 {f(m['rbc_f1_border_fp_ignored'])}"
           f"  [{m['fp_border']} of {m['fp']} FPs are unmatched border-cut cells]")
+    if "rbc_f1_interior" in m:
+        print(f"  interior (cut cells out)  P {f(m['rbc_precision_interior'])}  R {f(m['rbc_recall_interior'])}  "
+              f"F1 {f(m['rbc_f1_interior'])}  ({m['n_gt_rbc_interior']} interior boxes)")
     print(f"  infected cells            sensitivity {f(m['infected_sensitivity'])}  PPV {f(m['infected_ppv'])}"
           f"  ({m['n_gt_infected']} annotated, {m['n_pred_infected']} predicted)")
     mae = m["parasitemia_mae_pp"]

@@ -38,8 +38,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MALARIA_SCREEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def make_subset(nih_dir: Path, dest: Path, patients: list[str]) -> Path:
-    """Symlink the cells of ``patients`` into ``dest/<Class>/`` (a real NIH subset)."""
+def _make_subset(nih_dir: Path, dest: Path, patients: list[str]) -> Path:
     from malaria_screen.data.patients import parse_nih_patient_id
 
     for cls in ("Parasitized", "Uninfected"):
@@ -48,3 +47,10 @@ def make_subset(nih_dir: Path, dest: Path, patients: list[str]) -> Path:
             if parse_nih_patient_id(f.name) in patients:
                 (dest / cls / f.name).symlink_to(f)
     return dest
+
+
+@pytest.fixture(scope="session")
+def make_subset():
+    """``make_subset(nih_dir, dest, patients)``: symlink the cells of ``patients`` into
+    ``dest/<Class>/`` (a real NIH subset); returns ``dest``."""
+    return _make_subset

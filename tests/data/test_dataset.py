@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_subset
 from malaria_screen.data.dataset import load_cell_set
 from malaria_screen.data.preprocess import letterbox
 
@@ -21,7 +20,7 @@ def test_letterbox_keeps_aspect_and_pads_black():
         letterbox(np.zeros((5, 5), np.uint8), 8)
 
 
-def test_cell_store_cached_and_keyed_by_content(nih_dir, tmp_path):
+def test_cell_store_cached_and_keyed_by_content(nih_dir, tmp_path, make_subset):
     root = make_subset(nih_dir, tmp_path / "ds", ["P1", "C1_thinF"])
     cache = tmp_path / "cache"
     a = load_cell_set(root, size_px=32, cache_dir=cache, progress=False)

@@ -146,3 +146,12 @@ def real_cells(nih_dir) -> np.ndarray:
 
     files = sorted((nih_dir / "Parasitized").iterdir())[:100] + sorted((nih_dir / "Uninfected").iterdir())[:100]
     return np.stack([letterbox(decode_image(f), 64) for f in files])
+
+
+@pytest.fixture(scope="session")
+def demo_field() -> Path:
+    """The bundled MIT-licensed thin-smear field (Chula-RBC-12), no malaria."""
+    f = REPO / "src" / "malaria_screen" / "assets" / "demo_field" / "chula_rbc_1.jpg"
+    if not f.is_file():
+        pytest.skip("demo field not bundled")
+    return f

@@ -4,9 +4,7 @@ and the page requests nothing off-host."""
 from __future__ import annotations
 
 import csv
-import os
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -89,3 +87,15 @@ def test_upload_in_headless_chromium_shows_result_offline(random_run, sample_png
         demo.close()
     assert len(all_requests) > 5  # the listener saw the page load its scripts, styles and fonts
     assert off_host == [], f"the page requested off-host resources: {off_host}"
+
+
+def test_whole_field_tab_handler(onnx_fp32, demo_field):
+    pytest.importorskip("skimage")
+    from malaria_screen.app import screen_field_image
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.inference import OnnxPredictor
+    rgb = decode_image(demo_field)
+    summary, overlay = screen_field_image(OnnxPredictor.from_file(onnx_fp32), rgb)
+    assert "red cells" in summary and "parasitemia" in summary
+    assert overlay.shape == rgb.shape and (overlay != rgb).any()
+    assert screen_field_image(OnnxPredictor.from_file(onnx_fp32), None) == ("No field uploaded.", None)

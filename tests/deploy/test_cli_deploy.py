@@ -79,9 +79,9 @@ def test_explain_writes_overlays_and_survives_bad_files(cli, random_run, sample_
 
 def test_bench_infer_prints_table(cli, random_run, onnx_fp32, nih_dir, tmp_path):
     r = cli("bench-infer", nih_dir, "--model", random_run, "--fp32", onnx_fp32, "--backends", "torch,onnx-fp32",
-            "--n-files", 48, "--batch", 1, "--batch", 16, "--json", tmp_path / "b.json")
+            "--n-files", 32, "--batch", 4, "--batch", 16, "--threads", 1, "--json", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b.json").read_text())
-    assert {(x["backend"], x["batch"]) for x in res["rows"]} == {("torch", 1), ("torch", 16), ("onnx-fp32", 1), ("onnx-fp32", 16)}
+    assert {(x["backend"], x["batch"]) for x in res["rows"]} == {("torch", 4), ("torch", 16), ("onnx-fp32", 4), ("onnx-fp32", 16)}
     assert all(x["end_to_end"] > 0 and x["decode"] > 0 and x["infer"] > 0 and x["ceiling_ratio"] > 0 for x in res["rows"])
     assert "matmul ceiling" in r.output

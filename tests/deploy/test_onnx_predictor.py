@@ -50,7 +50,7 @@ def test_load_model_dispatch(random_run, onnx_fp32, tmp_path):
 
 
 def test_rejects_foreign_onnx(tmp_path):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     from malaria_screen.inference import OnnxPredictor

@@ -59,3 +59,17 @@ def test_runtime_install_classifies_without_torch(onnx_fp32, random_run, sample_
     ref = {r.path: r.p_parasitized for r in Predictor.from_dir(random_run).predict_files(sample_pngs)}
     diffs = [abs(float(r["p_parasitized"]) - ref[r["path"]]) for r in rows]
     assert sum(diffs) / len(diffs) < 0.03 and max(diffs) < 0.15, diffs
+
+
+def test_runtime_install_picks_onnx_for_a_model_folder(onnx_fp32, sample_pngs, tmp_path):
+    """Without torch, ``--model FOLDER`` (e.g. the bundled default) falls back to its model.onnx."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(onnx_fp32.read_bytes())
+    out = tmp_path / "pred.json"
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, "predict", *map(str, sample_pngs[:4]), "--model", str(folder),
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=120)
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    assert res["loaded"] == [] and res["code"] in (0, None), proc.stdout + proc.stderr
+    body = json.loads(out.read_text())
+    assert body["backend"] == "onnx" and body["model"] == str(folder / "model.onnx") and len(body["results"]) == 4

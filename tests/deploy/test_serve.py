@@ -101,3 +101,22 @@ def test_writes_no_temporary_files(predictor, sample_pngs, tmp_path, monkeypatch
                                       ("files", (sample_pngs[0].name, sample_pngs[0].read_bytes(), "image/png"))])
     assert r.status_code == 200 and r.json()["n_failed"] == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_whole_field_screening(predictor, demo_field):
+    """Issue 5: a whole field in, cells, labels and parasitemia out (the MIT-licensed demo field)."""
+    pytest.importorskip("skimage")
+    import base64
+
+    from malaria_screen.data.io import decode_image
+    c = _client(predictor)
+    r = c.post("/v1/field?overlay=true", files=[("file", (demo_field.name, demo_field.read_bytes(), "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n_rbc"] > 20 and len(body["cells"]) >= body["n_rbc"]
+    assert body["n_infected"] == sum(x["label"] == "Parasitized" for x in body["cells"])
+    assert 0.0 <= body["parasitemia"] <= 1.0 and body["parasitemia_ci95"][0] <= body["parasitemia"] <= body["parasitemia_ci95"][1]
+    ov = decode_image(base64.b64decode(body["overlay_png_base64"]))
+    assert ov.shape == decode_image(demo_field).shape
+    r = c.post("/v1/field", files=[("file", (demo_field.name, demo_field.read_bytes(), "image/jpeg"))] * 2)
+    assert r.status_code == 422 and "exactly one" in r.json()["detail"]

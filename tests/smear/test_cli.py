@@ -8,7 +8,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import synthetic_field
+from smear_synth import synthetic_field
 from malaria_screen.cli.smear import register
 
 

@@ -13,7 +13,7 @@ from malaria_screen.smear.evaluate import load_iml_annotations
 
 
 def test_box_cell_mask_isolates_disc():
-    from conftest import BG, RBC, disc
+    from smear_synth import BG, RBC, disc
 
     img = np.zeros((50, 50, 3), np.uint8)
     img[:] = BG
@@ -55,7 +55,7 @@ def test_export_layout_on_iml(tmp_path, iml_dir):
 
 
 def test_export_skips_difficult_and_reports_bad_field(tmp_path):
-    from conftest import synthetic_field
+    from smear_synth import synthetic_field
 
     img, c = synthetic_field()
     (tmp_path / "in").mkdir()

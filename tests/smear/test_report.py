@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FakeModel, synthetic_field
+from smear_synth import FakeModel, synthetic_field
 from malaria_screen.smear.report import run_smear
 
 FIELD_KEYS = {"image", "width", "height", "n_rbc", "n_infected", "parasitemia", "parasitemia_ci95", "cells"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeModel, WBC_NUCLEUS, disc, synthetic_field
+from smear_synth import FakeModel, WBC_NUCLEUS, disc, synthetic_field
 from malaria_screen.smear.screen import binomial_ci, screen_field
 
 

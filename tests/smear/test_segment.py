@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import synthetic_field
+from smear_synth import synthetic_field
 from malaria_screen.smear.segment import cell_properties, estimate_rbc_diameter_px, segment_cells, segment_field
 
 

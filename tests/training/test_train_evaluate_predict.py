@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_subset
 from malaria_screen.cli import app
 from malaria_screen.data.split import check_leak_free
 
@@ -17,7 +16,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_run(nih_dir, tmp_path_factory):
+def tiny_run(nih_dir, tmp_path_factory, make_subset):
     tmp = tmp_path_factory.mktemp("tiny")
     data = make_subset(nih_dir, tmp / "data", PATIENTS)
     run = tmp / "run"

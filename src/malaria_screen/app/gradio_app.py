@@ -5,6 +5,9 @@ The page is served entirely from this machine: Gradio's own bundled scripts and 
 no server-side rendering, no share link. A browser test checks that the page requests nothing
 off-host.
 
+A second tab screens a whole thin-smear field (issue 5): cells segmented, classified and
+outlined, parasitemia with its 95 % interval (:mod:`malaria_screen.smear`, when installed).
+
 One predictor is built at start-up and shared by all sessions. With the PyTorch back-end each
 result shows the cell beside its Grad-CAM overlay (:func:`malaria_screen.inference.gradcam.explain`);
 with an ONNX model (no gradients) the cell alone.
@@ -28,7 +31,7 @@ from malaria_screen.data.io import decode_image  # noqa: E402
 from malaria_screen.data.preprocess import letterbox  # noqa: E402
 from malaria_screen.fileio import atomic_write_text  # noqa: E402
 
-__all__ = ["build_app", "classify_files", "launch", "sample_files"]
+__all__ = ["build_app", "classify_files", "launch", "sample_files", "screen_field_image"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,51 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
     return summary, gallery, table, csv_path
 
 
+def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field"):
+    """Screen one whole thin-smear field for the app (issue 5).
+
+    Parameters
+    ----------
+    predictor : CellClassifierBase
+    rgb : (H, W, 3) ndarray of uint8 or None
+
+    Returns
+    -------
+    summary : str
+        Markdown: red cells, infected cells, parasitemia (percent) and its 95 % interval.
+    overlay : (H, W, 3) ndarray of uint8 or None
+        Cell outlines (red = Parasitized, green = Uninfected) from
+        :func:`malaria_screen.smear.report.overlay_image`.
+    """
+    from malaria_screen.smear.report import overlay_image
+    from malaria_screen.smear.screen import screen_field
+
+    if rgb is None:
+        return "No field uploaded.", None
+    try:
+        rgb = decode_image(rgb)
+        res = screen_field(rgb, predictor, image_name=name)
+    except Exception as exc:  # noqa: BLE001 - shown to the user, not raised
+        log.exception("field screening failed")
+        return f"Could not screen this image: {type(exc).__name__}: {exc}", None
+    if res.parasitemia is None:
+        summary = f"**No red cells found** ({res.width}x{res.height} px)."
+    else:
+        lo, hi = res.parasitemia_ci95
+        summary = (f"**{res.n_rbc} red cells, {res.n_infected} Parasitized: parasitemia {100 * res.parasitemia:.2f} % "
+                   f"(95 % CI {100 * lo:.2f} to {100 * hi:.2f} %)**; {res.n_wbc} white cells excluded.")
+    return summary, overlay_image(rgb, res)
+
+
+def _smear_available() -> bool:
+    try:
+        import malaria_screen.smear.report  # noqa: F401
+        import malaria_screen.smear.screen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str | Path | None = None):
     """Build the Gradio app around one predictor.
 
@@ -152,6 +200,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     import gradio as gr
 
     examples = list(sample_files() if examples is None else examples)
+    demo_dir = Path(str(resources.files("malaria_screen") / "assets" / "demo_field"))
+    demo_field = next((str(p) for p in sorted(demo_dir.glob("*.jpg"))), None) if demo_dir.is_dir() else None
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="malaria-screen-app-"))
     metrics = predictor.metrics or {}
     model_line = f"Model: `{Path(predictor.source).name if predictor.source else '?'}` ({getattr(predictor, 'backend', '?')})"
@@ -166,7 +216,7 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
 
     with gr.Blocks(title="malaria-screen", analytics_enabled=False) as demo:
         gr.Markdown(f"# {_TITLE}\n{_DISCLAIMER}\n\n{model_line}")
-        with gr.Row():
+        with gr.Tab("Cells"), gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="Cell images", file_count="multiple", file_types=["image"], elem_id="cell-files")
                 btn = gr.Button("Classify", variant="primary", elem_id="classify-btn")
@@ -181,6 +231,17 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
         outs = [summary, gallery, table, csv_file]
         btn.click(run, inputs=[files], outputs=outs)
         files.upload(run, inputs=[files], outputs=outs)
+        if _smear_available():
+            with gr.Tab("Whole field"), gr.Row():
+                with gr.Column(scale=1):
+                    field_in = gr.Image(label="Thin-smear field image", type="numpy", elem_id="field-in")
+                    field_btn = gr.Button("Screen field", variant="primary", elem_id="field-btn")
+                    if demo_field:
+                        gr.Examples(examples=[[demo_field]], inputs=[field_in], label="Example (Chula-RBC-12, MIT)")
+                with gr.Column(scale=2):
+                    field_summary = gr.Markdown(elem_id="field-summary")
+                    field_out = gr.Image(label="Cells: red = Parasitized, green = Uninfected", elem_id="field-out")
+            field_btn.click(lambda im: screen_field_image(predictor, im), inputs=[field_in], outputs=[field_summary, field_out])
     return demo
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -83,9 +82,12 @@ def train(
         raise typer.BadParameter(str(exc)) from exc
     dev: int | str = int(devices) if devices.isdigit() else devices
     ltb = None if limit_train_batches is None else (int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
-    res = run_train(data_dir, out, cfg, resume=resume, groups_csv=groups, group_per_image=group_per_image, cache_dir=cache_dir,
-                    accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, progress=progress,
-                    limit_train_batches=ltb)
+    try:
+        res = run_train(data_dir, out, cfg, resume=resume, groups_csv=groups, group_per_image=group_per_image,
+                        cache_dir=cache_dir, accelerator=accelerator, devices=dev, strategy=strategy, precision=precision,
+                        progress=progress, limit_train_batches=ltb)
+    except ValueError as exc:  # bad data, split, weights file or option combination
+        raise typer.BadParameter(str(exc)) from exc
     if not res.is_global_zero:  # other DDP ranks: rank zero evaluates and writes
         return
     typer.echo(f"trained {res.config.model} in {res.seconds:.1f} s ({res.epochs_run} epochs); run folder: {out}")

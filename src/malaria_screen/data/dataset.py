@@ -224,22 +224,29 @@ def load_cell_set(
     if cdir is not None:
         cdir.mkdir(parents=True, exist_ok=True)
         store, meta_path = cdir / f"cells-{key}.npy", cdir / f"cells-{key}.json"
-        if store.exists() and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            ok = np.asarray(meta["kept"], dtype=np.int64)
-            images = np.load(store)
-            log.info("loaded %d cells from cache %s", len(images), store)
-            return CellSet(
-                images=images,
-                labels=labels[ok],
-                patients=[patients[i] for i in ok],
-                relpaths=[relpaths[i] for i in ok],
-                class_names=class_names,
-                root=root,
-                size_px=size_px,
-                errors=meta["errors"],
-            )
+    if store is not None and store.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        ok, images, errors = np.asarray(meta["kept"], dtype=np.int64), np.load(store), meta["errors"]
+        log.info("loaded %d cells from cache %s", len(images), store)
+    else:
+        ok, images, errors = _decode_all(root, relpaths, size_px, workers=workers, progress=progress)
+        if store is not None:
+            atomic_write(store, lambda fh: np.save(fh, images))
+            atomic_write_json(meta_path, {"root": str(root), "size_px": size_px, "kept": ok.tolist(), "errors": errors}, indent=None)
+    return CellSet(
+        images=images,
+        labels=labels[ok],
+        patients=[patients[i] for i in ok],
+        relpaths=[relpaths[i] for i in ok],
+        class_names=class_names,
+        root=root,
+        size_px=size_px,
+        errors=errors,
+    )
 
+
+def _decode_all(root: Path, relpaths: list[str], size_px: int, *, workers: int | None, progress: bool):
+    """Decode + letterbox every file in threads: (kept indices, (n_kept, S, S, 3) uint8, errors)."""
     n = len(relpaths)
     images = np.zeros((n, size_px, size_px, 3), dtype=np.uint8)
     ok_mask = np.zeros(n, dtype=bool)
@@ -263,17 +270,4 @@ def load_cell_set(
     if bar is not None:
         bar.close()
     ok = np.flatnonzero(ok_mask)
-    images = images[ok] if len(ok) < n else images
-    if store is not None:
-        atomic_write(store, lambda fh: np.save(fh, images))
-        atomic_write_json(meta_path, {"root": str(root), "size_px": size_px, "kept": ok.tolist(), "errors": errors}, indent=None)
-    return CellSet(
-        images=images,
-        labels=labels[ok],
-        patients=[patients[i] for i in ok],
-        relpaths=[relpaths[i] for i in ok],
-        class_names=class_names,
-        root=root,
-        size_px=size_px,
-        errors=errors,
-    )
+    return ok, (images[ok] if len(ok) < n else images), errors

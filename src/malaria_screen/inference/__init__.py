@@ -36,7 +36,10 @@ def __getattr__(name: str) -> Any:
 
 
 def _torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def load_model(path: str | Path | None = None, *, backend: str = "auto", **kwargs):

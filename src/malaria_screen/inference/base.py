@@ -95,12 +95,20 @@ def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndar
         As :func:`decode_image`.
     """
     if cv2 is not None and isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        data, wh = b"", None
         try:
-            data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+            if isinstance(source, (bytes, bytearray)):
+                data = bytes(source)
+                wh = _fast_kind(data[:4096])
+            else:
+                with open(source, "rb") as fh:  # header first: other files are left to Pillow unread
+                    head = fh.read(4096)
+                    wh = _fast_kind(head)
+                    if wh is not None and 0 < wh[0] * wh[1] <= max_pixels:
+                        data = head + fh.read()
         except OSError:
-            data = b""
-        wh = _fast_kind(data[:4096]) if data else None
-        if wh is not None and 0 < wh[0] * wh[1] <= max_pixels:
+            wh = None
+        if wh is not None and data and 0 < wh[0] * wh[1] <= max_pixels:
             arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
             if arr is not None and arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[:2] == (wh[1], wh[0]):
                 if arr.shape[2] == 3:

@@ -81,7 +81,7 @@ class OnnxPredictor(CellClassifierBase):
 
     @classmethod
     def from_file(cls, path: str | Path, *, batch_size: int = 256, num_threads: int | None = None,
-                  providers: list[str] | None = None) -> "OnnxPredictor":
+                  providers: list[str] | None = None, allow_spinning: bool = False) -> "OnnxPredictor":
         """Load an ``.onnx`` file, or the first of :data:`ONNX_FILE_NAMES` in a folder.
 
         Parameters
@@ -93,6 +93,10 @@ class OnnxPredictor(CellClassifierBase):
             ONNX Runtime intra-op threads; default: ONNX Runtime's (one per physical core).
         providers : list of str, optional
             Execution providers; default ``["CPUExecutionProvider"]``.
+        allow_spinning : bool, default=False
+            Let idle ONNX Runtime threads busy-wait for work. Off by default: in
+            :meth:`predict_files` the decoding threads share the cores with inference, and
+            spinning threads take CPU time from them (measured slower end to end on 2 cores).
 
         Raises
         ------
@@ -118,6 +122,7 @@ class OnnxPredictor(CellClassifierBase):
         if num_threads:
             so.intra_op_num_threads = int(num_threads)
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types (InvalidGraph, Fail...)

@@ -8,6 +8,12 @@ Endpoints
     "label", "p_parasitized", "error"}]}``, one result per image in request order. A part that
     cannot be decoded, is larger than ``max_file_bytes`` or has more than ``max_pixels`` pixels
     gets a per-item ``error`` (status 200); the others are classified.
+``POST /v1/field``
+    ``multipart/form-data`` with ONE whole thin-smear field image (issue 5): red cells are
+    segmented and classified by :func:`malaria_screen.smear.screen.screen_field`; returns the
+    field JSON (``n_rbc``, ``n_infected``, ``parasitemia`` with its 95 % interval, per-cell boxes
+    and labels) and, with ``?overlay=true``, the outlined field as a base64 PNG. Needs the
+    ``smear`` extra (scikit-image); 501 without it.
 ``GET /v1/model``
     The model's config (input size, mean/std, classes, threshold), shipped metrics, back-end and
     the server limits.
@@ -22,8 +28,9 @@ Each is JSON ``{"detail": "<what and the limit>"}``.
 
 Nothing is written to disk: the body is streamed into memory (bounded by
 ``max_request_bytes``) and parsed there with ``python-multipart``, so no temporary files are
-spooled anywhere; nothing is unpickled. One predictor is built at start-up and shared; its
-inference runs in the server's worker threads.
+spooled anywhere; nothing is unpickled. One predictor is built at start-up and shared;
+requests of up to 16 images are decoded and classified on the event loop (about a millisecond
+per cell), larger ones in a worker thread.
 """
 
 from __future__ import annotations
@@ -241,6 +248,29 @@ def create_app(predictor, limits: ServeLimits | None = None) -> FastAPI:
             out[i] = ItemResult(filename=parts[i].filename, label=labels[k], p_parasitized=pp)
         return out
 
+    def _field(part: _Part, overlay: bool) -> dict:
+        from malaria_screen.smear.report import overlay_image
+        from malaria_screen.smear.screen import screen_field
+
+        if part.too_large:
+            raise HTTPException(413, f"file too large: {part.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
+        try:
+            rgb = decode_image(bytes(part.data), max_pixels=limits.max_pixels)
+        except ImageDecodeError as exc:
+            raise HTTPException(422, f"cannot read the field image: {exc}") from exc
+        res = screen_field(rgb, predictor, image_name=part.filename or "field")
+        out = res.to_json()
+        if overlay:
+            import base64
+            import io as _io
+
+            from PIL import Image
+
+            buf = _io.BytesIO()
+            Image.fromarray(overlay_image(rgb, res)).save(buf, format="PNG")
+            out["overlay_png_base64"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        return out
+
     @app.get("/healthz", summary="Liveness check")
     def healthz() -> dict:
         return {"status": "ok"}
@@ -264,10 +294,32 @@ def create_app(predictor, limits: ServeLimits | None = None) -> FastAPI:
     )
     async def classify(request: Request) -> ClassifyResponse:
         parts = await _read_parts(request, limits)
-        results = await run_in_threadpool(_classify, parts)
+        # a few cells take ~1 ms: run them on the event loop (no thread hop, FIFO); big batches
+        # go to a worker thread so other requests keep flowing
+        results = _classify(parts) if len(parts) <= 16 else await run_in_threadpool(_classify, parts)
         pos = None if predictor.positive_index is None else predictor.class_names[predictor.positive_index]
         n_par = sum(1 for r in results if pos is not None and r.label == pos)
         return ClassifyResponse(model=predictor.source, threshold=predictor.threshold, n_images=len(results),
                                 n_parasitized=n_par, n_failed=sum(1 for r in results if r.error), results=results)
+
+    @app.post(
+        "/v1/field", summary="Screen one whole thin-smear field: cells, labels, parasitemia",
+        responses={413: {"description": "Request or file too large"}, 415: {"description": "Not multipart/form-data"},
+                   422: {"description": "Malformed, no image or unreadable image"},
+                   501: {"description": "Whole-field screening not installed (malaria-screen[smear])"}},
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": f"One field image, at most {limits.max_pixels:,} pixels"}}}}}}},
+    )
+    async def field(request: Request, overlay: bool = False) -> dict:
+        try:
+            import malaria_screen.smear.screen  # noqa: F401
+        except ImportError as exc:
+            raise HTTPException(501, f"whole-field screening needs malaria-screen[smear]: {exc}") from exc
+        parts = await _read_parts(request, limits)
+        if len(parts) != 1:
+            raise HTTPException(422, f"send exactly one field image, got {len(parts)}")
+        return await run_in_threadpool(_field, parts[0], overlay)
 
     return app

@@ -208,8 +208,15 @@ def evaluate_iml_field(
     iou_threshold: float = 0.5,
     seconds: float = float("nan"),
     pred_border: np.ndarray | None = None,
+    image_shape: tuple[int, int] | None = None,
+    border_margin_px: int = 2,
 ) -> FieldMatch:
     """Match one field's detections to its annotation.
+
+    Besides the strict counts, an *interior* protocol is recorded in ``extra`` (``tp_int``,
+    ``fp_int``, ``fn_int``): every cell cut by the image border is left out on both sides (a
+    detection or a box within ``border_margin_px`` of the edge, and any match involving one),
+    because IML leaves most border-cut cells unboxed and clinical counts skip cut cells.
 
     Parameters
     ----------
@@ -228,6 +235,9 @@ def evaluate_iml_field(
     pred_border : np.ndarray, optional
         ``(N,)`` bool border flags; unmatched border detections are counted in ``fp_border``
         (IML leaves some edge cells unboxed).
+    image_shape : (int, int), optional
+        ``(H, W)`` of the field, px; enables the interior protocol.
+    border_margin_px : int, default=2
 
     Returns
     -------
@@ -253,6 +263,23 @@ def evaluate_iml_field(
     matched_pred = {p for p, _ in pairs}
     border = np.zeros(n, bool) if pred_border is None else np.asarray(pred_border, bool).reshape(-1)
     fp_border = int(sum(1 for i in range(n) if border[i] and i not in matched_pred))
+    extra: dict = {}
+    if image_shape is not None:
+        h, w = image_shape
+
+        def touches(b: np.ndarray) -> np.ndarray:
+            b = b.reshape(-1, 4)
+            return (b[:, 0] <= border_margin_px) | (b[:, 1] <= border_margin_px) | (
+                b[:, 0] + b[:, 2] >= w - border_margin_px) | (b[:, 1] + b[:, 3] >= h - border_margin_px)
+
+        pb, gb = touches(pred_boxes) | border, touches(gt_boxes)
+        tp_int = sum(1 for p, g in pairs_valid if not pb[p] and not gb[g])
+        matched_gt = {g for _, g in pairs}
+        extra = {
+            "tp_int": tp_int,
+            "fp_int": sum(1 for i in range(n) if not pb[i] and i not in matched_pred),
+            "fn_int": sum(1 for g in range(len(gt_boxes)) if not gt_ign[g] and not gb[g] and g not in matched_gt),
+        }
     par_pred = (inf_pred / n_pred_eff) if n_pred_eff > 0 else 0.0
     par_true = (inf_gt / n_gt) if n_gt > 0 else 0.0
     return FieldMatch(
@@ -270,11 +297,21 @@ def evaluate_iml_field(
         parasitemia_true=par_true,
         seconds=seconds,
         fp_border=fp_border,
+        extra=extra,
     )
 
 
 def _ratio(a: float, b: float) -> float:
     return float(a) / float(b) if b else float("nan")
+
+
+def _interior(matches: list[FieldMatch]) -> dict:
+    """Detection metrics of the interior protocol (border-cut cells left out on both sides)."""
+    if not matches or any("tp_int" not in m.extra for m in matches):
+        return {}
+    tp, fp, fn = (sum(m.extra[k] for m in matches) for k in ("tp_int", "fp_int", "fn_int"))
+    return {"rbc_precision_interior": _ratio(tp, tp + fp), "rbc_recall_interior": _ratio(tp, tp + fn),
+            "rbc_f1_interior": _ratio(2 * tp, 2 * tp + fp + fn), "n_gt_rbc_interior": tp + fn}
 
 
 def summarize_iml(matches: list[FieldMatch]) -> dict:
@@ -310,6 +347,7 @@ def summarize_iml(matches: list[FieldMatch]) -> dict:
         "fp_border": fp - fpb,
         "rbc_precision_border_fp_ignored": _ratio(tp, tp + fpb),
         "rbc_f1_border_fp_ignored": _ratio(2 * tp, 2 * tp + fpb + fn),
+        **_interior(matches),
         "n_gt_infected": sum(m.inf_gt for m in matches),
         "n_pred_infected": sum(m.inf_pred for m in matches),
         "infected_sensitivity": _ratio(sum(m.inf_tp for m in matches), sum(m.inf_gt for m in matches)),
@@ -473,7 +511,7 @@ def evaluate_dataset(
         matches.append(
             evaluate_iml_field(
                 name, boxes, inf if model is not None else None, ann[name],
-                iou_threshold=iou_threshold, seconds=dt, pred_border=border,
+                iou_threshold=iou_threshold, seconds=dt, pred_border=border, image_shape=rgb.shape[:2],
             )
         )
     out = summarize_iml(matches)

@@ -235,10 +235,6 @@ def train(
         check_leak_free(manifest)
         mean, std = channel_stats(cells.images[split.train])
         cfg = cfg.replace(class_names=tuple(cells.class_names), mean=mean, std=std)
-        if is_zero:
-            atomic_write_json(out / "split.json", manifest)
-            cfg.to_json(out / "config.json")
-            _save_sample_grid(cells, split, out / "samples_grid.png", seed=cfg.seed)
 
     if cfg.unfreeze_at_epoch is not None and "ddp" in str(strategy):
         raise ValueError("gradual unfreezing (unfreeze_at_epoch) is not supported with DDP: parameters unfrozen "
@@ -253,6 +249,10 @@ def train(
                             weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing,
                             freeze_backbone=cfg.freeze_backbone, backbone_lr_scale=cfg.backbone_lr_scale,
                             unfreeze_at_epoch=cfg.unfreeze_at_epoch)
+    if not resume and is_zero:  # written once the model is known to build (bad weights fail first)
+        atomic_write_json(out / "split.json", manifest)
+        cfg.to_json(out / "config.json")
+        _save_sample_grid(cells, split, out / "samples_grid.png", seed=cfg.seed)
     dm = CellDataModule(cells, split, cfg.mean, cfg.std, batch_size=cfg.batch_size, augment=cfg.augment,
                         num_workers=cfg.num_workers, seed=cfg.seed)
 
