@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MALARIA_SCREEN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test venv bench-data bench-train bench-predict bench-infer bench-smear loadtest train-default export-default browser-deps clean
+.PHONY: demo test venv bench-data bench-train bench-predict bench-infer bench-smear bench-compare loadtest train-default export-default browser-deps clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-infer: $(STAMP)
 
 bench-smear: $(STAMP)
 	$(BIN)/python benchmarks/bench_smear.py --data $(MALARIA_SCREEN_DATA)
+
+bench-compare: $(STAMP)
+	$(BIN)/python benchmarks/compare.py --out bench_out/compare --epochs 2
 
 loadtest: $(STAMP)
 	$(BIN)/python benchmarks/loadtest_serve.py --clients 50 --requests 20

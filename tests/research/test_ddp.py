@@ -17,7 +17,7 @@ from tiny_data import tiny_nih  # noqa: F401
 def test_two_process_ddp_on_cpu(tiny_nih, tmp_path):
     run = tmp_path / "ddp"
     env = dict(os.environ, MALARIA_SCREEN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "malaria_screen.cli", "train", str(tiny_nih), "--out", str(run), "--model", "cellnet",
+    cmd = [sys.executable, "-m", "malaria_screen.cli", "-v", "train", str(tiny_nih), "--out", str(run), "--model", "cellnet",
            "--input-size", "32", "--epochs", "1", "--batch-size", "32", "--devices", "2", "--strategy", "ddp",
            "--accelerator", "cpu", "--limit-train-batches", "4", "--no-progress"]
     t0 = time.perf_counter()
@@ -25,7 +25,7 @@ def test_two_process_ddp_on_cpu(tiny_nih, tmp_path):
     seconds = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "Starting with 2 processes" in out and "distributed_backend=gloo" in out
+    assert "Starting with 2 processes" in out and "distributed_backend=gloo" in out and "GLOBAL_RANK: 1, MEMBER: 2/2" in out
     assert out.count("trained cellnet in") == 1  # only rank zero evaluated and reported
     for name in ("weights.safetensors", "config.json", "split.json", "metrics.json", "checkpoints/last.ckpt"):
         assert (run / name).exists(), name

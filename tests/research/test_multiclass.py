@@ -52,8 +52,9 @@ def test_digits_train_one_epoch_beats_chance_on_held_out_groups(digits_dir, tmp_
     split = json.loads((run / "split.json").read_text())["splits"]
     assert m["n_cells"] == split["test"]["n_cells"] and m["n_groups"] == split["test"]["n_patients"] >= 4
     assert not set(split["test"]["patients"]) & set(split["train"]["patients"])
-    assert m["accuracy"] > 3 * 0.1 and m["ci95"]["accuracy"][0] > 0.1  # chance is 10 %
+    assert m["accuracy"] > 0.5 and m["ci95"]["accuracy"][0] > 0.1  # chance is 10 %
     assert len(m["confusion_matrix"]) == 10
+    print(f"digits, 1 epoch: test accuracy {m['accuracy']:.4f} {m['ci95']['accuracy']} on {m['n_groups']} groups, {m['n_cells']} images")
 
 
 def test_multiclass_metrics_on_literal_arrays():

@@ -96,7 +96,8 @@ def lr_find(
     res = lr_range_test(cells, split, cfg, min_lr=min_lr, max_lr=max_lr, num_training=num_training, accelerator="cpu")
     write_lr_find(res, out)
     sug = "none (curve too short)" if res.suggestion is None else f"{res.suggestion:.3g}"
-    typer.echo(f"suggested learning rate: {sug} ({len(res.lrs)} steps); wrote {out}/lr_find.json and lr_find.png")
+    typer.echo(f"suggested learning rate (steepest descent): {sug}; lowest loss at {res.meta['min_loss_lr'] or float('nan'):.3g} "
+               f"({len(res.lrs)} steps); wrote {out}/lr_find.json and lr_find.png")
 
 
 def cv(

@@ -36,7 +36,9 @@ class LRFindResult:
     suggestion : float or None
         Steepest-descent learning rate (None if the curve is too short).
     meta : dict
-        Model, input size, min/max rate, steps, batch size, training patients and cells.
+        Model, input size, min/max rate, steps, batch size, training patients and cells, and
+        ``min_loss_lr`` / ``min_loss_lr_div10`` (the rate of lowest smoothed loss, and a tenth
+        of it: a cross-check, since the steepest point can sit in the noisy start of the curve).
     """
 
     lrs: list[float]
@@ -117,12 +119,16 @@ def lr_range_test(
     lrs = [float(v) for v in finder.results["lr"]]
     losses = [float(v) for v in finder.results["loss"]]
     suggestion = finder.suggestion()
+    i_min = int(min(range(len(losses)), key=losses.__getitem__)) if losses else None
     meta = {
         "method": "LR range test (Smith 2017), exponential sweep, Lightning Tuner.lr_find; suggestion = steepest loss descent",
         "model": cfg.model, "input_size": cfg.input_size, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
         "weight_decay": cfg.weight_decay, "min_lr": min_lr, "max_lr": max_lr, "num_training": num_training,
         "steps_run": len(lrs), "pretrained_weights": cfg.pretrained_weights, "freeze_backbone": cfg.freeze_backbone,
         "n_train_patients": len({cells.patients[i] for i in split.train}), "n_train_cells": int(len(split.train)),
+        # Smith's (2017) rule of thumb, as a cross-check of the steepest-descent suggestion:
+        "min_loss_lr": lrs[i_min] if i_min is not None else None,
+        "min_loss_lr_div10": lrs[i_min] / 10 if i_min is not None else None,
     }
     return LRFindResult(lrs=lrs, losses=losses, suggestion=float(suggestion) if suggestion is not None else None, meta=meta)
 
