@@ -8,10 +8,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["save_cell_grid", "save_training_curves", "save_confusion_matrix", "save_roc_curve"]
+__all__ = ["pyplot", "save_figure", "save_cell_grid", "save_training_curves", "save_confusion_matrix", "save_roc_curve"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -20,12 +21,13 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Save ``fig`` as PNG atomically (110 dpi, tight box) and close it."""
     from malaria_screen.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -38,7 +40,7 @@ def save_cell_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, 
     titles : sequence of str of length N
     path : path of the PNG to write
     """
-    plt = _plt()
+    plt = pyplot()
     n = len(images)
     nrows = max(1, int(np.ceil(n / ncols)))
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.0 * ncols, 2.1 * nrows))
@@ -47,7 +49,7 @@ def save_cell_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, 
     for ax, img, t in zip(np.ravel(axes), images, titles):
         ax.imshow(img)
         ax.set_title(t, fontsize=8, color="crimson" if t.startswith("Parasitized") else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_training_curves(history: dict[str, Sequence[float]], path: str | Path) -> Path:
@@ -59,7 +61,7 @@ def save_training_curves(history: dict[str, Sequence[float]], path: str | Path) 
         Keys among ``train_loss, val_loss, train_acc, val_acc``; values indexed by epoch
         (NaN where missing).
     """
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key, ax in (("loss", a1), ("acc", a2)):
         for split, style in (("train", "-o"), ("val", "-s")):
@@ -70,12 +72,12 @@ def save_training_curves(history: dict[str, Sequence[float]], path: str | Path) 
         ax.set_ylabel("cross-entropy loss" if key == "loss" else "accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path, *, title: str = "") -> Path:
     """Confusion matrix ``cm[true, predicted]`` (counts) as a labelled heat map."""
-    plt = _plt()
+    plt = pyplot()
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(3.8 + 0.3 * len(class_names), 3.4 + 0.3 * len(class_names)))
     ax.imshow(cm, cmap="Blues")
@@ -86,12 +88,12 @@ def save_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_roc_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: str | Path, *, title: str = "") -> Path:
     """ROC curve: sensitivity against 1 - specificity, with its AUC in the legend."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.plot(fpr, tpr, lw=1.8, label=f"ROC-AUC = {auc:.4f}")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
@@ -100,4 +102,4 @@ def save_roc_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: str | Pat
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

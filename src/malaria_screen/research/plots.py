@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from malaria_screen.plotting import pyplot, save_figure
+
 __all__ = ["save_layer_sweep_plot", "save_lr_find_plot"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    from malaria_screen.fileio import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def save_layer_sweep_plot(rows: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
@@ -38,7 +21,7 @@ def save_layer_sweep_plot(rows: Sequence[dict], path: str | Path, *, title: str 
         Keys ``layer``, ``accuracy``, ``accuracy_ci`` ([lo, hi]), ``roc_auc``, ``roc_auc_ci``.
     path : path of the PNG
     """
-    plt = _plt()
+    plt = pyplot()
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(rows) + 2), 3.6))
     for key, colour in (("accuracy", "tab:blue"), ("roc_auc", "tab:orange")):
@@ -55,12 +38,12 @@ def save_layer_sweep_plot(rows: Sequence[dict], path: str | Path, *, title: str 
     ax.legend(loc="lower right")
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None, path: str | Path, *, title: str = "") -> Path:
     """Smoothed training loss against learning rate (log axis), suggested rate marked."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot(lrs, losses, color="tab:blue")
     ax.set_xscale("log")
@@ -73,4 +56,4 @@ def save_lr_find_plot(lrs: Sequence[float], losses: Sequence[float], suggestion:
     ax.grid(alpha=0.3, which="both")
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

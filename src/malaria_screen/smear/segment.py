@@ -255,7 +255,6 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None) -
         found.
     """
     import cv2
-    from scipy import ndimage as ndi
 
     rgb = _check_rgb(rgb)
     if od is None:
