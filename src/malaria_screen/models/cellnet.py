@@ -62,7 +62,8 @@ class CellNet(nn.Module):
 
 
 @register_model(default_input_size=64)
-def cellnet(*, num_classes: int = 2, input_size: int = 64, in_chans: int = 3, dropout: float = 0.2) -> CellNet:
+def cellnet(*, num_classes: int = 2, input_size: int = 64, in_chans: int = 3, dropout: float = 0.2,
+            widths: tuple[int, int, int] = (16, 32, 64)) -> CellNet:
     """The default malaria-screen cell model (about 70 k parameters, about 15 MFLOPs at 64x64)."""
     del input_size
-    return CellNet(num_classes=num_classes, in_chans=in_chans, dropout=dropout)
+    return CellNet(num_classes=num_classes, in_chans=in_chans, dropout=dropout, widths=tuple(widths))
