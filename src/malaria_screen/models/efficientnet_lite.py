@@ -40,6 +40,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from malaria_screen.models.backbones import TransferNet
 from malaria_screen.models.registry import register_model
 
 __all__ = [
@@ -117,7 +118,7 @@ class MBConvLite(nn.Module):
         return x + y if self.use_residual else y
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(TransferNet):
     """EfficientNet-Lite0. Input ``(B, in_chans, S, S)`` float32 (S >= 32); output ``(B, num_classes)``.
 
     Attributes
@@ -136,7 +137,6 @@ class EfficientNetLite(nn.Module):
     """
 
     def __init__(self, *, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.2) -> None:
-        super().__init__()
         mods: "OrderedDict[str, nn.Module]" = OrderedDict()
         mods["stem"] = _conv_bn(in_chans, 32, 3, 2)
         cin = 32
@@ -147,34 +147,7 @@ class EfficientNetLite(nn.Module):
                 cin = cout
             mods[f"stage{i}"] = nn.Sequential(*blocks)
         mods["head"] = _conv_bn(cin, 1280, 1)
-        self.stages = nn.Sequential(mods)
-        self.num_features = 1280
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(1280, num_classes)
-
-    @property
-    def stage_names(self) -> list[str]:
-        return list(self.stages._modules)
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Feature maps ``(B, C_i, H_i, W_i)`` after each of :attr:`stage_names`."""
-        out = []
-        for m in self.stages:
-            x = m(x)
-            out.append(x)
-        return out
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, C, S, S)`` to the last feature map ``(B, 1280, ceil(S/32), ceil(S/32))``."""
-        return self.stages(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Feature map to logits ``(B, num_classes)`` (pooled ``(B, 1280)`` if ``pre_logits``)."""
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.classifier(self.dropout(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        super().__init__(mods, 1280, num_classes=num_classes, dropout=dropout)
 
 
 # -- ImageNet weights ---------------------------------------------------------------------------
