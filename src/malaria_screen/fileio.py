@@ -6,14 +6,16 @@ renames it over the destination with :func:`os.replace` (atomic on POSIX and Win
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable, Sequence
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "rows_to_csv"]
 
 
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
@@ -75,6 +77,16 @@ def _finite(o: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return o
+
+
+def rows_to_csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """CSV text (header + one line per dict row; missing or None values empty)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()
 
 
 def _json_default(o: Any) -> Any:

@@ -170,19 +170,6 @@ def _seen_patients(pred) -> set[str]:
     return seen
 
 
-def _rows_to_csv(rows: list[dict], columns: list[str]) -> str:
-    """CSV text (header + rows); torch- and sklearn-free, for the runtime install."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    return buf.getvalue()
-
-
 def evaluate(
     data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Image folder in NIH layout"),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for metrics.json, per_patient.csv, predictions.csv, plots"),
@@ -250,7 +237,7 @@ def predict(
     file failed, 0 otherwise. The results file is written atomically.
     """
     from malaria_screen.data.dataset import list_image_files
-    from malaria_screen.fileio import atomic_write_json, atomic_write_text
+    from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"--out must end in .csv or .json, got {out.name}")
@@ -265,7 +252,7 @@ def predict(
         if r["p_parasitized"] is not None:
             r["p_parasitized"] = round(r["p_parasitized"], 6)
     if out.suffix.lower() == ".csv":
-        atomic_write_text(out, _rows_to_csv(rows, cols))
+        atomic_write_text(out, rows_to_csv(rows, cols))
     else:
         atomic_write_json(out, {"model": pred.source, "backend": pred.backend, "threshold": pred.threshold, "results": rows})
     n_bad = sum(1 for r in rows if r["error"])

@@ -12,17 +12,11 @@ from typing import List, Optional
 
 import typer
 
+from malaria_screen.cli.core import _echo_table
+
 __all__ = ["app_cmd", "bench_infer", "explain", "export", "register", "serve"]
 
 log = logging.getLogger("malaria_screen.cli")
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    typer.echo("  ".join(h.ljust(k) for h, k in zip(header, w)))
-    typer.echo("  ".join("-" * k for k in w))
-    for r in rows:
-        typer.echo("  ".join(str(x).ljust(k) for x, k in zip(r, w)))
 
 
 def _model_dir(model: Optional[Path]) -> Path:
@@ -74,7 +68,7 @@ def export(
     if rep["test"]:
         ts = rep["test_set"]
         typer.echo(f"\ntest patients: {ts['n_patients']} patients, {ts['n_cells']} cells")
-        _table([[r["backend"], "-" if r["size_bytes"] is None else f"{r['size_bytes']:,}", f"{r['accuracy']:.4f}",
+        _echo_table([[r["backend"], "-" if r["size_bytes"] is None else f"{r['size_bytes']:,}", f"{r['accuracy']:.4f}",
                  f"{r['accuracy_delta_points']:+.2f}", f"{r['roc_auc']:.4f}", f"{r['max_abs_diff']:.2e}",
                  f"{100 * r['label_agreement']:.2f}"] for r in rep["test"]],
                ["backend", "bytes", "accuracy", "d acc (points)", "ROC-AUC", "max |dp| vs torch", "same label %"])
@@ -96,10 +90,9 @@ def explain(
 
     from PIL import Image
 
-    from malaria_screen.cli.core import _rows_to_csv
     from malaria_screen.data.dataset import list_image_files
     from malaria_screen.data.io import decode_image
-    from malaria_screen.fileio import atomic_write_bytes, atomic_write_text
+    from malaria_screen.fileio import atomic_write_bytes, atomic_write_text, rows_to_csv
     from malaria_screen.inference import load_model
     from malaria_screen.inference.gradcam import explain as run_explain
 
@@ -133,7 +126,7 @@ def explain(
         row.update(label=ex.label, p_parasitized=None if ex.p_parasitized is None else round(ex.p_parasitized, 6),
                    explained_class=ex.explained_class, overlay=name)
         rows.append(row)
-    atomic_write_text(out / "explanations.csv", _rows_to_csv(rows, ["path", "label", "p_parasitized", "explained_class", "overlay", "error"]))
+    atomic_write_text(out / "explanations.csv", rows_to_csv(rows, ["path", "label", "p_parasitized", "explained_class", "overlay", "error"]))
     n_bad = sum(1 for r in rows if r["error"])
     typer.echo(f"{len(rows) - n_bad} overlays, {n_bad} failed -> {out}")
     if n_bad:

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from malaria_screen.evaluation.metrics import evaluate_predictions, per_patient_table
-from malaria_screen.fileio import atomic_write_json, atomic_write_text
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 from malaria_screen.plotting import save_confusion_matrix, save_roc_curve
 
 __all__ = ["write_evaluation", "rows_to_csv"]
-
-
-def rows_to_csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """CSV text of dict rows (missing keys empty)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    return buf.getvalue()
 
 
 def write_evaluation(

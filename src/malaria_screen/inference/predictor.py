@@ -22,7 +22,7 @@ from malaria_screen.inference.base import CellClassifierBase, FileResult, defaul
 from malaria_screen.models.registry import build_model
 from malaria_screen.training.run import load_weights
 
-__all__ = ["Predictor", "FileResult", "load_model", "default_model_dir"]
+__all__ = ["Predictor", "FileResult", "default_model_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -93,32 +93,3 @@ class Predictor(CellClassifierBase):
             x = (x.permute(0, 3, 1, 2).float() - self._mean) * self._inv_std
             out[s : s + len(x)] = self.net(x).softmax(-1).float().cpu().numpy()
         return out
-
-
-def load_model(path: str | Path | None = None, **kwargs) -> Predictor:
-    """Load a cell model: the bundled default (``path=None``) or a run folder.
-
-    Parameters
-    ----------
-    path : path, optional
-        A run folder written by ``malaria-screen train``; None loads the bundled default model.
-    **kwargs
-        Passed to :class:`Predictor` (``batch_size``, ``device``).
-
-    Returns
-    -------
-    Predictor
-        ``predict(images)`` gives p_parasitized per image.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the folder is not a model folder.
-
-    Examples
-    --------
-    >>> import malaria_screen
-    >>> model = malaria_screen.load_model()
-    >>> p = model.predict(["cell.png"])  # doctest: +SKIP
-    """
-    return Predictor.from_dir(default_model_dir() if path is None else Path(path), **kwargs)

@@ -236,7 +236,7 @@ def compare_models(
 
 def write_compare_table(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
     """Write ``compare.md`` and ``compare.csv`` (one row per entry)."""
-    from malaria_screen.evaluation.report import rows_to_csv
+    from malaria_screen.fileio import rows_to_csv
     from malaria_screen.fileio import atomic_write_text
 
     out = Path(out_dir)

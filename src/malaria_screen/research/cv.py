@@ -171,7 +171,7 @@ def cross_validate(
 
 def write_cv(result: CVResult, out_dir: str | Path, *, title: str = "") -> dict[str, Path]:
     """Write ``cv_folds.csv``, ``cv_summary.md``, ``cv_summary.json`` and ``oof_predictions.csv``."""
-    from malaria_screen.evaluation.report import rows_to_csv
+    from malaria_screen.fileio import rows_to_csv
     from malaria_screen.fileio import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)

@@ -218,7 +218,7 @@ def write_feature_sweep(result: FeatureSweep, out_dir: str | Path, *, title: str
     dict of str to Path
         The files written, by kind.
     """
-    from malaria_screen.evaluation.report import rows_to_csv
+    from malaria_screen.fileio import rows_to_csv
     from malaria_screen.fileio import atomic_write_json, atomic_write_text
     from malaria_screen.research.plots import save_layer_sweep_plot
 
