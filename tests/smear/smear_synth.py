@@ -19,17 +19,19 @@ def disc(img: np.ndarray, cx: float, cy: float, r: float, color) -> None:
 
 def synthetic_field(seed: int = 0) -> tuple[np.ndarray, dict]:
     """300x300 field, cells of radius 20 px: two touching discs, three isolated discs, one WBC
-    (dark nucleus), one disc cut by the left border. Returns the image and the centres."""
+    (dark nucleus), one disc slightly cut by the left border (95 % visible, counted) and a sliver of
+    one mostly outside the bottom border (34 % visible, dropped). Returns the image and the centres."""
     rng = np.random.default_rng(seed)
     img = np.zeros((300, 300, 3), np.uint8)
     img[:] = BG
     centres = {
         "touching": [(80.0, 80.0), (117.0, 80.0)],
         "isolated": [(220.0, 70.0), (220.0, 230.0), (130.0, 230.0)],
-        "border": [(8.0, 170.0)],
+        "border": [(16.0, 170.0)],
+        "sliver": [(60.0, 305.0)],
         "wbc": [(150.0, 160.0)],
     }
-    for key in ("touching", "isolated", "border"):
+    for key in ("touching", "isolated", "border", "sliver"):
         for cx, cy in centres[key]:
             disc(img, cx, cy, 20, RBC)
     cx, cy = centres["wbc"][0]

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from malaria_screen.smear.segment import CellProps, Segmentation, cell_properties, segment_field
+from malaria_screen.smear.segment import CellProps, Segmentation, segment_field
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def screen_field(
 
     t0 = time.perf_counter()
     seg = segmentation or segment_field(rgb, pixel_size_um=pixel_size_um, **segment_kwargs)
-    props: list[CellProps] = cell_properties(seg.labels)
+    props: list[CellProps] = seg.cells()
     t1 = time.perf_counter()
     h, w = rgb.shape[:2]
     probs = None
