@@ -99,3 +99,39 @@ def test_whole_field_tab_handler(onnx_fp32, demo_field):
     assert "red cells" in summary and "parasitemia" in summary
     assert overlay.shape == rgb.shape and (overlay != rgb).any()
     assert screen_field_image(OnnxPredictor.from_file(onnx_fp32), None) == ("No field uploaded.", None)
+
+
+@pytest.mark.browser
+def test_whole_field_tab_in_headless_chromium(random_run, demo_field, tmp_path):
+    """Upload a field in the 'Whole field' tab: the page shows the same cell count and
+    parasitemia as the Python API, and the overlay image."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium not installed (/usr/bin/chromium)")
+    pytest.importorskip("skimage")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from malaria_screen.app import launch, screen_field_image
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.inference import Predictor
+
+    pt = Predictor.from_dir(random_run)
+    expected, _ = screen_field_image(pt, decode_image(demo_field))
+    n_rbc = expected.split(" red cells")[0].strip("*")
+    port = _free_port()
+    demo = launch(pt, host="127.0.0.1", port=port, prevent_thread_lock=True, work_dir=tmp_path / "work")
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle", timeout=60_000)
+            page.get_by_role("tab", name="Whole field").click()
+            page.locator("#field-in input[type=file]").set_input_files(str(demo_field))
+            page.locator("#field-in img").first.wait_for(timeout=60_000)  # upload shown
+            page.locator("#field-btn").click()
+            summary = page.locator("#field-summary")
+            summary.get_by_text("parasitemia").wait_for(timeout=120_000)
+            text = summary.inner_text()
+            assert f"{n_rbc} red cells" in text and "Parasitized" in text, (text, expected)
+            assert page.locator("#field-out img").count() >= 1
+            browser.close()
+    finally:
+        demo.close()
