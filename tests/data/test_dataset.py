@@ -8,6 +8,31 @@ from malaria_screen.data.dataset import load_cell_set
 from malaria_screen.data.preprocess import letterbox
 
 
+def test_numpy_area_resize_matches_opencv_on_real_cells(nih_dir):
+    """The runtime install (no OpenCV) must feed the model the same pixels as OpenCV does."""
+    cv2 = pytest.importorskip("cv2")
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.data.preprocess import area_resize
+
+    files = sorted(nih_dir.glob("*/*"))[::400]
+    assert len(files) >= 40
+    for f in files:
+        img = decode_image(f)
+        h, w = img.shape[:2]
+        for size in (64, 32):
+            s = size / max(h, w)
+            nh, nw = max(1, round(h * s)), max(1, round(w * s))
+            ref = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+            assert np.array_equal(area_resize(img, nh, nw), ref), (f.name, size)
+    # non-integer ratios of a random image: within one grey level
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    ref = cv2.resize(img, (50, 37), interpolation=cv2.INTER_AREA)
+    assert np.abs(area_resize(img, 37, 50).astype(int) - ref).max() <= 1
+    with pytest.raises(ValueError, match="downscales"):
+        area_resize(img, 200, 50)
+
+
 def test_letterbox_keeps_aspect_and_pads_black():
     img = np.full((40, 80, 3), 200, np.uint8)
     out = letterbox(img, 64)

@@ -52,13 +52,13 @@ def test_runtime_install_classifies_without_torch(onnx_fp32, random_run, sample_
     assert res["code"] in (0, None), proc.stdout + proc.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(sample_pngs) and all(r["label"] in ("Parasitized", "Uninfected") for r in rows)
-    # close to torch: the only difference is letterbox resampling, Pillow BOX here vs OpenCV
-    # INTER_AREA with OpenCV (mean |diff| about 1.4 grey levels, larger on the black border)
+    # same as torch with OpenCV: the numpy area resize gives OpenCV's pixels, so only float
+    # rounding between the two engines remains
     from malaria_screen.inference import Predictor
 
     ref = {r.path: r.p_parasitized for r in Predictor.from_dir(random_run).predict_files(sample_pngs)}
     diffs = [abs(float(r["p_parasitized"]) - ref[r["path"]]) for r in rows]
-    assert sum(diffs) / len(diffs) < 0.03 and max(diffs) < 0.15, diffs
+    assert max(diffs) < 1e-4, diffs
 
 
 def test_runtime_install_picks_onnx_for_a_model_folder(onnx_fp32, sample_pngs, tmp_path):

@@ -10,7 +10,8 @@ normalisation (inside the graph), and the preprocessing config in its metadata
 :class:`~malaria_screen.inference.base.CellClassifierBase`.
 
 Imports: numpy, Pillow, onnxruntime and ``malaria_screen.{config,data.io,data.preprocess}``;
-OpenCV is used for letterboxing when installed, else Pillow.
+OpenCV is used for letterboxing when installed, else an identical numpy area resize
+(:func:`malaria_screen.data.preprocess.area_resize`).
 """
 
 from __future__ import annotations
