@@ -9,6 +9,7 @@ Usage::
 
     PYTHONPATH=src python benchmarks/compare.py --out bench_out/compare --epochs 2
     PYTHONPATH=src python benchmarks/compare.py --out bench_out/compare --models cellnet efficientnet_lite0_frozen
+    PYTHONPATH=src python benchmarks/compare.py --out bench_out/compare --latency-only   # idle machine
 
 Data: ``$MALARIA_SCREEN_DATA`` (default ``../shared/data`` from the repository root).
 """
@@ -33,6 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mobilenet-weights", default=None, help="local ImageNet weights for mobilenet_v3_small")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="re-measure the latency of every finished row (on an idle machine) and rewrite the table")
     return ap
 
 
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from malaria_screen.config import TrainConfig
-    from malaria_screen.research.compare import compare_models, default_entries
+    from malaria_screen.research.compare import compare_models, default_entries, remeasure_latency
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -55,6 +58,10 @@ def main(args: argparse.Namespace) -> int:
         if missing:
             raise SystemExit(f"unknown entries {missing}; choose from {sorted(by)}")
         entries = [by[m] for m in args.models]
+    if args.latency_only:
+        remeasure_latency(args.out)
+        sys.stdout.write((Path(args.out) / "compare.md").read_text())
+        return 0
     compare_models(data, args.out, entries, base_config=TrainConfig(epochs=args.epochs, seed=args.seed), progress=False)
     sys.stdout.write((Path(args.out) / "compare.md").read_text())
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from malaria_screen.config import TrainConfig
 
-__all__ = ["CompareEntry", "default_entries", "compare_models", "measure_latency", "write_compare_table"]
+__all__ = ["CompareEntry", "default_entries", "compare_models", "measure_latency", "remeasure_latency", "write_compare_table"]
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,60 @@ def compare_models(
         atomic_write_json(done, row)
         rows.append(row)
         write_compare_table(rows, out)
+    return rows
+
+
+def remeasure_latency(out_dir: str | Path, *, batch: int = 256, repeats: int = 5, seed: int = 0) -> list[dict]:
+    """Re-measure the CPU latency column of a finished comparison, then rewrite its table.
+
+    Training runs for hours and shares the CPU with whatever else runs; latency measured at the
+    end of each entry is only comparable between rows measured under the same load. This
+    measures every row again, one after the other, on random uint8 cells (a CNN's time does not
+    depend on pixel values) at each row's input size, with the current ``torch`` thread count.
+
+    Parameters
+    ----------
+    out_dir : path
+        A :func:`compare_models` output folder (``runs/<label>/compare_row.json``).
+    batch : int, default=256
+        Cells per forward pass.
+    repeats : int, default=5
+
+    Returns
+    -------
+    list of dict
+        The updated rows, in the order of the existing table (or by label).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``out_dir`` has no finished rows.
+    """
+    import torch
+
+    from malaria_screen.fileio import atomic_write_json
+    from malaria_screen.inference import Predictor
+
+    out = Path(out_dir)
+    done = sorted((out / "runs").glob("*/compare_row.json"))
+    if not done:
+        raise FileNotFoundError(f"no finished comparison rows under {out / 'runs'}")
+    rows = [json.loads(f.read_text()) for f in done]
+    order = {r["label"]: i for i, r in enumerate(rows)}
+    csv_path = out / "compare.csv"
+    if csv_path.exists():  # keep the table's row order
+        labels = [ln.split(",")[0] for ln in csv_path.read_text().splitlines()[1:]]
+        order = {lab: i for i, lab in enumerate(labels)} | {r["label"]: len(labels) + i for i, r in enumerate(rows) if r["label"] not in labels}
+    rows.sort(key=lambda r: order[r["label"]])
+    rng = np.random.default_rng(seed)
+    for r in rows:
+        pred = Predictor.from_dir(out / "runs" / r["label"])
+        images = rng.integers(0, 256, (batch, r["input_px"], r["input_px"], 3), dtype=np.uint8)
+        r["latency_ms_per_cell"] = round(measure_latency(pred, images, repeats=repeats), 4)
+        r["latency_batch"], r["threads"] = batch, torch.get_num_threads()
+        atomic_write_json(out / "runs" / r["label"] / "compare_row.json", r)
+        log.info("%s: %.3f ms/cell", r["label"], r["latency_ms_per_cell"])
+    write_compare_table(rows, out)
     return rows
 
 
