@@ -25,6 +25,9 @@ Algorithm
    ~0.35 cell diameters apart and at least ~0.3 radii deep. This is the approach of the NLM
    Malaria Screener (Poostchi et al. 2018, Yang et al. 2020), which also segments cells with a
    threshold + distance-transform watershed before classifying each cell crop.
+   Segments still larger than ``clump_area_frac`` cells (cells overlapping so much that their
+   peaks merged) are covered greedily by discs of the typical cell radius; two or more discs
+   split the segment (each pixel to the nearest disc centre) and box each cell by its disc.
 5. **Exclusion.** White-blood-cell nuclei are much darker in the *red* channel than any red
    cell (purple/blue chromatin absorbs red light, haemoglobin and eosin barely do). Pixels whose
    red-channel OD exceeds the red-cell level of the field by a margin form nucleus blobs; blobs
@@ -32,7 +35,8 @@ Algorithm
    (dilated) WBC are excluded. Intra-erythrocytic parasites are also dark but far smaller.
    Segments smaller than ``min_area_frac`` or larger than ``max_area_frac`` of a typical cell
    (debris, platelets, unsplit clumps) are excluded as well.
-6. Segments touching the image border are kept but flagged (``border=True``).
+6. Segments touching the image border are flagged (``border=True``) and kept only if at least
+   ``border_min_area_frac`` of a typical cell is visible.
 
 References
 ----------
