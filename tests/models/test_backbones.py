@@ -210,3 +210,16 @@ def test_lite0_classifies_photos_as_before_mapping():
     assert top1["coffee"] in (967, 968)
     if "grace_hopper" in top1:
         assert top1["grace_hopper"] == 652
+
+
+def test_scratch_backbones_use_fast_batchnorm_momentum():
+    """torchvision's MobileNetV3 BatchNorm momentum 0.01 made a 2-epoch from-scratch run collapse
+    to one class in eval mode; from scratch the registry sets 0.1."""
+    import torch.nn as nn
+    from torchvision.models import mobilenet_v3_small as tv_mnv3
+
+    from malaria_screen.models import build_model
+
+    assert {m.momentum for m in tv_mnv3().modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+    net = build_model("mobilenet_v3_small", num_classes=2, input_size=64)
+    assert {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
