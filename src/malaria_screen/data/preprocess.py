@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-try:  # OpenCV is faster; Pillow serves the light runtime install
+try:  # OpenCV is faster; the light runtime install uses area_resize (and Pillow to upscale)
     import cv2
 except ImportError:  # pragma: no cover - exercised in the torch-free runtime install
     cv2 = None

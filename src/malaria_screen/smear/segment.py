@@ -439,12 +439,10 @@ def segment_field(
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     seg = watershed(-dts, markers, mask=fg).astype(np.int32)
 
+    seg0 = seg  # before splitting: the WBC exclusion below follows unsplit segments
     boxes_w: dict[int, tuple[int, int, int, int]] = {}
     if split_clumps:
-        seg0 = seg
         seg, boxes_w = _split_clumps(seg, cell_area, clump_area_frac)
-    else:
-        seg0 = seg
 
     # --- per-segment filtering -------------------------------------------------------------
     n = int(seg.max())
