@@ -68,6 +68,12 @@ class TrainConfig:
         With ``freeze_backbone``: unfreeze the backbone at this (0-based) epoch and fine-tune it
         from then on at ``lr * backbone_lr_scale`` (head first, then everything; gradual
         unfreezing after Howard & Ruder 2018). None keeps it frozen throughout.
+    init_from : str or None
+        Fine-tuning from a trained malaria-screen run: a run folder (``config.json`` +
+        ``weights.safetensors``). Every weight and the input normalisation (``mean``, ``std``)
+        are copied from it; its model, input size and classes must match. This is how the cell
+        model is adapted to another microscope (fields → ``malaria-screen crops`` → ``train
+        --init-from``). Only used when training starts.
     """
 
     model: str = "cellnet"
@@ -96,6 +102,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     backbone_lr_scale: float = 1.0
     unfreeze_at_epoch: int | None = None
+    init_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if self.unfreeze_at_epoch is not None and (not self.freeze_backbone or self.unfreeze_at_epoch < 1):
             raise ValueError(f"unfreeze_at_epoch={self.unfreeze_at_epoch} needs freeze_backbone=True and a value >= 1")
+        if self.init_from is not None and self.pretrained_weights is not None:
+            raise ValueError("init_from (a trained run) and pretrained_weights (ImageNet) are exclusive")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean/std need {self.channels} values, got {self.mean} / {self.std}")
 

@@ -52,3 +52,26 @@ def test_smear_eval_no_classify(tmp_path, iml_dir):
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n_fields"] == 2 and 0.6 <= m["rbc_f1"] <= 1.0
     assert (tmp_path / "e" / "per_field.csv").is_file()
+    # The annotators' box convention (IML boxes carry a margin) recovers near-misses, never loses matches here.
+    r2 = CliRunner().invoke(
+        _app(),
+        ["smear-eval", str(iml_dir / "images"), "--annotations", str(iml_dir / "annotations.json"),
+         "--out", str(tmp_path / "e2"), "--no-classify", "--limit", "2", "--box-scale", "1.19"],
+    )
+    assert r2.exit_code == 0, r2.output
+    m2 = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert m2["tp"] >= m["tp"] and m2["n_pred_rbc"] == m["n_pred_rbc"]
+
+
+def test_crops_cli_detections(tmp_path, iml_dir):
+    ann = json.loads((iml_dir / "annotations.json").read_text())
+    one = [a for a in ann if a["image_name"] == sorted(x["image_name"] for x in ann)[0]]
+    (tmp_path / "a.json").write_text(json.dumps(one))
+    r = CliRunner().invoke(_app(), ["crops", str(iml_dir / "images"), "--annotations", str(tmp_path / "a.json"),
+                                    "--out", str(tmp_path / "c"), "--source", "detections"])
+    assert r.exit_code == 0, r.output
+    n = len(list((tmp_path / "c" / "Uninfected").glob("*_det_*.png"))) + len(list((tmp_path / "c" / "Parasitized").glob("*.png")))
+    assert n > 50 and f"{n - len(list((tmp_path / 'c' / 'Parasitized').glob('*.png')))} Uninfected" in r.output
+    bad = CliRunner().invoke(_app(), ["crops", str(iml_dir / "images"), "--annotations", str(tmp_path / "a.json"),
+                                      "--out", str(tmp_path / "d"), "--source", "nope"])
+    assert bad.exit_code != 0

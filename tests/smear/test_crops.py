@@ -75,3 +75,34 @@ def test_export_skips_difficult_and_reports_bad_field(tmp_path):
     assert "bad.png" in s.errors
     assert (tmp_path / "out" / "Parasitized" / "f1_cell_1.png").is_file()
     assert (tmp_path / "out" / "Uninfected" / "f1_cell_0.png").is_file()
+
+
+def test_detection_crops_are_the_screening_crops(tmp_path, iml_dir):
+    """--source detections: each crop is the segmented cell as `smear` cuts it, labelled by its box."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.crops import cell_crops, export_detection_crops
+    from malaria_screen.smear.evaluate import match_boxes
+    from malaria_screen.smear.segment import segment_field
+
+    ann = load_iml_annotations(iml_dir / "annotations.json")
+    name = next(n for n in sorted(ann) if sum(b.infected for b in ann[n]) >= 2)
+    out = tmp_path / "det"
+    s = export_detection_crops(iml_dir / "images", {name: ann[name]}, out)
+    rgb = decode_image(iml_dir / "images" / name)
+    seg = segment_field(rgb)
+    cells = seg.cells()
+    gt = ann[name]
+    pairs = dict(match_boxes(np.asarray([c.bbox for c in cells], float), np.asarray([g.bbox for g in gt], float)))
+    inf = {cells[i].id for i, g in pairs.items() if gt[g].infected}
+    assert s.n_parasitized == len(inf) >= 1
+    assert s.n_uninfected == sum(1 for i, g in pairs.items() if not gt[g].infected and not gt[g].ignored)
+    assert s.n_skipped == len(cells) - s.n_parasitized - s.n_uninfected
+    stem = name.rsplit(".", 1)[0]
+    assert {int(p.stem.rpartition("_det_")[2]) for p in (out / "Parasitized").glob("*.png")} == inf
+    crops = cell_crops(rgb, seg.labels, cells)
+    k = next(iter(inf))
+    i = next(j for j, c in enumerate(cells) if c.id == k)
+    assert np.array_equal(np.asarray(Image.open(out / "Parasitized" / f"{stem}_det_{k}.png")), crops[i])
+    with open(out / "groups.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == s.n_parasitized + s.n_uninfected and {r["patient"] for r in rows} == {stem}

@@ -116,3 +116,18 @@ def test_binomial_ci_known_values():
     assert binomial_ci(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         binomial_ci(5, 3)
+
+
+def test_box_scale_matches_annotators_box_convention():
+    """IML-style boxes with a margin: tight detections match once scaled by the convention."""
+    from malaria_screen.smear.evaluate import GroundTruthBox, evaluate_iml_field
+
+    gt = [GroundTruthBox((100.0, 100.0, 90.0, 90.0), "red blood cell"), GroundTruthBox((300.0, 100.0, 90.0, 90.0), "ring")]
+    tight = np.array([[115.0, 115.0, 60.0, 60.0], [315.0, 115.0, 60.0, 60.0]])  # IoU (60/90)^2 = 0.44
+    strict = evaluate_iml_field("f", tight, np.array([False, True]), gt)
+    assert (strict.tp, strict.fp, strict.fn, strict.inf_tp) == (0, 2, 2, 0)
+    conv = evaluate_iml_field("f", tight, np.array([False, True]), gt, box_scale=1.5)
+    assert (conv.tp, conv.fp, conv.fn, conv.inf_tp) == (2, 0, 0, 1)
+    assert strict.extra["size_ratio"] == [] and np.allclose(conv.extra["size_ratio"], [1.5, 1.5])
+    with pytest.raises(ValueError):
+        evaluate_iml_field("f", tight, None, gt, box_scale=0)

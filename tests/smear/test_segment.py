@@ -202,3 +202,34 @@ def test_split_cells_keep_disc_boxes_through_segment_field():
         assert 36 <= cells[i].bbox[2] <= 44 and 36 <= cells[i].bbox[3] <= 44, cells[i]
     assert seg.n_cells == 3
     assert segment_field(img, split_clumps=False, **one_marker).n_cells == 2  # the pair merged
+
+
+def test_dense_field_scale_estimate(iml_dir):
+    """A packed field (most of the image is cells): filling 'holes' would join the whole field."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.evaluate import evaluate_iml_field, load_iml_annotations
+    from malaria_screen.smear.segment import estimate_rbc_diameter_px
+
+    name = "PA171750.JPG"  # dense field; IML boxes 54 of its cells (median box 80 px, margin included)
+    rgb = decode_image(iml_dir / "images" / name)
+    d = estimate_rbc_diameter_px(rgb)
+    assert 45 <= d <= 100, d  # was 658 px before the dense-field rule
+    assert estimate_rbc_diameter_px(rgb, dense_coverage=1.0) > 300  # the failure it guards against
+    seg = segment_field(rgb)
+    props = seg.cells()
+    ann = load_iml_annotations(iml_dir / "annotations.json")[name]
+    m = evaluate_iml_field(name, np.array([p.bbox for p in props]), None, ann)
+    assert len(props) >= 80 and m.tp >= 20, (len(props), m.tp)  # was 2 detections, 0 matched
+
+
+def test_convex_enlarged_cell_not_split():
+    """An enlarged oval cell (e.g. a P. vivax gametocyte, ~2 cell areas) has no notches: kept whole."""
+    from malaria_screen.smear.segment import _split_clumps
+
+    r = 20.0
+    yy, xx = np.mgrid[0:100, 0:200]
+    seg = (((xx - 100) / (1.9 * r)) ** 2 + ((yy - 50) / (1.15 * r)) ** 2 <= 1).astype(np.int32)
+    out, boxes = _split_clumps(seg, cell_area=np.pi * r * r, clump_area_frac=1.5)
+    assert np.array_equal(out, seg) and boxes == {}
+    forced, _ = _split_clumps(seg, cell_area=np.pi * r * r, clump_area_frac=1.5, max_solidity=1.01)
+    assert len(np.unique(forced[seg == 1])) >= 2  # what the disc cover alone would do (3 discs)

@@ -100,3 +100,38 @@ def test_predict_with_bad_files(tiny_run, tmp_path):
 
     p = load_model(run).predict(files)
     np.testing.assert_allclose(p, [r["p_parasitized"] for r in good], atol=1e-6)
+
+
+def test_init_from_fine_tunes_the_default_model(nih_dir, tmp_path, make_subset):
+    """--init-from default: training starts from the bundled model's weights and normalisation."""
+    import torch
+    from safetensors.torch import load_file
+
+    from malaria_screen.config import TrainConfig
+    from malaria_screen.inference.base import default_model_dir
+
+    data = make_subset(nih_dir, tmp_path / "data", PATIENTS)
+    run = tmp_path / "ft"
+    # One batch at a vanishing learning rate: the parameters stay the default model's.
+    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "16",
+                              "--lr", "1e-12", "--limit-train-batches", "1", "--val-fraction", "0.2",
+                              "--test-fraction", "0.3", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                              "--init-from", "default", "--threshold-rule", "val-count"])
+    assert res.exit_code == 0, res.output
+    base = TrainConfig.from_json(default_model_dir() / "config.json")
+    cfg = TrainConfig.from_json(run / "config.json")
+    assert cfg.mean == base.mean and cfg.std == base.std and cfg.init_from == str(default_model_dir())
+    # val-count threshold: as many validation cells called Parasitized as are (ties aside)
+    import re
+
+    called, total, truth = map(int, re.search(r"(\d+) of (\d+) validation cells called Parasitized \((\d+) are\)",
+                                              res.output).groups())
+    assert called == truth > 0 and cfg.threshold != 0.5
+    w0 = load_file(str(default_model_dir() / "weights.safetensors"))
+    w1 = load_file(str(run / "weights.safetensors"))
+    params = [k for k in w0 if k.endswith(".weight") and w0[k].ndim > 1]
+    assert params and all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in params)
+    # Another architecture cannot start from it.
+    bad = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "bad"), "--model", "bn_cnn", "--epochs", "1",
+                              "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--init-from", "default"])
+    assert bad.exit_code != 0 and "model" in bad.output

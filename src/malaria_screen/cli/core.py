@@ -24,6 +24,15 @@ def _echo_table(rows: list[list[str]], header: list[str]) -> None:
         typer.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
+def _run_folder(name: Optional[str]) -> Optional[str]:
+    """``--init-from``: None, the bundled default model's folder for "default", else the path as given."""
+    if name is None or name != "default":
+        return name
+    from malaria_screen.inference.base import default_model_dir
+
+    return str(default_model_dir())
+
+
 def train(
     data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Image folder in NIH layout: DATA_DIR/<Class>/*"),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (weights, config, split, logs, plots, metrics)"),
@@ -58,6 +67,12 @@ def train(
     backbone_lr_scale: float = typer.Option(1.0, help="Fine-tuning: backbone learning rate = lr x this (e.g. 0.1); head gets lr"),
     unfreeze_at_epoch: Optional[int] = typer.Option(
         None, help="With --freeze: unfreeze the backbone at this 0-based epoch and fine-tune it (gradual unfreezing)"),
+    init_from: Optional[str] = typer.Option(
+        None, help="Fine-tune a trained run folder, or 'default' for the bundled default model (to adapt it to another "
+        "microscope's crops): its weights and input normalisation are the start"),
+    threshold_rule: str = typer.Option(
+        "fixed", help="fixed: threshold 0.5 | val-count: the threshold at which as many validation cells are called "
+        "Parasitized as are Parasitized (count calibration for parasitemia on a low-prevalence site)"),
     limit_train_batches: Optional[float] = typer.Option(None, help="Batches (>1) or share (<=1) per epoch: smoke runs"),
 ) -> None:
     """Train a cell classifier with a patient-level split, then evaluate it on the test patients.
@@ -77,9 +92,12 @@ def train(
             early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,
+            init_from=_run_folder(init_from),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if threshold_rule not in ("fixed", "val-count"):
+        raise typer.BadParameter(f"--threshold-rule must be fixed or val-count, got {threshold_rule!r}")
     dev: int | str = int(devices) if devices.isdigit() else devices
     ltb = None if limit_train_batches is None else (int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
     try:
@@ -108,8 +126,30 @@ def train(
                      for k in ("accuracy", "macro_f1", "roc_auc_ovr_macro")], ["metric", "value", "95% CI"])
         typer.echo(f"chance (commonest class): {mm['chance_accuracy']:.4f}")
         return
+    if threshold_rule == "val-count":
+        _calibrate_count_threshold(out, res.cells, res.split.val)
     m = _evaluate_split(out, res.cells, res.split.test, split_name="test")
     _print_metrics(m)
+
+
+def _calibrate_count_threshold(run_dir: Path, cells, idx) -> None:
+    """Set the run's threshold so the validation cells' Parasitized count is right (config.json)."""
+    import numpy as np
+
+    from malaria_screen.config import TrainConfig
+    from malaria_screen.evaluation.metrics import count_matched_threshold
+    from malaria_screen.inference import Predictor
+
+    if len(idx) == 0:
+        raise typer.BadParameter("--threshold-rule val-count needs validation cells (--val-fraction > 0)")
+    pred = Predictor.from_dir(run_dir)
+    probs = pred.predict_proba_prepared(cells.subset(idx).images)[:, pred.positive_index]
+    y = np.asarray(cells.labels)[idx] == cells.class_names.index(pred.class_names[pred.positive_index])
+    t = count_matched_threshold(y, probs)
+    cfg = TrainConfig.from_json(run_dir / "config.json")
+    cfg.replace(threshold=t).to_json(run_dir / "config.json")
+    typer.echo(f"threshold {t:.4f}: {int((probs >= t).sum())} of {len(y)} validation cells called Parasitized "
+               f"({int(y.sum())} are)")
 
 
 def _evaluate_split(run_dir: Path, cells, idx, *, split_name: str) -> dict:

@@ -92,6 +92,9 @@ def smear_eval(
     iou: float = typer.Option(0.5, "--iou", min=0.05, max=1.0, help="IoU threshold of a detection match."),
     chula_dir: Optional[Path] = typer.Option(None, "--chula", help="Optional Chula-RBC-12 folder (images/, labels/) for the red-cell count check."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N fields."),
+    box_scale: float = typer.Option(
+        1.0, "--box-scale", min=0.1, help="Scale detection boxes about their centres before matching (the annotators' "
+        "box convention: IML boxes are ~1.19x the cell); 1 = tight boxes, the strict figure."),
 ) -> None:
     """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field."""
     from malaria_screen.fileio import atomic_write_json
@@ -108,6 +111,7 @@ def smear_eval(
         iou_threshold=iou,
         chula_dir=chula_dir,
         limit=limit,
+        box_scale=box_scale,
     )
     atomic_write_json(Path(out) / "metrics.json", metrics)
     typer.echo(json.dumps(metrics, indent=2))
@@ -117,15 +121,25 @@ def crops(
     field_dir: Path = typer.Argument(..., help="Folder of annotated field images."),
     annotations: Path = typer.Option(..., "--annotations", "-a", help="IML annotations.json (boxes, px)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: Parasitized/, Uninfected/, groups.csv (path,patient)."),
-    margin_px: int = typer.Option(2, "--margin-px", min=0, help="Margin around each box, px."),
-    no_mask: bool = typer.Option(False, "--no-mask", help="Keep the whole box instead of blacking out pixels outside the cell."),
+    source: str = typer.Option(
+        "boxes", "--source", help="boxes: cut each annotated box | detections: cut the segmented cells exactly as "
+        "`smear` does and label each by the box it matches (IoU >= 0.5); the crops an adapted model will see."),
+    margin_px: int = typer.Option(2, "--margin-px", min=0, help="Margin around each box, px (boxes)."),
+    no_mask: bool = typer.Option(False, "--no-mask", help="Keep the whole box instead of blacking out pixels outside the cell (boxes)."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="µm per pixel (detections); default: estimated per field."),
+    stain: str = typer.Option("none", "--stain", help="none | reinhard | macenko (detections; as the model will be run)."),
 ) -> None:
     """Export annotated cells as an NIH-layout crop folder (+ groups.csv for leak-free training)."""
-    from malaria_screen.smear.crops import export_annotation_crops
+    from malaria_screen.smear.crops import export_annotation_crops, export_detection_crops
     from malaria_screen.smear.evaluate import load_iml_annotations
 
+    if source not in ("boxes", "detections"):
+        raise typer.BadParameter(f"--source must be boxes or detections, got {source!r}")
     ann = load_iml_annotations(annotations)
-    s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
+    if source == "boxes":
+        s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
+    else:
+        s = export_detection_crops(field_dir, ann, out, stain=stain, pixel_size_um=pixel_size_um)
     for name, err in s.errors.items():
         typer.echo(f"{name}: ERROR {err}", err=True)
     typer.echo(

@@ -10,6 +10,10 @@ classifier's own letterbox resize then brings it to the model input size.
 :func:`export_annotation_crops` turns annotated fields (IML_Malaria boxes) into an NIH-layout
 folder ``Parasitized/`` + ``Uninfected/`` of PNG crops named ``<field stem>_cell_<k>.png`` and a
 ``groups.csv`` (``path,patient`` with patient = field id) for leak-free grouped training.
+:func:`export_detection_crops` writes the same layout from the *segmentation's* cells, cut
+exactly as :func:`~malaria_screen.smear.screen.screen_field` cuts them, each labelled by the
+annotated box it matches (IoU ≥ 0.5): training crops then look like the crops the adapted model
+will classify.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from malaria_screen.smear.segment import CellProps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportSummary", "box_cell_mask", "cell_crop", "cell_crops", "export_annotation_crops"]
+__all__ = ["ExportSummary", "box_cell_mask", "cell_crop", "cell_crops", "export_annotation_crops", "export_detection_crops"]
 
 
 def _square_pad(crop: np.ndarray) -> np.ndarray:
@@ -201,17 +205,11 @@ def export_annotation_crops(
     split never puts cells of one field on both sides. Fields from the same patient/slide are
     still separate groups: group by slide if that is known.
     """
-    from PIL import Image
-
-    from malaria_screen.fileio import atomic_write_bytes, atomic_write_text
     from malaria_screen.smear.evaluate import IGNORED_TYPES, INFECTED_TYPES
 
     inf_types = INFECTED_TYPES if infected_types is None else frozenset(infected_types)
-    field_dir, out_dir = Path(field_dir), Path(out_dir)
-    for cls in ("Parasitized", "Uninfected"):
-        (out_dir / cls).mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str]] = []
-    counts = {"Parasitized": 0, "Uninfected": 0}
+    field_dir = Path(field_dir)
+    writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0
     decode = _decoder()
@@ -239,20 +237,118 @@ def export_annotation_crops(
             crop = rgb[y0:y1, x0:x1].copy()
             if mask_cells:
                 crop[~box_cell_mask(crop)] = 0
-            cls = "Parasitized" if box.type in inf_types else "Uninfected"
-            rel = f"{cls}/{stem}_cell_{k}.png"
-            buf = io.BytesIO()
-            Image.fromarray(crop).save(buf, format="PNG")
-            atomic_write_bytes(out_dir / rel, buf.getvalue())
-            rows.append((rel, stem))
-            counts[cls] += 1
-    sio = io.StringIO()
-    wr = csv.writer(sio, lineterminator="\n")
-    wr.writerow(["path", "patient"])
-    wr.writerows(rows)
-    groups = out_dir / "groups.csv"
-    atomic_write_text(groups, sio.getvalue())
-    return ExportSummary(counts["Parasitized"], counts["Uninfected"], n_fields, n_skipped, errors, groups)
+            writer.write("Parasitized" if box.type in inf_types else "Uninfected", f"{stem}_cell_{k}.png", crop, stem)
+    return writer.finish(n_fields, n_skipped, errors)
+
+
+def export_detection_crops(
+    field_dir: str | Path,
+    annotations: dict,
+    out_dir: str | Path,
+    *,
+    iou_threshold: float = 0.5,
+    stain: str = "none",
+    **segment_kwargs,
+) -> ExportSummary:
+    """Write NIH-layout PNG crops of the segmented cells that match an annotated box.
+
+    Each field is segmented (:func:`~malaria_screen.smear.segment.segment_field`), its cells
+    are cut as in screening (:func:`cell_crops`, black outside the cell mask; optional stain
+    normalisation as in :func:`~malaria_screen.smear.screen.screen_field`), and detections are
+    matched one-to-one to the annotated boxes (:func:`~malaria_screen.smear.evaluate.match_boxes`,
+    IoU ≥ ``iou_threshold``). A detection matched to an infected box goes to ``Parasitized/``,
+    one matched to any other non-``difficult`` box to ``Uninfected/``; unmatched detections and
+    those matched to ``difficult`` boxes are skipped (``n_skipped``).
+
+    Parameters
+    ----------
+    field_dir : str or Path
+        Folder of field images (names as in ``annotations``).
+    annotations : dict
+        Image name -> list of :class:`~malaria_screen.smear.evaluate.GroundTruthBox`.
+    out_dir : str or Path
+        Output folder; ``Parasitized/``, ``Uninfected/`` and ``groups.csv`` (``path,patient``,
+        patient = field stem) are written there. Crops are named ``<field stem>_det_<id>.png``
+        (id = the cell's id in the segmentation).
+    iou_threshold : float
+        Minimum IoU of a match.
+    stain : {"none", "reinhard", "macenko"}
+        Stain normalisation applied before cutting (use the one the model will be run with).
+    **segment_kwargs
+        Passed to :func:`~malaria_screen.smear.segment.segment_field` (e.g. ``pixel_size_um``).
+
+    Returns
+    -------
+    ExportSummary
+        Fields that cannot be decoded are listed in ``errors``; the rest go on.
+    """
+    from malaria_screen.smear.evaluate import match_boxes
+    from malaria_screen.smear.segment import segment_field
+    from malaria_screen.smear.stain import normalize_stain
+
+    field_dir = Path(field_dir)
+    writer = _CropWriter(Path(out_dir))
+    errors: dict[str, str] = {}
+    n_fields = n_skipped = 0
+    decode = _decoder()
+    for name in sorted(annotations):
+        try:
+            rgb = decode(field_dir / name)
+        except (OSError, ValueError) as exc:
+            errors[name] = str(exc)
+            logger.warning("skipping %s: %s", name, exc)
+            continue
+        n_fields += 1
+        seg = segment_field(rgb, **segment_kwargs)
+        cells = seg.cells()
+        src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
+        crops = cell_crops(src, seg.labels, cells)
+        gt = annotations[name]
+        pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
+        gt_boxes = np.asarray([g.bbox for g in gt], np.float64).reshape(-1, 4)
+        matched = dict(match_boxes(pred_boxes, gt_boxes, iou_threshold=iou_threshold))
+        stem = Path(name).stem
+        for i, c in enumerate(cells):
+            g = matched.get(i)
+            if g is None or gt[g].ignored:
+                n_skipped += 1
+                continue
+            writer.write("Parasitized" if gt[g].infected else "Uninfected", f"{stem}_det_{c.id}.png", crops[i], stem)
+    return writer.finish(n_fields, n_skipped, errors)
+
+
+class _CropWriter:
+    """Writes PNG crops into ``<out>/<class>/`` atomically and ``groups.csv`` at the end."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.rows: list[tuple[str, str]] = []
+        self.counts = {"Parasitized": 0, "Uninfected": 0}
+        for cls in self.counts:
+            (out_dir / cls).mkdir(parents=True, exist_ok=True)
+
+    def write(self, cls: str, filename: str, crop: np.ndarray, group: str) -> None:
+        from PIL import Image
+
+        from malaria_screen.fileio import atomic_write_bytes
+
+        rel = f"{cls}/{filename}"
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, format="PNG")
+        atomic_write_bytes(self.out_dir / rel, buf.getvalue())
+        self.rows.append((rel, group))
+        self.counts[cls] += 1
+
+    def finish(self, n_fields: int, n_skipped: int, errors: dict[str, str]) -> ExportSummary:
+        from malaria_screen.fileio import atomic_write_text
+
+        sio = io.StringIO()
+        wr = csv.writer(sio, lineterminator="\n")
+        wr.writerow(["path", "patient"])
+        wr.writerows(self.rows)
+        groups = self.out_dir / "groups.csv"
+        atomic_write_text(groups, sio.getvalue())
+        return ExportSummary(self.counts["Parasitized"], self.counts["Uninfected"], n_fields, n_skipped, errors, groups)
 
 
 def _decoder():

@@ -246,12 +246,16 @@ def _fg_mask(
     return mask, thr
 
 
-def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None) -> float:
+def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None, dense_coverage: float = 0.75) -> float:
     """Estimate the typical red-cell diameter of a field from the image alone.
 
     The coarse foreground's distance transform is maximal near each cell's centre with a
     value ≈ the cell radius, whether the cell is isolated or in a clump of touching cells; the
     median of the per-object maxima (objects with tiny maxima, i.e. specks, ignored) is taken.
+    Holes (the pale centre of a cell) are filled first, except in a dense field: when the filled
+    foreground covers more than ``dense_coverage`` of the field, the "holes" were the background
+    between packed cells (filling them made one field-sized object, and a 5-10x too large
+    estimate on 2 of the 120 IML dev fields), so the unfilled foreground is used.
 
     Parameters
     ----------
@@ -259,6 +263,9 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None) -
         ``(H, W, 3)`` uint8 RGB field.
     od : np.ndarray, optional
         Precomputed :func:`foreground_signal` of ``rgb``.
+    dense_coverage : float, default=0.75
+        Foreground share (0..1) above which holes are not filled. Thin-smear monolayers in the
+        IML and Chula fields cover at most ~0.58 once filled.
 
     Returns
     -------
@@ -278,6 +285,8 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None) -
         g = cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
     g = cv2.GaussianBlur(g, (0, 0), 1.0)
     mask, _ = _fg_mask(g, min_object_px=12)
+    if mask.mean() > dense_coverage:
+        mask, _ = _fg_mask(g, min_object_px=12, max_hole_px=0)
     if not mask.any():
         return float("nan")
     dt = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
@@ -574,6 +583,18 @@ def _disc_centres(
     return centres
 
 
+def _solidity(mask: np.ndarray) -> float:
+    """Contour area / convex hull area of a bool mask's largest outer contour (1 = convex)."""
+    import cv2
+
+    cnts, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not cnts:
+        return 1.0
+    c = max(cnts, key=cv2.contourArea)
+    hull = cv2.contourArea(cv2.convexHull(c))
+    return float(cv2.contourArea(c)) / hull if hull > 0 else 1.0
+
+
 def _split_clumps(
     seg: np.ndarray,
     cell_area: float,
@@ -584,6 +605,7 @@ def _split_clumps(
     min_gain_frac: float = 0.45,
     outside_weight: float = 1.0,
     min_depth_frac: float = 0.4,
+    max_solidity: float = 0.95,
 ) -> tuple[np.ndarray, dict[int, tuple[int, int, int, int]]]:
     """Split segments of overlapping cells by a greedy cover with cell-sized discs.
 
@@ -593,7 +615,12 @@ def _split_clumps(
     radius (:func:`_disc_centres`). With two or more discs, each pixel goes to the nearest disc
     centre (the cell's share of the clump: its mask) and the cell's box is that of its disc
     within the segment, which includes the part its neighbour overlaps. A large single cell is
-    left whole: no second disc gains enough.
+    left whole: no second disc gains enough, or the segment is convex (solidity = area / convex
+    hull area ≥ ``max_solidity``; overlapping cells leave notches, an enlarged *P. vivax*-
+    infected cell or gametocyte does not; two unit discs overlapping with centres 1.4 radii apart
+    have solidity ~0.93). On the 120 IML dev fields the solidity rule (0.95, chosen among 0.93-0.99)
+    kept 7 more infected cells whole (matched at IoU ≥ 0.5: 147 of 185) and raised RBC F1 by 0.002
+    on fields 1-40 and 0.003 on fields 41-120.
 
     Parameters
     ----------
@@ -628,6 +655,8 @@ def _split_clumps(
     for i in big:
         sl = objs[i - 1]
         m = seg[sl] == i
+        if _solidity(m) >= max_solidity:
+            continue
         cs = _disc_centres(m, r, min_gain_frac=min_gain_frac, outside_weight=outside_weight,
                            max_cells=max_cells, min_depth_frac=min_depth_frac)
         if len(cs) < 2:

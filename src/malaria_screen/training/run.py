@@ -235,6 +235,8 @@ def train(
         check_leak_free(manifest)
         mean, std = channel_stats(cells.images[split.train])
         cfg = cfg.replace(class_names=tuple(cells.class_names), mean=mean, std=std)
+        if cfg.init_from is not None:
+            cfg = _inherit_init_run(cfg)
 
     if cfg.unfreeze_at_epoch is not None and "ddp" in str(strategy):
         raise ValueError("gradual unfreezing (unfreeze_at_epoch) is not supported with DDP: parameters unfrozen "
@@ -244,6 +246,8 @@ def train(
     # On resume the checkpoint holds every weight: the pretrained file is not read again.
     weights = None if resume else cfg.pretrained_weights
     net = _build_net(cfg, weights)
+    if cfg.init_from is not None and not resume:
+        load_weights(net, _init_run_dir(cfg.init_from) / "weights.safetensors").train()
     pos = cfg.positive_index if cfg.positive_index is not None else 0
     system = CellClassifier(net, num_classes=cfg.num_classes, positive_index=pos, optimizer=cfg.optimizer, lr=cfg.lr,
                             weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing,
@@ -306,6 +310,31 @@ def train(
         })
     return TrainResult(run_dir=out, config=cfg, cells=cells, split=split, seconds=seconds, epochs_run=int(trainer.current_epoch),
                        is_global_zero=bool(trainer.is_global_zero))
+
+
+def _init_run_dir(init_from: str | Path) -> Path:
+    """The run folder named by ``init_from`` (a folder, or a file inside it)."""
+    p = Path(init_from)
+    return p.parent if p.is_file() else p
+
+
+def _inherit_init_run(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the input normalisation of the run it fine-tunes (``cfg.init_from``).
+
+    Raises
+    ------
+    ValueError
+        If the run folder lacks ``config.json``/``weights.safetensors`` or its model, input
+        size, channels or classes differ from ``cfg``.
+    """
+    run = _init_run_dir(cfg.init_from)
+    if not (run / "config.json").is_file() or not (run / "weights.safetensors").is_file():
+        raise ValueError(f"init_from={cfg.init_from!r}: no config.json + weights.safetensors in {run}")
+    base = TrainConfig.from_json(run / "config.json")
+    for name in ("model", "input_size", "channels", "class_names"):
+        if getattr(base, name) != getattr(cfg, name):
+            raise ValueError(f"init_from run has {name}={getattr(base, name)!r}, this run {getattr(cfg, name)!r}")
+    return cfg.replace(mean=base.mean, std=base.std)
 
 
 def _build_net(cfg: TrainConfig, weights: str | None) -> torch.nn.Module:
