@@ -208,19 +208,10 @@ def export_annotation_crops(
     from malaria_screen.smear.evaluate import IGNORED_TYPES, INFECTED_TYPES
 
     inf_types = INFECTED_TYPES if infected_types is None else frozenset(infected_types)
-    field_dir = Path(field_dir)
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0
-    decode = _decoder()
-    for name in sorted(annotations):
-        path = field_dir / name
-        try:
-            rgb = decode(path)
-        except (OSError, ValueError) as exc:
-            errors[name] = str(exc)
-            logger.warning("skipping %s: %s", name, exc)
-            continue
+    for name, rgb in _decoded_fields(Path(field_dir), sorted(annotations), errors):
         n_fields += 1
         stem = Path(name).stem
         H, W = rgb.shape[:2]
@@ -286,18 +277,10 @@ def export_detection_crops(
     from malaria_screen.smear.segment import segment_field
     from malaria_screen.smear.stain import normalize_stain
 
-    field_dir = Path(field_dir)
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0
-    decode = _decoder()
-    for name in sorted(annotations):
-        try:
-            rgb = decode(field_dir / name)
-        except (OSError, ValueError) as exc:
-            errors[name] = str(exc)
-            logger.warning("skipping %s: %s", name, exc)
-            continue
+    for name, rgb in _decoded_fields(Path(field_dir), sorted(annotations), errors):
         n_fields += 1
         seg = segment_field(rgb, **segment_kwargs)
         cells = seg.cells()
@@ -315,6 +298,19 @@ def export_detection_crops(
                 continue
             writer.write("Parasitized" if gt[g].infected else "Uninfected", f"{stem}_det_{c.id}.png", crops[i], stem)
     return writer.finish(n_fields, n_skipped, errors)
+
+
+def _decoded_fields(field_dir: Path, names: list[str], errors: dict[str, str]):
+    """Yield ``(name, (H, W, 3) uint8 RGB)`` per field; undecodable ones go to ``errors`` and are skipped."""
+    decode = _decoder()
+    for name in names:
+        try:
+            rgb = decode(field_dir / name)
+        except (OSError, ValueError) as exc:
+            errors[name] = str(exc)
+            logger.warning("skipping %s: %s", name, exc)
+            continue
+        yield name, rgb
 
 
 class _CropWriter:
