@@ -135,3 +135,32 @@ def test_init_from_fine_tunes_the_default_model(nih_dir, tmp_path, make_subset):
     bad = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "bad"), "--model", "bn_cnn", "--epochs", "1",
                               "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--init-from", "default"])
     assert bad.exit_code != 0 and "model" in bad.output
+
+
+def test_adaptation_path_nih_plus_field_crops(data_dir, nih_dir, tmp_path, make_subset):
+    """crops --source detections + NIH cells in one folder, --init-from default, val-count threshold
+    calibrated on the listed (field) crops only."""
+    import re
+
+    from malaria_screen.data.patients import read_groups_csv
+    from malaria_screen.smear.crops import export_detection_crops
+    from malaria_screen.smear.evaluate import load_iml_annotations
+
+    iml = data_dir / "iml_malaria_dev"
+    ann = load_iml_annotations(iml / "annotations.json")
+    with_inf = [n for n in sorted(ann) if any(b.infected for b in ann[n])][:8]
+    data = make_subset(nih_dir, tmp_path / "mix", PATIENTS[:6])
+    s = export_detection_crops(iml / "images", {n: ann[n] for n in with_inf}, data)
+    assert s.n_parasitized >= 8
+    listed = read_groups_csv(data / "groups.csv")
+    res = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "64",
+                              "--limit-train-batches", "3", "--val-fraction", "0.25", "--test-fraction", "0.25",
+                              "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--groups", str(data / "groups.csv"),
+                              "--init-from", "default", "--threshold-rule", "val-count"])
+    assert res.exit_code == 0, res.output
+    called, total, truth = map(int, re.search(r"(\d+) of (\d+) validation cells called Parasitized \((\d+) are\)",
+                                              res.output).groups())
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    val_files = split["splits"]["val"]["files"]
+    assert total == sum(f in listed for f in val_files) < len(val_files)  # field crops only, not the NIH cells
+    assert called >= truth

@@ -72,7 +72,8 @@ def train(
         "microscope's crops): its weights and input normalisation are the start"),
     threshold_rule: str = typer.Option(
         "fixed", help="fixed: threshold 0.5 | val-count: the threshold at which as many validation cells are called "
-        "Parasitized as are Parasitized (count calibration for parasitemia on a low-prevalence site)"),
+        "Parasitized as are Parasitized (count calibration for parasitemia on a low-prevalence site; with --groups, "
+        "only the validation cells listed there count: the target site's crops, not NIH cells mixed in)"),
     limit_train_batches: Optional[float] = typer.Option(None, help="Batches (>1) or share (<=1) per epoch: smoke runs"),
 ) -> None:
     """Train a cell classifier with a patient-level split, then evaluate it on the test patients.
@@ -127,21 +128,30 @@ def train(
         typer.echo(f"chance (commonest class): {mm['chance_accuracy']:.4f}")
         return
     if threshold_rule == "val-count":
-        _calibrate_count_threshold(out, res.cells, res.split.val)
+        _calibrate_count_threshold(out, res.cells, res.split.val, groups_csv=groups)
     m = _evaluate_split(out, res.cells, res.split.test, split_name="test")
     _print_metrics(m)
 
 
-def _calibrate_count_threshold(run_dir: Path, cells, idx) -> None:
-    """Set the run's threshold so the validation cells' Parasitized count is right (config.json)."""
+def _calibrate_count_threshold(run_dir: Path, cells, idx, *, groups_csv: Optional[Path] = None) -> None:
+    """Set the run's threshold so the validation cells' Parasitized count is right (config.json).
+
+    With ``groups_csv``, only validation cells listed in it are used (the annotated target-site
+    crops; NIH cells added to the folder for training keep their 50 % prevalence out of it).
+    """
     import numpy as np
 
     from malaria_screen.config import TrainConfig
+    from malaria_screen.data.patients import read_groups_csv
     from malaria_screen.evaluation.metrics import count_matched_threshold
     from malaria_screen.inference import Predictor
 
+    if groups_csv is not None:
+        listed = set(read_groups_csv(groups_csv))
+        idx = np.asarray([i for i in idx if cells.relpaths[i] in listed or Path(cells.relpaths[i]).name in listed], int)
     if len(idx) == 0:
-        raise typer.BadParameter("--threshold-rule val-count needs validation cells (--val-fraction > 0)")
+        raise typer.BadParameter("--threshold-rule val-count needs validation cells (--val-fraction > 0; listed in "
+                                 "--groups when given)")
     pred = Predictor.from_dir(run_dir)
     probs = pred.predict_proba_prepared(cells.subset(idx).images)[:, pred.positive_index]
     y = np.asarray(cells.labels)[idx] == cells.class_names.index(pred.class_names[pred.positive_index])
