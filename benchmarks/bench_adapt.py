@@ -27,7 +27,6 @@ Data: ``$MALARIA_SCREEN_DATA`` (default ``../shared/data`` from the repository r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -71,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from malaria_screen.data.dataset import load_cell_set
     from malaria_screen.data.split import SplitIndices
     from malaria_screen.evaluation.metrics import count_matched_threshold
+    from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import load_model
     from malaria_screen.inference.base import default_model_dir
     from malaria_screen.smear.crops import export_detection_crops
@@ -172,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
            "per_field": [{"image": mm.image, "n_pred": mm.n_pred, "n_gt": mm.n_gt, "inf_pred": mm.inf_pred,
                           "inf_gt": mm.inf_gt, "inf_tp": mm.inf_tp, "parasitemia_pred": mm.parasitemia_pred,
                           "parasitemia_true": mm.parasitemia_true} for mm in all_matches]}
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     print(f"\nAll {len(all_matches)} IML dev fields, each screened by a model fine-tuned without its block "
           f"({args.folds} contiguous blocks):")
     print(f"  infected cells: {tot['n_gt_infected']} annotated, {tot['n_pred_infected']} called; sensitivity "
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(mean annotated parasitemia {res['mean_true_parasitemia_pp']:.2f} %)")
     blk = [abs(f["pooled_parasitemia_pred"] - f["pooled_parasitemia_true"]) * 100 for f in folds]
     res["block_pooled_parasitemia_mae_pp"] = float(np.mean(blk))
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(out / "results.json", res)
     print(f"  parasitemia pooled over each block of {len(blocks[0])} fields: mean absolute error {np.mean(blk):.2f} pp "
           f"(max {np.max(blk):.2f})")
     print(f"results: {out / 'results.json'}")
