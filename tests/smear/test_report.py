@@ -112,3 +112,24 @@ def test_bundled_demo_field_screens():
 
     res = screen_field(decode_image(str(field)), None)
     assert 100 <= res.n_rbc <= 135
+
+
+def test_domain_shift_warning_on_iml_fields_with_nih_model(tmp_path, iml_dir):
+    """The NIH-only default model on the IML microscope calls far too many cells: the slide is flagged."""
+    from malaria_screen.inference import load_model
+
+    names = ["PA171926.JPG", "PA171966.JPG"]  # annotated parasitemia 0.9 % and 0 %
+    for n in names:
+        shutil.copy(iml_dir / "images" / n, tmp_path / n)
+    out = tmp_path / "out"
+    s = run_smear([tmp_path / n for n in names], out, load_model(None))
+    assert s["parasitemia"] > 0.05 and len(s["warnings"]) == 1 and "microscopy" in s["warnings"][0]
+    assert "Warning:" in (out / "report.html").read_text()
+
+
+def test_no_warning_below_threshold_or_on_few_cells():
+    from malaria_screen.smear.report import slide_warnings
+
+    assert slide_warnings(5, 500) == []  # 1 %
+    assert slide_warnings(30, 100) == []  # too few cells to judge
+    assert len(slide_warnings(60, 500)) == 1  # 12 %

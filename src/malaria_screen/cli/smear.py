@@ -77,6 +77,8 @@ def smear(
         f"{s['n_fields']} field(s), {s['n_failed']} failed: {s['n_rbc']} RBC, {s['n_infected']} infected, "
         f"parasitemia {ptxt}. Report: {Path(out) / 'report.html'}"
     )
+    for w in s.get("warnings", []):
+        typer.echo(f"WARNING: {w}", err=True)
     if s["n_fields"] == 0:
         raise typer.Exit(1)
 

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
-__all__ = ["IMAGE_SUFFIXES", "collect_fields", "overlay_image", "run_smear", "write_field_outputs"]
+__all__ = ["HIGH_PARASITEMIA", "IMAGE_SUFFIXES", "collect_fields", "overlay_image", "run_smear", "slide_warnings",
+           "write_field_outputs"]
 
 
 def collect_fields(inputs: Iterable[str | Path]) -> list[Path]:
@@ -268,12 +269,47 @@ def run_smear(
             "threshold": float(getattr(model, "threshold", 0.5)) if model is not None else None,
         },
         "seconds_total": round(time.perf_counter() - t_start, 3),
+        "warnings": slide_warnings(n_inf, n_rbc) if classified else [],
         "fields": fields,
         "errors": errors,
     }
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "report.html", _report_html(summary, thumbs))
     return summary
+
+
+#: Parasitemia above which a slide gets a warning (WHO: > 5 % is hyperparasitaemia in low-
+#: transmission areas; 10 % everywhere).
+HIGH_PARASITEMIA = 0.05
+
+
+def slide_warnings(n_infected: int, n_rbc: int, *, high: float = HIGH_PARASITEMIA, min_rbc: int = 200) -> list[str]:
+    """Plain-language warnings for a slide's result (empty when there is nothing to flag).
+
+    A parasitemia above ``high`` (fraction) over at least ``min_rbc`` counted RBCs is either
+    hyperparasitaemia (WHO severe-malaria criterion, an emergency) or a cell model that does not
+    fit this microscope/stain: the NIH-only default model calls ~15 % of the cells of the
+    IML_Malaria microscope Parasitized (README, "Domain shift"). Both need a microscopist.
+
+    Parameters
+    ----------
+    n_infected, n_rbc : int
+        Slide totals (counted cells).
+    high : float
+        Parasitemia threshold, fraction 0..1.
+    min_rbc : int
+        Fewer counted cells than this give no warning (too few to judge).
+
+    Returns
+    -------
+    list of str
+    """
+    if n_rbc < min_rbc or n_infected / n_rbc <= high:
+        return []
+    return [f"Parasitemia {100 * n_infected / n_rbc:.1f} % is above {100 * high:.0f} %: either hyperparasitaemia "
+            "(severe malaria) or a cell model that does not fit this microscope and stain (a model trained on other "
+            "slides can call many healthy cells Parasitized). Confirm by microscopy; adapt the model to annotated "
+            "fields of this microscope before relying on its counts."]
 
 
 def _pct(x: float | None) -> str:
@@ -299,6 +335,7 @@ def _report_html(summary: dict, thumbs: dict[str, str]) -> str:
     err_rows = "".join(f"<tr><td>{e(x['image'])}</td><td>{e(x['error'])}</td></tr>" for x in summary["errors"])
     lo, hi = summary["parasitemia_ci95"]
     note = "" if summary["classified"] else "<p><b>No classifier was run: counts only.</b></p>"
+    note += "".join(f'<p class="warn"><b>Warning:</b> {e(w)}</p>' for w in summary.get("warnings", []))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>malaria-screen smear report</title>
 <style>
