@@ -39,7 +39,7 @@ bench-infer: $(STAMP)
 bench-smear: $(STAMP)
 	$(BIN)/python benchmarks/bench_smear.py --data $(MALARIA_SCREEN_DATA)
 
-# Cross-validated adaptation of the cell model to the IML microscope (~30 min on 2 cores).
+# Cross-validated adaptation of the cell model to the IML microscope (~35 min on 2 cores).
 bench-adapt: $(STAMP)
 	$(BIN)/python benchmarks/bench_adapt.py --data $(MALARIA_SCREEN_DATA) --out bench_out/adapt --with-nih
 

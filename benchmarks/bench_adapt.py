@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="data root (default $MALARIA_SCREEN_DATA or ../shared/data)")
     ap.add_argument("--out", default="bench_out/adapt", help="work folder (crops, fold runs, results); resumable")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs; 0 = adapt the threshold only")
+    ap.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs; 0 = adapt the threshold only")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak one-cycle learning rate of the fine-tuning")
     ap.add_argument("--threshold", default="val-count", help="val-count, or a fixed probability")
     ap.add_argument("--init-from", default="default", help="run folder to fine-tune ('default' = bundled model)")
