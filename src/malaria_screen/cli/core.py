@@ -147,8 +147,9 @@ def _calibrate_count_threshold(run_dir: Path, cells, idx, *, groups_csv: Optiona
     from malaria_screen.inference import Predictor
 
     if groups_csv is not None:
-        listed = set(read_groups_csv(groups_csv))
-        idx = np.asarray([i for i in idx if cells.relpaths[i] in listed or Path(cells.relpaths[i]).name in listed], int)
+        listed = read_groups_csv(groups_csv)  # looked up as the loader does: by path, then by file name
+        names = {Path(k).name for k in listed}
+        idx = np.asarray([i for i in idx if cells.relpaths[i] in listed or Path(cells.relpaths[i]).name in names], int)
     if len(idx) == 0:
         raise typer.BadParameter("--threshold-rule val-count needs validation cells (--val-fraction > 0; listed in "
                                  "--groups when given)")

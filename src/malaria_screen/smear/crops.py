@@ -18,7 +18,6 @@ will classify.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from dataclasses import dataclass
@@ -336,14 +335,10 @@ class _CropWriter:
         self.counts[cls] += 1
 
     def finish(self, n_fields: int, n_skipped: int, errors: dict[str, str]) -> ExportSummary:
-        from malaria_screen.fileio import atomic_write_text
+        from malaria_screen.fileio import atomic_write_text, rows_to_csv
 
-        sio = io.StringIO()
-        wr = csv.writer(sio, lineterminator="\n")
-        wr.writerow(["path", "patient"])
-        wr.writerows(self.rows)
         groups = self.out_dir / "groups.csv"
-        atomic_write_text(groups, sio.getvalue())
+        atomic_write_text(groups, rows_to_csv([{"path": r, "patient": g} for r, g in self.rows], ["path", "patient"]))
         return ExportSummary(self.counts["Parasitized"], self.counts["Uninfected"], n_fields, n_skipped, errors, groups)
 
 
