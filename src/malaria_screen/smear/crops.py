@@ -93,6 +93,11 @@ def cell_crops(
 ) -> list[np.ndarray]:
     """Crops of all cells of a label image (see :func:`cell_crop`).
 
+    Each crop is cut around the cell's own mask (its share of a group of touching cells), not
+    around its reported box, which for touching cells covers the whole cell under its
+    neighbours (:attr:`~malaria_screen.smear.segment.Segmentation.boxes`): the cell stays
+    centred as in the training crops.
+
     Parameters
     ----------
     rgb : np.ndarray
@@ -106,15 +111,26 @@ def cell_crops(
     -------
     list of np.ndarray
         One ``(h, w, 3)`` uint8 crop per cell, same order as ``cells``.
+
+    Raises
+    ------
+    ValueError
+        If a cell's ``id`` is not a label of ``labels``.
     """
+    from scipy import ndimage as ndi
+
     H, W = labels.shape
+    objs = ndi.find_objects(np.asarray(labels, np.int32))
     out = []
     for c in cells:
-        x, y, w, h = c.bbox
+        sl = objs[c.id - 1] if 0 < c.id <= len(objs) else None
+        if sl is None:
+            raise ValueError(f"cell {c.id} is not in the label image")
+        x, y, w, h = sl[1].start, sl[0].start, sl[1].stop - sl[1].start, sl[0].stop - sl[0].start
         x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
         x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
         m = labels[y0:y1, x0:x1] == c.id
-        out.append(cell_crop(rgb, m, c.bbox, margin_px=margin_px, square=square))
+        out.append(cell_crop(rgb, m, (x, y, w, h), margin_px=margin_px, square=square))
     return out
 
 

