@@ -243,8 +243,9 @@ def evaluate_iml_field(
     box_scale : float, default=1.0
         Detections are matched with their boxes scaled by this factor about their centres (width
         and height): a box *convention* correction. Detection boxes are tight around the cell
-        mask; IML's annotators drew boxes with a margin (median annotated/detected linear size
-        1.19 on matched cells, see ``extra["size_ratio"]``). 1 = tight boxes (strict).
+        (its mask, or the whole cell for touching cells); IML's annotators drew boxes with a
+        margin (median annotated/detected linear size 1.15 on matched cells of fields 1-40, see
+        ``extra["size_ratio"]``). 1 = tight boxes (strict).
 
     Returns
     -------
