@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stain", default="none", choices=["none", "reinhard", "macenko"],
                     help="stain normalisation of the IML fields (crops and screening alike)")
     ap.add_argument("--with-nih", action="store_true", help="add the NIH cells to every fold's training set")
+    ap.add_argument("--color-jitter", type=float, default=0.1,
+                    help="colour jitter strength of the fine-tuning augmentation (TrainConfig.color_jitter)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             calib = np.concatenate([split.train, split.val])
         else:
             if not (run / "weights.safetensors").is_file():
-                cfg = TrainConfig(epochs=args.epochs, lr=args.lr, init_from=init, seed=0)
+                cfg = TrainConfig(epochs=args.epochs, lr=args.lr, init_from=init, seed=0, color_jitter=args.color_jitter)
                 train(crops, run, cfg, cells=cells, split=split, progress=False)
             model = load_model(run)
             calib = split.val
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     err = [abs(mm.parasitemia_pred - mm.parasitemia_true) * 100 for mm in all_matches]
     ci = _boot_ci(err, lambda e: float(np.mean(e)))
     res = {"folds": folds, "n_fields": len(all_matches), "epochs": args.epochs, "lr": args.lr, "stain": args.stain,
-           "with_nih": args.with_nih,
+           "with_nih": args.with_nih, "color_jitter": args.color_jitter,
            "threshold_rule": args.threshold, "parasitemia_mae_pp_ci95": ci,
            **{key: tot[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
                                         "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected")},

@@ -23,3 +23,12 @@ def test_validation():
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"modle": "x"})
     assert TrainConfig(class_names=("a", "b", "c")).positive_index is None
+    with pytest.raises(ValueError, match="color_jitter"):
+        TrainConfig(color_jitter=1.2)
+
+
+def test_config_without_new_keys_loads_with_defaults(tmp_path):
+    """Runs saved before a field existed (the bundled model's config.json) still load."""
+    d = TrainConfig().to_dict()
+    del d["color_jitter"]
+    assert TrainConfig.from_dict(d).color_jitter == 0.1

@@ -45,6 +45,11 @@ class TrainConfig:
     grad_clip : float
         Gradient clipping by value (seed 003 uses 0.1); 0 disables.
     augment : bool
+    color_jitter : float
+        Strength of the colour augmentation (with ``augment``): brightness, contrast and
+        saturation jitter ± this factor, hue ± a fifth of it (torchvision ``ColorJitter``).
+        0.1 (mild) suits one data set; stronger jitter (e.g. 0.3) imitates the stain
+        differences between slides when a model is adapted to another microscope.
     early_stopping_patience : int
         Epochs without val-loss improvement before stopping; 0 disables.
     val_fraction, test_fraction : float
@@ -92,6 +97,7 @@ class TrainConfig:
     scheduler: str = "onecycle"
     grad_clip: float = 0.1
     augment: bool = True
+    color_jitter: float = 0.1
     early_stopping_patience: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -114,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"input_size must be >= 8 px, got {self.input_size}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
         if not self.backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if self.unfreeze_at_epoch is not None and (not self.freeze_backbone or self.unfreeze_at_epoch < 1):

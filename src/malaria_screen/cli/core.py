@@ -45,7 +45,10 @@ def train(
     weight_decay: float = typer.Option(5e-4, help="Decoupled weight decay"),
     scheduler: str = typer.Option("onecycle", help="onecycle (seed 003) | plateau (factor 0.5, patience 2, min_lr 1e-6; seed 000) | none"),
     grad_clip: float = typer.Option(0.1, help="Clip gradients by value; 0 disables"),
-    augment: bool = typer.Option(True, help="Flips, 90-degree rotations, padded random crop, mild colour jitter"),
+    augment: bool = typer.Option(True, help="Flips, 90-degree rotations, padded random crop, colour jitter"),
+    color_jitter: float = typer.Option(
+        0.1, min=0.0, max=0.99, help="Colour jitter strength: brightness/contrast/saturation +- this, hue +- a fifth of it "
+        "(0.3 imitates slide-to-slide stain differences when adapting to another microscope)"),
     early_stopping: int = typer.Option(0, help="Stop after N epochs without val-loss improvement; 0 disables"),
     val_fraction: float = typer.Option(0.1, help="Share of PATIENTS for validation"),
     test_fraction: float = typer.Option(0.2, help="Share of PATIENTS for test"),
@@ -90,6 +93,7 @@ def train(
         cfg = TrainConfig(
             model=model, input_size=input_size or default_input_size(model), epochs=epochs, batch_size=batch_size,
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, grad_clip=grad_clip, augment=augment,
+            color_jitter=color_jitter,
             early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,

@@ -69,6 +69,8 @@ class CellDataModule(L.LightningDataModule):
         Training-patient channel statistics.
     batch_size : int, default=128
     augment : bool, default=True
+    color_jitter : float, default=0.1
+        Colour jitter strength of the training augmentation (:func:`~.transforms.train_transform`).
     num_workers : int, default=0
     seed : int, default=0
         Seeds the training shuffle.
@@ -83,6 +85,7 @@ class CellDataModule(L.LightningDataModule):
         *,
         batch_size: int = 128,
         augment: bool = True,
+        color_jitter: float = 0.1,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -90,10 +93,12 @@ class CellDataModule(L.LightningDataModule):
         self.cells, self.split = cells, split
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.augment, self.num_workers, self.seed = batch_size, augment, num_workers, seed
+        self.color_jitter = color_jitter
 
     def setup(self, stage: str | None = None) -> None:
         size = self.cells.size_px
-        tr, ev = train_transform(size, self.mean, self.std, augment=self.augment), eval_transform(self.mean, self.std)
+        tr = train_transform(size, self.mean, self.std, augment=self.augment, color_jitter=self.color_jitter)
+        ev = eval_transform(self.mean, self.std)
         c = self.cells
         self.train_set = CellDataset(c.images[self.split.train], c.labels[self.split.train], tr)
         self.val_set = CellDataset(c.images[self.split.val], c.labels[self.split.val], ev)

@@ -1,7 +1,8 @@
 """Train and eval transforms (torchvision ``transforms.v2``) on ``(3, S, S) uint8`` cell tensors.
 
 Augmentation follows seed 002/003 (flips, padded random crop) plus 90-degree rotations, which
-are label-preserving for a round cell seen from above, and mild colour jitter for stain variation.
+are label-preserving for a round cell seen from above, and colour jitter (mild by default) for stain
+variation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ class RandomRot90(torch.nn.Module):
         return torch.rot90(x, k, dims=(-2, -1)) if k else x
 
 
-def train_transform(size_px: int, mean: Sequence[float], std: Sequence[float], *, augment: bool = True) -> v2.Compose:
+def train_transform(
+    size_px: int, mean: Sequence[float], std: Sequence[float], *, augment: bool = True, color_jitter: float = 0.1
+) -> v2.Compose:
     """Augment and normalise one cell: ``(3, S, S) uint8`` in, ``(3, S, S) float32`` out.
 
     Parameters
@@ -33,7 +36,16 @@ def train_transform(size_px: int, mean: Sequence[float], std: Sequence[float], *
         Per-channel statistics in [0, 1] units, computed on training patients.
     augment : bool, default=True
         False gives :func:`eval_transform`.
+    color_jitter : float, default=0.1
+        Brightness, contrast and saturation jitter ± this factor, hue ± a fifth of it; 0 disables.
+
+    Raises
+    ------
+    ValueError
+        If ``color_jitter`` is negative or ≥ 1 (hue jitter must stay ≤ 0.5).
     """
+    if not 0.0 <= color_jitter < 1.0:
+        raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
     if not augment:
         return eval_transform(mean, std)
     return v2.Compose(
@@ -42,7 +54,7 @@ def train_transform(size_px: int, mean: Sequence[float], std: Sequence[float], *
             v2.RandomVerticalFlip(),
             RandomRot90(),
             v2.RandomCrop(size_px, padding=max(1, size_px // 16), fill=0),
-            v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+            v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=color_jitter / 5),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)),
         ]
