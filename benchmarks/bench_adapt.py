@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
            "with_nih": args.with_nih, "color_jitter": args.color_jitter,
            "threshold_rule": args.threshold, "parasitemia_mae_pp_ci95": ci,
            **{key: tot[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
-                                        "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected")},
+                                        "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected",
+                                        "infected_matched", "parasitemia_mae_pp_perfect_classifier")},
            "mean_true_parasitemia_pp": float(np.mean([mm.parasitemia_true for mm in all_matches]) * 100),
            "per_field": [{"image": mm.image, "n_pred": mm.n_pred, "n_gt": mm.n_gt, "inf_pred": mm.inf_pred,
                           "inf_gt": mm.inf_gt, "inf_tp": mm.inf_tp, "parasitemia_pred": mm.parasitemia_pred,
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  parasitemia absolute error per field: mean {tot['parasitemia_mae_pp']:.2f} pp "
           f"[{ci[0]:.2f}, {ci[1]:.2f}], max {tot['parasitemia_max_abs_err_pp']:.2f} pp "
           f"(mean annotated parasitemia {res['mean_true_parasitemia_pp']:.2f} %)")
+    print(f"  floor set by detection: {tot['infected_matched']} of {tot['n_gt_infected']} infected boxes matched to a "
+          f"detection; a perfect classifier of the detections: {tot['parasitemia_mae_pp_perfect_classifier']:.2f} pp")
     blk = [abs(f["pooled_parasitemia_pred"] - f["pooled_parasitemia_true"]) * 100 for f in folds]
     res["block_pooled_parasitemia_mae_pp"] = float(np.mean(blk))
     atomic_write_json(out / "results.json", res)

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     mae = m["parasitemia_mae_pp"]
     mx = m["parasitemia_max_abs_err_pp"]
     print(f"  parasitemia abs error     mean {'n/a' if mae is None else f'{mae:.3f}'} pp  max {'n/a' if mx is None else f'{mx:.3f}'} pp")
+    print(f"  detection floor           {m['infected_matched']} of {m['n_gt_infected']} infected boxes matched to a detection; "
+          f"a perfect classifier of the detections: parasitemia MAE {m['parasitemia_mae_pp_perfect_classifier']:.3f} pp")
     print(f"  time                      {m['seconds_per_field_mean']:.3f} s/field mean, {m['seconds_per_field_median']:.3f} median "
           f"({args.threads} threads; total {wall:.1f} s incl. decoding)")
 

@@ -131,3 +131,20 @@ def test_box_scale_matches_annotators_box_convention():
     assert strict.extra["size_ratio"] == [] and np.allclose(conv.extra["size_ratio"], [1.5, 1.5])
     with pytest.raises(ValueError):
         evaluate_iml_field("f", tight, None, gt, box_scale=0)
+
+
+def test_perfect_classifier_floor_counts_matched_infected_boxes():
+    """The detection floor: a ring cell that was detected counts, a missed gametocyte does not,
+    whatever the classifier said."""
+    from malaria_screen.smear.evaluate import GroundTruthBox, evaluate_iml_field, summarize_iml
+
+    gt = [GroundTruthBox((0.0, 0.0, 50.0, 50.0), "red blood cell"), GroundTruthBox((100.0, 0.0, 50.0, 50.0), "ring"),
+          GroundTruthBox((200.0, 0.0, 50.0, 50.0), "gametocyte"), GroundTruthBox((300.0, 0.0, 50.0, 50.0), "red blood cell")]
+    pred = np.array([[0.0, 0.0, 50.0, 50.0], [100.0, 0.0, 50.0, 50.0], [300.0, 0.0, 50.0, 50.0]])  # gametocyte missed
+    m = evaluate_iml_field("f", pred, np.array([False, False, False]), gt)
+    assert (m.inf_gt, m.inf_matched, m.inf_tp) == (2, 1, 0)
+    s = summarize_iml([m])
+    assert s["infected_matched"] == 1
+    # perfect classifier: 1 of 3 detections vs 2 of 4 annotated cells
+    assert s["parasitemia_mae_pp_perfect_classifier"] == pytest.approx(abs(1 / 3 - 2 / 4) * 100)
+    assert s["parasitemia_mae_pp"] == pytest.approx(50.0)  # what the all-Uninfected classifier got

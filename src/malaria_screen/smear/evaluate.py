@@ -180,7 +180,8 @@ class FieldMatch:
     """Matching counts for one IML field.
 
     Attributes are counts except ``parasitemia_pred`` / ``parasitemia_true`` (fractions 0..1)
-    and ``seconds`` (wall time of the screening, s).
+    and ``seconds`` (wall time of the screening, s). ``inf_matched``: infected boxes matched to
+    a detection, whatever its label (what a perfect classifier of these detections would find).
     """
 
     image: str
@@ -197,6 +198,7 @@ class FieldMatch:
     parasitemia_true: float
     seconds: float = float("nan")
     fp_border: int = 0
+    inf_matched: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -314,6 +316,7 @@ def evaluate_iml_field(
         parasitemia_true=par_true,
         seconds=seconds,
         fp_border=fp_border,
+        inf_matched=sum(1 for _, g in pairs_valid if gt_inf[g]),
         extra=extra,
     )
 
@@ -339,7 +342,11 @@ def summarize_iml(matches: list[FieldMatch]) -> dict:
     dict
         ``rbc_precision``, ``rbc_recall``, ``rbc_f1`` (pooled over fields), ``infected_sensitivity``,
         ``infected_ppv``, ``parasitemia_mae_pp`` and ``parasitemia_max_abs_err_pp`` (percentage
-        points), ``seconds_per_field_mean`` / ``_median`` (s), ``n_fields``, counts.
+        points), ``seconds_per_field_mean`` / ``_median`` (s), ``n_fields``, counts;
+        ``infected_matched`` (infected boxes matched to a detection) and
+        ``parasitemia_mae_pp_perfect_classifier``: the per-field parasitemia error if exactly the
+        detections matched to infected boxes were called Parasitized: the floor the detection
+        step sets for any classifier.
     """
     tp = sum(m.tp for m in matches)
     fp = sum(m.fp for m in matches)
@@ -349,6 +356,8 @@ def summarize_iml(matches: list[FieldMatch]) -> dict:
     f1 = _ratio(2 * tp, 2 * tp + fp + fn)
     fpb = fp - sum(m.fp_border for m in matches)
     err = np.asarray([abs(m.parasitemia_pred - m.parasitemia_true) * 100.0 for m in matches])
+    err_ideal = np.asarray([abs((m.inf_matched / m.n_pred if m.n_pred else 0.0) - m.parasitemia_true) * 100.0
+                            for m in matches])
     secs = np.asarray([m.seconds for m in matches], np.float64)
     secs = secs[np.isfinite(secs)]
     return {
@@ -371,6 +380,8 @@ def summarize_iml(matches: list[FieldMatch]) -> dict:
         "infected_ppv": _ratio(sum(m.inf_pred_tp for m in matches), sum(m.inf_pred for m in matches)),
         "parasitemia_mae_pp": float(err.mean()) if err.size else float("nan"),
         "parasitemia_max_abs_err_pp": float(err.max()) if err.size else float("nan"),
+        "infected_matched": sum(m.inf_matched for m in matches),
+        "parasitemia_mae_pp_perfect_classifier": float(err_ideal.mean()) if err_ideal.size else float("nan"),
         "seconds_per_field_mean": float(secs.mean()) if secs.size else float("nan"),
         "seconds_per_field_median": float(np.median(secs)) if secs.size else float("nan"),
     }
