@@ -40,7 +40,11 @@ class CellModel(Protocol):
 @dataclass
 class CellResult:
     """One cell of a field: ``bbox`` ``[x, y, w, h]`` px, ``area_px``, ``p_parasitized`` in
-    [0, 1] (None if not classified), ``label`` ("Parasitized"/"Uninfected"/None), ``border``."""
+    [0, 1] (None if not classified), ``label`` ("Parasitized"/"Uninfected"/None), ``border``.
+
+    ``bbox`` is the whole cell: for a cell that touches or overlaps others it reaches under its
+    neighbours (:attr:`~malaria_screen.smear.segment.Segmentation.boxes`); ``area_px`` is the
+    area of its own mask, its visible share."""
 
     id: int
     bbox: list[int]
