@@ -26,7 +26,7 @@ def _echo_table(rows: list[list[str]], header: list[str]) -> None:
 
 def _run_folder(name: Optional[str]) -> Optional[str]:
     """``--init-from``: None, the bundled default model's folder for "default", else the path as given."""
-    if name is None or name != "default":
+    if name != "default":
         return name
     from malaria_screen.inference.base import default_model_dir
 

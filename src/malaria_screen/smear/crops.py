@@ -299,19 +299,19 @@ def export_detection_crops(
         n_fields += 1
         seg = segment_field(rgb, **segment_kwargs)
         cells = seg.cells()
-        src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
-        crops = cell_crops(src, seg.labels, cells)
         gt = annotations[name]
         pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
         gt_boxes = np.asarray([g.bbox for g in gt], np.float64).reshape(-1, 4)
-        matched = dict(match_boxes(pred_boxes, gt_boxes, iou_threshold=iou_threshold))
+        kept = [(cells[i], gt[g]) for i, g in match_boxes(pred_boxes, gt_boxes, iou_threshold=iou_threshold)
+                if not gt[g].ignored]
+        n_skipped += len(cells) - len(kept)
+        if not kept:
+            continue
+        src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
+        crops = cell_crops(src, seg.labels, [c for c, _ in kept])  # only the cells that get written
         stem = Path(name).stem
-        for i, c in enumerate(cells):
-            g = matched.get(i)
-            if g is None or gt[g].ignored:
-                n_skipped += 1
-                continue
-            writer.write("Parasitized" if gt[g].infected else "Uninfected", f"{stem}_det_{c.id}.png", crops[i], stem)
+        for (c, box), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
+            writer.write("Parasitized" if box.infected else "Uninfected", f"{stem}_det_{c.id}.png", crop, stem)
     return writer.finish(n_fields, n_skipped, errors)
 
 
