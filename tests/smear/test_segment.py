@@ -223,6 +223,24 @@ def test_dense_field_scale_estimate(iml_dir):
     assert len(props) >= 80 and m.tp >= 20, (len(props), m.tp)  # was 2 detections, 0 matched
 
 
+def test_pale_wbc_nucleus_excluded_on_pink_field(iml_dir):
+    """IML PA172024 (pink stain): a WBC nucleus lobe at (90-105, 495-520) px is paler in green than
+    the old 0.8 OD margin; it was kept as a red cell and called Parasitized by every adapted model."""
+    from malaria_screen.data.io import decode_image
+
+    rgb = decode_image(iml_dir / "images" / "PA172024.JPG")
+    points = [(105, 495), (90, 520)]
+
+    def in_wbc(seg, x, y):
+        return any(bx <= x < bx + bw and by <= y < by + bh for bx, by, bw, bh in seg.wbc_boxes)
+
+    seg = segment_field(rgb)
+    for x, y in points:
+        assert seg.labels[y, x] == 0 and in_wbc(seg, x, y), (x, y)
+    old = segment_field(rgb, wbc_green_od_margin=0.8)  # the failure it guards against
+    assert all(old.labels[y, x] > 0 and not in_wbc(old, x, y) for x, y in points)
+
+
 def test_convex_enlarged_cell_not_split():
     """An enlarged oval cell (e.g. a P. vivax gametocyte, ~2 cell areas) has no notches: kept whole."""
     from malaria_screen.smear.segment import _split_clumps
