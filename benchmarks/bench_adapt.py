@@ -12,6 +12,11 @@ them for validation: checkpoint choice and the decision threshold) and ``smear-e
 taken on block k's fields only. Every field is screened once by a model that never saw it; the
 metrics are pooled over all folds, with 95 % bootstrap intervals over fields (1,000 reps).
 
+Model averaging: ``--ensemble-with OTHER_OUT`` averages each fold's probabilities with those of
+fold k of another finished run of this script (e.g. the other colour augmentation; both fold-k
+models were trained without block k, so the average stays leak-free); the threshold is then set on
+the averaged validation probabilities. ``smear`` itself takes one model: this measures a direction.
+
 Decision threshold: ``--threshold val-count`` (default) picks the probability threshold at which
 the number of validation cells called Parasitized equals the number annotated infected (a count,
 i.e. parasitemia, calibration; never looks at the test block); a number fixes it.
@@ -43,6 +48,18 @@ def _boot_ci(values, stat, reps: int = 1000, seed: int = 0) -> list[float]:
     return [float(np.nanpercentile(vals, 2.5)), float(np.nanpercentile(vals, 97.5))]
 
 
+class _MeanModel:
+    """Average of several cell models' Parasitized probabilities (``predict``: crops -> ``(N,)``)."""
+
+    def __init__(self, models: list, threshold: float = 0.5) -> None:
+        self.models, self.threshold = models, threshold
+
+    def predict(self, crops):
+        import numpy as np
+
+        return np.mean([np.asarray(m.predict(crops), dtype=np.float64) for m in self.models], axis=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="data root (default $MALARIA_SCREEN_DATA or ../shared/data)")
@@ -57,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-nih", action="store_true", help="add the NIH cells to every fold's training set")
     ap.add_argument("--color-jitter", type=float, default=0.1,
                     help="colour jitter strength of the fine-tuning augmentation (TrainConfig.color_jitter)")
+    ap.add_argument("--color-augment", default="jitter", choices=["jitter", "stain"],
+                    help="colour augmentation recipe of the fine-tuning (TrainConfig.color_augment)")
+    ap.add_argument("--ensemble-with", default=None,
+                    help="another finished --out folder: average its fold-k model with this run's fold-k model")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -132,17 +153,26 @@ def main(argv: list[str] | None = None) -> int:
             calib = np.concatenate([split.train, split.val])
         else:
             if not (run / "weights.safetensors").is_file():
-                cfg = TrainConfig(epochs=args.epochs, lr=args.lr, init_from=init, seed=0, color_jitter=args.color_jitter)
+                cfg = TrainConfig(epochs=args.epochs, lr=args.lr, init_from=init, seed=0, color_jitter=args.color_jitter,
+                                  color_augment=args.color_augment)
                 train(crops, run, cfg, cells=cells, split=split, progress=False)
             model = load_model(run)
             calib = split.val
+        if args.ensemble_with:
+            other = Path(args.ensemble_with) / f"fold_{k}"
+            if not (other / "weights.safetensors").is_file():
+                raise SystemExit(f"--ensemble-with: {other} has no weights.safetensors (run that benchmark first)")
+            model = _MeanModel([model, load_model(other)])
         train_s = time.perf_counter() - t0
         if args.threshold == "val-count":
             p_cal = np.asarray(model.predict(list(cells.images[calib])))
             thr = count_matched_threshold(cells.labels[calib] == pos, p_cal)
         else:
             thr = float(args.threshold)
-        model.config = model.config.replace(threshold=thr)
+        if isinstance(model, _MeanModel):
+            model.threshold = thr
+        else:
+            model.config = model.config.replace(threshold=thr)
         matches, failed = match_iml_fields(iml / "images", ann, model, names=test_names, stain=args.stain)
         m = summarize_iml(matches)
         all_matches += matches
@@ -167,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ci = _boot_ci(err, lambda e: float(np.mean(e)))
     res = {"folds": folds, "n_fields": len(all_matches), "epochs": args.epochs, "lr": args.lr, "stain": args.stain,
            "with_nih": args.with_nih, "color_jitter": args.color_jitter,
+           "color_augment": args.color_augment, "ensemble_with": args.ensemble_with,
            "threshold_rule": args.threshold, "parasitemia_mae_pp_ci95": ci,
            **{key: tot[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
                                         "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected",

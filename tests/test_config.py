@@ -25,10 +25,13 @@ def test_validation():
     assert TrainConfig(class_names=("a", "b", "c")).positive_index is None
     with pytest.raises(ValueError, match="color_jitter"):
         TrainConfig(color_jitter=1.2)
+    with pytest.raises(ValueError, match="color_augment"):
+        TrainConfig(color_augment="hed")
 
 
 def test_config_without_new_keys_loads_with_defaults(tmp_path):
     """Runs saved before a field existed (the bundled model's config.json) still load."""
     d = TrainConfig().to_dict()
-    del d["color_jitter"]
-    assert TrainConfig.from_dict(d).color_jitter == 0.1
+    del d["color_jitter"], d["color_augment"]
+    cfg = TrainConfig.from_dict(d)
+    assert cfg.color_jitter == 0.1 and cfg.color_augment == "jitter"

@@ -50,6 +50,10 @@ class TrainConfig:
         saturation jitter ± this factor, hue ± a fifth of it (torchvision ``ColorJitter``).
         0.1 (mild) suits one data set; stronger jitter (e.g. 0.3) imitates the stain
         differences between slides when a model is adapted to another microscope.
+    color_augment : {"jitter", "stain"}
+        ``"jitter"``: the colour jitter above. ``"stain"``: strong stain augmentation for
+        training across microscopes and stains (``color_jitter`` is then unused; see
+        :func:`~malaria_screen.data.transforms.train_transform`).
     early_stopping_patience : int
         Epochs without val-loss improvement before stopping; 0 disables.
     val_fraction, test_fraction : float
@@ -98,6 +102,7 @@ class TrainConfig:
     grad_clip: float = 0.1
     augment: bool = True
     color_jitter: float = 0.1
+    color_augment: str = "jitter"
     early_stopping_patience: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -122,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+        if self.color_augment not in ("jitter", "stain"):
+            raise ValueError(f"color_augment must be 'jitter' or 'stain', got {self.color_augment!r}")
         if not self.backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if self.unfreeze_at_epoch is not None and (not self.freeze_backbone or self.unfreeze_at_epoch < 1):

@@ -116,11 +116,12 @@ def test_init_from_fine_tunes_the_default_model(nih_dir, tmp_path, make_subset):
     res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "16",
                               "--lr", "1e-12", "--limit-train-batches", "1", "--val-fraction", "0.2",
                               "--test-fraction", "0.3", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
-                              "--init-from", "default", "--threshold-rule", "val-count"])
+                              "--init-from", "default", "--threshold-rule", "val-count", "--color-augment", "stain"])
     assert res.exit_code == 0, res.output
     base = TrainConfig.from_json(default_model_dir() / "config.json")
     cfg = TrainConfig.from_json(run / "config.json")
     assert cfg.mean == base.mean and cfg.std == base.std and cfg.init_from == str(default_model_dir())
+    assert cfg.color_augment == "stain"
     # val-count threshold: as many validation cells called Parasitized as are (ties aside)
     import re
 

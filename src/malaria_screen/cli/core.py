@@ -49,6 +49,9 @@ def train(
     color_jitter: float = typer.Option(
         0.1, min=0.0, max=0.99, help="Colour jitter strength: brightness/contrast/saturation +- this, hue +- a fifth of it "
         "(0.3 imitates slide-to-slide stain differences when adapting to another microscope)"),
+    color_augment: str = typer.Option(
+        "jitter", help="jitter (the colour jitter above) | stain (strong stain augmentation for training across "
+        "microscopes and stains: brightness/contrast/hue jitter, saturation x1/5..5, a tenth of cells in grey)"),
     early_stopping: int = typer.Option(0, help="Stop after N epochs without val-loss improvement; 0 disables"),
     val_fraction: float = typer.Option(0.1, help="Share of PATIENTS for validation"),
     test_fraction: float = typer.Option(0.2, help="Share of PATIENTS for test"),
@@ -93,7 +96,7 @@ def train(
         cfg = TrainConfig(
             model=model, input_size=input_size or default_input_size(model), epochs=epochs, batch_size=batch_size,
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, grad_clip=grad_clip, augment=augment,
-            color_jitter=color_jitter,
+            color_jitter=color_jitter, color_augment=color_augment,
             early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,

@@ -71,6 +71,8 @@ class CellDataModule(L.LightningDataModule):
     augment : bool, default=True
     color_jitter : float, default=0.1
         Colour jitter strength of the training augmentation (:func:`~.transforms.train_transform`).
+    color_augment : {"jitter", "stain"}, default="jitter"
+        Colour augmentation recipe (:func:`~.transforms.train_transform`).
     num_workers : int, default=0
     seed : int, default=0
         Seeds the training shuffle.
@@ -86,6 +88,7 @@ class CellDataModule(L.LightningDataModule):
         batch_size: int = 128,
         augment: bool = True,
         color_jitter: float = 0.1,
+        color_augment: str = "jitter",
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -93,11 +96,12 @@ class CellDataModule(L.LightningDataModule):
         self.cells, self.split = cells, split
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.augment, self.num_workers, self.seed = batch_size, augment, num_workers, seed
-        self.color_jitter = color_jitter
+        self.color_jitter, self.color_augment = color_jitter, color_augment
 
     def setup(self, stage: str | None = None) -> None:
         size = self.cells.size_px
-        tr = train_transform(size, self.mean, self.std, augment=self.augment, color_jitter=self.color_jitter)
+        tr = train_transform(size, self.mean, self.std, augment=self.augment, color_jitter=self.color_jitter,
+                             color_augment=self.color_augment)
         ev = eval_transform(self.mean, self.std)
         c = self.cells
         self.train_set = CellDataset(c.images[self.split.train], c.labels[self.split.train], tr)

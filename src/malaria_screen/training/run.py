@@ -258,7 +258,8 @@ def train(
         cfg.to_json(out / "config.json")
         _save_sample_grid(cells, split, out / "samples_grid.png", seed=cfg.seed)
     dm = CellDataModule(cells, split, cfg.mean, cfg.std, batch_size=cfg.batch_size, augment=cfg.augment,
-                        color_jitter=cfg.color_jitter, num_workers=cfg.num_workers, seed=cfg.seed)
+                        color_jitter=cfg.color_jitter, color_augment=cfg.color_augment,
+                        num_workers=cfg.num_workers, seed=cfg.seed)
 
     has_val = len(split.val) > 0
     monitor = "val_loss" if has_val else "train_loss"
