@@ -61,6 +61,8 @@ class _MeanModel:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from malaria_screen.config import COLOR_AUGMENTS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="data root (default $MALARIA_SCREEN_DATA or ../shared/data)")
     ap.add_argument("--out", default="bench_out/adapt", help="work folder (crops, fold runs, results); resumable")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-nih", action="store_true", help="add the NIH cells to every fold's training set")
     ap.add_argument("--color-jitter", type=float, default=0.1,
                     help="colour jitter strength of the fine-tuning augmentation (TrainConfig.color_jitter)")
-    ap.add_argument("--color-augment", default="jitter", choices=["jitter", "stain"],
+    ap.add_argument("--color-augment", default="jitter", choices=list(COLOR_AUGMENTS),
                     help="colour augmentation recipe of the fine-tuning (TrainConfig.color_augment)")
     ap.add_argument("--ensemble-with", default=None,
                     help="another finished --out folder: average its fold-k model with this run's fold-k model")

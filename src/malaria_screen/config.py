@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Colour augmentation recipes of training (``TrainConfig.color_augment``,
+#: :func:`malaria_screen.data.transforms.train_transform`).
+COLOR_AUGMENTS = ("jitter", "stain")
+
 __all__ = ["TrainConfig"]
 
 
@@ -127,8 +131,8 @@ class TrainConfig:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
-        if self.color_augment not in ("jitter", "stain"):
-            raise ValueError(f"color_augment must be 'jitter' or 'stain', got {self.color_augment!r}")
+        if self.color_augment not in COLOR_AUGMENTS:
+            raise ValueError(f"color_augment must be one of {COLOR_AUGMENTS}, got {self.color_augment!r}")
         if not self.backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if self.unfreeze_at_epoch is not None and (not self.freeze_backbone or self.unfreeze_at_epoch < 1):

@@ -16,10 +16,9 @@ from typing import Sequence
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["COLOR_AUGMENTS", "RandomRot90", "RandomSaturation", "train_transform", "eval_transform", "normalize_batch"]
+from malaria_screen.config import COLOR_AUGMENTS
 
-#: Colour augmentation recipes of :func:`train_transform`.
-COLOR_AUGMENTS = ("jitter", "stain")
+__all__ = ["COLOR_AUGMENTS", "RandomRot90", "RandomSaturation", "train_transform", "eval_transform", "normalize_batch"]
 
 
 class RandomRot90(torch.nn.Module):
