@@ -15,7 +15,8 @@ metrics are pooled over all folds, with 95 % bootstrap intervals over fields (1,
 Model averaging: ``--ensemble-with OTHER_OUT`` averages each fold's probabilities with those of
 fold k of another finished run of this script (e.g. the other colour augmentation; both fold-k
 models were trained without block k, so the average stays leak-free); the threshold is then set on
-the averaged validation probabilities. ``smear`` itself takes one model: this measures a direction.
+the averaged validation probabilities. The same averaging ships as ``malaria-screen ensemble``
+(:class:`~malaria_screen.inference.ensemble.EnsemblePredictor`).
 
 Decision threshold: ``--threshold val-count`` (default) picks the probability threshold at which
 the number of validation cells called Parasitized equals the number annotated infected (a count,
@@ -48,18 +49,6 @@ def _boot_ci(values, stat, reps: int = 1000, seed: int = 0) -> list[float]:
     return [float(np.nanpercentile(vals, 2.5)), float(np.nanpercentile(vals, 97.5))]
 
 
-class _MeanModel:
-    """Average of several cell models' Parasitized probabilities (``predict``: crops -> ``(N,)``)."""
-
-    def __init__(self, models: list, threshold: float = 0.5) -> None:
-        self.models, self.threshold = models, threshold
-
-    def predict(self, crops):
-        import numpy as np
-
-        return np.mean([np.asarray(m.predict(crops), dtype=np.float64) for m in self.models], axis=0)
-
-
 def main(argv: list[str] | None = None) -> int:
     from malaria_screen.config import COLOR_AUGMENTS
 
@@ -80,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="colour augmentation recipe of the fine-tuning (TrainConfig.color_augment)")
     ap.add_argument("--ensemble-with", default=None,
                     help="another finished --out folder: average its fold-k model with this run's fold-k model")
+    ap.add_argument("--pos-repeat", type=int, default=1,
+                    help="show each IML Parasitized training crop this many times per epoch (oversampling; 1 = off)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -96,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from malaria_screen.data.split import SplitIndices
     from malaria_screen.evaluation.metrics import count_matched_threshold
     from malaria_screen.fileio import atomic_write_json
-    from malaria_screen.inference import load_model
+    from malaria_screen.inference import EnsemblePredictor, load_model
     from malaria_screen.inference.base import default_model_dir
     from malaria_screen.smear.crops import export_detection_crops
     from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields, summarize_iml
@@ -148,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         split = SplitIndices(train=idx[~np.isin(field_of, list(te | va))], val=idx[np.isin(field_of, list(va))],
                              test=idx[np.isin(field_of, list(te))])
         assert split.test.max(initial=-1) < n_iml and split.val.max(initial=-1) < n_iml
+        if args.pos_repeat > 1:  # oversample the few IML Parasitized crops (~0.4 % of the training cells)
+            iml_pos = split.train[(split.train < n_iml) & (cells.labels[split.train] == pos)]
+            split = SplitIndices(train=np.concatenate([split.train] + [iml_pos] * (args.pos_repeat - 1)),
+                                 val=split.val, test=split.test)
         run = out / f"fold_{k}"
         t0 = time.perf_counter()
         if args.epochs == 0:  # no fine-tuning: the threshold alone is adapted, on all training-block cells
@@ -164,17 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             other = Path(args.ensemble_with) / f"fold_{k}"
             if not (other / "weights.safetensors").is_file():
                 raise SystemExit(f"--ensemble-with: {other} has no weights.safetensors (run that benchmark first)")
-            model = _MeanModel([model, load_model(other)])
+            model = EnsemblePredictor([model, load_model(other)])
         train_s = time.perf_counter() - t0
         if args.threshold == "val-count":
             p_cal = np.asarray(model.predict(list(cells.images[calib])))
             thr = count_matched_threshold(cells.labels[calib] == pos, p_cal)
         else:
             thr = float(args.threshold)
-        if isinstance(model, _MeanModel):
-            model.threshold = thr
-        else:
-            model.config = model.config.replace(threshold=thr)
+        model.config = model.config.replace(threshold=thr)
         matches, failed = match_iml_fields(iml / "images", ann, model, names=test_names, stain=args.stain)
         m = summarize_iml(matches)
         all_matches += matches
@@ -199,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ci = _boot_ci(err, lambda e: float(np.mean(e)))
     res = {"folds": folds, "n_fields": len(all_matches), "epochs": args.epochs, "lr": args.lr, "stain": args.stain,
            "with_nih": args.with_nih, "color_jitter": args.color_jitter,
-           "color_augment": args.color_augment, "ensemble_with": args.ensemble_with,
+           "color_augment": args.color_augment, "ensemble_with": args.ensemble_with, "pos_repeat": args.pos_repeat,
            "threshold_rule": args.threshold, "parasitemia_mae_pp_ci95": ci,
            **{key: tot[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
                                         "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected",

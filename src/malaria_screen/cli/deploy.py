@@ -1,4 +1,4 @@
-"""Deployment commands: ``export``, ``app``, ``serve``, ``explain``, ``bench-infer``.
+"""Deployment commands: ``export``, ``ensemble``, ``app``, ``serve``, ``explain``, ``bench-infer``.
 
 The main CLI calls :func:`register`. Heavy imports (torch, onnx, gradio, fastapi) happen inside
 the commands, so ``--help`` is instant and the torch-free runtime install still starts.
@@ -14,7 +14,7 @@ import typer
 
 from malaria_screen.cli.core import _echo_table
 
-__all__ = ["app_cmd", "bench_infer", "explain", "export", "register", "serve"]
+__all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
 
 log = logging.getLogger("malaria_screen.cli")
 
@@ -55,7 +55,7 @@ def export(
     try:
         rep = export_model(_model_dir(model), out, int8=int8, data_dir=data, calibration_cells=calibration_cells,
                            quant_format=quant_format, check=check, seed=seed, opset=opset)
-    except (FileNotFoundError, ExportParityError) as exc:
+    except (FileNotFoundError, ValueError, ExportParityError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     par = rep["parity"]
@@ -72,6 +72,66 @@ def export(
                  f"{r['accuracy_delta_points']:+.2f}", f"{r['roc_auc']:.4f}", f"{r['max_abs_diff']:.2e}",
                  f"{100 * r['label_agreement']:.2f}"] for r in rep["test"]],
                ["backend", "bytes", "accuracy", "d acc (points)", "ROC-AUC", "max |dp| vs torch", "same label %"])
+
+
+def ensemble(
+    members: List[Path] = typer.Argument(..., help="Two or more run folders and/or .onnx files (same input size and classes)"),
+    out: Path = typer.Option(..., "--out", "-o", help="New ensemble folder (ensemble.json + members/)"),
+    threshold: Optional[float] = typer.Option(None, min=1e-6, max=1 - 1e-6, help="Fixed threshold on the averaged p_parasitized"),
+    calibrate: Optional[Path] = typer.Option(
+        None, exists=True, file_okay=False,
+        help="NIH-layout folder of labelled cells none of the members trained on (e.g. their validation fields' crops): "
+             "the threshold is set so as many are called Parasitized as are"),
+    groups: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                          help="path,group CSV of --calibrate; only the cells it lists are used"),
+    note: Optional[str] = typer.Option(None, help="Free text stored in ensemble.json"),
+) -> None:
+    """Average several cell models into one (model averaging; Lakshminarayanan et al. 2017).
+
+    The folder is self-contained (members are copied) and loads wherever a model does:
+    predict, evaluate, smear, serve and app take it as --model. Threshold: --threshold, or
+    count-matched on --calibrate cells, or by default the mean of the members' thresholds.
+    Calibration cells of groups (patients / fields) any member was trained on are left out.
+    """
+    import numpy as np
+
+    from malaria_screen.data.dataset import load_cell_set
+    from malaria_screen.data.patients import read_groups_csv
+    from malaria_screen.inference import load_model
+    from malaria_screen.inference.ensemble import EnsemblePredictor, write_ensemble
+
+    if threshold is not None and calibrate is not None:
+        raise typer.BadParameter("give --threshold or --calibrate, not both")
+    try:
+        loaded = [load_model(m) for m in members]
+        probe = EnsemblePredictor(loaded)  # checks count, input size and classes before anything is written
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    calib = None
+    if calibrate is not None:
+        cells = load_cell_set(calibrate, size_px=probe.input_size, groups_csv=groups, progress=False)
+        keep = np.ones(len(cells), bool)
+        if groups is not None:
+            listed = read_groups_csv(groups)
+            names = {Path(k).name for k in listed}
+            keep &= np.asarray([r in listed or Path(r).name in names for r in cells.relpaths], bool)
+        trained = set(probe.seen_patients["train"])
+        leak = np.asarray([g in trained for g in cells.patients], bool) & keep
+        if leak.any():
+            typer.echo(f"left out {int(leak.sum())} calibration cells of groups a member was trained on", err=True)
+        keep &= ~leak
+        positive = probe.class_names[probe.positive_index]
+        if not keep.any() or positive not in cells.class_names:
+            raise typer.BadParameter(f"--calibrate: no usable labelled cells (need a {positive!r} folder and cells no member trained on)")
+        idx = np.nonzero(keep)[0]
+        calib = (cells.images[idx], np.asarray(cells.labels)[idx] == cells.class_names.index(positive))
+    try:
+        ens = write_ensemble(out, members, threshold=threshold, calibration=calib, note=note)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    how = "fixed" if threshold is not None else (f"count-matched on {len(calib[1])} cells ({int(calib[1].sum())} Parasitized)"
+                                                 if calib is not None else "mean of the members' thresholds")
+    typer.echo(f"wrote {out}: {len(ens.members)} members, threshold {ens.threshold:.4f} ({how})")
 
 
 def explain(
@@ -271,6 +331,7 @@ def bench_infer(
 def register(app: typer.Typer) -> None:
     """Add the deployment commands to ``app``."""
     app.command("export")(export)
+    app.command("ensemble")(ensemble)
     app.command("app")(app_cmd)
     app.command("serve")(serve)
     app.command("explain")(explain)

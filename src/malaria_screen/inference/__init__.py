@@ -3,6 +3,8 @@
 - :class:`Predictor` (PyTorch) loads a run folder (``config.json`` + ``weights.safetensors``).
 - :class:`OnnxPredictor` (ONNX Runtime, no torch) loads an ``.onnx`` file written by
   ``malaria-screen export``.
+- :class:`EnsemblePredictor` averages several of them; it loads an ensemble folder written by
+  ``malaria-screen ensemble`` (:func:`~malaria_screen.inference.ensemble.write_ensemble`).
 
 Both share :class:`~malaria_screen.inference.base.CellClassifierBase` (decoding, batching,
 labelling). Attributes are imported lazily, so importing this package imports no torch, and
@@ -16,7 +18,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FileResult", "OnnxPredictor", "Predictor", "default_model_dir", "load_model", "BACKENDS"]
+__all__ = ["EnsemblePredictor", "FileResult", "OnnxPredictor", "Predictor", "default_model_dir", "load_model", "BACKENDS"]
 
 #: Accepted values of ``backend``.
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx")
@@ -26,6 +28,7 @@ _LAZY = {
     "default_model_dir": "malaria_screen.inference.base",
     "Predictor": "malaria_screen.inference.predictor",
     "OnnxPredictor": "malaria_screen.inference.onnx_predictor",
+    "EnsemblePredictor": "malaria_screen.inference.ensemble",
 }
 
 
@@ -43,13 +46,15 @@ def _torch_available() -> bool:
 
 
 def load_model(path: str | Path | None = None, *, backend: str = "auto", **kwargs):
-    """Load a cell model: the bundled default (``path=None``), a run folder or an ``.onnx`` file.
+    """Load a cell model: the bundled default (``path=None``), a run folder, an ``.onnx`` file or
+    an ensemble folder.
 
     Parameters
     ----------
     path : path, optional
         A run folder written by ``malaria-screen train``, an ``.onnx`` file written by
-        ``malaria-screen export``, or None for the bundled default model.
+        ``malaria-screen export``, an ensemble folder written by ``malaria-screen ensemble``
+        (its members load with ``backend``), or None for the bundled default model.
     backend : {"auto", "torch", "onnx"}, default="auto"
         ``"auto"``: ONNX Runtime for ``.onnx`` files; PyTorch for folders, or ONNX Runtime
         (``model.onnx`` / ``model.int8.onnx`` in the folder) when torch is not installed.
@@ -60,8 +65,8 @@ def load_model(path: str | Path | None = None, *, backend: str = "auto", **kwarg
 
     Returns
     -------
-    Predictor or OnnxPredictor
-        ``predict(images)`` gives p_parasitized per image; both have the same interface.
+    Predictor, OnnxPredictor or EnsemblePredictor
+        ``predict(images)`` gives p_parasitized per image; all have the same interface.
 
     Raises
     ------
@@ -82,6 +87,10 @@ def load_model(path: str | Path | None = None, *, backend: str = "auto", **kwarg
     from malaria_screen.inference.base import default_model_dir
 
     p = default_model_dir() if path is None else Path(path)
+    from malaria_screen.inference.ensemble import EnsemblePredictor, is_ensemble_dir
+
+    if is_ensemble_dir(p):
+        return EnsemblePredictor.from_dir(p, backend=backend, **kwargs)
     is_onnx_file = p.suffix.lower() == ".onnx"
     if backend == "torch" and is_onnx_file:
         raise ValueError(f"{p} is an ONNX model: use backend='onnx' (or 'auto')")

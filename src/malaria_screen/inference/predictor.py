@@ -60,8 +60,13 @@ class Predictor(CellClassifierBase):
         ------
         FileNotFoundError
             If the folder lacks ``config.json`` or ``weights.safetensors``.
+        ValueError
+            If the folder is an ensemble (``ensemble.json``).
         """
         run_dir = Path(run_dir)
+        if (run_dir / "ensemble.json").is_file():
+            raise ValueError(f"{run_dir} is a model ensemble: load it with malaria_screen.load_model, or use one of "
+                             "its members/ (export and Grad-CAM work on single models)")
         cfg_path, w_path = run_dir / "config.json", run_dir / "weights.safetensors"
         for p in (cfg_path, w_path):
             if not p.exists():
