@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="colour augmentation recipe of the fine-tuning (TrainConfig.color_augment)")
     ap.add_argument("--ensemble-with", default=None,
                     help="another finished --out folder: average its fold-k model with this run's fold-k model")
-    ap.add_argument("--pos-repeat", type=int, default=1,
-                    help="show each IML Parasitized training crop this many times per epoch (oversampling; 1 = off)")
+    ap.add_argument("--unmatched", default="skip", choices=["skip", "uninfected"],
+                    help="training crops of detections that match no box (crops --unmatched; test blocks unaffected)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     crops = out / "crops"
     if not (crops / "groups.csv").is_file():
         t0 = time.perf_counter()
-        s = export_detection_crops(iml / "images", ann, crops, stain=args.stain)
+        s = export_detection_crops(iml / "images", ann, crops, stain=args.stain, unmatched=args.unmatched)
         print(f"crops: {s.n_parasitized} Parasitized, {s.n_uninfected} Uninfected from {s.n_fields} fields "
               f"({s.n_skipped} detections unmatched or difficult) in {time.perf_counter() - t0:.0f} s")
     cells = load_cell_set(crops, size_px=64, groups_csv=crops / "groups.csv", cache_dir=out / "cache", progress=False)
@@ -139,10 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         split = SplitIndices(train=idx[~np.isin(field_of, list(te | va))], val=idx[np.isin(field_of, list(va))],
                              test=idx[np.isin(field_of, list(te))])
         assert split.test.max(initial=-1) < n_iml and split.val.max(initial=-1) < n_iml
-        if args.pos_repeat > 1:  # oversample the few IML Parasitized crops (~0.4 % of the training cells)
-            iml_pos = split.train[(split.train < n_iml) & (cells.labels[split.train] == pos)]
-            split = SplitIndices(train=np.concatenate([split.train] + [iml_pos] * (args.pos_repeat - 1)),
-                                 val=split.val, test=split.test)
         run = out / f"fold_{k}"
         t0 = time.perf_counter()
         if args.epochs == 0:  # no fine-tuning: the threshold alone is adapted, on all training-block cells
@@ -191,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ci = _boot_ci(err, lambda e: float(np.mean(e)))
     res = {"folds": folds, "n_fields": len(all_matches), "epochs": args.epochs, "lr": args.lr, "stain": args.stain,
            "with_nih": args.with_nih, "color_jitter": args.color_jitter,
-           "color_augment": args.color_augment, "ensemble_with": args.ensemble_with, "pos_repeat": args.pos_repeat,
+           "color_augment": args.color_augment, "ensemble_with": args.ensemble_with, "unmatched": args.unmatched,
            "threshold_rule": args.threshold, "parasitemia_mae_pp_ci95": ci,
            **{key: tot[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
                                         "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected",

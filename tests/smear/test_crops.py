@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from malaria_screen.smear.crops import box_cell_mask, export_annotation_crops
@@ -106,3 +107,43 @@ def test_detection_crops_are_the_screening_crops(tmp_path, iml_dir):
     with open(out / "groups.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == s.n_parasitized + s.n_uninfected and {r["patient"] for r in rows} == {stem}
+
+
+def test_unmatched_detections_become_negatives_except_near_infected_boxes(tmp_path, iml_dir):
+    """--unmatched uninfected: unboxed detections (debris, fragments, marks) are written as
+    Uninfected unless they overlap an infected box; matched crops are unchanged."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.crops import export_detection_crops
+    from malaria_screen.smear.evaluate import match_boxes
+    from malaria_screen.smear.segment import segment_field
+
+    ann = load_iml_annotations(iml_dir / "annotations.json")
+    name = "PA172016.JPG"  # a field with lysed cells and smudges the annotators left unboxed, and 4 infected boxes
+    stem = name.rsplit(".", 1)[0]
+    base = export_detection_crops(iml_dir / "images", {name: ann[name]}, tmp_path / "skip")
+    s = export_detection_crops(iml_dir / "images", {name: ann[name]}, tmp_path / "neg", unmatched="uninfected")
+    cells = segment_field(decode_image(iml_dir / "images" / name)).cells()
+    gt = ann[name]
+    boxes = np.asarray([c.bbox for c in cells], float)
+    gb = np.asarray([g.bbox for g in gt], float)
+    matched = {i for i, _ in match_boxes(boxes, gb)}
+    unm = sorted((tmp_path / "neg" / "Uninfected").glob(f"{stem}_unm_*.png"))
+    assert not list((tmp_path / "skip" / "Uninfected").glob("*_unm_*.png"))
+    assert len(unm) >= 3 and s.n_parasitized == base.n_parasitized >= 1
+    assert s.n_uninfected == base.n_uninfected + len(unm)
+    assert s.n_skipped == len(cells) - s.n_parasitized - s.n_uninfected
+    by_id = {c.id: i for i, c in enumerate(cells)}
+    risky = gb[[g.infected or g.ignored for g in gt]]
+    for p in unm:
+        i = by_id[int(p.stem.rpartition("_unm_")[2])]
+        assert i not in matched
+        x, y, w, h = boxes[i]
+        ix = np.clip(np.minimum(x + w, risky[:, 0] + risky[:, 2]) - np.maximum(x, risky[:, 0]), 0, None)
+        iy = np.clip(np.minimum(y + h, risky[:, 1] + risky[:, 3]) - np.maximum(y, risky[:, 1]), 0, None)
+        assert (ix * iy / (w * h)).max() < 0.1
+    # the skipped unmatched detections are exactly those that touch an infected/difficult box
+    kept_out = [i for i in range(len(cells)) if i not in matched and f"{stem}_unm_{cells[i].id}.png" not in {p.name for p in unm}]
+    assert s.n_skipped == len(kept_out) + sum(1 for _, g in match_boxes(boxes, gb) if gt[g].ignored)
+    assert kept_out, "this field has a detection beside an infected box, which must not become a negative"
+    with pytest.raises(ValueError, match="unmatched"):
+        export_detection_crops(iml_dir / "images", {name: ann[name]}, tmp_path / "bad", unmatched="maybe")

@@ -130,6 +130,9 @@ def crops(
     no_mask: bool = typer.Option(False, "--no-mask", help="Keep the whole box instead of blacking out pixels outside the cell (boxes)."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="µm per pixel (detections); default: estimated per field."),
     stain: str = typer.Option("none", "--stain", help="none | reinhard | macenko (detections; as the model will be run)."),
+    unmatched: str = typer.Option(
+        "skip", "--unmatched", help="skip | uninfected (detections): write detections that match no box, and overlap no "
+        "infected box, to Uninfected/ (negative mining of debris and fragments; for exhaustively annotated fields)."),
 ) -> None:
     """Export annotated cells as an NIH-layout crop folder (+ groups.csv for leak-free training)."""
     from malaria_screen.smear.crops import export_annotation_crops, export_detection_crops
@@ -137,11 +140,15 @@ def crops(
 
     if source not in ("boxes", "detections"):
         raise typer.BadParameter(f"--source must be boxes or detections, got {source!r}")
+    if unmatched not in ("skip", "uninfected"):
+        raise typer.BadParameter(f"--unmatched must be skip or uninfected, got {unmatched!r}")
+    if unmatched != "skip" and source != "detections":
+        raise typer.BadParameter("--unmatched needs --source detections")
     ann = load_iml_annotations(annotations)
     if source == "boxes":
         s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
     else:
-        s = export_detection_crops(field_dir, ann, out, stain=stain, pixel_size_um=pixel_size_um)
+        s = export_detection_crops(field_dir, ann, out, stain=stain, unmatched=unmatched, pixel_size_um=pixel_size_um)
     for name, err in s.errors.items():
         typer.echo(f"{name}: ERROR {err}", err=True)
     typer.echo(

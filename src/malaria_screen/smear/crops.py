@@ -223,6 +223,8 @@ def export_annotation_crops(
     from malaria_screen.smear.evaluate import IGNORED_TYPES, INFECTED_TYPES
 
     inf_types = INFECTED_TYPES if infected_types is None else frozenset(infected_types)
+    if unmatched not in ("skip", "uninfected"):
+        raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0
@@ -254,6 +256,7 @@ def export_detection_crops(
     *,
     iou_threshold: float = 0.5,
     stain: str = "none",
+    unmatched: str = "skip",
     **segment_kwargs,
 ) -> ExportSummary:
     """Write NIH-layout PNG crops of the segmented cells that match an annotated box.
@@ -263,8 +266,9 @@ def export_detection_crops(
     normalisation as in :func:`~malaria_screen.smear.screen.screen_field`), and detections are
     matched one-to-one to the annotated boxes (:func:`~malaria_screen.smear.evaluate.match_boxes`,
     IoU ≥ ``iou_threshold``). A detection matched to an infected box goes to ``Parasitized/``,
-    one matched to any other non-``difficult`` box to ``Uninfected/``; unmatched detections and
-    those matched to ``difficult`` boxes are skipped (``n_skipped``).
+    one matched to any other non-``difficult`` box to ``Uninfected/``; detections matched to
+    ``difficult`` boxes are skipped (``n_skipped``), and so are unmatched ones unless
+    ``unmatched="uninfected"``.
 
     Parameters
     ----------
@@ -280,6 +284,14 @@ def export_detection_crops(
         Minimum IoU of a match.
     stain : {"none", "reinhard", "macenko"}
         Stain normalisation applied before cutting (use the one the model will be run with).
+    unmatched : {"skip", "uninfected"}
+        What to do with detections that match no box. ``"uninfected"`` writes them to
+        ``Uninfected/`` as ``<stem>_unm_<id>.png`` (negative mining: debris, lysed and white-cell
+        fragments and burned-in marks that segmentation keeps are "not a parasitized red cell",
+        which is what parasitemia counts), except those that overlap an infected or
+        ``difficult`` box (≥ 10 % of the detection's box area): pieces of a split infected cell
+        are not negatives. Cells the annotators left unboxed become negatives too: use it on
+        exhaustively annotated fields.
     **segment_kwargs
         Passed to :func:`~malaria_screen.smear.segment.segment_field` (e.g. ``pixel_size_um``).
 
@@ -287,11 +299,18 @@ def export_detection_crops(
     -------
     ExportSummary
         Fields that cannot be decoded are listed in ``errors``; the rest go on.
+
+    Raises
+    ------
+    ValueError
+        If ``unmatched`` is not "skip" or "uninfected".
     """
     from malaria_screen.smear.evaluate import match_boxes
     from malaria_screen.smear.segment import segment_field
     from malaria_screen.smear.stain import normalize_stain
 
+    if unmatched not in ("skip", "uninfected"):
+        raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0
@@ -302,17 +321,34 @@ def export_detection_crops(
         gt = annotations[name]
         pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
         gt_boxes = np.asarray([g.bbox for g in gt], np.float64).reshape(-1, 4)
-        kept = [(cells[i], gt[g]) for i, g in match_boxes(pred_boxes, gt_boxes, iou_threshold=iou_threshold)
-                if not gt[g].ignored]
+        pairs = match_boxes(pred_boxes, gt_boxes, iou_threshold=iou_threshold)
+        kept = [(cells[i], "Parasitized" if gt[g].infected else "Uninfected", "det") for i, g in pairs if not gt[g].ignored]
+        if unmatched == "uninfected":
+            matched = {i for i, _ in pairs}
+            risky = gt_boxes[np.asarray([g.infected or g.ignored for g in gt], bool)]
+            cover = _box_cover(pred_boxes, risky)
+            kept += [(cells[i], "Uninfected", "unm") for i in range(len(cells)) if i not in matched and cover[i] < 0.1]
         n_skipped += len(cells) - len(kept)
         if not kept:
             continue
         src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
-        crops = cell_crops(src, seg.labels, [c for c, _ in kept])  # only the cells that get written
+        crops = cell_crops(src, seg.labels, [c for c, _, _ in kept])  # only the cells that get written
         stem = Path(name).stem
-        for (c, box), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
-            writer.write("Parasitized" if box.infected else "Uninfected", f"{stem}_det_{c.id}.png", crop, stem)
+        for (c, cls, tag), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
+            writer.write(cls, f"{stem}_{tag}_{c.id}.png", crop, stem)
     return writer.finish(n_fields, n_skipped, errors)
+
+
+def _box_cover(pred: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """``(N,)`` largest fraction of each ``(x, y, w, h)`` box in ``pred`` covered by one of ``boxes``."""
+    if len(pred) == 0 or len(boxes) == 0:
+        return np.zeros(len(pred))
+    x0 = np.maximum(pred[:, None, 0], boxes[None, :, 0])
+    y0 = np.maximum(pred[:, None, 1], boxes[None, :, 1])
+    x1 = np.minimum(pred[:, None, 0] + pred[:, None, 2], boxes[None, :, 0] + boxes[None, :, 2])
+    y1 = np.minimum(pred[:, None, 1] + pred[:, None, 3], boxes[None, :, 1] + boxes[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    return (inter / np.maximum(pred[:, 2] * pred[:, 3], 1e-9)[:, None]).max(axis=1)
 
 
 def _decoded_fields(field_dir: Path, names: list[str], errors: dict[str, str]):
