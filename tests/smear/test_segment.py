@@ -296,3 +296,30 @@ def test_touching_cells_boxed_whole_and_cropped_around_their_share():
         ys, xs = np.nonzero(seg.labels == i)
         side = max(np.ptp(xs), np.ptp(ys)) + 1 + 2 * 2
         assert crop.shape[:2] == (side, side)  # cut around the mask, cell centred
+
+
+def test_cells_under_the_burned_in_scale_bar_are_excluded(iml_dir):
+    """Every IML field carries a black "50 µm" scale bar and label (x 1141-1234, y 844-902 px).
+    Cells largely under it were classified as Parasitized (the strokes look like chromatin);
+    they are now left out, and the other cells stay."""
+    import cv2
+
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.segment import foreground_signal
+
+    for name in ("PA171692.JPG", "PA171880.JPG"):
+        rgb = decode_image(iml_dir / "images" / name)
+        mark = foreground_signal(rgb)[..., 0] > 1.5
+        ys, xs = np.nonzero(mark)
+        assert 1100 < xs.min() and xs.max() < 1250 and 800 < ys.min() and ys.max() < 950  # only the scale bar
+
+        def under_mark(seg):
+            k = max(1, int(round(seg.rbc_diameter_px / 12)))
+            near = cv2.dilate(mark.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+            return np.asarray([(near.astype(bool) & (seg.labels == c.id)).sum() / (seg.labels == c.id).sum()
+                               for c in seg.cells()])
+
+        old, new = segment_field(rgb, mark_max_frac=None), segment_field(rgb)
+        assert under_mark(old).max() > 0.2
+        assert under_mark(new).max() < 0.15
+        assert old.n_cells - new.n_cells == 1, name

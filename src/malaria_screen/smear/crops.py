@@ -223,8 +223,6 @@ def export_annotation_crops(
     from malaria_screen.smear.evaluate import IGNORED_TYPES, INFECTED_TYPES
 
     inf_types = INFECTED_TYPES if infected_types is None else frozenset(infected_types)
-    if unmatched not in ("skip", "uninfected"):
-        raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0

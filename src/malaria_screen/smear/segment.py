@@ -326,6 +326,7 @@ def segment_field(
     wbc_nucleus_min_frac: float = 0.2,
     wbc_red_od_margin: float = 0.15,
     wbc_green_od_margin: float = 0.7,
+    mark_max_frac: float | None = 0.15,
 ) -> Segmentation:
     """Segment the red blood cells of one thin-smear field.
 
@@ -381,6 +382,12 @@ def segment_field(
         pixel. 0.7 on the IML dev fields: 0.8 missed the paler nuclei of pink-stained
         fields, whose fragments were then called Parasitized; 0.6 also takes large
         gametocytes for nuclei (5 fewer infected boxes matched).
+    mark_max_frac : float or None
+        Cells under a neutral black mark burned into the image (scale bar, text: red-channel
+        OD > 1.5, i.e. under 3 % transmitted red light, which stained cells and nuclei never
+        reach) are excluded when more than this fraction of the cell lies within ``d / 12`` of
+        the mark: they cannot be classified (the classifier took the black strokes for
+        chromatin). None keeps them.
 
     Returns
     -------
@@ -437,7 +444,8 @@ def segment_field(
     )
     # Neutral black marks burned into the image (scale bar, text) are not cells: every channel
     # absorbs strongly there, whereas stained cells and nuclei transmit most red light.
-    fg &= ~(cv2.resize(od[..., 0], wh, interpolation=cv2.INTER_NEAREST) > 1.5)
+    mark = cv2.resize(od[..., 0], wh, interpolation=cv2.INTER_NEAREST) > 1.5
+    fg &= ~mark
     # Cut thin bridges between cells.
     k = max(1, int(round(d / 12)))
     se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
@@ -478,6 +486,10 @@ def segment_field(
     too_small = areas < np.where(border, max(min_a, border_min_area_frac * cell_area), min_a)
     too_big = areas > max_area_frac * cell_area
     keep &= ~too_small & ~too_big
+
+    if mark_max_frac is not None and mark.any():
+        near = cv2.dilate(mark.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+        keep &= ~(np.bincount(seg[near.astype(bool)].ravel(), minlength=n + 1) > mark_max_frac * np.maximum(areas, 1))
 
     wbc_boxes: list[tuple[int, int, int, int]] = []
     n_wbc_segments = 0
