@@ -5,7 +5,6 @@ Heavy imports (torch, Lightning) happen inside the commands so ``--help`` is ins
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -140,6 +139,18 @@ def train(
     _print_metrics(m)
 
 
+def listed_in_groups(cells, groups_csv: Path):
+    """``(N,)`` bool: which cells of a CellSet ``groups_csv`` lists (looked up as the loader does:
+    by path, then by file name)."""
+    import numpy as np
+
+    from malaria_screen.data.patients import read_groups_csv
+
+    listed = read_groups_csv(groups_csv)
+    names = {Path(k).name for k in listed}
+    return np.asarray([r in listed or Path(r).name in names for r in cells.relpaths], bool)
+
+
 def _calibrate_count_threshold(run_dir: Path, cells, idx, *, groups_csv: Optional[Path] = None) -> None:
     """Set the run's threshold so the validation cells' Parasitized count is right (config.json).
 
@@ -149,14 +160,11 @@ def _calibrate_count_threshold(run_dir: Path, cells, idx, *, groups_csv: Optiona
     import numpy as np
 
     from malaria_screen.config import TrainConfig
-    from malaria_screen.data.patients import read_groups_csv
     from malaria_screen.evaluation.metrics import count_matched_threshold
     from malaria_screen.inference import Predictor
 
     if groups_csv is not None:
-        listed = read_groups_csv(groups_csv)  # looked up as the loader does: by path, then by file name
-        names = {Path(k).name for k in listed}
-        idx = np.asarray([i for i in idx if cells.relpaths[i] in listed or Path(cells.relpaths[i]).name in names], int)
+        idx = np.asarray(idx, int)[listed_in_groups(cells, groups_csv)[idx]]
     if len(idx) == 0:
         raise typer.BadParameter("--threshold-rule val-count needs validation cells (--val-fraction > 0; listed in "
                                  "--groups when given)")
@@ -213,19 +221,12 @@ def _load_predictor(model: Optional[Path], backend: str, **kwargs):
 
 
 def _seen_patients(pred) -> set[str]:
-    """Patients a model was trained or validated on: from its run folder's ``split.json``, or
-    from an exported ONNX model's metadata (``malaria_screen.seen_patients``)."""
-    seen: set[str] = set()
-    if getattr(pred, "seen_patients", None):
-        for name in ("train", "val"):
-            seen |= set(pred.seen_patients.get(name, []))
-        return seen
-    split_path = Path(pred.source) / "split.json" if pred.source and Path(pred.source).is_dir() else None
-    if split_path and split_path.exists():
-        man = json.loads(split_path.read_text())
-        for name in ("train", "val"):
-            seen |= set(man["splits"].get(name, {}).get("patients", []))
-    return seen
+    """Patients a model was trained or validated on (run folder's ``split.json``, ONNX metadata,
+    or an ensemble's members)."""
+    from malaria_screen.inference.base import seen_patients
+
+    seen = seen_patients(pred)
+    return seen["train"] | seen["val"]
 
 
 def evaluate(

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from malaria_screen.cli.core import _echo_table
+from malaria_screen.cli.core import _echo_table, listed_in_groups
 
 __all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
 
@@ -96,7 +96,6 @@ def ensemble(
     import numpy as np
 
     from malaria_screen.data.dataset import load_cell_set
-    from malaria_screen.data.patients import read_groups_csv
     from malaria_screen.inference import load_model
     from malaria_screen.inference.ensemble import EnsemblePredictor, write_ensemble
 
@@ -112,9 +111,7 @@ def ensemble(
         cells = load_cell_set(calibrate, size_px=probe.input_size, groups_csv=groups, progress=False)
         keep = np.ones(len(cells), bool)
         if groups is not None:
-            listed = read_groups_csv(groups)
-            names = {Path(k).name for k in listed}
-            keep &= np.asarray([r in listed or Path(r).name in names for r in cells.relpaths], bool)
+            keep &= listed_in_groups(cells, groups)
         trained = set(probe.seen_patients["train"])
         leak = np.asarray([g in trained for g in cells.patients], bool) & keep
         if leak.any():

@@ -33,7 +33,7 @@ try:  # optional: a faster exact decoder for the two formats cell crops come in
 except ImportError:  # pragma: no cover - the torch-free runtime install has no OpenCV
     cv2 = None
 
-__all__ = ["CellClassifierBase", "FileResult", "decode_fast", "default_model_dir", "iter_file_batches"]
+__all__ = ["CellClassifierBase", "FileResult", "decode_fast", "default_model_dir", "iter_file_batches", "seen_patients"]
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,27 @@ def iter_file_batches(
             if bi + ahead < len(batches):
                 pending.append(pool.map(load, batches[bi + ahead]))
             yield batch, decoded
+
+
+def seen_patients(model) -> dict[str, set[str]]:
+    """Patients (or fields) a loaded model was trained and validated on: ``{"train": set, "val": set}``.
+
+    From the model's ``seen_patients`` attribute (ONNX metadata, ensembles) or else its run
+    folder's ``split.json``; empty sets when neither exists."""
+    out: dict[str, set[str]] = {"train": set(), "val": set()}
+    if getattr(model, "seen_patients", None):
+        for k in out:
+            out[k] |= set(model.seen_patients.get(k, []))
+        return out
+    src = getattr(model, "source", None)
+    split = Path(src) / "split.json" if src and Path(src).is_dir() else None
+    if split is not None and split.is_file():
+        import json
+
+        man = json.loads(split.read_text())
+        for k in out:
+            out[k] |= set(man.get("splits", {}).get(k, {}).get("patients", []))
+    return out
 
 
 class CellClassifierBase:

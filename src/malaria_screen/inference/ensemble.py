@@ -4,7 +4,7 @@ Averaging the Parasitized probabilities of models trained with different augment
 part of their errors (Lakshminarayanan et al. 2017, *Simple and scalable predictive uncertainty
 estimation using deep ensembles*; Dietterich 2000). Measured here on whole-smear screening: the
 mild-jitter and strong-stain fine-tunings of ``benchmarks/bench_adapt.py`` make parasitemia errors
-of 0.95 and 0.92 points per field alone and 0.84 averaged (README, "Adapting to another microscope").
+of 0.95 and 0.92 points per field alone and 0.84 averaged (README, "Whole-smear screening").
 
 An ensemble folder holds ``ensemble.json`` and a copy of each member under ``members/`` (a run
 folder's ``config.json`` + ``weights.safetensors`` (+ ``metrics.json``, ``split.json``), or an
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from malaria_screen.inference.base import CellClassifierBase
+from malaria_screen.inference.base import CellClassifierBase, seen_patients
 
 __all__ = ["ENSEMBLE_FILE", "EnsemblePredictor", "is_ensemble_dir", "write_ensemble"]
 
@@ -39,21 +39,6 @@ def is_ensemble_dir(path: str | Path) -> bool:
     """True if ``path`` is a folder holding ``ensemble.json``."""
     p = Path(path)
     return p.is_dir() and (p / ENSEMBLE_FILE).is_file()
-
-
-def _seen(member) -> dict[str, set[str]]:
-    """Patients (groups) a member was trained / validated on: ONNX metadata or the run's split.json."""
-    out: dict[str, set[str]] = {"train": set(), "val": set()}
-    if getattr(member, "seen_patients", None):
-        for k in out:
-            out[k] |= set(member.seen_patients.get(k, []))
-        return out
-    split = Path(member.source) / "split.json" if member.source and Path(member.source).is_dir() else None
-    if split is not None and split.is_file():
-        man = json.loads(split.read_text())
-        for k in out:
-            out[k] |= set(man.get("splits", {}).get(k, {}).get("patients", []))
-    return out
 
 
 class EnsemblePredictor(CellClassifierBase):
@@ -107,7 +92,7 @@ class EnsemblePredictor(CellClassifierBase):
             raise ValueError(f"threshold must be in (0, 1), got {thr}")
         super().__init__(first.config.replace(threshold=thr), batch_size=batch_size, source=source)
         self.members = members
-        seen = [_seen(m) for m in members]
+        seen = [seen_patients(m) for m in members]
         self.seen_patients = {k: sorted(set().union(*(s[k] for s in seen))) for k in ("train", "val")}
         self.backend = "ensemble:" + "+".join(sorted({m.backend for m in members}))
 
