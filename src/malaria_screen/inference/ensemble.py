@@ -198,37 +198,36 @@ def write_ensemble(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rel = []
-    for k, m in enumerate(members):
-        if m.is_dir():
-            dst = tmp / "members" / f"m{k}"
-            dst.mkdir(parents=True)
-            for name in _RUN_FILES:
-                if (m / name).is_file():
-                    shutil.copy2(m / name, dst / name)
-            rel.append(f"members/m{k}")
-        else:
-            (tmp / "members").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(m, tmp / "members" / f"m{k}.onnx")
-            rel.append(f"members/m{k}.onnx")
-    spec = {"format": _FORMAT, "version": 1, "members": rel, "sources": [str(m.resolve()) for m in members],
-            "threshold": threshold, "threshold_rule": "fixed" if threshold is not None else "mean of members"}
-    atomic_write_json(tmp / ENSEMBLE_FILE, spec)
-    ens = EnsemblePredictor.from_dir(tmp)
+    from malaria_screen.inference import load_model
+
+    # check the members and set the threshold on the source models, before anything is written
+    probe = EnsemblePredictor([load_model(m) for m in members], threshold=threshold)
+    spec = {"format": _FORMAT, "version": 1, "members": [], "sources": [str(m.resolve()) for m in members],
+            "threshold": probe.threshold, "threshold_rule": "fixed" if threshold is not None else "mean of members"}
     if calibration is not None:
         from malaria_screen.evaluation.metrics import count_matched_threshold
 
         images, y = calibration
         y = np.asarray(y, bool).reshape(-1)
-        p = ens.predict_proba_prepared(np.asarray(images))[:, ens.positive_index]
+        p = probe.predict_proba_prepared(np.asarray(images))[:, probe.positive_index]
         spec |= {"threshold": count_matched_threshold(y, p), "threshold_rule": "val-count",
                  "calibration": {"n_cells": int(len(y)), "n_parasitized": int(y.sum())}}
-    elif threshold is None:
-        spec["threshold"] = ens.threshold
     if note:
         spec["note"] = note
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "members").mkdir(parents=True)
+    for k, m in enumerate(members):
+        if m.is_dir():
+            dst = tmp / "members" / f"m{k}"
+            dst.mkdir()
+            for name in _RUN_FILES:
+                if (m / name).is_file():
+                    shutil.copy2(m / name, dst / name)
+            spec["members"].append(f"members/m{k}")
+        else:
+            shutil.copy2(m, tmp / "members" / f"m{k}.onnx")
+            spec["members"].append(f"members/m{k}.onnx")
     atomic_write_json(tmp / ENSEMBLE_FILE, spec)
     if out.exists():
         out.rmdir()
