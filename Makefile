@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MALARIA_SCREEN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test venv bench-data bench-train bench-predict bench-infer bench-smear bench-adapt bench-compare loadtest train-default export-default browser-deps clean
+.PHONY: demo test venv bench-data bench-train bench-predict bench-infer bench-smear bench-adapt bench-rescore bench-compare loadtest train-default export-default browser-deps clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,9 @@ bench-smear: $(STAMP)
 # Cross-validated adaptation of the cell model to the IML microscope (~35 min on 2 cores).
 bench-adapt: $(STAMP)
 	$(BIN)/python benchmarks/bench_adapt.py --data $(MALARIA_SCREEN_DATA) --out bench_out/adapt --with-nih
+
+bench-rescore: $(STAMP)
+	$(BIN)/python benchmarks/bench_rescore.py --data $(MALARIA_SCREEN_DATA) --out bench_out/rescore
 
 bench-compare: $(STAMP)
 	$(BIN)/python benchmarks/compare.py --out bench_out/compare --epochs 2

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-__all__ = ["crops", "register", "smear", "smear_eval"]
+__all__ = ["crops", "fit_rescorer", "register", "smear", "smear_eval"]
 
 
 def _load_model(model: Optional[str], no_classify: bool):
@@ -26,6 +26,26 @@ def _load_model(model: Optional[str], no_classify: bool):
         raise typer.Exit(2) from exc
 
 
+def _load_rescorer(path: Optional[Path], predictor):
+    if path is None:
+        return None
+    from malaria_screen.smear.rescore import CellRescorer
+
+    try:
+        r = CellRescorer.load(path)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: cannot load the rescorer: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if predictor is None:
+        typer.echo("error: --rescorer needs a cell model (drop --no-classify)", err=True)
+        raise typer.Exit(2)
+    return r
+
+
+_RESCORER_HELP = ("Rescorer folder from `malaria-screen rescorer` (second stage fitted on annotated fields); "
+                  "use it with the --model it was fitted with.")
+
+
 def smear(
     fields: List[Path] = typer.Argument(..., help="Field images (JPEG/PNG/TIFF, any size) and/or folders of them; all are one slide."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.json, <stem>_overlay.png, summary.json, report.html."),
@@ -38,6 +58,7 @@ def smear(
     count_border: bool = typer.Option(True, "--count-border/--no-count-border", help="Count cells cut by the image border in the parasitemia."),
     ci: str = typer.Option("wilson", "--ci", help="Binomial 95% interval: wilson | exact (Clopper-Pearson)."),
     no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line."),
 ) -> None:
     """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia."""
@@ -48,6 +69,7 @@ def smear(
     if ci not in ("wilson", "exact"):
         raise typer.BadParameter(f"--ci must be wilson or exact, got {ci!r}")
     predictor = _load_model(model, no_classify)
+    second = _load_rescorer(rescorer, predictor)
 
     def progress(name: str, entry: dict) -> None:
         if quiet:
@@ -69,6 +91,7 @@ def smear(
         count_border_cells=count_border,
         ci_method=ci,
         progress=progress,
+        rescorer=second,
     )
     p = s["parasitemia"]
     lo, hi = s["parasitemia_ci95"]
@@ -97,12 +120,14 @@ def smear_eval(
     box_scale: float = typer.Option(
         1.0, "--box-scale", min=0.1, help="Scale detection boxes about their centres before matching (the annotators' "
         "box convention: IML boxes are ~1.19x the cell); 1 = tight boxes, the strict figure."),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
 ) -> None:
     """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field."""
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.smear.evaluate import evaluate_dataset
 
     predictor = _load_model(model, no_classify)
+    second = _load_rescorer(rescorer, predictor)
     metrics = evaluate_dataset(
         field_dir,
         annotations,
@@ -114,6 +139,7 @@ def smear_eval(
         chula_dir=chula_dir,
         limit=limit,
         box_scale=box_scale,
+        rescorer=second,
     )
     atomic_write_json(Path(out) / "metrics.json", metrics)
     typer.echo(json.dumps(metrics, indent=2))
@@ -157,8 +183,51 @@ def crops(
     )
 
 
+def fit_rescorer(
+    field_dir: Path = typer.Argument(..., help="Folder of annotated field images."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="IML annotations.json (boxes, px)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: rescorer.json + rescorer.safetensors."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Cell model whose logit is an input; default: the bundled model."),
+    no_model_logit: bool = typer.Option(False, "--no-model-logit", help="Colour/shape features only (no cell model)."),
+    fields: Optional[Path] = typer.Option(None, "--fields", help="Text file of field image names to use (one per line); default: all annotated."),
+    unmatched: str = typer.Option(
+        "uninfected", "--unmatched", help="uninfected | skip: detections that match no box (and overlap no infected "
+        "box) are Uninfected training cells (for exhaustively annotated fields), or left out."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-4, help="µm per pixel; default: estimated per field."),
+) -> None:
+    """Fit a second-stage cell rescorer on annotated fields (gradient-boosted trees; seconds on a CPU)."""
+    from malaria_screen.smear.evaluate import load_iml_annotations
+    from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data
+
+    if unmatched not in ("skip", "uninfected"):
+        raise typer.BadParameter(f"--unmatched must be skip or uninfected, got {unmatched!r}")
+    ann = load_iml_annotations(annotations)
+    names = None
+    if fields is not None:
+        names = [ln.strip() for ln in fields.read_text().splitlines() if ln.strip()]
+        unknown = [n for n in names if n not in ann]
+        if unknown:
+            raise typer.BadParameter(f"--fields lists {len(unknown)} field(s) without annotation, e.g. {unknown[0]}")
+    predictor = None if no_model_logit else _load_model(model, False)
+    seg_kwargs = {} if pixel_size_um is None else {"pixel_size_um": pixel_size_um}
+    data = collect_rescorer_data(field_dir, ann, predictor, names=names, unmatched=unmatched, **seg_kwargs)
+    for name, err in data.errors.items():
+        typer.echo(f"{name}: ERROR {err}", err=True)
+    try:
+        r = CellRescorer(use_model_logit=predictor is not None).fit(
+            data.X, data.y, data.groups, model=model or "default", segment_kwargs=seg_kwargs)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    r.save(out)
+    c = r.config
+    typer.echo(f"{c.n_fields} field(s), {c.n_cells} cells ({c.n_parasitized} Parasitized): fitted in {c.fit_seconds:.1f} s, "
+               f"threshold {c.threshold:.3f}. Saved: {out}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``smear``, ``smear-eval`` and ``crops`` to the main Typer app."""
+    """Add ``smear``, ``smear-eval``, ``crops`` and ``rescorer`` to the main Typer app."""
     app.command("smear")(smear)
     app.command("smear-eval")(smear_eval)
     app.command("crops")(crops)
+    app.command("rescorer")(fit_rescorer)

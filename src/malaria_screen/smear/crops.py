@@ -29,7 +29,10 @@ from malaria_screen.smear.segment import CellProps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportSummary", "box_cell_mask", "cell_crop", "cell_crops", "export_annotation_crops", "export_detection_crops"]
+__all__ = [
+    "ExportSummary", "box_cell_mask", "cell_crop", "cell_crops", "export_annotation_crops", "export_detection_crops",
+    "label_detections",
+]
 
 
 def _square_pad(crop: np.ndarray) -> np.ndarray:
@@ -303,7 +306,6 @@ def export_detection_crops(
     ValueError
         If ``unmatched`` is not "skip" or "uninfected".
     """
-    from malaria_screen.smear.evaluate import match_boxes
     from malaria_screen.smear.segment import segment_field
     from malaria_screen.smear.stain import normalize_stain
 
@@ -318,14 +320,8 @@ def export_detection_crops(
         cells = seg.cells()
         gt = annotations[name]
         pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
-        gt_boxes = np.asarray([g.bbox for g in gt], np.float64).reshape(-1, 4)
-        pairs = match_boxes(pred_boxes, gt_boxes, iou_threshold=iou_threshold)
-        kept = [(cells[i], "Parasitized" if gt[g].infected else "Uninfected", "det") for i, g in pairs if not gt[g].ignored]
-        if unmatched == "uninfected":
-            matched = {i for i, _ in pairs}
-            risky = gt_boxes[np.asarray([g.infected or g.ignored for g in gt], bool)]
-            cover = _box_cover(pred_boxes, risky)
-            kept += [(cells[i], "Uninfected", "unm") for i in range(len(cells)) if i not in matched and cover[i] < 0.1]
+        kept = [(cells[i], cls, tag) for i, cls, tag in
+                label_detections(pred_boxes, gt, iou_threshold=iou_threshold, unmatched=unmatched)]
         n_skipped += len(cells) - len(kept)
         if not kept:
             continue
@@ -335,6 +331,54 @@ def export_detection_crops(
         for (c, cls, tag), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
             writer.write(cls, f"{stem}_{tag}_{c.id}.png", crop, stem)
     return writer.finish(n_fields, n_skipped, errors)
+
+
+def label_detections(
+    pred_boxes: np.ndarray, gt: list, *, iou_threshold: float = 0.5, unmatched: str = "skip"
+) -> list[tuple[int, str, str]]:
+    """Training labels of a field's detections from its annotated boxes.
+
+    Detections are matched one-to-one to the boxes
+    (:func:`~malaria_screen.smear.evaluate.match_boxes`, IoU ≥ ``iou_threshold``): matched to
+    an infected box → ``"Parasitized"``, to any other non-``difficult`` box → ``"Uninfected"``
+    (tag ``"det"``); matched to a ``difficult`` box → left out. Unmatched detections are left
+    out, or with ``unmatched="uninfected"`` labelled ``"Uninfected"`` (tag ``"unm"``) unless
+    they overlap an infected or ``difficult`` box by ≥ 10 % of their own box area (pieces of a
+    split infected cell are not negatives).
+
+    Parameters
+    ----------
+    pred_boxes : np.ndarray
+        ``(N, 4)`` detection boxes ``(x, y, w, h)``, px.
+    gt : list of GroundTruthBox
+        The field's annotation.
+    iou_threshold : float
+    unmatched : {"skip", "uninfected"}
+
+    Returns
+    -------
+    list of (int, str, str)
+        ``(detection index, class name, tag)`` of the labelled detections, by index.
+
+    Raises
+    ------
+    ValueError
+        If ``unmatched`` is not "skip" or "uninfected".
+    """
+    from malaria_screen.smear.evaluate import match_boxes
+
+    if unmatched not in ("skip", "uninfected"):
+        raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
+    pred_boxes = np.asarray(pred_boxes, np.float64).reshape(-1, 4)
+    gt_boxes = np.asarray([g.bbox for g in gt], np.float64).reshape(-1, 4)
+    pairs = match_boxes(pred_boxes, gt_boxes, iou_threshold=iou_threshold)
+    out = [(i, "Parasitized" if gt[g].infected else "Uninfected", "det") for i, g in pairs if not gt[g].ignored]
+    if unmatched == "uninfected":
+        matched = {i for i, _ in pairs}
+        risky = gt_boxes[np.asarray([g.infected or g.ignored for g in gt], bool)]
+        cover = _box_cover(pred_boxes, risky)
+        out += [(i, "Uninfected", "unm") for i in range(len(pred_boxes)) if i not in matched and cover[i] < 0.1]
+    return sorted(out)
 
 
 def _box_cover(pred: np.ndarray, boxes: np.ndarray) -> np.ndarray:

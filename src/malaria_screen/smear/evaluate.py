@@ -482,6 +482,7 @@ def match_iml_fields(
     stain: str = "none",
     iou_threshold: float = 0.5,
     box_scale: float = 1.0,
+    rescorer=None,
     **segment_kwargs,
 ) -> tuple[list[FieldMatch], dict[str, str]]:
     """Screen annotated fields and match each to its annotation.
@@ -500,6 +501,8 @@ def match_iml_fields(
         Passed to :func:`~malaria_screen.smear.screen.screen_field`.
     iou_threshold, box_scale
         Passed to :func:`evaluate_iml_field`.
+    rescorer : CellRescorer, optional
+        Second stage (see :func:`~malaria_screen.smear.screen.screen_field`).
 
     Returns
     -------
@@ -521,7 +524,8 @@ def match_iml_fields(
             failed[name] = str(exc)
             continue
         t0 = time.perf_counter()
-        res = screen_field(rgb, model, image_name=name, pixel_size_um=pixel_size_um, stain=stain, **segment_kwargs)
+        res = screen_field(rgb, model, image_name=name, pixel_size_um=pixel_size_um, stain=stain, rescorer=rescorer,
+                           **segment_kwargs)
         dt = time.perf_counter() - t0
         boxes = np.asarray([c.bbox for c in res.cells], np.float64).reshape(-1, 4)
         inf = np.asarray([c.label == "Parasitized" for c in res.cells], bool)
@@ -548,6 +552,7 @@ def evaluate_dataset(
     limit: int | None = None,
     names: list[str] | None = None,
     box_scale: float = 1.0,
+    rescorer=None,
     **segment_kwargs,
 ) -> dict:
     """Screen every annotated IML field and compute all metrics (see module docstring).
@@ -574,6 +579,8 @@ def evaluate_dataset(
         Evaluate only these fields (image names as in the annotation); default all.
     box_scale : float, default=1.0
         Box convention correction of the detections (see :func:`evaluate_iml_field`).
+    rescorer : CellRescorer, optional
+        Second stage (see :func:`~malaria_screen.smear.screen.screen_field`).
 
     Returns
     -------
@@ -588,7 +595,8 @@ def evaluate_dataset(
     if limit:
         names = names[:limit]
     matches, failed = match_iml_fields(field_dir, ann, model, names=names, pixel_size_um=pixel_size_um, stain=stain,
-                                       iou_threshold=iou_threshold, box_scale=box_scale, **segment_kwargs)
+                                       iou_threshold=iou_threshold, box_scale=box_scale, rescorer=rescorer,
+                                       **segment_kwargs)
     out = summarize_iml(matches)
     out["classified"] = model is not None
     if model is None:

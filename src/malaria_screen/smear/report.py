@@ -168,6 +168,7 @@ def run_smear(
     count_border_cells: bool = True,
     ci_method: str = "wilson",
     progress: Callable[[str, dict], None] | None = None,
+    rescorer: Any | None = None,
     **segment_kwargs,
 ) -> dict:
     """Screen the fields of one slide and write all outputs to ``out_dir``.
@@ -186,6 +187,8 @@ def run_smear(
     progress : callable, optional
         Called as ``progress(name, entry)`` after each field (entry has an ``error`` key on
         failure).
+    rescorer : CellRescorer, optional
+        Second stage (see :func:`~malaria_screen.smear.screen.screen_field`).
 
     Returns
     -------
@@ -218,6 +221,7 @@ def run_smear(
                 scale_to_nih=scale_to_nih,
                 count_border_cells=count_border_cells,
                 ci_method=ci_method,
+                rescorer=rescorer,
                 **segment_kwargs,
             )
             jp, op, ov = write_field_outputs(out, stem, rgb, res)
@@ -266,7 +270,10 @@ def run_smear(
             "scale_to_nih": scale_to_nih,
             "count_border_cells": count_border_cells,
             "model": getattr(model, "source", None) if model is not None else None,
-            "threshold": float(getattr(model, "threshold", 0.5)) if model is not None else None,
+            "threshold": float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else None,
+            "rescorer": None if rescorer is None or model is None else {
+                "source": getattr(rescorer, "source", None), "fitted_with_model": rescorer.config.model,
+                "n_fields": rescorer.config.n_fields, "n_parasitized": rescorer.config.n_parasitized},
         },
         "seconds_total": round(time.perf_counter() - t_start, 3),
         "warnings": slide_warnings(n_inf, n_rbc) if classified else [],

@@ -169,6 +169,7 @@ def screen_field(
     batch_size: int = 256,
     ci_method: str = "wilson",
     segmentation: Segmentation | None = None,
+    rescorer: Any | None = None,
     **segment_kwargs,
 ) -> FieldResult:
     """Screen one thin-smear field.
@@ -197,6 +198,11 @@ def screen_field(
         Binomial interval for the parasitemia.
     segmentation : Segmentation, optional
         Precomputed segmentation (skips segmentation).
+    rescorer : CellRescorer, optional
+        Second stage (:class:`~malaria_screen.smear.rescore.CellRescorer`): each cell's
+        ``p_parasitized`` becomes the rescorer's probability from the cell's colour/shape
+        features and the model's logit, labelled with the rescorer's threshold. Used only when
+        ``model`` is given.
     **segment_kwargs
         Passed to :func:`~malaria_screen.smear.segment.segment_field`.
 
@@ -227,12 +233,14 @@ def screen_field(
             crops = [rescale(c, f) for c in crops]
         t2 = time.perf_counter()
         probs = _predict_batched(model, crops, batch_size)
+        if rescorer is not None:
+            probs = rescorer.rescore_field(rgb, seg, props, probs)
     else:
         t2 = time.perf_counter()
         if stain not in ("none", "reinhard", "macenko"):
             raise ValueError(f"unknown stain normalisation {stain!r}")
     t3 = time.perf_counter()
-    thr = float(getattr(model, "threshold", 0.5)) if model is not None else 0.5
+    thr = float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else 0.5
     cells = []
     for i, c in enumerate(props):
         p = None if probs is None else float(probs[i])

@@ -1,0 +1,454 @@
+"""A second stage for field screening, fitted in seconds on a lab's own annotated fields.
+
+The cell CNN sees one masked crop; a field's stain regime, the cell's size against its
+neighbours and the colour of its darkest pixels against its own median are what a
+microscopist also weighs. :class:`CellRescorer` is a gradient-boosted tree model
+(scikit-learn's ``HistGradientBoostingClassifier``, Friedman 2001 / Ke et al. 2017) over
+:func:`~malaria_screen.smear.features.cell_features` plus the cell model's logit, fitted on the
+segmented cells of annotated fields (labels from the boxes they match,
+:func:`~malaria_screen.smear.crops.label_detections`, negatives mined from unmatched
+detections). Its decision threshold is count-matched
+(:func:`~malaria_screen.evaluation.metrics.count_matched_threshold`) on out-of-fold
+probabilities of a field-grouped 5-fold split of the training fields, so that it calls as many
+cells as are infected: what parasitemia needs. No GPU and no fine-tuning: on 96 IML_Malaria
+fields a fit takes seconds on 2 CPU cores (``benchmarks/bench_rescore.py`` measures it leak-free,
+by field block).
+
+Saved as ``rescorer.json`` (:class:`RescorerConfig`) + ``rescorer.safetensors`` (the trees as
+flat arrays; no pickle): :meth:`CellRescorer.predict_proba` walks those arrays, so a fitted and
+a loaded rescorer give the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from malaria_screen.smear.features import FEATURE_NAMES, cell_features
+from malaria_screen.smear.segment import CellProps, Segmentation
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellRescorer", "RescorerConfig", "RescorerData", "collect_rescorer_data", "is_rescorer_dir", "rescorer_inputs"]
+
+CONFIG_NAME = "rescorer.json"
+WEIGHTS_NAME = "rescorer.safetensors"
+_TREE_KEYS = ("feature", "threshold", "missing_left", "left", "right", "is_leaf", "value", "tree_start")
+
+
+@dataclass
+class RescorerConfig:
+    """Everything saved beside the trees in ``rescorer.json``.
+
+    Attributes
+    ----------
+    feature_names : list of str
+        Input columns, in order (:data:`~malaria_screen.smear.features.FEATURE_NAMES`, then
+        ``"model_logit"`` when ``use_model_logit``).
+    use_model_logit : bool
+        Whether the cell model's logit is an input (then screen with the model it was fitted with).
+    threshold : float
+        Decision threshold on the rescored probability (count-matched, see module doc).
+    model : str
+        The cell model it was fitted with, as given (``"default"`` = the bundled model).
+    max_iter, learning_rate, max_depth, min_samples_leaf, l2_regularization
+        Hyper-parameters of the gradient-boosted trees.
+    n_fields, n_cells, n_parasitized : int
+        Training data.
+    segment_kwargs : dict
+        Segmentation options used for the training fields (use the same for screening).
+    fit_seconds : float
+    """
+
+    feature_names: list[str] = field(default_factory=list)
+    use_model_logit: bool = True
+    threshold: float = 0.5
+    model: str = "default"
+    max_iter: int = 200
+    learning_rate: float = 0.05
+    max_depth: int = 3
+    min_samples_leaf: int = 40
+    l2_regularization: float = 1.0
+    n_fields: int = 0
+    n_cells: int = 0
+    n_parasitized: int = 0
+    segment_kwargs: dict = field(default_factory=dict)
+    fit_seconds: float = 0.0
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def rescorer_inputs(rgb: np.ndarray, seg: Segmentation, cells: list[CellProps], p_model: np.ndarray | None) -> np.ndarray:
+    """Rescorer input matrix of one field: cell features (+ the cell model's logit).
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        ``(H, W, 3)`` uint8 field (the original colours, before any stain normalisation).
+    seg : Segmentation
+        Its segmentation.
+    cells : list of CellProps
+        ``seg.cells()``.
+    p_model : np.ndarray or None
+        ``(N,)`` p_parasitized of the cell model for ``cells``; None = features only.
+
+    Returns
+    -------
+    np.ndarray
+        ``(N, F)`` float64, ``F = len(FEATURE_NAMES) (+ 1)``.
+
+    Raises
+    ------
+    ValueError
+        If ``p_model`` does not have one value per cell.
+    """
+    x = cell_features(rgb, seg.labels, cells).astype(np.float64)
+    if p_model is None:
+        return x
+    p = np.asarray(p_model, np.float64).reshape(-1)
+    if len(p) != len(cells):
+        raise ValueError(f"p_model has {len(p)} values for {len(cells)} cells")
+    return np.concatenate([x, _logit(p)[:, None]], axis=1)
+
+
+@dataclass
+class RescorerData:
+    """Labelled rescorer inputs of annotated fields.
+
+    ``X`` ``(N, F)`` float64, ``y`` ``(N,)`` int (1 = Parasitized), ``groups`` ``(N,)`` field
+    stem of each cell, ``fields`` the fields used, ``errors`` field -> message for fields that
+    could not be read.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    fields: list[str]
+    errors: dict[str, str]
+
+    def subset(self, fields: set[str]) -> "RescorerData":
+        """The cells of the given field stems (same arrays, filtered)."""
+        keep = np.isin(self.groups, list(fields))
+        return RescorerData(self.X[keep], self.y[keep], self.groups[keep], [f for f in self.fields if f in fields], {})
+
+
+def collect_rescorer_data(
+    field_dir: str | Path,
+    annotations: dict,
+    model: Any | None,
+    *,
+    names: list[str] | None = None,
+    iou_threshold: float = 0.5,
+    unmatched: str = "uninfected",
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+    **segment_kwargs,
+) -> RescorerData:
+    """Segment annotated fields, label their cells from the boxes, compute the rescorer inputs.
+
+    Cells are labelled by :func:`~malaria_screen.smear.crops.label_detections` (IoU ≥
+    ``iou_threshold``; ``unmatched="uninfected"`` mines negatives from detections no box
+    matches: use it on exhaustively annotated fields). Crops are cut and classified as in
+    :func:`~malaria_screen.smear.screen.screen_field` (no stain normalisation).
+
+    Parameters
+    ----------
+    field_dir : str or Path
+        Folder of field images.
+    annotations : dict
+        Image name -> list of GroundTruthBox (:func:`~malaria_screen.smear.evaluate.load_iml_annotations`).
+    model : CellModel or None
+        Cell model whose logit becomes an input; None = features only.
+    names : list of str, optional
+        Fields to use (default: all annotated ones, sorted).
+    progress : callable, optional
+        Called with each field name.
+    **segment_kwargs
+        Passed to :func:`~malaria_screen.smear.segment.segment_field`.
+
+    Returns
+    -------
+    RescorerData
+        Unreadable fields are listed in ``errors``; the rest go on.
+    """
+    from malaria_screen.smear.crops import _decoded_fields, cell_crops, label_detections
+    from malaria_screen.smear.screen import _predict_batched
+    from malaria_screen.smear.segment import segment_field
+
+    names = sorted(annotations) if names is None else list(names)
+    errors: dict[str, str] = {}
+    xs, ys, gs, used = [], [], [], []
+    for name, rgb in _decoded_fields(Path(field_dir), names, errors):
+        if progress:
+            progress(name)
+        seg = segment_field(rgb, **segment_kwargs)
+        cells = seg.cells()
+        if not cells:
+            continue
+        boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
+        lab = label_detections(boxes, annotations[name], iou_threshold=iou_threshold, unmatched=unmatched)
+        if not lab:
+            continue
+        p = _predict_batched(model, cell_crops(rgb, seg.labels, cells), batch_size) if model is not None else None
+        x = rescorer_inputs(rgb, seg, cells, p)
+        idx = np.asarray([i for i, _, _ in lab])
+        xs.append(x[idx])
+        ys.append(np.asarray([c == "Parasitized" for _, c, _ in lab], np.int64))
+        gs += [Path(name).stem] * len(idx)
+        used.append(Path(name).stem)
+    nf = len(FEATURE_NAMES) + (model is not None)
+    X = np.concatenate(xs) if xs else np.zeros((0, nf))
+    y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    return RescorerData(X, y, np.asarray(gs, dtype=object), used, errors)
+
+
+class CellRescorer:
+    """Gradient-boosted second-stage classifier of segmented cells (see module doc).
+
+    Parameters
+    ----------
+    use_model_logit : bool, default=True
+        Inputs include the cell model's logit (last column).
+    max_iter, learning_rate, max_depth, min_samples_leaf, l2_regularization
+        ``HistGradientBoostingClassifier`` hyper-parameters (no early stopping: the fit is
+        deterministic).
+
+    Examples
+    --------
+    >>> data = collect_rescorer_data("fields/", ann, model)        # doctest: +SKIP
+    >>> r = CellRescorer().fit(data.X, data.y, data.groups)          # doctest: +SKIP
+    >>> r.save("rescorer/"); CellRescorer.load("rescorer/")          # doctest: +SKIP
+    """
+
+    def __init__(self, *, use_model_logit: bool = True, max_iter: int = 200, learning_rate: float = 0.05,
+                 max_depth: int = 3, min_samples_leaf: int = 40, l2_regularization: float = 1.0) -> None:
+        self.config = RescorerConfig(
+            feature_names=list(FEATURE_NAMES) + (["model_logit"] if use_model_logit else []),
+            use_model_logit=use_model_logit, max_iter=max_iter, learning_rate=learning_rate, max_depth=max_depth,
+            min_samples_leaf=min_samples_leaf, l2_regularization=l2_regularization,
+        )
+        self._trees: dict[str, np.ndarray] | None = None
+        self._baseline = 0.0
+        self.source: str | None = None  # the folder it was loaded from
+
+    @property
+    def threshold(self) -> float:
+        """Decision threshold on :meth:`predict_proba` (count-matched at fit time)."""
+        return self.config.threshold
+
+    def _estimator(self):
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        c = self.config
+        return HistGradientBoostingClassifier(
+            max_iter=c.max_iter, learning_rate=c.learning_rate, max_depth=c.max_depth,
+            min_samples_leaf=c.min_samples_leaf, l2_regularization=c.l2_regularization, early_stopping=False,
+        )
+
+    def _check_X(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, np.float64)
+        nf = len(self.config.feature_names)
+        if X.ndim != 2 or X.shape[1] != nf:
+            raise ValueError(f"expected (N, {nf}) rescorer inputs, got shape {X.shape}")
+        return X
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_splits: int = 5, model: str = "default",
+            segment_kwargs: dict | None = None) -> "CellRescorer":
+        """Fit the trees on all cells and set the count-matched threshold.
+
+        The threshold is set on out-of-fold probabilities of a ``GroupKFold`` over ``groups``
+        (fields): each cell is scored by trees fitted without its field.
+
+        Parameters
+        ----------
+        X : np.ndarray
+            ``(N, F)`` inputs (:func:`rescorer_inputs`).
+        y : np.ndarray
+            ``(N,)`` int/bool, 1 = Parasitized.
+        groups : np.ndarray
+            ``(N,)`` field id of each cell.
+        n_splits : int
+            Folds for the threshold (fewer when there are fewer fields).
+        model, segment_kwargs
+            Recorded in the config.
+
+        Returns
+        -------
+        CellRescorer
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            On shape mismatches, fewer than 2 fields, or a class missing.
+        """
+        from sklearn.model_selection import GroupKFold
+
+        from malaria_screen.evaluation.metrics import count_matched_threshold
+
+        t0 = time.perf_counter()
+        X = self._check_X(X)
+        y = np.asarray(y).astype(np.int64).reshape(-1)
+        groups = np.asarray(groups).reshape(-1)
+        if len(y) != len(X) or len(groups) != len(X):
+            raise ValueError(f"X, y and groups differ in length: {len(X)}, {len(y)}, {len(groups)}")
+        if len(set(y.tolist())) < 2:
+            raise ValueError("need both Parasitized and Uninfected cells to fit a rescorer")
+        n_groups = len(set(groups.tolist()))
+        if n_groups < 2:
+            raise ValueError("need cells of at least 2 fields (the threshold is set on held-out fields)")
+        oof = np.zeros(len(y))
+        for tr, te in GroupKFold(n_splits=min(n_splits, n_groups)).split(X, y, groups):
+            est = self._estimator()
+            if len(set(y[tr].tolist())) < 2:
+                oof[te] = y[tr].mean()
+                continue
+            oof[te] = est.fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
+        est = self._estimator().fit(X, y)
+        self._from_sklearn(est)
+        c = self.config
+        c.threshold = float(count_matched_threshold(y.astype(bool), oof))
+        c.model, c.segment_kwargs = model, dict(segment_kwargs or {})
+        c.n_fields, c.n_cells, c.n_parasitized = n_groups, len(y), int(y.sum())
+        c.fit_seconds = time.perf_counter() - t0
+        return self
+
+    def _from_sklearn(self, est) -> None:
+        """Flatten a fitted binary ``HistGradientBoostingClassifier``'s trees into arrays."""
+        trees = [pred[0] for pred in est._predictors]
+        start, parts = [], {k: [] for k in _TREE_KEYS[:-1]}
+        off = 0
+        for t in trees:
+            nd = t.nodes
+            if np.any(nd["is_categorical"]):
+                raise ValueError("categorical splits are not supported")
+            start.append(off)
+            parts["feature"].append(nd["feature_idx"].astype(np.int64))
+            parts["threshold"].append(nd["num_threshold"].astype(np.float64))
+            parts["missing_left"].append(nd["missing_go_to_left"].astype(np.uint8))
+            parts["left"].append(nd["left"].astype(np.int64) + off)
+            parts["right"].append(nd["right"].astype(np.int64) + off)
+            parts["is_leaf"].append(nd["is_leaf"].astype(np.uint8))
+            parts["value"].append(nd["value"].astype(np.float64))
+            off += len(nd)
+        self._trees = {k: np.concatenate(v) for k, v in parts.items()} | {"tree_start": np.asarray(start, np.int64)}
+        self._baseline = float(np.asarray(est._baseline_prediction).reshape(-1)[0])
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Raw score (log-odds of Parasitized), ``(N,)`` float64, from the flat trees."""
+        if self._trees is None:
+            raise RuntimeError("the rescorer is not fitted")
+        X = self._check_X(X)
+        t = self._trees
+        raw = np.full(len(X), self._baseline)
+        rows = np.arange(len(X))
+        for s in t["tree_start"]:
+            node = np.full(len(X), s, np.int64)
+            active = ~t["is_leaf"][node].astype(bool)
+            for _ in range(len(t["value"])):  # a path visits each node at most once
+                if not active.any():
+                    break
+                nd = node[active]
+                x = X[rows[active], t["feature"][nd]]
+                go_left = np.where(np.isnan(x), t["missing_left"][nd].astype(bool), x <= t["threshold"][nd])
+                node[active] = np.where(go_left, t["left"][nd], t["right"][nd])
+                active = ~t["is_leaf"][node].astype(bool)
+            raw += t["value"][node]
+        return raw
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """``(N,)`` float64 probability of Parasitized for ``(N, F)`` inputs.
+
+        Raises
+        ------
+        ValueError
+            If ``X`` does not have the fitted number of columns.
+        RuntimeError
+            If the rescorer is not fitted.
+        """
+        return 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+
+    def rescore_field(self, rgb: np.ndarray, seg: Segmentation, cells: list[CellProps], p_model: np.ndarray | None) -> np.ndarray:
+        """Rescored p_parasitized ``(N,)`` of one field's cells (see :func:`rescorer_inputs`).
+
+        Raises
+        ------
+        ValueError
+            If the rescorer needs the model's logit and ``p_model`` is None.
+        """
+        if self.config.use_model_logit and p_model is None:
+            raise ValueError("this rescorer takes the cell model's logit as an input: screen with a model")
+        if not cells:
+            return np.zeros(0)
+        return self.predict_proba(rescorer_inputs(rgb, seg, cells, p_model if self.config.use_model_logit else None))
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``rescorer.json`` and ``rescorer.safetensors`` into ``out_dir`` (atomically).
+
+        Returns
+        -------
+        Path
+            ``out_dir``.
+        """
+        from safetensors.numpy import save
+
+        from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
+
+        if self._trees is None:
+            raise RuntimeError("the rescorer is not fitted")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = dict(self._trees) | {"baseline": np.asarray([self._baseline])}
+        atomic_write_bytes(out / WEIGHTS_NAME, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+        atomic_write_json(out / CONFIG_NAME, asdict(self.config))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CellRescorer":
+        """Load a rescorer folder written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``rescorer.json`` or ``rescorer.safetensors`` is missing.
+        ValueError
+            If the files do not describe a valid rescorer.
+        """
+        import json
+
+        from safetensors.numpy import load_file
+
+        p = Path(path)
+        if not (p / CONFIG_NAME).is_file() or not (p / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{p} is not a rescorer folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        cfg = json.loads((p / CONFIG_NAME).read_text())
+        known = RescorerConfig.__dataclass_fields__
+        r = cls.__new__(cls)
+        r.config = RescorerConfig(**{k: v for k, v in cfg.items() if k in known})
+        arrays = load_file(str(p / WEIGHTS_NAME))
+        missing = [k for k in (*_TREE_KEYS, "baseline") if k not in arrays]
+        if missing:
+            raise ValueError(f"{p / WEIGHTS_NAME} lacks {missing}")
+        r._trees = {k: arrays[k] for k in _TREE_KEYS}
+        r._baseline = float(arrays["baseline"].reshape(-1)[0])
+        r.source = str(p)
+        n_nodes, nf = len(r._trees["value"]), len(r.config.feature_names)
+        t = r._trees
+        inner = ~t["is_leaf"].astype(bool)
+        if (np.any(t["left"][inner] >= n_nodes) or np.any(t["right"][inner] >= n_nodes)
+                or np.any(t["feature"][inner] >= nf) or np.any(t["feature"][inner] < 0)):
+            raise ValueError(f"{p / WEIGHTS_NAME} has node or feature indices out of range")
+        return r
+
+
+def is_rescorer_dir(path: str | Path) -> bool:
+    """True if ``path`` is a folder with a ``rescorer.json``."""
+    return (Path(path) / CONFIG_NAME).is_file()
