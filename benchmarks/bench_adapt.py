@@ -49,6 +49,41 @@ def _boot_ci(values, stat, reps: int = 1000, seed: int = 0) -> list[float]:
     return [float(np.nanpercentile(vals, 2.5)), float(np.nanpercentile(vals, 97.5))]
 
 
+_FOLD_KEYS = ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp", "parasitemia_max_abs_err_pp",
+              "n_gt_infected", "n_pred_infected")
+
+
+def _fold_metrics(matches) -> dict:
+    """Metrics of one test block: :func:`summarize_iml` keys + parasitemia pooled over the block
+    (~ one slide's worth of fields, as a clinician reports it)."""
+    from malaria_screen.smear.evaluate import summarize_iml
+
+    m = summarize_iml(matches)
+    return {"pooled_parasitemia_pred": sum(mm.inf_pred for mm in matches) / max(1, sum(mm.n_pred for mm in matches)),
+            "pooled_parasitemia_true": sum(mm.inf_gt for mm in matches) / max(1, sum(mm.n_gt for mm in matches)),
+            **{key: m[key] for key in _FOLD_KEYS}}
+
+
+def _pooled_results(all_matches, folds: list[dict]) -> tuple[dict, dict]:
+    """Metrics over all folds' fields: ``(results entries, summarize_iml totals)``; the entries hold
+    the bootstrap CI of the per-field error, the block-pooled error and every field's counts."""
+    import numpy as np
+
+    from malaria_screen.smear.evaluate import summarize_iml
+
+    tot = summarize_iml(all_matches)
+    err = [abs(mm.parasitemia_pred - mm.parasitemia_true) * 100 for mm in all_matches]
+    blk = [abs(f["pooled_parasitemia_pred"] - f["pooled_parasitemia_true"]) * 100 for f in folds]
+    res = {"parasitemia_mae_pp_ci95": _boot_ci(err, lambda e: float(np.mean(e))),
+           **{key: tot[key] for key in (*_FOLD_KEYS, "infected_matched", "parasitemia_mae_pp_perfect_classifier")},
+           "mean_true_parasitemia_pp": float(np.mean([mm.parasitemia_true for mm in all_matches]) * 100),
+           "block_pooled_parasitemia_mae_pp": float(np.mean(blk)), "block_pooled_parasitemia_max_pp": float(np.max(blk)),
+           "per_field": [{"image": mm.image, "n_pred": mm.n_pred, "n_gt": mm.n_gt, "inf_pred": mm.inf_pred,
+                          "inf_gt": mm.inf_gt, "inf_tp": mm.inf_tp, "parasitemia_pred": mm.parasitemia_pred,
+                          "parasitemia_true": mm.parasitemia_true} for mm in all_matches]}
+    return res, tot
+
+
 def main(argv: list[str] | None = None) -> int:
     from malaria_screen.config import COLOR_AUGMENTS
 
@@ -90,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from malaria_screen.inference import EnsemblePredictor, load_model
     from malaria_screen.inference.base import default_model_dir
     from malaria_screen.smear.crops import export_detection_crops
-    from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields, summarize_iml
+    from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields
     from malaria_screen.training.run import train
 
     root = Path(args.data or os.environ.get("MALARIA_SCREEN_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -164,38 +199,24 @@ def main(argv: list[str] | None = None) -> int:
             thr = float(args.threshold)
         model.config = model.config.replace(threshold=thr)
         matches, failed = match_iml_fields(iml / "images", ann, model, names=test_names, stain=args.stain)
-        m = summarize_iml(matches)
         all_matches += matches
-        # Pooled over the block (~ one slide's worth of fields, as a clinician reports it)
-        pooled_pred = sum(mm.inf_pred for mm in matches) / max(1, sum(mm.n_pred for mm in matches))
-        pooled_true = sum(mm.inf_gt for mm in matches) / max(1, sum(mm.n_gt for mm in matches))
         folds.append({"fold": k, "test_fields": [test_names[0], test_names[-1]], "n_test_fields": len(test_names),
                       "n_train_cells": int(len(split.train)), "n_val_cells": int(len(split.val)),
-                      "threshold": thr, "train_seconds": train_s, "failed": failed,
-                      "pooled_parasitemia_pred": pooled_pred, "pooled_parasitemia_true": pooled_true,
-                      **{key: m[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
-                                                 "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected")}})
+                      "threshold": thr, "train_seconds": train_s, "failed": failed, **_fold_metrics(matches)})
         f = folds[-1]
+        pooled_pred, pooled_true = f["pooled_parasitemia_pred"], f["pooled_parasitemia_true"]
         print(f"fold {k}: fields {test_names[0]}..{test_names[-1]} ({len(test_names)}), threshold {thr:.3f}, "
               f"sens {f['infected_sensitivity']:.3f}, PPV {f['infected_ppv']:.3f}, "
               f"parasitemia MAE {f['parasitemia_mae_pp']:.2f} pp (max {f['parasitemia_max_abs_err_pp']:.2f}), "
               f"pooled over the block {100 * pooled_pred:.2f} % vs {100 * pooled_true:.2f} % annotated, "
               f"trained {train_s:.0f} s", flush=True)
 
-    tot = summarize_iml(all_matches)
-    err = [abs(mm.parasitemia_pred - mm.parasitemia_true) * 100 for mm in all_matches]
-    ci = _boot_ci(err, lambda e: float(np.mean(e)))
+    pooled, tot = _pooled_results(all_matches, folds)
+    ci = pooled["parasitemia_mae_pp_ci95"]
     res = {"folds": folds, "n_fields": len(all_matches), "epochs": args.epochs, "lr": args.lr, "stain": args.stain,
            "with_nih": args.with_nih, "color_jitter": args.color_jitter,
            "color_augment": args.color_augment, "ensemble_with": args.ensemble_with, "unmatched": args.unmatched,
-           "threshold_rule": args.threshold, "parasitemia_mae_pp_ci95": ci,
-           **{key: tot[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
-                                        "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected",
-                                        "infected_matched", "parasitemia_mae_pp_perfect_classifier")},
-           "mean_true_parasitemia_pp": float(np.mean([mm.parasitemia_true for mm in all_matches]) * 100),
-           "per_field": [{"image": mm.image, "n_pred": mm.n_pred, "n_gt": mm.n_gt, "inf_pred": mm.inf_pred,
-                          "inf_gt": mm.inf_gt, "inf_tp": mm.inf_tp, "parasitemia_pred": mm.parasitemia_pred,
-                          "parasitemia_true": mm.parasitemia_true} for mm in all_matches]}
+           "threshold_rule": args.threshold, **pooled}
     print(f"\nAll {len(all_matches)} IML dev fields, each screened by a model fine-tuned without its block "
           f"({args.folds} contiguous blocks):")
     print(f"  infected cells: {tot['n_gt_infected']} annotated, {tot['n_pred_infected']} called; sensitivity "
@@ -205,11 +226,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(mean annotated parasitemia {res['mean_true_parasitemia_pp']:.2f} %)")
     print(f"  floor set by detection: {tot['infected_matched']} of {tot['n_gt_infected']} infected boxes matched to a "
           f"detection; a perfect classifier of the detections: {tot['parasitemia_mae_pp_perfect_classifier']:.2f} pp")
-    blk = [abs(f["pooled_parasitemia_pred"] - f["pooled_parasitemia_true"]) * 100 for f in folds]
-    res["block_pooled_parasitemia_mae_pp"] = float(np.mean(blk))
     atomic_write_json(out / "results.json", res)
-    print(f"  parasitemia pooled over each block of {len(blocks[0])} fields: mean absolute error {np.mean(blk):.2f} pp "
-          f"(max {np.max(blk):.2f})")
+    print(f"  parasitemia pooled over each block of {len(blocks[0])} fields: mean absolute error "
+          f"{res['block_pooled_parasitemia_mae_pp']:.2f} pp (max {res['block_pooled_parasitemia_max_pp']:.2f})")
     print(f"results: {out / 'results.json'}")
     return 0
 

@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(args.threads)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_adapt import _boot_ci
+    from bench_adapt import _fold_metrics, _pooled_results
 
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import load_model
-    from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields, summarize_iml
+    from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields
     from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data
 
     root = Path(args.data or os.environ.get("MALARIA_SCREEN_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -82,35 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         matches, failed = match_iml_fields(iml / "images", ann, model if model is not None else _Null(), names=test_names,
                                            rescorer=r)
         screen_s = (time.perf_counter() - t1) / max(1, len(matches))
-        m = summarize_iml(matches)
         all_matches += matches
-        pooled_pred = sum(mm.inf_pred for mm in matches) / max(1, sum(mm.n_pred for mm in matches))
-        pooled_true = sum(mm.inf_gt for mm in matches) / max(1, sum(mm.n_gt for mm in matches))
         folds.append({"fold": k, "test_fields": [test_names[0], test_names[-1]], "n_test_fields": len(test_names),
                       "n_train_cells": int(len(train.y)), "n_train_parasitized": int(train.y.sum()),
                       "threshold": r.threshold, "fit_seconds": r.config.fit_seconds, "seconds_per_field": screen_s,
-                      "failed": failed, "pooled_parasitemia_pred": pooled_pred, "pooled_parasitemia_true": pooled_true,
-                      **{key: m[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
-                                                 "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected")}})
+                      "failed": failed, **_fold_metrics(matches)})
         f = folds[-1]
         print(f"fold {k}: fields {test_names[0]}..{test_names[-1]} ({len(test_names)}), threshold {r.threshold:.3f}, "
               f"sens {f['infected_sensitivity']:.3f}, PPV {f['infected_ppv']:.3f}, "
               f"parasitemia MAE {f['parasitemia_mae_pp']:.2f} pp (max {f['parasitemia_max_abs_err_pp']:.2f}), "
               f"fitted in {r.config.fit_seconds:.1f} s, {screen_s:.2f} s per field", flush=True)
 
-    tot = summarize_iml(all_matches)
-    err = [abs(mm.parasitemia_pred - mm.parasitemia_true) * 100 for mm in all_matches]
-    ci = _boot_ci(err, lambda e: float(np.mean(e)))
-    blk_err = [abs(f["pooled_parasitemia_pred"] - f["pooled_parasitemia_true"]) * 100 for f in folds]
+    pooled, tot = _pooled_results(all_matches, folds)
+    ci = pooled["parasitemia_mae_pp_ci95"]
     res = {"folds": folds, "n_fields": len(all_matches), "model_logit": model is not None, "unmatched": args.unmatched,
-           "collect_seconds": collect_s, "parasitemia_mae_pp_ci95": ci,
-           "block_pooled_parasitemia_mae_pp": float(np.mean(blk_err)),
-           **{key: tot[key] for key in ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp",
-                                        "parasitemia_max_abs_err_pp", "n_gt_infected", "n_pred_infected",
-                                        "infected_matched", "parasitemia_mae_pp_perfect_classifier")},
-           "per_field": [{"image": mm.image, "n_pred": mm.n_pred, "n_gt": mm.n_gt, "inf_pred": mm.inf_pred,
-                          "inf_gt": mm.inf_gt, "inf_tp": mm.inf_tp, "parasitemia_pred": mm.parasitemia_pred,
-                          "parasitemia_true": mm.parasitemia_true} for mm in all_matches]}
+           "collect_seconds": collect_s, **pooled}
     atomic_write_json(out / "results.json", res)
     print(f"\nAll {len(all_matches)} IML dev fields, each screened with a rescorer fitted without its block "
           f"({args.folds} contiguous blocks; cell model: {'bundled NIH-only' if model is not None else 'none'}):")
@@ -120,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max {tot['parasitemia_max_abs_err_pp']:.2f} pp; floor (perfect classifier of the detections) "
           f"{tot['parasitemia_mae_pp_perfect_classifier']:.2f} pp")
     per_block = " / ".join(f"{f['parasitemia_mae_pp']:.2f}" for f in folds)
-    print(f"  per block: {per_block}; pooled over each block: mean absolute error {np.mean(blk_err):.2f} pp")
+    print(f"  per block: {per_block}; pooled over each block: mean absolute error "
+          f"{res['block_pooled_parasitemia_mae_pp']:.2f} pp")
     print(f"results: {out / 'results.json'}")
     return 0
 
