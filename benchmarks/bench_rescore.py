@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench_out/rescore", help="output folder (results.json)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--no-model-logit", action="store_true", help="colour/shape features only (no cell model input)")
+    ap.add_argument("--absolute", action="store_true", help="absolute inputs (default: field-relative, as `rescorer` fits)")
     ap.add_argument("--unmatched", default="uninfected", choices=["skip", "uninfected"],
                     help="training cells of detections that match no box (test blocks unaffected)")
     ap.add_argument("--threads", type=int, default=2)
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     model = None if args.no_model_logit else load_model(None)
 
     t0 = time.perf_counter()
-    data = collect_rescorer_data(iml / "images", ann, model, names=names, unmatched=args.unmatched)
+    data = collect_rescorer_data(iml / "images", ann, model, names=names, unmatched=args.unmatched,
+                                 relative=not args.absolute)
     collect_s = time.perf_counter() - t0
     print(f"training cells of all {len(data.fields)} fields: {len(data.y)} ({int(data.y.sum())} Parasitized), "
           f"{collect_s:.0f} s", flush=True)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         test_stems = {Path(n).stem for n in test_names}
         train = data.subset(set(data.fields) - test_stems)
         assert not set(train.groups.tolist()) & test_stems
-        r = CellRescorer(use_model_logit=model is not None).fit(train.X, train.y, train.groups)
+        r = CellRescorer(use_model_logit=model is not None, relative=data.relative).fit(train.X, train.y, train.groups)
         t1 = time.perf_counter()
         matches, failed = match_iml_fields(iml / "images", ann, model if model is not None else _Null(), names=test_names,
                                            rescorer=r)
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     pooled, tot = _pooled_results(all_matches, folds)
     ci = pooled["parasitemia_mae_pp_ci95"]
     res = {"folds": folds, "n_fields": len(all_matches), "model_logit": model is not None, "unmatched": args.unmatched,
+           "field_relative": data.relative,
            "collect_seconds": collect_s, **pooled}
     atomic_write_json(out / "results.json", res)
     print(f"\nAll {len(all_matches)} IML dev fields, each screened with a rescorer fitted without its block "

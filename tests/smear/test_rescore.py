@@ -48,13 +48,39 @@ def test_features_shape_and_errors(iml_dir):
 
 def test_parasite_colour_feature_ranks_infected_cells(iml):
     """The darkest red-absorbing (basophilic) interior pixels single out infected cells on their own."""
-    from malaria_screen.smear.features import FEATURE_NAMES
-
     d = iml["data"]
-    j = FEATURE_NAMES.index("inner_exR_q99")
+    assert d.relative and len(d.columns) == d.X.shape[1] and d.columns[-1] == "model_logit"
+    j = d.columns.index("rel:inner_exR_q99")
     assert d.y.sum() >= 40 and len(d.y) > 2000
     assert roc_auc_score(d.y, d.X[:, j]) > 0.85
-    assert roc_auc_score(d.y, d.X[:, FEATURE_NAMES.index("border")]) < 0.7  # not every column is informative
+    assert roc_auc_score(d.y, d.X[:, d.columns.index("rel:border")]) < 0.7  # not every column is informative
+
+
+def test_field_relative_inputs_ignore_a_fields_overall_stain_and_scale(iml_dir):
+    """A field whose every cell reads k times stronger (and shifted) gives the same relative inputs;
+    the median cell of a field maps to 0."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.rescore import field_relative, input_names, rescorer_inputs
+    from malaria_screen.smear.segment import segment_field
+
+    rgb = decode_image(iml_dir / "images" / "PA171845.JPG")
+    seg = segment_field(rgb)
+    cells = seg.cells()
+    p = np.linspace(0.01, 0.99, len(cells))
+    absolute = rescorer_inputs(rgb, seg, cells, p, relative=False)
+    rel = rescorer_inputs(rgb, seg, cells, p)
+    assert absolute.shape[1] == len(input_names(relative=False)) and rel.shape[1] == len(input_names()) == absolute.shape[1] + 1
+    np.testing.assert_array_equal(rel[:, :-1], field_relative(absolute))
+    np.testing.assert_allclose(rel[:, -1], absolute[:, -1])  # the raw logit again
+    spread = np.percentile(absolute, 75, axis=0) - np.percentile(absolute, 25, axis=0)
+    wide, flat = spread > 1e-6, spread == 0  # columns constant over the middle half (counts, flags) are only centred
+    assert wide.sum() >= 30 and (wide | flat).all()
+    moved = field_relative(3.0 * absolute + 2.0)
+    np.testing.assert_allclose(moved[:, wide], rel[:, :-1][:, wide], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(moved[:, flat], 3.0 * rel[:, :-1][:, flat], rtol=1e-9, atol=1e-9)
+    assert not np.allclose(field_relative(absolute[: len(cells) // 2]), rel[: len(cells) // 2, :-1])  # it depends on the field
+    assert np.all(np.abs(np.median(rel[:, :-1], axis=0)) < 1e-9)
+    assert field_relative(absolute[:1]).tolist() == [[0.0] * absolute.shape[1]]
 
 
 def test_rescorer_beats_the_nih_model_on_held_out_fields(iml):
@@ -91,6 +117,34 @@ def test_flat_trees_equal_sklearn_and_survive_save_load(iml, tmp_path):
         CellRescorer.load(tmp_path / "r")
     with pytest.raises(FileNotFoundError):
         CellRescorer.load(tmp_path)
+
+
+def test_rescorer_of_absolute_inputs_still_loads_and_screens(iml, iml_dir, tmp_path):
+    """A rescorer file without ``field_relative`` (written before field-relative inputs) keeps
+    its absolute inputs: rescore_field gives what its trees give on absolute inputs."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.crops import cell_crops
+    from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data, rescorer_inputs
+    from malaria_screen.smear.segment import segment_field
+
+    names = iml["names"][TRAIN][:12]
+    d = collect_rescorer_data(iml_dir / "images", iml["ann"], iml["model"], names=names, relative=False)
+    assert not d.relative and d.X.shape[1] == iml["data"].X.shape[1] - 1
+    r = CellRescorer(relative=False, max_iter=40).fit(d.X, d.y, d.groups)
+    r.save(tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "rescorer.json").read_text())
+    assert cfg.pop("field_relative") is False
+    (tmp_path / "r" / "rescorer.json").write_text(json.dumps(cfg))
+    r2 = CellRescorer.load(tmp_path / "r")
+    assert r2.config.field_relative is False
+    rgb = decode_image(iml_dir / "images" / iml["names"][HELD_OUT][0])
+    seg = segment_field(rgb)
+    cells = seg.cells()
+    p = iml["model"].predict(cell_crops(rgb, seg.labels, cells))
+    np.testing.assert_array_equal(r2.rescore_field(rgb, seg, cells, p),
+                                  r.predict_proba(rescorer_inputs(rgb, seg, cells, p, relative=False)))
+    with pytest.raises(ValueError, match="rescorer inputs"):
+        r2.predict_proba(rescorer_inputs(rgb, seg, cells, p))  # relative inputs have one more column
 
 
 def test_fit_refuses_data_it_cannot_use(iml):
@@ -145,3 +199,52 @@ def test_cli_fits_a_rescorer_and_smear_uses_it(iml, iml_dir, tmp_path):
     assert settings["threshold"] == r.threshold and settings["rescorer"]["n_fields"] == 24
     res = runner.invoke(app, ["smear", str(iml_dir / "images" / field), "--rescorer", str(tmp_path), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "rescorer" in res.output
+
+
+def test_rest_api_and_web_app_screen_fields_with_a_rescorer(iml, iml_dir, tmp_path):
+    """`serve --rescorer` / `app --rescorer`: POST /v1/field and the app's field tab give the
+    rescorer's probabilities and labels; GET /v1/model names it."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from malaria_screen.app import screen_field_image
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.serve import create_app
+    from malaria_screen.smear.rescore import CellRescorer
+    from malaria_screen.smear.screen import screen_field
+
+    tr = iml["train"]
+    r = CellRescorer(max_iter=60).fit(tr.X, tr.y, tr.groups)
+    r.save(tmp_path / "r")
+    r = CellRescorer.load(tmp_path / "r")
+    model = iml["model"]
+    field = iml_dir / "images" / iml["names"][HELD_OUT][1]
+    rgb = decode_image(field)
+    expect = screen_field(rgb, model, image_name=field.name, rescorer=r)
+    plain = screen_field(rgb, model, image_name=field.name)
+    p_expect = [c.p_parasitized for c in expect.cells]
+    assert not np.allclose(p_expect, [c.p_parasitized for c in plain.cells], atol=1e-3)  # the rescorer changes them
+
+    c = TestClient(create_app(model, rescorer=r))
+    res = c.post("/v1/field", files=[("file", (field.name, field.read_bytes(), "image/jpeg"))])
+    assert res.status_code == 200, res.text
+    body = res.json()
+    np.testing.assert_allclose([x["p_parasitized"] for x in body["cells"]], p_expect, atol=1e-6)
+    assert body["n_infected"] == expect.n_infected and body["n_rbc"] == expect.n_rbc
+    info = c.get("/v1/model").json()["rescorer"]
+    assert info["source"] == str(tmp_path / "r") and info["threshold"] == r.threshold and info["field_relative"] is True
+    assert TestClient(create_app(model)).get("/v1/model").json()["rescorer"] is None
+
+    summary, overlay = screen_field_image(model, rgb, rescorer=r)
+    assert f"{expect.n_rbc} red cells, {expect.n_infected} Parasitized" in summary and overlay.shape == rgb.shape
+
+
+def test_serve_and_app_refuse_a_bad_rescorer_before_starting(tmp_path):
+    from typer.testing import CliRunner
+
+    from malaria_screen.cli import app
+
+    for cmd in ("serve", "app"):
+        res = CliRunner().invoke(app, [cmd, "--rescorer", str(tmp_path)])
+        assert res.exit_code == 2 and "cannot load the rescorer" in res.output, (cmd, res.output)

@@ -135,13 +135,15 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
     return summary, gallery, table, csv_path
 
 
-def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field"):
+def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field", rescorer=None):
     """Screen one whole thin-smear field for the app (issue 5).
 
     Parameters
     ----------
     predictor : CellClassifierBase
     rgb : (H, W, 3) ndarray of uint8 or None
+    rescorer : CellRescorer, optional
+        Second stage (:func:`malaria_screen.smear.screen.screen_field`).
 
     Returns
     -------
@@ -158,7 +160,7 @@ def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field"
         return "No field uploaded.", None
     try:
         rgb = decode_image(rgb)
-        res = screen_field(rgb, predictor, image_name=name)
+        res = screen_field(rgb, predictor, image_name=name, rescorer=rescorer)
     except Exception as exc:  # noqa: BLE001 - shown to the user, not raised
         log.exception("field screening failed")
         return f"Could not screen this image: {type(exc).__name__}: {exc}", None
@@ -180,7 +182,7 @@ def _smear_available() -> bool:
     return True
 
 
-def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str | Path | None = None):
+def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str | Path | None = None, rescorer=None):
     """Build the Gradio app around one predictor.
 
     Parameters
@@ -191,6 +193,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
         Example image paths; default :func:`sample_files`.
     work_dir : path, optional
         Folder for result CSVs; default a new temporary folder.
+    rescorer : CellRescorer, optional
+        Second stage for the "Whole field" tab (fitted with this cell model).
 
     Returns
     -------
@@ -207,6 +211,9 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     model_line = f"Model: `{Path(predictor.source).name if predictor.source else '?'}` ({getattr(predictor, 'backend', '?')})"
     if "accuracy" in metrics and "roc_auc" in metrics:
         model_line += f"; test patients: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}"
+    if rescorer is not None:
+        model_line += (f"; whole fields rescored by `{Path(rescorer.source).name if rescorer.source else 'rescorer'}` "
+                       f"(fitted on {rescorer.config.n_fields} annotated fields)")
 
     def run(files, request: gr.Request | None = None):
         paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
@@ -241,7 +248,7 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
                 with gr.Column(scale=2):
                     field_summary = gr.Markdown(elem_id="field-summary")
                     field_out = gr.Image(label="Cells: red = Parasitized, green = Uninfected", elem_id="field-out")
-            field_btn.click(lambda im: screen_field_image(predictor, im), inputs=[field_in], outputs=[field_summary, field_out])
+            field_btn.click(lambda im: screen_field_image(predictor, im, rescorer=rescorer), inputs=[field_in], outputs=[field_summary, field_out])
     return demo
 
 

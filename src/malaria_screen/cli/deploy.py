@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from malaria_screen.cli.core import _echo_table, listed_in_groups
+from malaria_screen.cli.smear import _RESCORER_HELP, _load_rescorer
 
 __all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
 
@@ -194,6 +195,7 @@ def app_cmd(
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only)"),
     port: int = typer.Option(7860, help="TCP port"),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
 ) -> None:
     """Start the offline web app (Gradio): upload cell images, see label, p_parasitized and Grad-CAM."""
     from malaria_screen.app import launch
@@ -203,7 +205,7 @@ def app_cmd(
         pred = load_model(model)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    launch(pred, host=host, port=port)
+    launch(pred, host=host, port=port, rescorer=_load_rescorer(rescorer, pred))
 
 
 def serve(
@@ -218,6 +220,7 @@ def serve(
     threads: int = typer.Option(1, min=1, help="Inference threads per call (torch / ONNX Runtime). Concurrency comes from "
                                            "requests; 1 measured fastest and fairest under load on 2 cores"),
     log_level: str = typer.Option("warning", help="uvicorn log level"),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
 ) -> None:
     """Start the REST API (FastAPI): POST /v1/classify, POST /v1/field, GET /v1/model, GET /healthz, /docs."""
     import uvicorn
@@ -239,7 +242,7 @@ def serve(
                              max_pixels=max_pixels)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    uvicorn.run(create_app(pred, limits), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(pred, limits, rescorer=_load_rescorer(rescorer, pred)), host=host, port=port, log_level=log_level)
 
 
 def bench_infer(

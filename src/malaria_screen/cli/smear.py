@@ -1,4 +1,4 @@
-"""Typer commands for whole-smear screening: ``smear``, ``smear-eval`` and ``crops``.
+"""Typer commands for whole-smear screening: ``smear``, ``smear-eval``, ``crops`` and ``rescorer``.
 
 The main CLI calls :func:`register`. Heavy imports happen inside the commands (fast start).
 """
@@ -214,7 +214,7 @@ def fit_rescorer(
     for name, err in data.errors.items():
         typer.echo(f"{name}: ERROR {err}", err=True)
     try:
-        r = CellRescorer(use_model_logit=predictor is not None).fit(
+        r = CellRescorer(use_model_logit=predictor is not None, relative=data.relative).fit(
             data.X, data.y, data.groups, model=model or "default", segment_kwargs=seg_kwargs)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -12,11 +12,12 @@ Endpoints
     ``multipart/form-data`` with ONE whole thin-smear field image (issue 5): red cells are
     segmented and classified by :func:`malaria_screen.smear.screen.screen_field`; returns the
     field JSON (``n_rbc``, ``n_infected``, ``parasitemia`` with its 95 % interval, per-cell boxes
-    and labels) and, with ``?overlay=true``, the outlined field as a base64 PNG. Needs the
-    ``smear`` extra (scikit-image); 501 without it.
+    and labels) and, with ``?overlay=true``, the outlined field as a base64 PNG. With a
+    second-stage rescorer (``serve --rescorer``), each cell's ``p_parasitized`` and label are the
+    rescorer's. Needs the ``smear`` extra (scikit-image); 501 without it.
 ``GET /v1/model``
-    The model's config (input size, mean/std, classes, threshold), shipped metrics, back-end and
-    the server limits.
+    The model's config (input size, mean/std, classes, threshold), shipped metrics, back-end, the
+    server limits and the rescorer's config (``null`` without one).
 ``GET /healthz``
     ``{"status": "ok"}``.
 ``GET /openapi.json``, ``/docs``
@@ -195,7 +196,7 @@ async def _read_parts(request: Request, limits: ServeLimits) -> list[_Part]:
     return images
 
 
-def create_app(predictor, limits: ServeLimits | None = None) -> FastAPI:
+def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -> FastAPI:
     """Build the API around one predictor (created once, at start-up).
 
     Parameters
@@ -205,6 +206,9 @@ def create_app(predictor, limits: ServeLimits | None = None) -> FastAPI:
         :class:`~malaria_screen.inference.onnx_predictor.OnnxPredictor`.
     limits : ServeLimits, optional
         Default :class:`ServeLimits()`.
+    rescorer : CellRescorer, optional
+        Second stage for ``/v1/field``
+        (:class:`~malaria_screen.smear.rescore.CellRescorer`, fitted with this cell model).
 
     Returns
     -------
@@ -220,7 +224,7 @@ def create_app(predictor, limits: ServeLimits | None = None) -> FastAPI:
         description="Classify Giemsa-stained thin-smear red blood cell images as Parasitized / Uninfected. "
                     "Research use only; not a medical device.",
     )
-    app.state.predictor, app.state.limits = predictor, limits
+    app.state.predictor, app.state.limits, app.state.rescorer = predictor, limits, rescorer
     size = predictor.input_size
 
     def _classify(parts: list[_Part]) -> list[ItemResult]:
@@ -258,7 +262,7 @@ def create_app(predictor, limits: ServeLimits | None = None) -> FastAPI:
             rgb = decode_image(bytes(part.data), max_pixels=limits.max_pixels)
         except ImageDecodeError as exc:
             raise HTTPException(422, f"cannot read the field image: {exc}") from exc
-        res = screen_field(rgb, predictor, image_name=part.filename or "field")
+        res = screen_field(rgb, predictor, image_name=part.filename or "field", rescorer=rescorer)
         out = res.to_json()
         if overlay:
             import base64
@@ -279,7 +283,8 @@ def create_app(predictor, limits: ServeLimits | None = None) -> FastAPI:
     def model_info() -> dict:
         return {"source": predictor.source, "backend": getattr(predictor, "backend", None),
                 "precision": getattr(predictor, "precision", None), "config": predictor.config.to_dict(),
-                "metrics": predictor.metrics, "limits": dataclasses.asdict(limits)}
+                "metrics": predictor.metrics, "limits": dataclasses.asdict(limits),
+                "rescorer": None if rescorer is None else dataclasses.asdict(rescorer.config) | {"source": rescorer.source}}
 
     @app.post(
         "/v1/classify", response_model=ClassifyResponse, summary="Classify one or more cell images",
