@@ -323,3 +323,58 @@ def test_cells_under_the_burned_in_scale_bar_are_excluded(iml_dir):
         assert under_mark(old).max() > 0.2
         assert under_mark(new).max() < 0.15
         assert old.n_cells - new.n_cells == 1, name
+
+
+def test_pale_enlarged_cells_recovered_on_magenta_field(iml_dir):
+    """IML PA171891 (deep-magenta stain): two P. vivax-infected cells are pale (green OD ~0.6
+    against ~1.5 for the other cells, Otsu's threshold ~0.74). Without the pale-cell step one is
+    not segmented and one only in part (IoU 0.06 / 0.31 with their boxes); with it both are
+    matched at IoU >= 0.5, and no other cell is added."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.evaluate import box_iou, load_iml_annotations
+
+    name = "PA171891.JPG"
+    rgb = decode_image(iml_dir / "images" / name)
+    pale = np.array([[190, 400, 103, 115], [719, 756, 87, 121]], float)
+    ann = load_iml_annotations(iml_dir / "annotations.json")[name]
+    assert all(box_iou(p[None], np.array([g.bbox for g in ann if g.infected], float)).max() > 0.99 for p in pale)
+
+    def best_iou(seg):
+        return box_iou(pale, np.array([c.bbox for c in seg.cells()], float)).max(1)
+
+    off, on = segment_field(rgb, pale_cell_factor=None), segment_field(rgb)
+    assert (best_iou(off) < 0.5).all(), best_iou(off)
+    assert (best_iou(on) >= 0.5).all(), best_iou(on)
+    assert on.n_cells - off.n_cells <= 2, (off.n_cells, on.n_cells)
+
+
+def test_pale_cell_step_adds_nothing_without_pale_cells(iml_dir):
+    """On a pale-stained field with a tinted, grainy background (IML PA171782: background OD up to
+    ~0.14 against a threshold of ~0.29) the background-noise guard keeps the step from taking
+    gaps between cells for cells; on the synthetic field it changes nothing."""
+    from malaria_screen.data.io import decode_image
+
+    rgb = decode_image(iml_dir / "images" / "PA171782.JPG")
+    assert segment_field(rgb).n_cells == segment_field(rgb, pale_cell_factor=None).n_cells
+    img, _ = synthetic_field()
+    assert np.array_equal(segment_field(img).labels, segment_field(img, pale_cell_factor=None).labels)
+
+
+def test_pale_disc_among_dark_discs_is_segmented():
+    """Synthetic: four dark discs and one pale disc (green OD about a third of theirs) of the same
+    size; Otsu's threshold falls between background and dark discs, above the pale one."""
+    from smear_synth import BG, disc
+
+    img = np.zeros((260, 360, 3), np.uint8)
+    img[:] = BG
+    dark, pale = (150, 20, 120), (205, 110, 190)
+    for cx, cy in [(60, 60), (180, 60), (300, 60), (60, 190)]:
+        disc(img, cx, cy, 22, dark)
+    disc(img, 220, 180, 24, pale)
+    img = np.clip(img + np.random.default_rng(0).normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)
+    off = segment_field(img, rbc_diameter_px=44, pale_cell_factor=None)
+    on = segment_field(img, rbc_diameter_px=44)
+    assert off.labels[180, 220] == 0 and off.n_cells == 4
+    assert on.labels[180, 220] > 0 and on.n_cells == 5
+    x, y, w, h = next(c.bbox for c in on.cells() if c.id == on.labels[180, 220])
+    assert abs(x + w / 2 - 220) <= 3 and abs(y + h / 2 - 180) <= 3 and 42 <= w <= 54 and 42 <= h <= 54, (x, y, w, h)

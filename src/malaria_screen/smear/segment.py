@@ -327,6 +327,7 @@ def segment_field(
     wbc_red_od_margin: float = 0.15,
     wbc_green_od_margin: float = 0.7,
     mark_max_frac: float | None = 0.15,
+    pale_cell_factor: float | None = 0.5,
 ) -> Segmentation:
     """Segment the red blood cells of one thin-smear field.
 
@@ -388,6 +389,14 @@ def segment_field(
         reach) are excluded when more than this fraction of the cell lies within ``d / 12`` of
         the mark: they cannot be classified (the classifier took the black strokes for
         chromatin). None keeps them.
+    pale_cell_factor : float or None
+        Recover pale cells (:func:`_pale_cells`): cell-sized, convex regions whose green OD is
+        above this factor times the foreground threshold but which the threshold left out.
+        None turns the step off. On the 120 IML dev fields (default 0.5, chosen among 0.3-0.6:
+        153/156/159/158 matched) it adds 17 cells in 13 fields, 8 of them infected cells
+        (pale *P. vivax* cells of the deep-magenta fields), and raises the infected boxes
+        matched at IoU >= 0.5 from 153 to 159 of 185; RBC F1 0.9027 -> 0.9029; the Chula
+        fields are unchanged.
 
     Returns
     -------
@@ -493,6 +502,7 @@ def segment_field(
 
     wbc_boxes: list[tuple[int, int, int, int]] = []
     n_wbc_segments = 0
+    wbc = None
     if exclude_wbc and keep.any():
         sig = max(0.5, d / 30.0)
         red = cv2.GaussianBlur(odw[..., 0], (0, 0), sig)
@@ -545,6 +555,9 @@ def segment_field(
                         )
                     )
 
+    if pale_cell_factor is not None:
+        seg, keep = _pale_cells(g, fg, thr, pale_cell_factor, seg, keep, cell_area, d, blocked=wbc, mark=mark)
+        n = len(keep) - 1
     n_excluded = int((~keep[1:]).sum()) - n_wbc_segments
     relabel = np.zeros(n + 1, np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
@@ -695,6 +708,122 @@ def _complete_boxes(
         x1, y1 = min(float(w), max(bx + bw, cx + r)), min(float(h), max(by + bh, cy + r))
         out[i] = (int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1 - np.floor(x0))), int(np.ceil(y1 - np.floor(y0))))
     return out
+
+
+def _pale_cells(
+    g: np.ndarray,
+    fg: np.ndarray,
+    thr: float,
+    factor: float,
+    seg: np.ndarray,
+    keep: np.ndarray,
+    cell_area: float,
+    d: float,
+    *,
+    blocked: np.ndarray | None = None,
+    mark: np.ndarray | None = None,
+    min_area_frac: float = 0.6,
+    max_area_frac: float = 2.0,
+    min_solidity: float = 0.85,
+    absorb_frac: float = 0.7,
+    max_dark_frac: float = 0.5,
+    bg_margin: float = 2.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add pale cells the foreground threshold missed.
+
+    P. vivax-infected red cells are enlarged and pale (Schueffner's stippling on a pale
+    cytoplasm), and in deep-magenta stains their green OD falls below Otsu's threshold, which
+    lies halfway between the background and the dark uninfected cells: they were not
+    segmented, or only their darker part was (a small segment). Here the region above a lower
+    threshold, away from the cells already found, is opened (removing the blurred rims of
+    those cells) and each cell-sized (``[min_area_frac, max_area_frac]`` typical cells),
+    convex (solidity >= ``min_solidity``) component becomes a cell. Kept segments smaller than
+    ``absorb_frac`` cell areas count as free space (the dark part of a pale cell) and are
+    replaced by the pale cell that covers most of them.
+
+    Parameters
+    ----------
+    g : np.ndarray
+        ``(H, W)`` float32 smoothed green OD at working resolution.
+    low_thr : float
+        OD above which a pixel may belong to a pale cell.
+    seg : np.ndarray
+        ``(H, W)`` int32 labels at working resolution; ``keep`` ``(n + 1,)`` bool marks kept ones.
+    cell_area, d : float
+        Area (px) and diameter (px) of a typical cell at working resolution.
+    blocked, mark : np.ndarray, optional
+        ``(H, W)`` bool regions never taken (white blood cells, burned-in marks).
+
+    Returns
+    -------
+    seg, keep : np.ndarray
+        Labels with new cells appended after ``seg.max()``, and the extended keep flags.
+    """
+    import cv2
+    from scipy import ndimage as ndi
+
+    # The low threshold must stand clear of the background's own variation (grainy or tinted
+    # backgrounds of pale-stained fields): at least bg_margin x its 95th percentile, measured
+    # over pixels a quarter cell away from the foreground.
+    kb = max(1, int(round(d / 4)))
+    far = ~cv2.dilate(fg.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kb + 1, 2 * kb + 1))).astype(bool)
+    if far.mean() < 0.02:
+        return seg, keep
+    low_thr = max(0.08, factor * thr, bg_margin * float(np.percentile(g[far], 95)))
+    if low_thr >= 0.9 * thr:
+        return seg, keep
+    n = int(seg.max())
+    areas = np.bincount(seg.ravel(), minlength=n + 1)
+    solid = areas >= absorb_frac * cell_area  # kept or not (border, too big): not free space
+    solid[0] = False
+    k = max(1, int(round(d / 12)))
+    ring = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
+    occupied = cv2.dilate(solid[seg].astype(np.uint8), ring).astype(bool)
+    cand = (g > low_thr) & ~occupied
+    if blocked is not None:
+        cand &= ~blocked
+    if mark is not None and mark.any():
+        kk = max(1, int(round(d / 4)))
+        cand &= ~cv2.dilate(mark.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kk + 1, 2 * kk + 1))).astype(bool)
+    cand = ndi.binary_fill_holes(cand)
+    ko = max(1, int(round(d / 6)))
+    se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ko + 1, 2 * ko + 1))
+    cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, se).astype(bool)
+    lab, nc = ndi.label(cand)
+    if nc == 0:
+        return seg, keep
+    csz = np.bincount(lab.ravel(), minlength=nc + 1)
+    seg = seg.copy()
+    keep = list(keep)
+    nxt = n + 1
+    for j, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        if sl[0].start == 0 or sl[1].start == 0 or sl[0].stop >= g.shape[0] or sl[1].stop >= g.shape[1]:
+            continue  # cut by the border: strips of cut cells merge into cell-sized regions
+        if not (min_area_frac * cell_area <= csz[j] <= max_area_frac * cell_area):
+            continue
+        m = lab[sl] == j
+        if (g[sl][m] > thr).mean() > max_dark_frac or _solidity(m) < min_solidity:
+            continue
+        sub = seg[sl]
+        # small kept segments mostly inside the new cell are its dark part: absorbed
+        inside = np.bincount(sub[m].ravel(), minlength=nxt)
+        for i in np.nonzero(inside)[0]:
+            if i and i <= n and keep[i] and not solid[i] and inside[i] >= 0.5 * areas[i]:
+                keep[i] = False
+                sub[sub == i] = 0
+        sub[m & ((sub == 0) | ~np.asarray(keep, bool)[sub])] = nxt
+        # Grow into the gap left around the cells already found, so that the new cell touches
+        # its neighbours and _complete_boxes fits its whole outline, not the gap.
+        y0, x0 = max(0, sl[0].start - k - 1), max(0, sl[1].start - k - 1)
+        y1, x1 = min(g.shape[0], sl[0].stop + k + 1), min(g.shape[1], sl[1].stop + k + 1)
+        big_sub = seg[y0:y1, x0:x1]
+        grown = cv2.dilate((big_sub == nxt).astype(np.uint8), ring).astype(bool)
+        big_sub[grown & (big_sub == 0) & (g[y0:y1, x0:x1] > low_thr)] = nxt
+        keep.append(True)
+        nxt += 1
+    return seg, np.asarray(keep, bool)
 
 
 def _solidity(mask: np.ndarray) -> float:
