@@ -739,14 +739,25 @@ def _pale_cells(
     those cells) and each cell-sized (``[min_area_frac, max_area_frac]`` typical cells),
     convex (solidity >= ``min_solidity``) component becomes a cell. Kept segments smaller than
     ``absorb_frac`` cell areas count as free space (the dark part of a pale cell) and are
-    replaced by the pale cell that covers most of them.
+    replaced by the pale cell that covers most of them. Components cut by the image border,
+    or with more than ``max_dark_frac`` of their pixels above ``thr`` (not pale), are skipped;
+    each new cell then grows back into the ring left around its neighbours, so that
+    :func:`_complete_boxes` fits its real outline. The low threshold is
+    ``max(0.08, factor * thr, bg_margin * P95(background))``, the background being the pixels a
+    quarter cell away from ``fg``; where that comes within 10 % of ``thr`` (pale-stained fields
+    with a tinted background) the step does nothing. Ours (malaria-screen), measured in
+    :func:`segment_field` (``pale_cell_factor``).
 
     Parameters
     ----------
     g : np.ndarray
         ``(H, W)`` float32 smoothed green OD at working resolution.
-    low_thr : float
-        OD above which a pixel may belong to a pale cell.
+    fg : np.ndarray
+        ``(H, W)`` bool foreground of the main threshold.
+    thr : float
+        The main foreground threshold (OD).
+    factor : float
+        The low threshold's fraction of ``thr`` (see above).
     seg : np.ndarray
         ``(H, W)`` int32 labels at working resolution; ``keep`` ``(n + 1,)`` bool marks kept ones.
     cell_area, d : float
