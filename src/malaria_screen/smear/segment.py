@@ -457,8 +457,7 @@ def segment_field(
     fg &= ~mark
     # Cut thin bridges between cells.
     k = max(1, int(round(d / 12)))
-    se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
-    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, se).astype(bool)
+    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, _disc(k)).astype(bool)
 
     dt = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
     dts = cv2.GaussianBlur(dt, (0, 0), max(0.5, d / 20.0))
@@ -497,8 +496,8 @@ def segment_field(
     keep &= ~too_small & ~too_big
 
     if mark_max_frac is not None and mark.any():
-        near = cv2.dilate(mark.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
-        keep &= ~(np.bincount(seg[near.astype(bool)].ravel(), minlength=n + 1) > mark_max_frac * np.maximum(areas, 1))
+        near = _dilate(mark, k)
+        keep &= ~(np.bincount(seg[near].ravel(), minlength=n + 1) > mark_max_frac * np.maximum(areas, 1))
 
     wbc_boxes: list[tuple[int, int, int, int]] = []
     n_wbc_segments = 0
@@ -526,8 +525,7 @@ def segment_field(
             if big.any():
                 # Group nucleus lobes of one WBC; dilate to cover the cytoplasm.
                 kk = max(1, int(round(0.3 * d)))
-                se2 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kk + 1, 2 * kk + 1))
-                wbc = cv2.dilate(big[nlab].astype(np.uint8), se2).astype(bool)
+                wbc = _dilate(big[nlab], kk)
                 overlap = np.bincount(seg[wbc].ravel(), minlength=n + 1)
                 hit = overlap >= 0.2 * np.maximum(areas, 1)
                 # A split cell whose unsplit segment met the WBC goes with it (WBC cytoplasm
@@ -710,6 +708,20 @@ def _complete_boxes(
     return out
 
 
+def _disc(radius_px: int) -> np.ndarray:
+    """Elliptical (disc) structuring element ``(2r+1, 2r+1)`` uint8 for OpenCV morphology."""
+    import cv2
+
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_px + 1, 2 * radius_px + 1))
+
+
+def _dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """``(H, W)`` bool mask dilated by a disc of ``radius_px`` px; bool."""
+    import cv2
+
+    return cv2.dilate(mask.astype(np.uint8), _disc(radius_px)).astype(bool)
+
+
 def _pale_cells(
     g: np.ndarray,
     fg: np.ndarray,
@@ -776,8 +788,7 @@ def _pale_cells(
     # The low threshold must stand clear of the background's own variation (grainy or tinted
     # backgrounds of pale-stained fields): at least bg_margin x its 95th percentile, measured
     # over pixels a quarter cell away from the foreground.
-    kb = max(1, int(round(d / 4)))
-    far = ~cv2.dilate(fg.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kb + 1, 2 * kb + 1))).astype(bool)
+    far = ~_dilate(fg, max(1, int(round(d / 4))))
     if far.mean() < 0.02:
         return seg, keep
     low_thr = max(0.08, factor * thr, bg_margin * float(np.percentile(g[far], 95)))
@@ -788,18 +799,14 @@ def _pale_cells(
     solid = areas >= absorb_frac * cell_area  # kept or not (border, too big): not free space
     solid[0] = False
     k = max(1, int(round(d / 12)))
-    ring = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
-    occupied = cv2.dilate(solid[seg].astype(np.uint8), ring).astype(bool)
+    occupied = _dilate(solid[seg], k)
     cand = (g > low_thr) & ~occupied
     if blocked is not None:
         cand &= ~blocked
     if mark is not None and mark.any():
-        kk = max(1, int(round(d / 4)))
-        cand &= ~cv2.dilate(mark.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * kk + 1, 2 * kk + 1))).astype(bool)
+        cand &= ~_dilate(mark, max(1, int(round(d / 4))))
     cand = ndi.binary_fill_holes(cand)
-    ko = max(1, int(round(d / 6)))
-    se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ko + 1, 2 * ko + 1))
-    cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, se).astype(bool)
+    cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, _disc(max(1, int(round(d / 6))))).astype(bool)
     lab, nc = ndi.label(cand)
     if nc == 0:
         return seg, keep
@@ -830,7 +837,7 @@ def _pale_cells(
         y0, x0 = max(0, sl[0].start - k - 1), max(0, sl[1].start - k - 1)
         y1, x1 = min(g.shape[0], sl[0].stop + k + 1), min(g.shape[1], sl[1].stop + k + 1)
         big_sub = seg[y0:y1, x0:x1]
-        grown = cv2.dilate((big_sub == nxt).astype(np.uint8), ring).astype(bool)
+        grown = _dilate(big_sub == nxt, k)
         big_sub[grown & (big_sub == 0) & (g[y0:y1, x0:x1] > low_thr)] = nxt
         keep.append(True)
         nxt += 1
