@@ -348,6 +348,30 @@ def test_pale_enlarged_cells_recovered_on_magenta_field(iml_dir):
     assert on.n_cells - off.n_cells <= 2, (off.n_cells, on.n_cells)
 
 
+def test_enlarged_pale_cells_above_two_cell_areas_recovered(iml_dir):
+    """IML PA171842 (deep magenta): two P. vivax-infected cells, enlarged and pale, are convex
+    pale regions of more than 2 typical cell areas (an infected cell reaches 1.5-2x the normal
+    diameter). The pale-cell step takes them (size bound 3 areas); with a bound of 2 neither
+    was detected (IoU < 0.1 with its box)."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.evaluate import box_iou, load_iml_annotations
+
+    name = "PA171842.JPG"
+    rgb = decode_image(iml_dir / "images" / name)
+    infected = np.array([g.bbox for g in load_iml_annotations(iml_dir / "annotations.json")[name]
+                         if g.infected], float)
+    big = np.array([[80, 442, 96, 96], [947, 629, 101, 97]], float)
+    assert all(box_iou(b[None], infected).max() > 0.99 for b in big)
+
+    seg = segment_field(rgb)
+    cells = seg.cells()
+    iou = box_iou(big, np.array([c.bbox for c in cells], float))
+    assert (iou.max(1) >= 0.5).all(), iou.max(1)
+    areas = np.array([cells[j].area_px for j in iou.argmax(1)], float)
+    typical = np.pi * (seg.rbc_diameter_px / 2) ** 2
+    assert (areas > 1.8 * typical).all(), areas / typical
+
+
 def test_pale_cell_step_adds_nothing_without_pale_cells(iml_dir):
     """On a pale-stained field with a tinted, grainy background (IML PA171782: background OD up to
     ~0.14 against a threshold of ~0.29) the background-noise guard keeps the step from taking
