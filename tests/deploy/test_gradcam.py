@@ -35,6 +35,29 @@ def test_maps_match_the_definition_and_overlay_geometry(random_run, sample_pngs)
         assert e.label in pt.class_names and 0.0 <= e.p_parasitized <= 1.0
 
 
+def test_overlay_of_a_huge_image_is_shrunk_not_blended_at_full_size(sample_pngs):
+    """A 6000 x 3000 px 'cell' (a field or a scan passed by mistake): the overlay is bounded by
+    ``max_side`` with the aspect ratio kept, and equals the full-size overlay shrunk alike
+    (so nothing but the size changes); small images keep their size."""
+    from PIL import Image
+
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.inference.gradcam import overlay_heatmap
+
+    cell = decode_image(sample_pngs[0])
+    big = np.asarray(Image.fromarray(cell).resize((6000, 3000), Image.Resampling.NEAREST))
+    cam = np.linspace(0, 1, 96 * 96, dtype=np.float32).reshape(96, 96)
+    small = overlay_heatmap(big, cam, max_side=512)
+    assert small.shape == (256, 512, 3) and small.dtype == np.uint8
+    full = overlay_heatmap(big, cam, max_side=None)
+    assert full.shape == big.shape
+    ref = np.asarray(Image.fromarray(full).resize((512, 256), Image.Resampling.BOX)).astype(int)
+    assert np.abs(small.astype(int) - ref).mean() < 3.0
+    assert overlay_heatmap(cell, cam).shape == cell.shape
+    with pytest.raises(ValueError):
+        overlay_heatmap(cell, cam, max_side=0)
+
+
 def test_onnx_model_cannot_explain(onnx_fp32):
     from malaria_screen.inference import OnnxPredictor
     from malaria_screen.inference.gradcam import gradcam

@@ -402,3 +402,19 @@ def test_pale_disc_among_dark_discs_is_segmented():
     assert on.labels[180, 220] > 0 and on.n_cells == 5
     x, y, w, h = next(c.bbox for c in on.cells() if c.id == on.labels[180, 220])
     assert abs(x + w / 2 - 220) <= 3 and abs(y + h / 2 - 180) <= 3 and 42 <= w <= 54 and 42 <= h <= 54, (x, y, w, h)
+
+
+def test_large_field_diameter_is_estimated_on_a_central_crop():
+    """A 4 x 4 tiling of the bundled Chula demo field (2,560 x 1,920 px, 36 px cells): shrunk whole
+    to 480 px its cells are ~7 px and merge (estimate 44 px); the central-crop estimate keeps
+    the diameter within 10 % of the single field's and the count within 5 % of 16 x its count."""
+    from importlib.resources import files
+
+    from malaria_screen.data.io import decode_image
+
+    field = decode_image(files("malaria_screen") / "assets" / "demo_field" / "chula_rbc_1.jpg")
+    one = segment_field(field)
+    tiled = np.tile(field, (4, 4, 1))
+    d = estimate_rbc_diameter_px(tiled)
+    assert abs(d / one.rbc_diameter_px - 1) < 0.10, (d, one.rbc_diameter_px)
+    assert abs(segment_field(tiled).n_cells / (16 * one.n_cells) - 1) < 0.05

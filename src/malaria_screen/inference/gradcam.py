@@ -123,32 +123,47 @@ def _unletterbox(cam: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(crop, mode="F").resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def overlay_heatmap(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+def overlay_heatmap(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45,
+                    max_side: int | None = 2048) -> np.ndarray:
     """Blend a Grad-CAM map over the original image.
 
     Parameters
     ----------
     rgb : (H, W, 3) ndarray of uint8
-        The original (not letterboxed) image.
+        The original (not letterboxed) image. One whose longer side exceeds ``max_side`` is
+        first shrunk (box filter) so that it is ``max_side`` px: the map has
+        ``S`` x ``S`` values (e.g. 96 x 96), and blending it at 9000 x 9000 px would take
+        gigabytes (about 70 bytes per pixel) for no visible detail.
     cam : (S, S) ndarray of float
         Map of the letterboxed image, values in [0, 1]; mapped back to ``(H, W)`` by undoing
         the letterbox (crop the padding, resize).
     alpha : float, default=0.45
         Opacity of the colour map where the map is 1; it fades with the map value.
+    max_side : int or None, default=2048
+        Longest side of the overlay, px; None keeps the image size whatever it is.
 
     Returns
     -------
-    overlay : (H, W, 3) ndarray of uint8
+    overlay : (H', W', 3) ndarray of uint8
+        ``(H, W)`` unless the image was shrunk to ``max_side`` (aspect ratio kept).
 
     Raises
     ------
     ValueError
-        If shapes are wrong or ``alpha`` is outside [0, 1].
+        If shapes are wrong, ``alpha`` is outside [0, 1] or ``max_side`` < 1.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or cam.ndim != 2 or cam.shape[0] != cam.shape[1]:
         raise ValueError(f"need (H, W, 3) image and (S, S) map, got {rgb.shape} and {cam.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
+    if max_side is not None and max(rgb.shape[:2]) > max_side:
+        from PIL import Image
+
+        f = max_side / max(rgb.shape[:2])
+        size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).resize(size, Image.Resampling.BOX))
     m = np.clip(_unletterbox(cam, rgb.shape[:2]), 0.0, 1.0)
     a = (alpha * (0.25 + 0.75 * m))[..., None]
     out = rgb.astype(np.float32) * (1.0 - a) + jet_colormap(m).astype(np.float32) * a
@@ -165,8 +180,9 @@ class Explanation:
         The decoded image.
     cam : (S, S) ndarray of float32
         Grad-CAM map of the letterboxed cell, in [0, 1].
-    overlay : (H, W, 3) ndarray of uint8
-        ``cam`` over ``rgb``.
+    overlay : (H', W', 3) ndarray of uint8
+        ``cam`` over ``rgb``; ``(H, W)`` unless the longer side exceeds 2048 px, when it is
+        shrunk to that (:func:`overlay_heatmap`).
     label : str
     p_parasitized : float or None
     explained_class : str

@@ -259,6 +259,14 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None, d
     between packed cells (filling them made one field-sized object, and a 5-10x too large
     estimate on 2 of the 120 IML dev fields), so the unfilled foreground is used.
 
+    The field is analysed at 480 px on its longer side. In a field larger than 1,280 px (a
+    stitched scan, a high-resolution camera) small cells would then be a few pixels across and
+    merge, so the estimate is also taken on its central 1,280 x 1,280 px (at the same 480 px);
+    that one is used when it finds at least 10 cells and a diameter under 0.9 x the whole-field
+    estimate. (Tilings of the 640 x 480 px Chula demo field, 36 px cells: 4 x 4 tiles 44 px
+    and 8 x 8 tiles 390 px from the whole field alone; 38 px with the crop.) Fields of up to
+    1,280 px, such as all of IML's and Chula's, are unaffected.
+
     Parameters
     ----------
     rgb : np.ndarray
@@ -275,14 +283,31 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None, d
         Estimated RBC diameter in px (full resolution). Returns NaN if no cell-like object is
         found.
     """
-    import cv2
-
     rgb = _check_rgb(rgb)
     if od is None:
         od = foreground_signal(rgb)
-    h, w = rgb.shape[:2]
-    s = min(1.0, 480.0 / max(h, w))
     g = od[..., 1]
+    diam, _ = _diameter_of(g, dense_coverage)
+    h, w = g.shape
+    side = 1280
+    if max(h, w) > side:
+        y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+        d_crop, n_crop = _diameter_of(g[y0 : y0 + side, x0 : x0 + side], dense_coverage)
+        if n_crop >= 10 and (not np.isfinite(diam) or d_crop < 0.9 * diam):
+            logger.info("large field: RBC diameter %.1f px from the central crop (%.1f px from the whole field)",
+                        d_crop, diam)
+            diam = d_crop
+    return diam
+
+
+def _diameter_of(g: np.ndarray, dense_coverage: float) -> tuple[float, int]:
+    """``(diameter px, number of cells found)`` of ``(H, W)`` float32 green OD ``g``, analysed at
+    480 px on its longer side (see :func:`estimate_rbc_diameter_px`); ``(NaN, 0)`` if none."""
+    import cv2
+    from skimage.feature import peak_local_max
+
+    h, w = g.shape
+    s = min(1.0, 480.0 / max(h, w))
     if s < 1.0:
         g = cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
     g = cv2.GaussianBlur(g, (0, 0), 1.0)
@@ -290,20 +315,18 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None, d
     if mask.mean() > dense_coverage:
         mask, _ = _fg_mask(g, min_object_px=12, max_hole_px=0)
     if not mask.any():
-        return float("nan")
+        return float("nan"), 0
     dt = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     # Peaks of the distance transform: one near the centre of every cell, isolated or in a
     # clump; a cell's peak value is ~ its radius.
-    from skimage.feature import peak_local_max
-
     peaks = peak_local_max(dt, min_distance=3, threshold_abs=2.0, exclude_border=True)
     maxima = dt[peaks[:, 0], peaks[:, 1]].astype(np.float64) if len(peaks) else np.zeros(0)
     if maxima.size == 0:
-        return float("nan")
+        return float("nan"), 0
     # Ignore fragments much thinner than the bulk of the objects.
     maxima = maxima[maxima >= 0.5 * np.percentile(maxima, 75)]
     radius = float(np.median(maxima))
-    return (2.0 * radius + 1.0) / s
+    return (2.0 * radius + 1.0) / s, int(maxima.size)
 
 
 def segment_field(
