@@ -77,6 +77,30 @@ def test_explain_writes_overlays_and_survives_bad_files(cli, random_run, sample_
     assert cli("explain", sample_pngs[0], "--model", random_run, "--out", out, "--class", "Nope").exit_code != 0
 
 
+def test_unwritable_outputs_are_refused_up_front_or_reported_per_file(cli, random_run, sample_pngs, tmp_path):
+    """--out that cannot be written is refused before any work (usage error, exit 2); an overlay
+    that cannot be written (here a folder already holds its name) is that file's error row, and
+    the other files' overlays and explanations.csv are still written."""
+    folder, afile = tmp_path / "existing_dir", tmp_path / "afile"
+    folder.mkdir()
+    afile.write_text("x")
+    runner = CliRunner()
+    from malaria_screen.cli import app
+
+    for args in (["predict", sample_pngs[0], "--out", folder],
+                 ["predict", sample_pngs[0], "--out", afile / "r.csv"],
+                 ["explain", sample_pngs[0], "--model", random_run, "--out", afile]):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 2 and r.exception is not None and "--out" in r.output, (args, r.output)
+    out = tmp_path / "cams"
+    (out / f"{sample_pngs[0].stem}_gradcam.png").mkdir(parents=True)
+    r = cli("explain", sample_pngs[0], sample_pngs[-1], "--model", random_run, "--out", out)
+    assert r.exit_code == 1
+    rows = list(csv.DictReader((out / "explanations.csv").open()))
+    assert rows[0]["error"] and not rows[0]["overlay"]
+    assert not rows[1]["error"] and (out / rows[1]["overlay"]).is_file()
+
+
 def test_bench_infer_prints_table(cli, random_run, onnx_fp32, nih_dir, tmp_path):
     r = cli("bench-infer", nih_dir, "--model", random_run, "--fp32", onnx_fp32, "--backends", "torch,onnx-fp32",
             "--n-files", 32, "--batch", 4, "--batch", 16, "--threads", 1, "--json", tmp_path / "b.json")

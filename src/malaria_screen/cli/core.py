@@ -23,6 +23,38 @@ def _echo_table(rows: list[list[str]], header: list[str]) -> None:
         typer.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
+def check_out_file(out: Path) -> None:
+    """Refuse an output file path that cannot be written, before any work is done.
+
+    Raises
+    ------
+    typer.BadParameter
+        If ``out`` is an existing folder, or one of its parents is an existing file.
+    """
+    if out.is_dir():
+        raise typer.BadParameter(f"--out {out} is a folder; give a file name")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise typer.BadParameter(f"--out {out}: {parent} is a file, not a folder")
+            break
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder path that cannot be created, before any work is done.
+
+    Raises
+    ------
+    typer.BadParameter
+        If ``out`` or one of its parents is an existing file.
+    """
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise typer.BadParameter(f"--out {out}: {p} is a file, not a folder")
+            break
+
+
 def _run_folder(name: Optional[str]) -> Optional[str]:
     """``--init-from``: None, the bundled default model's folder for "default", else the path as given."""
     if name != "default":
@@ -300,6 +332,7 @@ def predict(
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"--out must end in .csv or .json, got {out.name}")
+    check_out_file(out)
     try:
         files = list_image_files(paths)
     except FileNotFoundError as exc:

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from malaria_screen.cli.core import _echo_table, listed_in_groups
+from malaria_screen.cli.core import _echo_table, check_out_dir, listed_in_groups
 from malaria_screen.cli.smear import _RESCORER_HELP, _load_rescorer
 
 __all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
@@ -154,6 +154,7 @@ def explain(
     from malaria_screen.inference import load_model
     from malaria_screen.inference.gradcam import explain as run_explain
 
+    check_out_dir(out)
     try:
         files = list_image_files(paths)
         pred = load_model(model, backend="torch")
@@ -167,20 +168,20 @@ def explain(
     rows, used = [], set()
     for f in files:
         row = {"path": str(f), "label": None, "p_parasitized": None, "explained_class": None, "overlay": None, "error": None}
-        try:
-            (ex,) = run_explain(pred, [decode_image(f)], class_index=cls_idx, alpha=alpha)
-        except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
-            row["error"] = str(exc) if exc.__class__.__name__ == "ImageDecodeError" else f"{type(exc).__name__}: {exc}"
-            rows.append(row)
-            continue
         name, k = f"{f.stem}_gradcam.png", 1
         while name in used:
             k += 1
             name = f"{f.stem}_{k}_gradcam.png"
+        try:
+            (ex,) = run_explain(pred, [decode_image(f)], class_index=cls_idx, alpha=alpha)
+            buf = io.BytesIO()
+            Image.fromarray(ex.overlay).save(buf, format="PNG")
+            atomic_write_bytes(out / name, buf.getvalue())
+        except Exception as exc:  # noqa: BLE001 - one bad file (or unwritable overlay) never stops the batch
+            row["error"] = str(exc) if exc.__class__.__name__ == "ImageDecodeError" else f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            continue
         used.add(name)
-        buf = io.BytesIO()
-        Image.fromarray(ex.overlay).save(buf, format="PNG")
-        atomic_write_bytes(out / name, buf.getvalue())
         row.update(label=ex.label, p_parasitized=None if ex.p_parasitized is None else round(ex.p_parasitized, 6),
                    explained_class=ex.explained_class, overlay=name)
         rows.append(row)
