@@ -161,7 +161,10 @@ def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field"
     try:
         rgb = decode_image(rgb)
         res = screen_field(rgb, predictor, image_name=name, rescorer=rescorer)
-    except Exception as exc:  # noqa: BLE001 - shown to the user, not raised
+    except (OSError, ValueError) as exc:  # bad input (undecodable, too small, too large): the user's, not ours
+        log.warning("field screening refused: %s", exc)
+        return f"Could not screen this image: {type(exc).__name__}: {exc}", None
+    except Exception as exc:  # noqa: BLE001 - shown to the user, not raised; a bug, so logged in full
         log.exception("field screening failed")
         return f"Could not screen this image: {type(exc).__name__}: {exc}", None
     if res.parasitemia is None:
