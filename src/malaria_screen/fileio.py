@@ -21,11 +21,31 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_wr
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
     """Call ``writer(fh)`` on a temporary binary file, then move it to ``path`` atomically.
 
-    Parent folders are created. Returns ``path`` as a :class:`Path`.
+    The temporary file sits in the same folder (so :func:`os.replace` is a rename, never a copy)
+    under a short name (``.<first 16 characters of the name>.<8 random>.tmp``, at most 79 bytes),
+    so any name valid for ``path`` (up to the usual 255-byte limit) can be written. Parent folders
+    are created.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination file; replaced if it exists.
+    writer : callable
+        ``writer(fh)`` writes the content to the binary file object ``fh``.
+
+    Returns
+    -------
+    path : Path
+
+    Raises
+    ------
+    OSError
+        If the folder or file cannot be written. On this or any exception from ``writer``,
+        ``path`` is left as it was and the temporary file removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as fh:

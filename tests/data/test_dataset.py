@@ -1,10 +1,11 @@
-import time
+import os
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from malaria_screen.data.dataset import load_cell_set
+from malaria_screen.data.dataset import list_image_files, load_cell_set, scan_image_folder
 from malaria_screen.data.preprocess import letterbox
 
 
@@ -75,3 +76,67 @@ def test_more_class_folders_more_classes(tmp_path):
     assert cs.class_names == ["a", "b", "c"] and sorted(set(cs.labels.tolist())) == [0, 1, 2]
     with pytest.raises(ValueError, match="no patient id"):
         load_cell_set(tmp_path, size_px=16, cache_dir="", progress=False)
+
+
+def _call_releasing_fifo(fn, fifo, timeout_s=10.0):
+    """``fn()`` in a daemon thread; if it is still blocked after ``timeout_s`` (a reader waiting
+    on the pipe), open the write end to let it go, then fail. Re-raises what ``fn`` raised."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader now sees EOF
+        t.join(timeout_s)
+        pytest.fail(f"blocked on the named pipe {fifo} for more than {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _samples_dataset(samples_dir, root):
+    """The bundled NIH samples, symlinked into ``root/<Class>/``."""
+    for cls in ("Parasitized", "Uninfected"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((samples_dir / cls).glob("*.png")):
+            (root / cls / f.name).symlink_to(f)
+    return root
+
+
+def test_list_image_files_keeps_named_missing_paths_for_decoding_to_report(tmp_path, samples_dir):
+    real = sorted((samples_dir / "Uninfected").glob("*.png"))[0]
+    broken = tmp_path / "broken.png"
+    broken.symlink_to(tmp_path / "deleted.png")
+    named = [tmp_path / "typo.png", broken, real]
+    assert list_image_files(named) == named
+    assert list_image_files([tmp_path / "no_such_folder"]) == [tmp_path / "no_such_folder"]
+
+
+def test_broken_symlink_in_dataset_is_a_per_file_error(tmp_path, samples_dir):
+    root = _samples_dataset(samples_dir, tmp_path / "ds")
+    bad = "Uninfected/C999P1ThinF_IMG_20150101_000000_cell_1.png"
+    (root / bad).symlink_to(tmp_path / "moved_away.png")
+    cs = load_cell_set(root, size_px=32, cache_dir=tmp_path / "cache", progress=False)
+    assert len(cs) == 24 and bad not in cs.relpaths
+    assert list(cs.errors) == [bad] and "broken symbolic link" in cs.errors[bad]
+    (root / bad).unlink()  # the link repaired: a new store, keyed on the file's content
+    (root / bad).symlink_to(sorted((samples_dir / "Uninfected").glob("*.png"))[0])
+    cs2 = load_cell_set(root, size_px=32, cache_dir=tmp_path / "cache", progress=False)
+    assert len(cs2) == 25 and not cs2.errors and len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_named_pipe_in_dataset_is_a_per_file_error(tmp_path, samples_dir):
+    root = _samples_dataset(samples_dir, tmp_path / "ds")
+    bad = "Parasitized/C999P1ThinF_IMG_20150101_000000_cell_2.png"
+    os.mkfifo(root / bad)
+    assert bad in scan_image_folder(root)[0]  # listed, never opened
+    cs = _call_releasing_fifo(lambda: load_cell_set(root, size_px=32, cache_dir="", progress=False), root / bad)
+    assert len(cs) == 24 and list(cs.errors) == [bad] and "not a regular file" in cs.errors[bad]

@@ -1,12 +1,23 @@
 """Decoding: every bad-input kind gets a clear ImageDecodeError; odd-but-valid inputs decode."""
 
 import io
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from malaria_screen.data.io import ImageDecodeError, decode_image
+
+
+@pytest.fixture
+def sample_cell(samples_dir):
+    """A bundled NIH cell PNG (always present) and its RGB pixels."""
+    path = sorted((samples_dir / "Parasitized").glob("*.png"))[0]
+    return path, np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture
@@ -113,3 +124,117 @@ def test_bad_arrays():
         decode_image(np.zeros((4, 4, 3), np.int32))
     with pytest.raises(ImageDecodeError, match="NaN"):
         decode_image(np.full((4, 4, 3), np.nan))
+
+
+# -- special files: a named pipe must never be opened for reading ------------------------------
+
+
+def _call_releasing_fifo(fn, fifo, timeout_s=10.0):
+    """``fn()`` in a daemon thread; if it is still blocked after ``timeout_s`` (a reader waiting
+    on the pipe), open the write end to let it go, then fail. Re-raises what ``fn`` raised."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader now sees EOF
+        t.join(timeout_s)
+        pytest.fail(f"blocked on the named pipe {fifo} for more than {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_named_pipe_refused_as_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "cell.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageDecodeError, match="not a regular file: a named pipe"):
+        _call_releasing_fifo(lambda: decode_image(fifo), fifo)
+    with pytest.raises(ImageDecodeError, match="not a regular file"):  # through a symlink too
+        (tmp_path / "link.png").symlink_to(fifo)
+        _call_releasing_fifo(lambda: decode_image(tmp_path / "link.png"), fifo)
+
+
+def test_broken_symlink_named_as_such(tmp_path, sample_cell):
+    link = tmp_path / "cell.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ImageDecodeError, match="broken symbolic link"):
+        decode_image(link)
+    link.unlink()
+    link.symlink_to(sample_cell[0])  # a good link decodes
+    np.testing.assert_array_equal(decode_image(link), sample_cell[1])
+
+
+# -- float arrays ------------------------------------------------------------------------------
+
+
+def test_float_array_must_be_in_unit_range(sample_cell):
+    _, rgb = sample_cell
+    np.testing.assert_array_equal(decode_image(rgb.astype(np.float32) / 255), rgb)
+    with pytest.raises(ImageDecodeError, match=r"values up to 2\d\d.*divide a 0\.\.255 image by 255"):
+        decode_image(rgb.astype(np.float32))  # a float copy of a uint8 image: not silently white
+    with pytest.raises(ImageDecodeError, match="values down to -0.5"):
+        decode_image(np.full((4, 4, 3), -0.5))
+    assert isinstance(ImageDecodeError("x"), ValueError)
+
+
+# -- one size limit, max_pixels, whatever the format or thread ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def limit_pngs(tmp_path_factory):
+    """Constant-colour RGB PNGs (small files) just under and just over MAX_PIXELS = 100 Mpx.
+
+    95 Mpx is over Pillow's own warning limit (89.5 Mpx), which must not decide."""
+    d = tmp_path_factory.mktemp("limit")
+    under, over = d / "under.png", d / "over.png"
+    Image.new("RGB", (10_000, 9_500), (200, 120, 60)).save(under, compress_level=1)
+    Image.new("RGB", (10_001, 10_000), (200, 120, 60)).save(over, compress_level=1)
+    return under, over
+
+
+OVER_MESSAGE = "image too large: 10001x10000 px = 100,010,000 px > limit 100,000,000 px"
+
+
+@pytest.mark.slow
+def test_size_limit_is_max_pixels_and_the_same_in_every_thread(limit_pngs):
+    under, over = limit_pngs
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(over)
+    assert str(info.value) == OVER_MESSAGE
+    with warnings.catch_warnings():  # Pillow's guard, even made an error, never refuses an image under the limit
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert decode_image(under).shape == (9_500, 10_000, 3)
+        with pytest.raises(ImageDecodeError, match=r"^image too large: .*100,000,000 px"):
+            decode_image(over)
+
+    def outcome(path):
+        try:
+            return decode_image(path).shape
+        except ImageDecodeError as exc:
+            return str(exc)
+
+    jobs = [over] * 24
+    jobs[5] = jobs[17] = under  # decoded while other threads check the oversize file
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(outcome, jobs))
+    assert got[5] == got[17] == (9_500, 10_000, 3)
+    assert {g for i, g in enumerate(got) if i not in (5, 17)} == {OVER_MESSAGE}
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_size_limit_checked_for_every_format(sample_cell, fmt):
+    _, rgb = sample_cell
+    data = _encode(rgb, fmt)
+    h, w = rgb.shape[:2]
+    with pytest.raises(ImageDecodeError, match=rf"^image too large: {w}x{h} px = {w * h:,} px > limit {w * h - 1:,} px$"):
+        decode_image(data, max_pixels=w * h - 1)
+    assert decode_image(data, max_pixels=w * h).shape == (h, w, 3)

@@ -48,10 +48,20 @@ def default_cache_dir() -> Path:
 def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
     """Files named by ``paths``, folders walked recursively, sorted; hidden and text files skipped.
 
-    Raises
-    ------
-    FileNotFoundError
-        If a path does not exist.
+    Nothing is opened, so a named pipe in a folder cannot block the listing; it is listed, and
+    decoding (:func:`~malaria_screen.data.io.open_image_file`) refuses it. A path that is not a
+    folder is returned as given, even when it does not exist or is a broken symbolic link, so
+    that decoding reports it as one failed file and the rest of a batch goes on.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Files and folders.
+
+    Returns
+    -------
+    files : list of Path
+        In the order of ``paths``; the files of each folder sorted.
     """
     out: list[Path] = []
     for p in map(Path, paths):
@@ -62,10 +72,8 @@ def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
                     if f.startswith(".") or Path(f).suffix.lower() in _SKIP_SUFFIXES:
                         continue
                     out.append(Path(dirpath) / f)
-        elif p.exists():
+        else:  # a file, or a missing path / broken link that decoding will report
             out.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
     return out
 
 
@@ -159,10 +167,18 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], np.ndarray, list[str
 
 
 def _fingerprint(root: Path, relpaths: Sequence[str], size_px: int) -> str:
+    """Store key: hash of every file's relative path, byte size and mtime (symlinks followed).
+
+    A file that cannot be stat'ed (a broken symbolic link, a file removed since the listing)
+    enters the key as unreadable instead of failing the whole set: decoding reports it.
+    """
     h = hashlib.sha256(f"v{_STORE_VERSION}|size={size_px}|".encode())
     for rp in relpaths:
-        st = (root / rp).stat()
-        h.update(f"{rp}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        try:
+            st = (root / rp).stat()
+            h.update(f"{rp}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError as exc:
+            h.update(f"{rp}|unreadable:{exc.errno}\n".encode())
     return h.hexdigest()[:24]
 
 

@@ -8,20 +8,35 @@ per-file error and carry on.
 
 Transparent pixels are composited onto black, the background of the NIH cell crops
 (Rajaraman et al., PeerJ 2018).
+
+Only regular files are read: a named pipe, socket or device is refused before it is opened
+(opening a pipe for reading waits for a writer, forever if none comes).
+
+One size limit, ``max_pixels`` (default :data:`MAX_PIXELS`), is checked by :func:`check_image_size`
+on the width and height in the file header, before any pixel is decoded, by every decoder (Pillow's
+lazy ``Image.open`` here, OpenCV in :func:`malaria_screen.inference.base.decode_fast`). Pillow's
+own decompression-bomb guard (warn above ``PIL.Image.MAX_IMAGE_PIXELS``, raise above twice that)
+is never the one that decides: its warning turns into an error only under the warnings filters,
+which are process-wide state that other threads change, so the same file would be accepted or
+rejected by chance. Pillow's limit is therefore raised (never lowered) to at least the
+``max_pixels`` in use; an image over it may still make Pillow print its warning, but the refusal
+and its message are ours.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import warnings
-from pathlib import Path
-from typing import Union
+import re
+import stat
+import threading
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "ImageSource", "decode_image", "to_rgb_uint8", "MAX_PIXELS"]
+__all__ = ["ImageDecodeError", "ImageSource", "check_image_size", "decode_image", "open_image_file", "to_rgb_uint8",
+           "MAX_PIXELS"]
 
 #: Largest image accepted, in pixels (width x height). A 1280x960 smear field is 1.2 Mpx;
 #: whole-slide tiles beyond 100 Mpx belong in a tiling reader, not here.
@@ -37,6 +52,91 @@ class ImageDecodeError(ValueError):
     """An input could not be decoded into an RGB image; the message says why."""
 
 
+def check_image_size(width: int, height: int, *, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an image of ``width`` x ``height`` pixels that is empty or over ``max_pixels``.
+
+    The one size check of every decoder, run on the header's size before pixels are decoded,
+    so that every path accepts the same images and words its refusal the same way.
+
+    Parameters
+    ----------
+    width, height : int
+        Image size from the file header, in pixels.
+    max_pixels : int, default=MAX_PIXELS
+        Largest accepted ``width * height``, in pixels.
+
+    Raises
+    ------
+    ImageDecodeError
+        If ``width`` or ``height`` is <= 0, or ``width * height > max_pixels``; the message
+        quotes the size and ``max_pixels``.
+    """
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"image too large: {width}x{height} px = {width * height:,} px > limit {max_pixels:,} px")
+
+
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+
+
+def _check_regular(st: os.stat_result) -> None:
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        raise ImageDecodeError("is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        kind = ("named pipe (FIFO)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+        raise ImageDecodeError(f"not a regular file: a {kind} is never read")
+    if st.st_size == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+
+
+def open_image_file(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular, non-empty file for binary reading; never blocks on a pipe or device.
+
+    Symbolic links are followed. The file type is checked with :func:`os.stat` before the file is
+    opened (a named pipe opened for reading waits for a writer, forever if none comes), and again
+    on the open descriptor, which is opened non-blocking, in case the path changed in between.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    fh : binary file object
+        Positioned at offset 0; the caller closes it.
+
+    Raises
+    ------
+    ImageDecodeError
+        If ``path`` does not exist, is a broken symbolic link, a directory, not a regular file
+        (named pipe, socket, device), empty, or cannot be opened. The message names the cause.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageDecodeError(f"broken symbolic link: {path} points to a missing file") from None
+        raise ImageDecodeError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc}") from None
+    _check_regular(st)
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc}") from None
+    try:
+        _check_regular(os.fstat(fd))
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     """Coerce an array image to ``(H, W, 3) uint8``.
 
@@ -46,7 +146,8 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     Raises
     ------
     ImageDecodeError
-        For other shapes or dtypes.
+        For other shapes or dtypes, and for float arrays with NaN, infinity or values outside
+        [0, 1] (a float copy of a 0..255 image must be divided by 255 first).
     """
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -61,7 +162,13 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     elif np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise ImageDecodeError("float image array contains NaN or infinity")
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi > 1.0:
+            raise ImageDecodeError(f"float image array has values up to {hi:g}, but float images must lie in [0, 1]: "
+                                   "divide a 0..255 image by 255, or pass it as uint8")
+        if lo < 0.0:
+            raise ImageDecodeError(f"float image array has values down to {lo:g}, but float images must lie in [0, 1]")
+        arr = (arr * 255.0 + 0.5).astype(np.uint8)
     else:
         raise ImageDecodeError(f"unsupported image array dtype {arr.dtype}")
     if arr.shape[2] == 1:
@@ -87,7 +194,8 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
         arr = np.asarray(im, dtype=np.float64)
         finite = arr[np.isfinite(arr)]
         hi = float(finite.max(initial=0.0)) if finite.size else 0.0
-        return _array_to_rgb(np.nan_to_num(arr) / (255.0 if hi > 1.0 and hi <= 255.0 else max(hi, 1.0)))
+        arr = np.nan_to_num(arr) / (255.0 if hi > 1.0 and hi <= 255.0 else max(hi, 1.0))
+        return _array_to_rgb(np.clip(arr, 0.0, 1.0))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         return _array_to_rgb(np.asarray(im.convert("RGBA")))
     if mode == "RGB":
@@ -104,10 +212,13 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.nda
     Parameters
     ----------
     source : path, bytes, PIL.Image.Image or ndarray
-        A file path, the encoded bytes of a file, a PIL image, or an ``(H, W[, C])`` array
-        (uint8, uint16, bool or float in [0, 1]).
+        A path to a regular file (symbolic links followed), the encoded bytes of a file, a PIL
+        image, or an ``(H, W[, C])`` array (uint8, uint16, bool, or float in [0, 1]: divide a
+        float copy of a 0..255 image by 255).
     max_pixels : int, default=MAX_PIXELS
-        Largest accepted width x height, in pixels; checked before the pixels are decoded.
+        Largest accepted width x height, in pixels; checked (:func:`check_image_size`) on the
+        header's size before the pixels are decoded. Not applied to arrays, which are decoded
+        already.
 
     Returns
     -------
@@ -117,8 +228,11 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.nda
     Raises
     ------
     ImageDecodeError
-        If the input is missing, empty, not an image, truncated or corrupt, or larger than
-        ``max_pixels``. The message names the cause.
+        If the input is missing (or a broken symbolic link), a directory, not a regular file
+        (named pipe, socket, device), empty, not an image, truncated or corrupt, larger than
+        ``max_pixels``, or a float array outside [0, 1]. The message names the cause.
+    TypeError
+        If ``source`` is none of the accepted types.
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
@@ -128,24 +242,13 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.nda
         if len(source) == 0:
             raise ImageDecodeError("empty input (0 bytes)")
         return _open_and_convert(io.BytesIO(bytes(source)), max_pixels)
-    path = Path(source)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageDecodeError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc}") from None
-    if path.is_dir():
-        raise ImageDecodeError("is a directory, not an image file")
-    if size == 0:
-        raise ImageDecodeError("empty file (0 bytes)")
-    try:
-        with open(path, "rb") as fh:
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"cannot decode a {type(source).__name__}: expected a path, bytes, PIL image or ndarray")
+    with open_image_file(source) as fh:
+        try:
             return _open_and_convert(fh, max_pixels)
-    except OSError as exc:
-        if isinstance(exc, ImageDecodeError):
-            raise
-        raise ImageDecodeError(f"cannot read file: {exc}") from None
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read file: {exc}") from None
 
 
 _MAGIC = (
@@ -160,11 +263,33 @@ def _sniff(head: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _lift_pillow_limit(max_pixels: int) -> None:
+    """Raise ``PIL.Image.MAX_IMAGE_PIXELS`` to at least ``max_pixels``; never lower it.
+
+    So Pillow's guard never fires on an image this module accepts (see the module docstring).
+    The value only ever grows, under a lock, so no thread can see it below its ``max_pixels``.
+    """
+    if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= max_pixels:
+        return
+    with _PIL_LIMIT_LOCK:
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _pillow_bomb_error(exc: Exception, max_pixels: int) -> ImageDecodeError:
+    """Our message for Pillow's DecompressionBombError (over twice ``max_pixels``)."""
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(m.group(1)):,} px" if m else "the image"
+    return ImageDecodeError(f"image too large: {size} > limit {max_pixels:,} px")
+
+
 def _open_and_convert(fp, max_pixels: int) -> np.ndarray:
+    _lift_pillow_limit(max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp)
+        im = Image.open(fp)
     except UnidentifiedImageError:
         fp.seek(0)
         fmt = _sniff(fp.read(16))
@@ -172,7 +297,7 @@ def _open_and_convert(fp, max_pixels: int) -> np.ndarray:
             raise ImageDecodeError(f"corrupt {fmt} file: the header cannot be read") from None
         raise ImageDecodeError("not a recognised image format (content is not PNG/JPEG/WebP/TIFF/BMP/GIF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from None
+        raise _pillow_bomb_error(exc, max_pixels) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt image header: {exc}") from None
     with im:
@@ -181,10 +306,7 @@ def _open_and_convert(fp, max_pixels: int) -> np.ndarray:
 
 def _check_size_and_convert(im: Image.Image, max_pixels: int) -> np.ndarray:
     w, h = im.size
-    if w <= 0 or h <= 0:
-        raise ImageDecodeError(f"image has no pixels ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageDecodeError(f"image too large: {w}x{h} px = {w * h:,} px > limit {max_pixels:,} px")
+    check_image_size(w, h, max_pixels=max_pixels)
     try:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
@@ -192,7 +314,9 @@ def _check_size_and_convert(im: Image.Image, max_pixels: int) -> np.ndarray:
         return _pil_to_rgb(im)
     except ImageDecodeError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # a frame or tile beyond the header's size
+        raise _pillow_bomb_error(exc, max_pixels) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"truncated or corrupt image data ({im.format or 'unknown'} {w}x{h}): {exc}") from None
 
 

@@ -25,7 +25,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from malaria_screen.config import TrainConfig
-from malaria_screen.data.io import MAX_PIXELS, ImageDecodeError, ImageSource, _array_to_rgb, decode_image
+from malaria_screen.data.io import (
+    MAX_PIXELS,
+    ImageDecodeError,
+    ImageSource,
+    _array_to_rgb,
+    check_image_size,
+    decode_image,
+    open_image_file,
+)
 from malaria_screen.data.preprocess import letterbox
 
 try:  # optional: a faster exact decoder for the two formats cell crops come in
@@ -78,12 +86,15 @@ def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndar
     users' crops) are decoded by OpenCV when it is installed: about twice as fast as Pillow for
     WebP (Pillow decodes WebP through RGBA) and 1.4x for PNG, with identical pixels (tested).
     Everything else, every failure of the fast path, and installs without OpenCV, go through
-    :func:`decode_image`, so errors and their messages are the same.
+    :func:`decode_image`, so errors and their messages are the same: files are opened by
+    :func:`~malaria_screen.data.io.open_image_file` (regular files only, never a pipe) and sizes
+    checked by :func:`~malaria_screen.data.io.check_image_size` on both paths.
 
     Parameters
     ----------
     source : path, bytes, PIL.Image.Image or ndarray
     max_pixels : int, default=MAX_PIXELS
+        Largest accepted width x height, in pixels, checked on the header before decoding.
 
     Returns
     -------
@@ -92,23 +103,27 @@ def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndar
     Raises
     ------
     ImageDecodeError
+        As :func:`decode_image`: missing, not a regular file, empty, corrupt, over ``max_pixels``.
+    TypeError
         As :func:`decode_image`.
     """
     if cv2 is not None and isinstance(source, (str, os.PathLike, bytes, bytearray)):
         data, wh = b"", None
-        try:
-            if isinstance(source, (bytes, bytearray)):
-                data = bytes(source)
-                wh = _fast_kind(data[:4096])
-            else:
-                with open(source, "rb") as fh:  # header first: other files are left to Pillow unread
+        if isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+            wh = _fast_kind(data[:4096])
+        else:
+            with open_image_file(source) as fh:  # header first: other files are left to Pillow unread
+                try:
                     head = fh.read(4096)
                     wh = _fast_kind(head)
                     if wh is not None and 0 < wh[0] * wh[1] <= max_pixels:
                         data = head + fh.read()
-        except OSError:
-            wh = None
-        if wh is not None and data and 0 < wh[0] * wh[1] <= max_pixels:
+                except OSError:
+                    wh = None
+        if wh is not None and wh[0] * wh[1] > max_pixels:
+            check_image_size(*wh, max_pixels=max_pixels)  # the check, and message, of decode_image
+        if wh is not None and data and wh[0] * wh[1] > 0:
             arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
             if arr is not None and arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[:2] == (wh[1], wh[0]):
                 if arr.shape[2] == 3:
@@ -209,6 +224,32 @@ def seen_patients(model) -> dict[str, set[str]]:
     return out
 
 
+def _image_list(images) -> list:
+    """One image, or a sequence (or ``(N, H, W, C)`` array) of images, as a list of images.
+
+    Raises
+    ------
+    TypeError
+        If ``images`` is None or neither an image nor iterable.
+    ImageDecodeError
+        If ``images`` is an ndarray of neither 2, 3 nor 4 dimensions.
+    """
+    if images is None:
+        raise TypeError("images is None: pass a path, bytes, a PIL image, an ndarray, or a sequence of them")
+    if isinstance(images, np.ndarray):
+        if images.ndim in (2, 3):  # (H, W) or (H, W, C): one image
+            return [images]
+        if images.ndim == 4:  # (N, H, W, C): a batch
+            return list(images)
+        raise ImageDecodeError(f"expected an (H, W[, C]) image or (N, H, W, C) batch array, got shape {images.shape}")
+    if isinstance(images, (str, os.PathLike, bytes, bytearray)) or hasattr(images, "mode"):  # hasattr: PIL image
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise TypeError(f"expected an image or a sequence of images, got {type(images).__name__}") from None
+
+
 class CellClassifierBase:
     """Shared behaviour of cell classifiers; subclasses implement :meth:`predict_proba_prepared`.
 
@@ -270,24 +311,40 @@ class CellClassifierBase:
         if cells.ndim != 4 or cells.shape[1:] != (s, s, 3):
             raise ValueError(f"expected (N, {s}, {s}, 3) uint8 cells, got {cells.shape}")
 
-    def predict_proba(self, images: Sequence[ImageSource]) -> np.ndarray:
+    def predict_proba(self, images: Sequence[ImageSource] | ImageSource) -> np.ndarray:
         """Class probabilities ``(N, num_classes) float32`` of images (paths, bytes, PIL, arrays).
+
+        ``images`` is read as :meth:`predict` reads it: one image, or a sequence of images.
 
         Raises
         ------
         ImageDecodeError
-            If any image cannot be decoded (use :meth:`predict_files` to get per-file errors).
+            If any image cannot be decoded; the message starts with the image's index
+            (``"image 2: ..."``). Use :meth:`predict_files` to get per-file errors instead.
+        TypeError
+            If ``images`` (or one item of it) is not an image source; the message names the index.
         """
-        if len(images) == 0:
+        items = _image_list(images)
+        if len(items) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        return self.predict_proba_prepared(np.stack([self.prepare(im) for im in images]))
+        cells = []
+        for i, im in enumerate(items):
+            try:
+                cells.append(self.prepare(im))
+            except ImageDecodeError as exc:
+                raise ImageDecodeError(f"image {i}: {exc}") from exc
+            except TypeError as exc:
+                raise TypeError(f"image {i}: {exc}") from exc
+        return self.predict_proba_prepared(np.stack(cells))
 
     def predict(self, images: Sequence[ImageSource] | ImageSource) -> np.ndarray:
         """Probability of Parasitized for each image.
 
         Parameters
         ----------
-        images : sequence of (path | bytes | PIL.Image | (H, W, 3) uint8 ndarray), or one image
+        images : one image, or a sequence of images
+            An image is a path, bytes, a PIL image, or an ``(H, W)`` / ``(H, W, C)`` ndarray
+            (uint8, uint16, bool, or float in [0, 1]); an ``(N, H, W, C)`` ndarray is N images.
 
         Returns
         -------
@@ -297,13 +354,14 @@ class CellClassifierBase:
         ------
         ValueError
             If the model has no ``positive_class`` (multi-class models: use
-            :meth:`predict_proba`), or an image cannot be decoded (:class:`ImageDecodeError`).
+            :meth:`predict_proba`), or an image cannot be decoded (:class:`ImageDecodeError`,
+            whose message starts with the image's index).
+        TypeError
+            If ``images`` is None or not an image or a sequence of images.
         """
         if self.positive_index is None:
             raise ValueError(f"model classes {self.class_names} have no {self.config.positive_class!r}; use predict_proba")
-        if isinstance(images, (str, os.PathLike, bytes, bytearray)) or (isinstance(images, np.ndarray) and images.ndim == 3) or hasattr(images, "mode"):
-            images = [images]
-        return self.predict_proba(list(images))[:, self.positive_index]
+        return self.predict_proba(images)[:, self.positive_index]
 
     def label_of(self, probs: np.ndarray) -> list[str]:
         """Class names of ``(N, num_classes)`` probabilities: threshold on Parasitized for

@@ -1,0 +1,155 @@
+"""Input robustness of the inference entry points: special files, size limit, array shapes."""
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import malaria_screen
+from malaria_screen.data.dataset import list_image_files
+from malaria_screen.data.io import ImageDecodeError, decode_image
+from malaria_screen.inference.base import decode_fast
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+
+
+def _call_releasing_fifo(fn, fifo, timeout_s=10.0):
+    """``fn()`` in a daemon thread; if it is still blocked after ``timeout_s`` (a reader waiting
+    on the pipe), open the write end to let it go, then fail. Re-raises what ``fn`` raised."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader now sees EOF
+        t.join(timeout_s)
+        pytest.fail(f"blocked on the named pipe {fifo} for more than {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return malaria_screen.load_model()
+
+
+@pytest.fixture
+def samples(samples_dir):
+    return sorted((samples_dir / "Parasitized").glob("*.png"))[:2] + sorted((samples_dir / "Uninfected").glob("*.png"))[:2]
+
+
+# -- special files -----------------------------------------------------------------------------
+
+
+@needs_fifo
+def test_decode_fast_refuses_named_pipe_without_opening_it(tmp_path):
+    fifo = tmp_path / "cell.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageDecodeError, match="not a regular file: a named pipe"):
+        _call_releasing_fifo(lambda: decode_fast(fifo), fifo)
+
+
+@needs_fifo
+def test_predict_files_on_a_folder_with_a_pipe_goes_on(tmp_path, samples, model):
+    for f in samples[:2]:
+        (tmp_path / f.name).symlink_to(f)
+    fifo = tmp_path / "zz_pipe.png"
+    os.mkfifo(fifo)
+    files = list_image_files([tmp_path])
+    assert [f.name for f in files] == sorted([samples[0].name, samples[1].name, "zz_pipe.png"])
+    res = _call_releasing_fifo(lambda: list(model.predict_files(files, workers=2)), fifo)
+    assert [r.error is None for r in res] == [True, True, False]
+    assert "not a regular file" in res[2].error and res[2].label is None
+    assert all(r.label in model.class_names for r in res[:2])
+
+
+def test_predict_files_reports_missing_and_broken_paths_and_goes_on(tmp_path, samples, model):
+    broken = tmp_path / "broken.png"
+    broken.symlink_to(tmp_path / "deleted.png")
+    missing = tmp_path / "typo.png"
+    files = list_image_files([samples[0], missing, broken, samples[2]])  # as the CLI lists its arguments
+    assert files == [samples[0], missing, broken, samples[2]]
+    res = list(model.predict_files(files, workers=2))
+    assert [Path(r.path) for r in res] == files
+    assert "no such file" in res[1].error and "broken symbolic link" in res[2].error
+    assert res[0].error is None and res[3].error is None
+    np.testing.assert_allclose([res[0].p_parasitized, res[3].p_parasitized], model.predict([samples[0], samples[2]]), atol=1e-6)
+
+
+# -- one size limit on the OpenCV and Pillow paths ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limit_pngs(tmp_path_factory):
+    """Constant-colour 8-bit RGB PNGs (OpenCV's fast path) just under and just over MAX_PIXELS.
+
+    95 Mpx is over Pillow's own warning limit (89.5 Mpx), which must not decide."""
+    d = tmp_path_factory.mktemp("limit")
+    under, over = d / "under.png", d / "over.png"
+    Image.new("RGB", (10_000, 9_500), (200, 120, 60)).save(under, compress_level=1)
+    Image.new("RGB", (10_001, 10_000), (200, 120, 60)).save(over, compress_level=1)
+    return under, over
+
+
+@pytest.mark.slow
+def test_fast_and_pillow_paths_share_the_size_limit_in_every_thread(limit_pngs):
+    under, over = limit_pngs
+    expected = "image too large: 10001x10000 px = 100,010,000 px > limit 100,000,000 px"
+
+    def outcome(decode, path):
+        try:
+            return decode(path).shape
+        except ImageDecodeError as exc:
+            return str(exc)
+
+    jobs = [(decode_fast, over), (decode_image, over)] * 8 + [(decode_fast, under), (decode_image, under)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda job: outcome(*job), jobs))
+    assert got[-2:] == [(9_500, 10_000, 3)] * 2
+    assert set(got[:-2]) == {expected}
+
+
+# -- Python API: what counts as one image --------------------------------------------------------
+
+
+def test_predict_2d_grayscale_array_is_one_image(samples, model):
+    gray = np.asarray(Image.open(samples[0]).convert("L"))
+    p = model.predict(gray)
+    assert p.shape == (1,)
+    np.testing.assert_allclose(p, model.predict([np.dstack([gray] * 3)]), atol=1e-6)
+    assert model.predict_proba(gray).shape == (1, len(model.class_names))
+    batch = np.stack([np.asarray(Image.open(f).convert("RGB").resize((64, 64))) for f in samples])
+    assert model.predict(batch).shape == (len(samples),)  # (N, H, W, 3): N images
+
+
+def test_predict_float_arrays_must_be_scaled(samples, model):
+    rgb = np.asarray(Image.open(samples[0]).convert("RGB"))
+    np.testing.assert_allclose(model.predict(rgb.astype(np.float32) / 255), model.predict(rgb), atol=1e-6)
+    with pytest.raises(ValueError, match="divide a 0..255 image by 255"):
+        model.predict(rgb.astype(np.float32))
+
+
+def test_predict_bad_inputs_raise_clear_errors(samples, model):
+    with pytest.raises(TypeError, match="images is None"):
+        model.predict(None)
+    with pytest.raises(TypeError, match="got int"):
+        model.predict(3)
+    mixed = [samples[0], samples[1].read_bytes(), b"not an image at all", np.asarray(Image.open(samples[2]))]
+    with pytest.raises(ImageDecodeError, match=r"^image 2: not a recognised image format"):
+        model.predict(mixed)
+    with pytest.raises(TypeError, match=r"^image 1: cannot decode a NoneType"):
+        model.predict([samples[0], None])
+    with pytest.raises(ImageDecodeError, match=r"shape \(5,\)"):
+        model.predict(np.zeros(5, np.uint8))
