@@ -120,3 +120,36 @@ def test_whole_field_screening(predictor, demo_field):
     assert ov.shape == decode_image(demo_field).shape
     r = c.post("/v1/field", files=[("file", (demo_field.name, demo_field.read_bytes(), "image/jpeg"))] * 2)
     assert r.status_code == 422 and "exactly one" in r.json()["detail"]
+
+
+def test_field_too_small_to_screen_is_422(predictor):
+    """A readable image smaller than the segmentation needs (8x8 px) is the client's error, not a 500."""
+    pytest.importorskip("skimage")
+    c = _client(predictor)
+    r = c.post("/v1/field", files=[("file", ("dot.png", _png(np.full((1, 1, 3), 200, np.uint8)), "image/png"))])
+    assert r.status_code == 422, r.text
+    assert "cannot screen the field image (1x1 px)" in r.json()["detail"] and "too small" in r.json()["detail"]
+
+
+def test_classify_decodes_off_the_event_loop(predictor, sample_pngs, monkeypatch):
+    """Decoding (up to seconds for a large image) runs in a worker thread, where no event loop runs,
+    so /healthz keeps answering meanwhile; also for small requests."""
+    import asyncio
+
+    import malaria_screen.serve.api as api
+
+    real, where = api.decode_image, []
+
+    def decode(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "decode_image", decode)
+    c = _client(predictor)
+    r = c.post("/v1/classify", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in sample_pngs[:2]])
+    assert r.status_code == 200 and r.json()["n_failed"] == 0
+    assert where == ["worker thread", "worker thread"]

@@ -133,3 +133,90 @@ def test_no_warning_below_threshold_or_on_few_cells():
     assert slide_warnings(5, 500) == []  # 1 %
     assert slide_warnings(30, 100) == []  # too few cells to judge
     assert len(slide_warnings(60, 500)) == 1  # 12 %
+
+
+def _two_fields(tmp_path):
+    img, _ = synthetic_field()
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(img).save(src / "a.png")
+    Image.fromarray(img).save(src / "b.png")
+    return src
+
+
+def _raise_on(name: str, exc: BaseException, monkeypatch) -> None:
+    """Make screening of the field ``name`` raise ``exc`` (what a 9000x9000 PNG under ``ulimit -v``
+    or an OpenCV failure does); the other fields are screened for real."""
+    import malaria_screen.smear.report as report
+
+    real = report.screen_field
+
+    def screen(rgb, model, *, image_name, **kw):
+        if image_name == name:
+            raise exc
+        return real(rgb, model, image_name=image_name, **kw)
+
+    monkeypatch.setattr(report, "screen_field", screen)
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), "cv2.error"], ids=["MemoryError", "cv2.error"])
+def test_a_field_failing_with_any_exception_costs_only_itself(tmp_path, monkeypatch, exc):
+    if exc == "cv2.error":
+        import cv2
+
+        exc = cv2.error("OpenCV(4) resize.cpp:4155: error: (-215:Assertion failed) !ssize.empty()")
+    _raise_on("b.png", exc, monkeypatch)
+    out = tmp_path / "out"
+    s = run_smear([_two_fields(tmp_path)], out, FakeModel())
+    assert s["n_fields"] == 1 and s["n_failed"] == 1 and not s["interrupted"]
+    assert s["errors"][0]["image"] == "b.png" and s["errors"][0]["error"].startswith(type(exc).__name__)
+    assert json.loads((out / "a.json").read_text())["n_rbc"] == 6 and not (out / "b.json").exists()
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["n_rbc"] == 6 and [e["image"] for e in on_disk["errors"]] == ["b.png"]
+    html = (out / "report.html").read_text()
+    assert "a.png" in html and type(exc).__name__ in html
+
+
+def test_interrupted_run_still_writes_summary_and_report(tmp_path, monkeypatch):
+    """Ctrl-C is passed on, not recorded as a field error, but the fields done so far keep their summary."""
+    _raise_on("b.png", KeyboardInterrupt(), monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_smear([_two_fields(tmp_path)], out, FakeModel())
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] and s["n_fields"] == 1 and s["n_failed"] == 0 and s["n_rbc"] == 6
+    assert any("interrupted after 1 of 2" in w for w in s["warnings"])
+    assert "interrupted" in (out / "report.html").read_text()
+
+
+def test_folder_scan_reports_gif_broken_links_and_fifos(tmp_path):
+    """A folder's .gif is screened; a broken link or a FIFO with an image suffix is an error entry
+    (never opened: reading a FIFO blocks), not silently dropped."""
+    import os
+
+    img, _ = synthetic_field()
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(img).save(src / "a.gif")
+    (src / "gone.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(src / "pipe.jpg")
+    out = tmp_path / "out"
+    s = run_smear([src], out, FakeModel())
+    assert [f["image"] for f in s["fields"]] == ["a.gif"] and s["fields"][0]["n_rbc"] >= 5
+    err = {e["image"]: e["error"] for e in s["errors"]}
+    assert set(err) == {"gone.png", "pipe.jpg"}
+    assert "broken symbolic link" in err["gone.png"] and "deleted.png" in err["gone.png"]
+    assert "FIFO" in err["pipe.jpg"] and "not a regular file" in err["pipe.jpg"]
+    # named explicitly, a FIFO is reported as what it is, not as a missing file
+    s = run_smear([src / "pipe.jpg"], tmp_path / "out2", FakeModel())
+    assert "FIFO" in s["errors"][0]["error"] and "no such file" not in s["errors"][0]["error"]
+
+
+def test_bad_stain_or_ci_fails_before_any_field(tmp_path):
+    """A ValueError inside the loop is one field's error, so bad settings are checked up front."""
+    src = _two_fields(tmp_path)
+    with pytest.raises(ValueError, match="stain"):
+        run_smear([src], tmp_path / "out", FakeModel(), stain="sepia")
+    with pytest.raises(ValueError, match="ci_method"):
+        run_smear([src], tmp_path / "out", FakeModel(), ci_method="bayes")
+    assert not (tmp_path / "out" / "a.json").exists()

@@ -248,3 +248,24 @@ def test_serve_and_app_refuse_a_bad_rescorer_before_starting(tmp_path):
     for cmd in ("serve", "app"):
         res = CliRunner().invoke(app, [cmd, "--rescorer", str(tmp_path)])
         assert res.exit_code == 2 and "cannot load the rescorer" in res.output, (cmd, res.output)
+
+
+def test_fields_too_small_to_segment_are_errors_not_crashes(iml_with_tiny_field, tmp_path):
+    """collect_rescorer_data and the `rescorer` command list a readable 1x1 field in the errors
+    and fit on the others."""
+    from typer.testing import CliRunner
+
+    from malaria_screen.cli import app
+    from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data
+
+    fields, ann = iml_with_tiny_field
+    data = collect_rescorer_data(fields, load_iml_annotations(ann), None)
+    assert data.fields == ["PA171926", "PA171966"] and set(data.errors) == {"tiny.png"}
+    assert "too small" in data.errors["tiny.png"] and len(data.y) > 100 and data.y.sum() >= 1
+    with pytest.raises(ValueError, match="unmatched"):
+        collect_rescorer_data(fields, load_iml_annotations(ann), None, unmatched="maybe")
+    res = CliRunner().invoke(app, ["rescorer", str(fields), "--annotations", str(ann), "--out", str(tmp_path / "r"),
+                                   "--no-model-logit"])
+    assert res.exit_code == 0, res.output
+    assert "tiny.png: ERROR" in res.output and "2 field(s)" in res.output
+    assert CellRescorer.load(tmp_path / "r").config.n_fields == 2

@@ -6,6 +6,7 @@ Heavy imports (torch, Lightning) happen inside the commands so ``--help`` is ins
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,36 +24,55 @@ def _echo_table(rows: list[list[str]], header: list[str]) -> None:
         typer.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
-def check_out_file(out: Path) -> None:
-    """Refuse an output file path that cannot be written, before any work is done.
+def check_out_dir(out: Path) -> Path:
+    """Refuse an ``--out`` folder that cannot be created or written, before any work is done.
+
+    Parameters
+    ----------
+    out : Path
+        Output folder; it may exist (a folder) or not (then it is created later, with its
+        missing parents).
+
+    Returns
+    -------
+    Path
+        ``out``, unchanged.
 
     Raises
     ------
     typer.BadParameter
-        If ``out`` is an existing folder, or one of its parents is an existing file.
+        If ``out`` or its nearest existing parent is not a folder, or that folder is not
+        writable.
     """
-    if out.is_dir():
-        raise typer.BadParameter(f"--out {out} is a folder; give a file name")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise typer.BadParameter(f"--out {out}: {parent} is a file, not a folder")
-            break
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse an output folder path that cannot be created, before any work is done.
-
-    Raises
-    ------
-    typer.BadParameter
-        If ``out`` or one of its parents is an existing file.
-    """
-    for p in (out, *out.parents):
+    for p in (out, *out.absolute().parents):
         if p.exists():
             if not p.is_dir():
-                raise typer.BadParameter(f"--out {out}: {p} is a file, not a folder")
-            break
+                what = "exists and is not a folder" if p == out else f"cannot be created: {p} is a file, not a folder"
+                raise typer.BadParameter(f"{out} {what}", param_hint="'--out'")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise typer.BadParameter(f"{out} cannot be written: no write permission on {p}", param_hint="'--out'")
+            return out
+    return out  # pragma: no cover - the root always exists
+
+
+def check_out_file(out: Path) -> Path:
+    """Refuse an ``--out`` file that cannot be written, before any work is done.
+
+    Returns
+    -------
+    Path
+        ``out``, unchanged.
+
+    Raises
+    ------
+    typer.BadParameter
+        If ``out`` is an existing folder, or its folder cannot be created or written
+        (:func:`check_out_dir`).
+    """
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give a file name", param_hint="'--out'")
+    check_out_dir(out.absolute().parent)
+    return out
 
 
 def _run_folder(name: Optional[str]) -> Optional[str]:

@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import typer
 
+from malaria_screen.cli.core import check_out_dir
+
 __all__ = ["crops", "fit_rescorer", "register", "smear", "smear_eval"]
 
 
@@ -42,6 +44,23 @@ def _load_rescorer(path: Optional[Path], predictor):
     return r
 
 
+def _load_annotations(path: Path) -> dict:
+    """:func:`~malaria_screen.smear.evaluate.load_iml_annotations`, with a bad file as a usage error.
+
+    Raises
+    ------
+    typer.BadParameter
+        If ``path`` cannot be read or is not an IML ``annotations.json`` (names the cause).
+    """
+    from malaria_screen.smear.evaluate import load_iml_annotations
+
+    try:
+        return load_iml_annotations(path)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise typer.BadParameter(f"cannot read {path} as IML annotations.json: {type(exc).__name__}: {exc}",
+                                 param_hint="'--annotations'") from exc
+
+
 _RESCORER_HELP = ("Rescorer folder from `malaria-screen rescorer` (second stage fitted on annotated fields); "
                   "use it with the --model it was fitted with.")
 
@@ -61,9 +80,16 @@ def smear(
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line."),
 ) -> None:
-    """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia."""
+    """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia.
+
+    A field that cannot be screened (missing, not a regular file, unreadable, too small, ...)
+    gets an entry in summary.json "errors" and the others go on; the exit status is 1 if any
+    field failed (or none was given), 0 otherwise. The outputs of the other fields, summary.json
+    and report.html are written either way.
+    """
     from malaria_screen.smear.report import run_smear
 
+    check_out_dir(out)
     if stain not in ("none", "reinhard", "macenko"):
         raise typer.BadParameter(f"--stain must be none, reinhard or macenko, got {stain!r}")
     if ci not in ("wilson", "exact"):
@@ -102,35 +128,44 @@ def smear(
     )
     for w in s.get("warnings", []):
         typer.echo(f"WARNING: {w}", err=True)
-    if s["n_fields"] == 0:
+    if s["n_failed"] or s["n_fields"] == 0:
         raise typer.Exit(1)
 
 
 def smear_eval(
-    field_dir: Path = typer.Argument(..., help="Folder of annotated field images (IML_Malaria layout)."),
-    annotations: Path = typer.Option(..., "--annotations", "-a", help="IML annotations.json (boxes, px)."),
+    field_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of annotated field images (IML_Malaria layout)."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", exists=True, dir_okay=False, help="IML annotations.json (boxes, px)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for metrics.json and per_field.csv."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model run folder; default: the bundled default model."),
     no_classify: bool = typer.Option(False, "--no-classify", help="Evaluate the segmentation only (no infection metrics)."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-4, help="µm/px; default: estimated per image."),
     stain: str = typer.Option("none", "--stain", help="none | reinhard | macenko."),
     iou: float = typer.Option(0.5, "--iou", min=0.05, max=1.0, help="IoU threshold of a detection match."),
-    chula_dir: Optional[Path] = typer.Option(None, "--chula", help="Optional Chula-RBC-12 folder (images/, labels/) for the red-cell count check."),
+    chula_dir: Optional[Path] = typer.Option(
+        None, "--chula", exists=True, file_okay=False,
+        help="Optional Chula-RBC-12 folder (images/, labels/) for the red-cell count check."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N fields."),
     box_scale: float = typer.Option(
         1.0, "--box-scale", min=0.1, help="Scale detection boxes about their centres before matching (the annotators' "
         "box convention: IML boxes are ~1.19x the cell); 1 = tight boxes, the strict figure."),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
 ) -> None:
-    """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field."""
+    """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field.
+
+    Fields that cannot be screened are listed in metrics.json "failed" and left out of the metrics.
+    """
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.smear.evaluate import evaluate_dataset
 
+    check_out_dir(out)
+    if stain not in ("none", "reinhard", "macenko"):
+        raise typer.BadParameter(f"--stain must be none, reinhard or macenko, got {stain!r}")
+    ann = _load_annotations(annotations)
     predictor = _load_model(model, no_classify)
     second = _load_rescorer(rescorer, predictor)
     metrics = evaluate_dataset(
         field_dir,
-        annotations,
+        ann,
         predictor,
         out_dir=out,
         pixel_size_um=pixel_size_um,
@@ -146,8 +181,8 @@ def smear_eval(
 
 
 def crops(
-    field_dir: Path = typer.Argument(..., help="Folder of annotated field images."),
-    annotations: Path = typer.Option(..., "--annotations", "-a", help="IML annotations.json (boxes, px)."),
+    field_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of annotated field images."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", exists=True, dir_okay=False, help="IML annotations.json (boxes, px)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: Parasitized/, Uninfected/, groups.csv (path,patient)."),
     source: str = typer.Option(
         "boxes", "--source", help="boxes: cut each annotated box | detections: cut the segmented cells exactly as "
@@ -162,15 +197,17 @@ def crops(
 ) -> None:
     """Export annotated cells as an NIH-layout crop folder (+ groups.csv for leak-free training)."""
     from malaria_screen.smear.crops import export_annotation_crops, export_detection_crops
-    from malaria_screen.smear.evaluate import load_iml_annotations
 
+    check_out_dir(out)
     if source not in ("boxes", "detections"):
         raise typer.BadParameter(f"--source must be boxes or detections, got {source!r}")
     if unmatched not in ("skip", "uninfected"):
         raise typer.BadParameter(f"--unmatched must be skip or uninfected, got {unmatched!r}")
     if unmatched != "skip" and source != "detections":
         raise typer.BadParameter("--unmatched needs --source detections")
-    ann = load_iml_annotations(annotations)
+    if stain not in ("none", "reinhard", "macenko"):
+        raise typer.BadParameter(f"--stain must be none, reinhard or macenko, got {stain!r}")
+    ann = _load_annotations(annotations)
     if source == "boxes":
         s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
     else:
@@ -184,27 +221,32 @@ def crops(
 
 
 def fit_rescorer(
-    field_dir: Path = typer.Argument(..., help="Folder of annotated field images."),
-    annotations: Path = typer.Option(..., "--annotations", "-a", help="IML annotations.json (boxes, px)."),
+    field_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of annotated field images."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", exists=True, dir_okay=False, help="IML annotations.json (boxes, px)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: rescorer.json + rescorer.safetensors."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Cell model whose logit is an input; default: the bundled model."),
     no_model_logit: bool = typer.Option(False, "--no-model-logit", help="Colour/shape features only (no cell model)."),
-    fields: Optional[Path] = typer.Option(None, "--fields", help="Text file of field image names to use (one per line); default: all annotated."),
+    fields: Optional[Path] = typer.Option(
+        None, "--fields", exists=True, dir_okay=False,
+        help="Text file of field image names to use (one per line); default: all annotated."),
     unmatched: str = typer.Option(
         "uninfected", "--unmatched", help="uninfected | skip: detections that match no box (and overlap no infected "
         "box) are Uninfected training cells (for exhaustively annotated fields), or left out."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-4, help="µm per pixel; default: estimated per field."),
 ) -> None:
     """Fit a second-stage cell rescorer on annotated fields (gradient-boosted trees; seconds on a CPU)."""
-    from malaria_screen.smear.evaluate import load_iml_annotations
     from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data
 
+    check_out_dir(out)
     if unmatched not in ("skip", "uninfected"):
         raise typer.BadParameter(f"--unmatched must be skip or uninfected, got {unmatched!r}")
-    ann = load_iml_annotations(annotations)
+    ann = _load_annotations(annotations)
     names = None
     if fields is not None:
-        names = [ln.strip() for ln in fields.read_text().splitlines() if ln.strip()]
+        try:
+            names = [ln.strip() for ln in fields.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"cannot read {fields}: {type(exc).__name__}: {exc}", param_hint="'--fields'") from exc
         unknown = [n for n in names if n not in ann]
         if unknown:
             raise typer.BadParameter(f"--fields lists {len(unknown)} field(s) without annotation, e.g. {unknown[0]}")

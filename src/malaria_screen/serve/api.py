@@ -24,14 +24,16 @@ Endpoints
     OpenAPI schema and its viewer.
 
 Errors: 413 when the body exceeds ``max_request_bytes`` or has more than ``max_images`` images;
-415 when the body is not ``multipart/form-data``; 422 when it is malformed or holds no image.
+415 when the body is not ``multipart/form-data``; 422 when it is malformed or holds no image, or
+(``/v1/field``) when the field image cannot be read or screened (e.g. smaller than 8x8 px).
 Each is JSON ``{"detail": "<what and the limit>"}``.
 
 Nothing is written to disk: the body is streamed into memory (bounded by
 ``max_request_bytes``) and parsed there with ``python-multipart``, so no temporary files are
-spooled anywhere; nothing is unpickled. One predictor is built at start-up and shared;
-requests of up to 16 images are decoded and classified on the event loop (about a millisecond
-per cell), larger ones in a worker thread.
+spooled anywhere; nothing is unpickled. One predictor is built at start-up and shared. The event
+loop only streams and parses request bodies: images are decoded and classified (and fields
+screened) in a worker thread, so ``/healthz`` and other requests keep answering while a request
+of large images decodes.
 """
 
 from __future__ import annotations
@@ -262,7 +264,10 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
             rgb = decode_image(bytes(part.data), max_pixels=limits.max_pixels)
         except ImageDecodeError as exc:
             raise HTTPException(422, f"cannot read the field image: {exc}") from exc
-        res = screen_field(rgb, predictor, image_name=part.filename or "field", rescorer=rescorer)
+        try:
+            res = screen_field(rgb, predictor, image_name=part.filename or "field", rescorer=rescorer)
+        except ValueError as exc:  # a decoded image that cannot be screened, e.g. smaller than 8x8 px
+            raise HTTPException(422, f"cannot screen the field image ({rgb.shape[1]}x{rgb.shape[0]} px): {exc}") from exc
         out = res.to_json()
         if overlay:
             import base64
@@ -299,9 +304,9 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
     )
     async def classify(request: Request) -> ClassifyResponse:
         parts = await _read_parts(request, limits)
-        # a few cells take ~1 ms: run them on the event loop (no thread hop, FIFO); big batches
-        # go to a worker thread so other requests keep flowing
-        results = _classify(parts) if len(parts) <= 16 else await run_in_threadpool(_classify, parts)
+        # decoding a large image takes up to seconds: never on the event loop, so /healthz and
+        # other requests keep answering meanwhile
+        results = await run_in_threadpool(_classify, parts)
         pos = None if predictor.positive_index is None else predictor.class_names[predictor.positive_index]
         n_par = sum(1 for r in results if pos is not None and r.label == pos)
         return ClassifyResponse(model=predictor.source, threshold=predictor.threshold, n_images=len(results),
@@ -310,7 +315,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
     @app.post(
         "/v1/field", summary="Screen one whole thin-smear field: cells, labels, parasitemia",
         responses={413: {"description": "Request or file too large"}, 415: {"description": "Not multipart/form-data"},
-                   422: {"description": "Malformed, no image or unreadable image"},
+                   422: {"description": "Malformed, no image, or an image that cannot be read or screened"},
                    501: {"description": "Whole-field screening not installed (malaria-screen[smear])"}},
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],

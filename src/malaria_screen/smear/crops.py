@@ -299,34 +299,41 @@ def export_detection_crops(
     Returns
     -------
     ExportSummary
-        Fields that cannot be decoded are listed in ``errors``; the rest go on.
+        Fields that cannot be decoded or segmented (too small, out of memory, ...: any
+        ``Exception``) are listed in ``errors`` and not counted in ``n_fields``; the rest go on.
 
     Raises
     ------
     ValueError
-        If ``unmatched`` is not "skip" or "uninfected".
+        If ``unmatched`` is not "skip" or "uninfected", or ``stain`` is unknown (checked before
+        any field is read: a ValueError while screening a field is that field's error).
     """
     from malaria_screen.smear.segment import segment_field
-    from malaria_screen.smear.stain import normalize_stain
+    from malaria_screen.smear.stain import STAIN_METHODS, normalize_stain
 
     if unmatched not in ("skip", "uninfected"):
         raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
+    if stain not in STAIN_METHODS:
+        raise ValueError(f"unknown stain normalisation {stain!r}; choose one of {STAIN_METHODS}")
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0
     for name, rgb in _decoded_fields(Path(field_dir), sorted(annotations), errors):
-        n_fields += 1
-        seg = segment_field(rgb, **segment_kwargs)
-        cells = seg.cells()
-        gt = annotations[name]
-        pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
-        kept = [(cells[i], cls, tag) for i, cls, tag in
-                label_detections(pred_boxes, gt, iou_threshold=iou_threshold, unmatched=unmatched)]
-        n_skipped += len(cells) - len(kept)
-        if not kept:
+        try:
+            seg = segment_field(rgb, **segment_kwargs)
+            cells = seg.cells()
+            pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
+            kept = [(cells[i], cls, tag) for i, cls, tag in
+                    label_detections(pred_boxes, annotations[name], iou_threshold=iou_threshold, unmatched=unmatched)]
+            crops = []
+            if kept:  # cut only the cells that get written
+                src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
+                crops = cell_crops(src, seg.labels, [c for c, _, _ in kept])
+        except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
+            _record_error(errors, name, exc)
             continue
-        src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
-        crops = cell_crops(src, seg.labels, [c for c, _, _ in kept])  # only the cells that get written
+        n_fields += 1
+        n_skipped += len(cells) - len(kept)
         stem = Path(name).stem
         for (c, cls, tag), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
             writer.write(cls, f"{stem}_{tag}_{c.id}.png", crop, stem)
@@ -399,11 +406,18 @@ def _decoded_fields(field_dir: Path, names: list[str], errors: dict[str, str]):
     for name in names:
         try:
             rgb = decode(field_dir / name)
-        except (OSError, ValueError) as exc:
-            errors[name] = str(exc)
-            logger.warning("skipping %s: %s", name, exc)
+        except Exception as exc:  # noqa: BLE001 - ImageDecodeError, and MemoryError on a huge field
+            _record_error(errors, name, exc)
             continue
         yield name, rgb
+
+
+def _record_error(errors: dict[str, str], name: str, exc: Exception) -> None:
+    """``errors[name] = "<exception type>: <message>"``, logged as a warning."""
+    from malaria_screen.smear.evaluate import _error_text
+
+    errors[name] = _error_text(exc)
+    logger.warning("skipping %s: %s", name, errors[name])
 
 
 class _CropWriter:

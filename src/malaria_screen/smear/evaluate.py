@@ -321,6 +321,12 @@ def evaluate_iml_field(
     )
 
 
+def _error_text(exc: BaseException) -> str:
+    """``"<type>: <message>"`` (just the type when the message is empty, as for ``MemoryError()``)."""
+    msg = str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a) / float(b) if b else float("nan")
 
@@ -435,7 +441,9 @@ def evaluate_chula(chula_dir: str | Path, *, limit: int | None = None, **segment
     dict
         ``n_fields``, ``count_mae`` (cells per field), ``count_mean_rel_error`` (fraction),
         ``count_bias`` (mean detections − points), ``point_recall``, ``point_precision``
-        (pooled), ``fields`` (per-field dicts). Fields whose label file is empty are skipped.
+        (pooled), ``fields`` (per-field dicts), ``n_failed`` and ``failed`` (image name ->
+        ``"<exception type>: <message>"`` of fields that could not be read or segmented). Fields
+        whose label file is empty are skipped.
     """
     from malaria_screen.data.io import decode_image
     from malaria_screen.smear.segment import segment_field
@@ -445,20 +453,26 @@ def evaluate_chula(chula_dir: str | Path, *, limit: int | None = None, **segment
     if limit:
         imgs = imgs[:limit]
     per = []
+    failed: dict[str, str] = {}
     for p in imgs:
         lbl = root / "labels" / (p.stem + ".txt")
         if not lbl.is_file():
             continue
-        pts = load_chula_points(lbl)
-        if len(pts) == 0:
+        try:
+            pts = load_chula_points(lbl)
+            if len(pts) == 0:
+                continue
+            seg = segment_field(decode_image(p), **segment_kwargs)
+        except Exception as exc:  # noqa: BLE001 - one bad field never costs the others
+            failed[p.name] = _error_text(exc)
+            logger.warning("Chula field %s failed: %s", p.name, failed[p.name])
             continue
-        seg = segment_field(decode_image(p), **segment_kwargs)
         r = match_points(seg.labels, pts)
         r["image"] = p.name
         r["rbc_diameter_px"] = seg.rbc_diameter_px
         per.append(r)
     if not per:
-        return {"n_fields": 0, "fields": []}
+        return {"n_fields": 0, "fields": [], "n_failed": len(failed), "failed": failed}
     m = sum(r["matched"] for r in per)
     return {
         "n_fields": len(per),
@@ -469,6 +483,8 @@ def evaluate_chula(chula_dir: str | Path, *, limit: int | None = None, **segment
         "point_precision": _ratio(m, sum(r["n_detections"] for r in per)),
         "rbc_diameter_px_median": float(np.median([r["rbc_diameter_px"] for r in per])),
         "fields": per,
+        "n_failed": len(failed),
+        "failed": failed,
     }
 
 
@@ -507,26 +523,36 @@ def match_iml_fields(
     Returns
     -------
     (list of FieldMatch, dict)
-        One match per decoded field (``seconds`` = screening wall time, s), and image name ->
-        error message for fields that could not be decoded.
+        One match per screened field (``seconds`` = screening wall time, s), and image name ->
+        ``"<exception type>: <message>"`` for fields that could not be decoded or screened (too
+        small to segment, out of memory, ...: any ``Exception``); the others go on.
+
+    Raises
+    ------
+    ValueError
+        If ``stain`` is unknown (checked before any field is read).
     """
     import time
 
     from malaria_screen.data.io import decode_image
     from malaria_screen.smear.screen import screen_field
+    from malaria_screen.smear.stain import STAIN_METHODS
 
+    if stain not in STAIN_METHODS:  # checked here: a ValueError in the loop is a field's error
+        raise ValueError(f"unknown stain normalisation {stain!r}; choose one of {STAIN_METHODS}")
     matches: list[FieldMatch] = []
     failed: dict[str, str] = {}
     for name in (sorted(annotations) if names is None else names):
         try:
             rgb = decode_image(Path(field_dir) / name)
-        except (OSError, ValueError) as exc:
-            failed[name] = str(exc)
+            t0 = time.perf_counter()
+            res = screen_field(rgb, model, image_name=name, pixel_size_um=pixel_size_um, stain=stain, rescorer=rescorer,
+                               **segment_kwargs)
+            dt = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
+            failed[name] = _error_text(exc)
+            logger.warning("field %s failed: %s", name, failed[name])
             continue
-        t0 = time.perf_counter()
-        res = screen_field(rgb, model, image_name=name, pixel_size_um=pixel_size_um, stain=stain, rescorer=rescorer,
-                           **segment_kwargs)
-        dt = time.perf_counter() - t0
         boxes = np.asarray([c.bbox for c in res.cells], np.float64).reshape(-1, 4)
         inf = np.asarray([c.label == "Parasitized" for c in res.cells], bool)
         border = np.asarray([c.border for c in res.cells], bool)
@@ -541,7 +567,7 @@ def match_iml_fields(
 
 def evaluate_dataset(
     field_dir: str | Path,
-    annotations: str | Path,
+    annotations: str | Path | dict[str, list[GroundTruthBox]],
     model,
     *,
     out_dir: str | Path | None = None,
@@ -561,8 +587,8 @@ def evaluate_dataset(
     ----------
     field_dir : path
         Folder of field images.
-    annotations : path
-        IML ``annotations.json``.
+    annotations : path or dict
+        IML ``annotations.json``, or its contents as read by :func:`load_iml_annotations`.
     model : CellModel or None
         Classifier; None evaluates the segmentation only.
     out_dir : path, optional
@@ -585,12 +611,19 @@ def evaluate_dataset(
     Returns
     -------
     dict
-        :func:`summarize_iml` metrics plus ``classified``, ``n_failed``, optional ``chula``.
+        :func:`summarize_iml` metrics plus ``classified``, ``n_failed``, ``failed`` (image name ->
+        error of each field that could not be read or screened, left out of the metrics),
+        optional ``chula``.
+
+    Raises
+    ------
+    ValueError
+        If ``annotations`` is a file not in the IML layout.
     """
     import csv
     import io as _io
 
-    ann = load_iml_annotations(annotations)
+    ann = annotations if isinstance(annotations, dict) else load_iml_annotations(annotations)
     names = sorted(ann) if names is None else list(names)
     if limit:
         names = names[:limit]

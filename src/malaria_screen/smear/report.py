@@ -5,7 +5,10 @@
 fields, a per-file error entry for every field that could not be read) and a self-contained
 offline ``report.html`` (inline CSS, base64 JPEG thumbnails, no external fonts or scripts).
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so an
-interrupted run never leaves a half-written output behind.
+interrupted run never leaves a half-written output behind. A field that fails for any reason (an
+unreadable or non-regular file, a field too small to segment, ``MemoryError``, ``cv2.error``, ...)
+gets an error entry and the others go on; ``summary.json`` and ``report.html`` are written even
+when the run is interrupted (``KeyboardInterrupt``), then marked ``"interrupted": true``.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from malaria_screen.smear.evaluate import _error_text
 from malaria_screen.smear.screen import FieldResult, binomial_ci, screen_field
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 __all__ = ["HIGH_PARASITEMIA", "IMAGE_SUFFIXES", "collect_fields", "overlay_image", "run_smear", "slide_warnings",
            "write_field_outputs"]
@@ -32,9 +38,21 @@ __all__ = ["HIGH_PARASITEMIA", "IMAGE_SUFFIXES", "collect_fields", "overlay_imag
 def collect_fields(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand files and folders into a sorted list of field image paths.
 
-    Folders contribute their (non-recursive, non-hidden) files with an image suffix
-    (:data:`IMAGE_SUFFIXES`, case-insensitive); files named explicitly are always included
-    (decoding is by content). Missing paths are kept, to be reported as errors.
+    Folders contribute their (non-recursive, non-hidden) entries with an image suffix
+    (:data:`IMAGE_SUFFIXES`, case-insensitive) that are not folders: regular files, and also
+    broken symbolic links, FIFOs, sockets and devices, so that :func:`run_smear` reports each of
+    those as an error instead of dropping it silently. Files named explicitly are always
+    included (decoding is by content). Missing paths are kept, to be reported as errors.
+
+    Parameters
+    ----------
+    inputs : iterable of str or Path
+        Field image files and/or folders of them.
+
+    Returns
+    -------
+    list of Path
+        Folder entries sorted by name, in input order, without duplicates.
     """
     out: list[Path] = []
     for item in inputs:
@@ -44,7 +62,7 @@ def collect_fields(inputs: Iterable[str | Path]) -> list[Path]:
                 sorted(
                     q
                     for q in p.iterdir()
-                    if q.is_file() and not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES
+                    if not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()
                 )
             )
         else:
@@ -56,6 +74,32 @@ def collect_fields(inputs: Iterable[str | Path]) -> list[Path]:
             seen.add(p)
             uniq.append(p)
     return uniq
+
+
+def _check_regular_file(path: Path) -> None:
+    """Raise unless ``path`` is (a link to) a regular file; never opens it (a FIFO would block).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist or is a broken symbolic link.
+    ValueError
+        If ``path`` is a folder, FIFO, socket or device.
+    OSError
+        If ``path`` cannot be examined (permissions, a symbolic-link loop).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise FileNotFoundError(f"broken symbolic link: {path} -> {os.readlink(path)}") from None
+        raise FileNotFoundError(f"no such file: {path}") from None
+    if stat.S_ISREG(mode):
+        return
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    kind = next((name for is_kind, name in kinds if is_kind(mode)), "special file")
+    raise ValueError(f"not a regular file: {path} is a {kind}; not opened")
 
 
 def overlay_image(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
@@ -194,11 +238,28 @@ def run_smear(
     -------
     dict
         The ``summary.json`` document: totals (``n_fields``, ``n_failed``, ``n_rbc``,
-        ``n_infected``, ``parasitemia``, ``parasitemia_ci95``), ``fields`` and ``errors``.
+        ``n_infected``, ``parasitemia``, ``parasitemia_ci95``), ``fields`` and ``errors``
+        (``{"image", "path", "error": "<exception type>: <message>"}`` per failed field: missing
+        files, broken links, FIFOs and other non-regular files (never opened), undecodable images,
+        fields too small to segment, and any other ``Exception`` raised while screening one).
+
+    Raises
+    ------
+    ValueError
+        If ``stain`` or ``ci_method`` is unknown (checked before any field is read).
+    KeyboardInterrupt, SystemExit
+        Passed on (not recorded as a field error), after ``summary.json`` and ``report.html``
+        have been written for the fields done so far (``"interrupted": true``).
     """
     from malaria_screen.data.io import decode_image
     from malaria_screen.fileio import atomic_write_json, atomic_write_text
+    from malaria_screen.smear.stain import STAIN_METHODS
 
+    # checked up front: inside the loop a ValueError is one field's error
+    if stain not in STAIN_METHODS:
+        raise ValueError(f"unknown stain normalisation {stain!r}; choose one of {STAIN_METHODS}")
+    if ci_method not in ("wilson", "exact"):
+        raise ValueError(f"ci_method must be 'wilson' or 'exact', got {ci_method!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = collect_fields(inputs)
@@ -207,55 +268,77 @@ def run_smear(
     errors: list[dict] = []
     thumbs: dict[str, str] = {}
     t_start = time.perf_counter()
-    for path, stem in zip(paths, stems):
-        try:
-            if not path.is_file():
-                raise FileNotFoundError(f"no such file: {path}")
-            rgb = decode_image(path)
-            res = screen_field(
-                rgb,
-                model,
-                image_name=path.name,
-                pixel_size_um=pixel_size_um,
-                stain=stain,
-                scale_to_nih=scale_to_nih,
-                count_border_cells=count_border_cells,
-                ci_method=ci_method,
-                rescorer=rescorer,
-                **segment_kwargs,
-            )
-            jp, op, ov = write_field_outputs(out, stem, rgb, res)
-        except (OSError, ValueError, RuntimeError) as exc:
-            entry = {"image": path.name, "path": str(path), "error": f"{type(exc).__name__}: {exc}"}
-            errors.append(entry)
-            logger.warning("field %s failed: %s", path, exc)
+    finished = False
+    try:
+        for path, stem in zip(paths, stems):
+            try:
+                _check_regular_file(path)
+                rgb = decode_image(path)
+                res = screen_field(
+                    rgb,
+                    model,
+                    image_name=path.name,
+                    pixel_size_um=pixel_size_um,
+                    stain=stain,
+                    scale_to_nih=scale_to_nih,
+                    count_border_cells=count_border_cells,
+                    ci_method=ci_method,
+                    rescorer=rescorer,
+                    **segment_kwargs,
+                )
+                jp, op, ov = write_field_outputs(out, stem, rgb, res)
+                thumb = _thumb_b64(ov)
+            except Exception as exc:  # noqa: BLE001 - one bad field (MemoryError, cv2.error, ...) never costs the others
+                entry = {"image": path.name, "path": str(path), "error": _error_text(exc)}
+                errors.append(entry)
+                logger.warning("field %s failed: %s", path, entry["error"], exc_info=logger.isEnabledFor(logging.DEBUG))
+                if progress:
+                    progress(path.name, entry)
+                continue
+            entry = {
+                "image": path.name,
+                "path": str(path),
+                "json": jp.name,
+                "overlay": op.name,
+                "width": res.width,
+                "height": res.height,
+                "n_rbc": res.n_rbc,
+                "n_infected": res.n_infected,
+                "n_wbc": res.n_wbc,
+                "parasitemia": res.parasitemia,
+                "parasitemia_ci95": res.parasitemia_ci95,
+                "rbc_diameter_px": None if not np.isfinite(res.rbc_diameter_px) else round(float(res.rbc_diameter_px), 2),
+                "seconds": round(res.seconds.get("total", float("nan")), 4),
+            }
+            fields.append(entry)
+            thumbs[op.name] = thumb
             if progress:
                 progress(path.name, entry)
-            continue
-        entry = {
-            "image": path.name,
-            "path": str(path),
-            "json": jp.name,
-            "overlay": op.name,
-            "width": res.width,
-            "height": res.height,
-            "n_rbc": res.n_rbc,
-            "n_infected": res.n_infected,
-            "n_wbc": res.n_wbc,
-            "parasitemia": res.parasitemia,
-            "parasitemia_ci95": res.parasitemia_ci95,
-            "rbc_diameter_px": None if not np.isfinite(res.rbc_diameter_px) else round(float(res.rbc_diameter_px), 2),
-            "seconds": round(res.seconds.get("total", float("nan")), 4),
-        }
-        fields.append(entry)
-        thumbs[op.name] = _thumb_b64(ov)
-        if progress:
-            progress(path.name, entry)
+        finished = True
+    finally:
+        # also on KeyboardInterrupt (or a failing progress callback): the fields done so far keep their summary
+        summary = _summary(fields, errors, model, rescorer, settings={
+            "pixel_size_um": pixel_size_um, "stain": stain, "scale_to_nih": scale_to_nih,
+            "count_border_cells": count_border_cells}, ci_method=ci_method, seconds=time.perf_counter() - t_start,
+            interrupted=None if finished else len(paths))
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_text(out / "report.html", _report_html(summary, thumbs))
+    return summary
+
+
+def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, *, settings: dict, ci_method: str,
+             seconds: float, interrupted: int | None) -> dict:
+    """The ``summary.json`` document; ``interrupted`` = number of fields the run was given if it
+    stopped early (a warning then says the totals cover only the fields listed), else None."""
     n_rbc = sum(f["n_rbc"] for f in fields)
     n_inf = sum(f["n_infected"] for f in fields)
     classified = model is not None
     lo, hi = binomial_ci(n_inf, n_rbc, method=ci_method) if classified else (0.0, 1.0)
-    summary = {
+    warnings = slide_warnings(n_inf, n_rbc) if classified else []
+    if interrupted is not None:
+        warnings.append(f"The run was interrupted after {len(fields) + len(errors)} of {interrupted} field(s): the "
+                        "totals cover only the fields listed here.")
+    return {
         "n_fields": len(fields),
         "n_failed": len(errors),
         "n_rbc": n_rbc,
@@ -265,24 +348,19 @@ def run_smear(
         "ci_method": ci_method,
         "classified": classified,
         "settings": {
-            "pixel_size_um": pixel_size_um,
-            "stain": stain,
-            "scale_to_nih": scale_to_nih,
-            "count_border_cells": count_border_cells,
+            **settings,
             "model": getattr(model, "source", None) if model is not None else None,
             "threshold": float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else None,
             "rescorer": None if rescorer is None or model is None else {
                 "source": getattr(rescorer, "source", None), "fitted_with_model": rescorer.config.model,
                 "n_fields": rescorer.config.n_fields, "n_parasitized": rescorer.config.n_parasitized},
         },
-        "seconds_total": round(time.perf_counter() - t_start, 3),
-        "warnings": slide_warnings(n_inf, n_rbc) if classified else [],
+        "seconds_total": round(seconds, 3),
+        "interrupted": interrupted is not None,
+        "warnings": warnings,
         "fields": fields,
         "errors": errors,
     }
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_text(out / "report.html", _report_html(summary, thumbs))
-    return summary
 
 
 #: Parasitemia above which a slide gets a warning (WHO: > 5 % is hyperparasitaemia in low-

@@ -240,28 +240,40 @@ def collect_rescorer_data(
     Returns
     -------
     RescorerData
-        Unreadable fields are listed in ``errors``; the rest go on.
+        Fields that cannot be decoded, segmented or classified (too small, out of memory, ...:
+        any ``Exception``) are listed in ``errors``; the rest go on.
+
+    Raises
+    ------
+    ValueError
+        If ``unmatched`` is not "skip" or "uninfected".
     """
-    from malaria_screen.smear.crops import _decoded_fields, cell_crops, label_detections
+    from malaria_screen.smear.crops import _decoded_fields, _record_error, cell_crops, label_detections
     from malaria_screen.smear.screen import _predict_batched
     from malaria_screen.smear.segment import segment_field
 
+    if unmatched not in ("skip", "uninfected"):  # checked here: a ValueError in the loop is a field's error
+        raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
     names = sorted(annotations) if names is None else list(names)
     errors: dict[str, str] = {}
     xs, ys, gs, used = [], [], [], []
     for name, rgb in _decoded_fields(Path(field_dir), names, errors):
         if progress:
             progress(name)
-        seg = segment_field(rgb, **segment_kwargs)
-        cells = seg.cells()
-        if not cells:
+        try:
+            seg = segment_field(rgb, **segment_kwargs)
+            cells = seg.cells()
+            if not cells:
+                continue
+            boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
+            lab = label_detections(boxes, annotations[name], iou_threshold=iou_threshold, unmatched=unmatched)
+            if not lab:
+                continue
+            p = _predict_batched(model, cell_crops(rgb, seg.labels, cells), batch_size) if model is not None else None
+            x = rescorer_inputs(rgb, seg, cells, p, relative=relative)
+        except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
+            _record_error(errors, name, exc)
             continue
-        boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
-        lab = label_detections(boxes, annotations[name], iou_threshold=iou_threshold, unmatched=unmatched)
-        if not lab:
-            continue
-        p = _predict_batched(model, cell_crops(rgb, seg.labels, cells), batch_size) if model is not None else None
-        x = rescorer_inputs(rgb, seg, cells, p, relative=relative)
         idx = np.asarray([i for i, _, _ in lab])
         xs.append(x[idx])
         ys.append(np.asarray([c == "Parasitized" for _, c, _ in lab], np.int64))
