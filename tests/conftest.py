@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,32 @@ def make_subset():
     """``make_subset(nih_dir, dest, patients)``: symlink the cells of ``patients`` into
     ``dest/<Class>/`` (a real NIH subset); returns ``dest``."""
     return _make_subset
+
+
+@pytest.fixture
+def call_releasing_fifo():
+    """``call(fn, fifo)``: run ``fn()`` but fail, instead of hanging, if it blocks on the named pipe."""
+    return _call_releasing_fifo
+
+
+def _call_releasing_fifo(fn, fifo, timeout_s=10.0):
+    """``fn()`` in a daemon thread; if it is still blocked after ``timeout_s`` (a reader waiting
+    on the pipe), open the write end to let it go, then fail. Re-raises what ``fn`` raised."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader now sees EOF
+        t.join(timeout_s)
+        pytest.fail(f"blocked on the named pipe {fifo} for more than {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

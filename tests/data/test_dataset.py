@@ -1,5 +1,4 @@
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -78,29 +77,6 @@ def test_more_class_folders_more_classes(tmp_path):
         load_cell_set(tmp_path, size_px=16, cache_dir="", progress=False)
 
 
-def _call_releasing_fifo(fn, fifo, timeout_s=10.0):
-    """``fn()`` in a daemon thread; if it is still blocked after ``timeout_s`` (a reader waiting
-    on the pipe), open the write end to let it go, then fail. Re-raises what ``fn`` raised."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the test thread
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader now sees EOF
-        t.join(timeout_s)
-        pytest.fail(f"blocked on the named pipe {fifo} for more than {timeout_s} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def _samples_dataset(samples_dir, root):
     """The bundled NIH samples, symlinked into ``root/<Class>/``."""
     for cls in ("Parasitized", "Uninfected"):
@@ -133,10 +109,10 @@ def test_broken_symlink_in_dataset_is_a_per_file_error(tmp_path, samples_dir):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
-def test_named_pipe_in_dataset_is_a_per_file_error(tmp_path, samples_dir):
+def test_named_pipe_in_dataset_is_a_per_file_error(tmp_path, samples_dir, call_releasing_fifo):
     root = _samples_dataset(samples_dir, tmp_path / "ds")
     bad = "Parasitized/C999P1ThinF_IMG_20150101_000000_cell_2.png"
     os.mkfifo(root / bad)
     assert bad in scan_image_folder(root)[0]  # listed, never opened
-    cs = _call_releasing_fifo(lambda: load_cell_set(root, size_px=32, cache_dir="", progress=False), root / bad)
+    cs = call_releasing_fifo(lambda: load_cell_set(root, size_px=32, cache_dir="", progress=False), root / bad)
     assert len(cs) == 24 and list(cs.errors) == [bad] and "not a regular file" in cs.errors[bad]

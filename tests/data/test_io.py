@@ -2,7 +2,6 @@
 
 import io
 import os
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -129,38 +128,15 @@ def test_bad_arrays():
 # -- special files: a named pipe must never be opened for reading ------------------------------
 
 
-def _call_releasing_fifo(fn, fifo, timeout_s=10.0):
-    """``fn()`` in a daemon thread; if it is still blocked after ``timeout_s`` (a reader waiting
-    on the pipe), open the write end to let it go, then fail. Re-raises what ``fn`` raised."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the test thread
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader now sees EOF
-        t.join(timeout_s)
-        pytest.fail(f"blocked on the named pipe {fifo} for more than {timeout_s} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
-def test_named_pipe_refused_as_not_a_regular_file(tmp_path):
+def test_named_pipe_refused_as_not_a_regular_file(tmp_path, call_releasing_fifo):
     fifo = tmp_path / "cell.png"
     os.mkfifo(fifo)
     with pytest.raises(ImageDecodeError, match="not a regular file: a named pipe"):
-        _call_releasing_fifo(lambda: decode_image(fifo), fifo)
+        call_releasing_fifo(lambda: decode_image(fifo), fifo)
     with pytest.raises(ImageDecodeError, match="not a regular file"):  # through a symlink too
         (tmp_path / "link.png").symlink_to(fifo)
-        _call_releasing_fifo(lambda: decode_image(tmp_path / "link.png"), fifo)
+        call_releasing_fifo(lambda: decode_image(tmp_path / "link.png"), fifo)
 
 
 def test_broken_symlink_named_as_such(tmp_path, sample_cell):

@@ -1,7 +1,6 @@
 """Input robustness of the inference entry points: special files, size limit, array shapes."""
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,29 +14,6 @@ from malaria_screen.data.io import ImageDecodeError, decode_image
 from malaria_screen.inference.base import decode_fast
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
-
-
-def _call_releasing_fifo(fn, fifo, timeout_s=10.0):
-    """``fn()`` in a daemon thread; if it is still blocked after ``timeout_s`` (a reader waiting
-    on the pipe), open the write end to let it go, then fail. Re-raises what ``fn`` raised."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the test thread
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader now sees EOF
-        t.join(timeout_s)
-        pytest.fail(f"blocked on the named pipe {fifo} for more than {timeout_s} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +30,22 @@ def samples(samples_dir):
 
 
 @needs_fifo
-def test_decode_fast_refuses_named_pipe_without_opening_it(tmp_path):
+def test_decode_fast_refuses_named_pipe_without_opening_it(tmp_path, call_releasing_fifo):
     fifo = tmp_path / "cell.png"
     os.mkfifo(fifo)
     with pytest.raises(ImageDecodeError, match="not a regular file: a named pipe"):
-        _call_releasing_fifo(lambda: decode_fast(fifo), fifo)
+        call_releasing_fifo(lambda: decode_fast(fifo), fifo)
 
 
 @needs_fifo
-def test_predict_files_on_a_folder_with_a_pipe_goes_on(tmp_path, samples, model):
+def test_predict_files_on_a_folder_with_a_pipe_goes_on(tmp_path, samples, model, call_releasing_fifo):
     for f in samples[:2]:
         (tmp_path / f.name).symlink_to(f)
     fifo = tmp_path / "zz_pipe.png"
     os.mkfifo(fifo)
     files = list_image_files([tmp_path])
     assert [f.name for f in files] == sorted([samples[0].name, samples[1].name, "zz_pipe.png"])
-    res = _call_releasing_fifo(lambda: list(model.predict_files(files, workers=2)), fifo)
+    res = call_releasing_fifo(lambda: list(model.predict_files(files, workers=2)), fifo)
     assert [r.error is None for r in res] == [True, True, False]
     assert "not a regular file" in res[2].error and res[2].label is None
     assert all(r.label in model.class_names for r in res[:2])
