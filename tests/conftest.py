@@ -57,6 +57,21 @@ def make_subset():
     return _make_subset
 
 
+@pytest.fixture(scope="session")
+def limit_pngs(tmp_path_factory):
+    """Constant-colour 8-bit RGB PNGs (small files; OpenCV's fast path and Pillow's) just under
+    and just over ``MAX_PIXELS`` = 100 Mpx: 10,000 x 9,500 and 10,001 x 10,000 px.
+
+    95 Mpx is over Pillow's own warning limit (89.5 Mpx), which must not decide."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("limit")
+    under, over = d / "under.png", d / "over.png"
+    Image.new("RGB", (10_000, 9_500), (200, 120, 60)).save(under, compress_level=1)
+    Image.new("RGB", (10_001, 10_000), (200, 120, 60)).save(over, compress_level=1)
+    return under, over
+
+
 @pytest.fixture
 def call_releasing_fifo():
     """``call(fn, fifo)``: run ``fn()`` but fail, instead of hanging, if it blocks on the named pipe."""

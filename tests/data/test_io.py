@@ -165,18 +165,6 @@ def test_float_array_must_be_in_unit_range(sample_cell):
 # -- one size limit, max_pixels, whatever the format or thread ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def limit_pngs(tmp_path_factory):
-    """Constant-colour RGB PNGs (small files) just under and just over MAX_PIXELS = 100 Mpx.
-
-    95 Mpx is over Pillow's own warning limit (89.5 Mpx), which must not decide."""
-    d = tmp_path_factory.mktemp("limit")
-    under, over = d / "under.png", d / "over.png"
-    Image.new("RGB", (10_000, 9_500), (200, 120, 60)).save(under, compress_level=1)
-    Image.new("RGB", (10_001, 10_000), (200, 120, 60)).save(over, compress_level=1)
-    return under, over
-
-
 OVER_MESSAGE = "image too large: 10001x10000 px = 100,010,000 px > limit 100,000,000 px"
 
 

@@ -67,18 +67,6 @@ def test_predict_files_reports_missing_and_broken_paths_and_goes_on(tmp_path, sa
 # -- one size limit on the OpenCV and Pillow paths ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def limit_pngs(tmp_path_factory):
-    """Constant-colour 8-bit RGB PNGs (OpenCV's fast path) just under and just over MAX_PIXELS.
-
-    95 Mpx is over Pillow's own warning limit (89.5 Mpx), which must not decide."""
-    d = tmp_path_factory.mktemp("limit")
-    under, over = d / "under.png", d / "over.png"
-    Image.new("RGB", (10_000, 9_500), (200, 120, 60)).save(under, compress_level=1)
-    Image.new("RGB", (10_001, 10_000), (200, 120, 60)).save(over, compress_level=1)
-    return under, over
-
-
 @pytest.mark.slow
 def test_fast_and_pillow_paths_share_the_size_limit_in_every_thread(limit_pngs):
     under, over = limit_pngs
