@@ -44,6 +44,16 @@ def _load_rescorer(path: Optional[Path], predictor):
     return r
 
 
+def _check_stain(stain: str) -> None:
+    """``--stain`` must be one of ``STAIN_METHODS``; else :class:`typer.BadParameter`."""
+    from malaria_screen.smear.stain import check_stain_method
+
+    try:
+        check_stain_method(stain)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--stain'") from exc
+
+
 def _load_annotations(path: Path) -> dict:
     """:func:`~malaria_screen.smear.evaluate.load_iml_annotations`, with a bad file as a usage error.
 
@@ -90,8 +100,7 @@ def smear(
     from malaria_screen.smear.report import run_smear
 
     check_out_dir(out)
-    if stain not in ("none", "reinhard", "macenko"):
-        raise typer.BadParameter(f"--stain must be none, reinhard or macenko, got {stain!r}")
+    _check_stain(stain)
     if ci not in ("wilson", "exact"):
         raise typer.BadParameter(f"--ci must be wilson or exact, got {ci!r}")
     predictor = _load_model(model, no_classify)
@@ -158,8 +167,7 @@ def smear_eval(
     from malaria_screen.smear.evaluate import evaluate_dataset
 
     check_out_dir(out)
-    if stain not in ("none", "reinhard", "macenko"):
-        raise typer.BadParameter(f"--stain must be none, reinhard or macenko, got {stain!r}")
+    _check_stain(stain)
     ann = _load_annotations(annotations)
     predictor = _load_model(model, no_classify)
     second = _load_rescorer(rescorer, predictor)
@@ -205,8 +213,7 @@ def crops(
         raise typer.BadParameter(f"--unmatched must be skip or uninfected, got {unmatched!r}")
     if unmatched != "skip" and source != "detections":
         raise typer.BadParameter("--unmatched needs --source detections")
-    if stain not in ("none", "reinhard", "macenko"):
-        raise typer.BadParameter(f"--stain must be none, reinhard or macenko, got {stain!r}")
+    _check_stain(stain)
     ann = _load_annotations(annotations)
     if source == "boxes":
         s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)

@@ -309,12 +309,11 @@ def export_detection_crops(
         any field is read: a ValueError while screening a field is that field's error).
     """
     from malaria_screen.smear.segment import segment_field
-    from malaria_screen.smear.stain import STAIN_METHODS, normalize_stain
+    from malaria_screen.smear.stain import check_stain_method, normalize_stain
 
     if unmatched not in ("skip", "uninfected"):
         raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
-    if stain not in STAIN_METHODS:
-        raise ValueError(f"unknown stain normalisation {stain!r}; choose one of {STAIN_METHODS}")
+    check_stain_method(stain)
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
     n_fields = n_skipped = 0

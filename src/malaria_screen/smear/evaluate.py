@@ -536,10 +536,9 @@ def match_iml_fields(
 
     from malaria_screen.data.io import decode_image
     from malaria_screen.smear.screen import screen_field
-    from malaria_screen.smear.stain import STAIN_METHODS
+    from malaria_screen.smear.stain import check_stain_method
 
-    if stain not in STAIN_METHODS:  # checked here: a ValueError in the loop is a field's error
-        raise ValueError(f"unknown stain normalisation {stain!r}; choose one of {STAIN_METHODS}")
+    check_stain_method(stain)  # here: a ValueError in the loop is a field's error
     matches: list[FieldMatch] = []
     failed: dict[str, str] = {}
     for name in (sorted(annotations) if names is None else names):

@@ -253,11 +253,10 @@ def run_smear(
     """
     from malaria_screen.data.io import decode_image
     from malaria_screen.fileio import atomic_write_json, atomic_write_text
-    from malaria_screen.smear.stain import STAIN_METHODS
+    from malaria_screen.smear.stain import check_stain_method
 
     # checked up front: inside the loop a ValueError is one field's error
-    if stain not in STAIN_METHODS:
-        raise ValueError(f"unknown stain normalisation {stain!r}; choose one of {STAIN_METHODS}")
+    check_stain_method(stain)
     if ci_method not in ("wilson", "exact"):
         raise ValueError(f"ci_method must be 'wilson' or 'exact', got {ci_method!r}")
     out = Path(out_dir)

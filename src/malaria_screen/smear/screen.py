@@ -217,7 +217,7 @@ def screen_field(
         number of probabilities.
     """
     from malaria_screen.smear.crops import cell_crops
-    from malaria_screen.smear.stain import normalize_stain, rescale, scale_factor_to_nih
+    from malaria_screen.smear.stain import check_stain_method, normalize_stain, rescale, scale_factor_to_nih
 
     t0 = time.perf_counter()
     seg = segmentation or segment_field(rgb, pixel_size_um=pixel_size_um, **segment_kwargs)
@@ -237,8 +237,7 @@ def screen_field(
             probs = rescorer.rescore_field(rgb, seg, props, probs)
     else:
         t2 = time.perf_counter()
-        if stain not in ("none", "reinhard", "macenko"):
-            raise ValueError(f"unknown stain normalisation {stain!r}")
+        check_stain_method(stain)
     t3 = time.perf_counter()
     thr = float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else 0.5
     cells = []

@@ -39,7 +39,24 @@ _NIH_MAXC_REF = np.array([0.6628, 0.7335], dtype=np.float64)
 
 STAIN_METHODS = ("none", "reinhard", "macenko")
 
-__all__ = ["NIH_CELL_DIAMETER_PX", "STAIN_METHODS", "normalize_stain", "scale_factor_to_nih", "rescale"]
+__all__ = ["NIH_CELL_DIAMETER_PX", "STAIN_METHODS", "check_stain_method", "normalize_stain", "scale_factor_to_nih",
+           "rescale"]
+
+
+def check_stain_method(method: str) -> str:
+    """Return ``method`` if it is one of :data:`STAIN_METHODS`.
+
+    Batch functions call it before their loop over fields, where a ValueError would be one
+    field's error rather than the caller's.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is not one of :data:`STAIN_METHODS` (the message lists them).
+    """
+    if method not in STAIN_METHODS:
+        raise ValueError(f"unknown stain normalisation {method!r}; choose one of {STAIN_METHODS}")
+    return method
 
 
 def normalize_stain(rgb: np.ndarray, method: str = "reinhard", *, mask: np.ndarray | None = None) -> np.ndarray:
@@ -102,7 +119,8 @@ def normalize_stain(rgb: np.ndarray, method: str = "reinhard", *, mask: np.ndarr
         out = rgb.copy()
         out[sel] = np.clip(np.asarray(res, dtype=np.float64), 0, 255).astype(np.uint8).reshape(-1, 3)
         return out
-    raise ValueError(f"unknown stain normalisation {method!r}; choose one of {STAIN_METHODS}")
+    check_stain_method(method)
+    raise AssertionError(f"stain method {method!r} listed but not implemented")  # pragma: no cover
 
 
 def scale_factor_to_nih(rbc_diameter_px: float, *, target_px: float = NIH_CELL_DIAMETER_PX) -> float:
