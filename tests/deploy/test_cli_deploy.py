@@ -109,3 +109,22 @@ def test_bench_infer_prints_table(cli, random_run, onnx_fp32, nih_dir, tmp_path)
     assert {(x["backend"], x["batch"]) for x in res["rows"]} == {("torch", 4), ("torch", 16), ("onnx-fp32", 4), ("onnx-fp32", 16)}
     assert all(x["end_to_end"] > 0 and x["decode"] > 0 and x["infer"] > 0 and x["ceiling_ratio"] > 0 for x in res["rows"])
     assert "matmul ceiling" in r.output
+
+
+def test_predict_stderr_has_our_error_not_opencvs_log(sample_pngs, tmp_path):
+    """A truncated PNG, decoded by OpenCV's fast path first: the only report is our per-file error
+    (the CLI quiets OpenCV's own "[ WARN] ... incomplete" log); OPENCV_LOG_LEVEL set by the user
+    wins. Run as a subprocess: OpenCV reads the variable once, when first imported."""
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes(sample_pngs[0].read_bytes()[:3000])
+    cmd = [sys.executable, "-m", "malaria_screen.cli", "predict", str(bad), "--out", str(tmp_path / "p.csv"), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_LOG_LEVEL"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "truncated or corrupt" in (tmp_path / "p.csv").read_text()
+    assert "WARN" not in r.stderr, r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OPENCV_LOG_LEVEL": "WARNING"}, timeout=300)
+    assert "incomplete" in r.stderr  # the fast path did run on it, and the user's level is kept

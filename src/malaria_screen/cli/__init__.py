@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import warnings
 
 import typer
@@ -38,6 +39,10 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        # OpenCV's decoder logs its own "[ WARN] ... input buffer is incomplete" on stderr for
+        # every corrupt file, beside our per-file error; read when cv2 is first imported (lazily,
+        # after this), and a value the user set is kept.
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
 def main() -> None:
