@@ -353,10 +353,7 @@ def predict(
     if out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"--out must end in .csv or .json, got {out.name}")
     check_out_file(out)
-    try:
-        files = list_image_files(paths)
-    except FileNotFoundError as exc:
-        raise typer.BadParameter(str(exc))
+    files = list_image_files(paths)  # missing paths stay in: each is one file's error row
     pred = _load_predictor(model, backend, batch_size=batch_size)
     rows = [r.__dict__ for r in pred.predict_files(files, workers=workers)]
     cols = ["path", "label", "p_parasitized", "error"]
