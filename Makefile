@@ -9,10 +9,18 @@ export MALARIA_SCREEN_DATA ?= $(abspath ../shared/data)
 
 venv: $(STAMP)
 
+# The CUDA build of torch is ~3 GB of wheels and ~6 GB installed. pip keeps no cache copy of the
+# wheels and unpacks them on the project's own disk (not a possibly small /tmp); `df` is printed
+# when the install fails, so that a full disk is told apart from a broken package.
+PIP_ENV := PIP_NO_CACHE_DIR=1 TMPDIR=$(abspath $(VENV))/pip-tmp
+
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev]"
+	mkdir -p $(VENV)/pip-tmp
+	$(PIP_ENV) $(BIN)/python -m pip install -q --upgrade pip
+	$(PIP_ENV) $(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev]" \
+	  || { df -h . $${TMPDIR:-/tmp} $$HOME; exit 1; }
+	rm -rf $(VENV)/pip-tmp
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -40,14 +40,16 @@ def test_classify_matches_predictor_with_per_item_errors(predictor, sample_pngs)
     parts = [("files", (p.name, p.read_bytes(), "image/png")) for p in sample_pngs[:5]]
     parts.insert(2, ("files", ("notes.png", b"this is not an image", "image/png")))
     parts.append(("files", ("cut.png", sample_pngs[0].read_bytes()[:300], "image/png")))
+    parts.append(("files", ("dot.png", _png(np.full((1, 1, 3), 200, np.uint8)), "image/png")))
     r = c.post("/v1/classify", files=parts)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["n_images"] == 7 and body["n_failed"] == 2
+    assert body["n_images"] == 8 and body["n_failed"] == 3
     res = body["results"]
     assert [x["filename"] for x in res] == [p[1][0] for p in parts]
     assert res[2]["label"] is None and "not a recognised image" in res[2]["error"]
     assert res[6]["label"] is None and res[6]["error"]
+    assert res[7]["label"] is None and "too small to be a cell crop: 1x1 px" in res[7]["error"]
     ref = list(predictor.predict_files(sample_pngs[:5]))
     got = [x for x in res if x["error"] is None]
     assert [x["label"] for x in got] == [x.label for x in ref]

@@ -64,6 +64,20 @@ def test_predict_files_reports_missing_and_broken_paths_and_goes_on(tmp_path, sa
     np.testing.assert_allclose([res[0].p_parasitized, res[3].p_parasitized], model.predict([samples[0], samples[2]]), atol=1e-6)
 
 
+def test_predict_files_refuses_images_too_small_to_be_a_cell(tmp_path, samples, model):
+    """A 1x1 or 3x500 px file gets a per-file error, not a call on a few enlarged pixels; 8 px passes."""
+    cell = np.asarray(Image.open(samples[0]).convert("RGB"))
+    Image.fromarray(cell[:1, :1]).save(tmp_path / "dot.png")
+    Image.fromarray(np.repeat(cell[:3, :1], 500, axis=1)).save(tmp_path / "line.png")
+    Image.fromarray(cell[:8, :8]).save(tmp_path / "eight.png")
+    files = [samples[0], tmp_path / "dot.png", tmp_path / "line.png", tmp_path / "eight.png", samples[2]]
+    res = list(model.predict_files(files, workers=2))
+    assert [r.error is None for r in res] == [True, False, False, True, True]
+    assert "too small to be a cell crop: 1x1 px" in res[1].error and res[1].label is None
+    assert "500x3 px" in res[2].error
+    np.testing.assert_allclose([res[0].p_parasitized, res[4].p_parasitized], model.predict([samples[0], samples[2]]), atol=1e-6)
+
+
 # -- one size limit on the OpenCV and Pillow paths ---------------------------------------------
 
 

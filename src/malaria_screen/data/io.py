@@ -35,12 +35,17 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "ImageSource", "check_image_size", "decode_image", "open_image_file", "to_rgb_uint8",
-           "MAX_PIXELS"]
+__all__ = ["ImageDecodeError", "ImageSource", "check_cell_size", "check_image_size", "decode_image", "open_image_file",
+           "to_rgb_uint8", "MAX_PIXELS", "MIN_CELL_SIDE"]
 
 #: Largest image accepted, in pixels (width x height). A 1280x960 smear field is 1.2 Mpx;
 #: whole-slide tiles beyond 100 Mpx belong in a tiling reader, not here.
 MAX_PIXELS: int = 100_000_000
+
+#: Shortest side, in pixels, of an image accepted as one cell crop. The NIH crops here are 40-394 px
+#: (median shorter side 124 px); below 8 px no parasite can be resolved, and
+#: letterboxing to the model's 64 px would only enlarge a few pixels.
+MIN_CELL_SIDE: int = 8
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
@@ -75,6 +80,38 @@ def check_image_size(width: int, height: int, *, max_pixels: int = MAX_PIXELS) -
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageDecodeError(f"image too large: {width}x{height} px = {width * height:,} px > limit {max_pixels:,} px")
+
+
+def check_cell_size(rgb: np.ndarray, *, min_side: int = MIN_CELL_SIDE) -> np.ndarray:
+    """Refuse a decoded image too small to be a cell crop; return it unchanged otherwise.
+
+    Run by every path that classifies users' cell files (``predict``, ``explain``, REST
+    ``/v1/classify``, the web app), so that a 1x1 or 3x500 px file gets a per-file error instead
+    of a confident call on a few enlarged pixels. The Python API's
+    :meth:`~malaria_screen.inference.base.CellClassifierBase.predict` does not check: ``smear``
+    classifies its own cell masks through it, and a caller passing arrays decides.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) ndarray
+        A decoded image.
+    min_side : int, default=MIN_CELL_SIDE
+        Shortest accepted side, in pixels.
+
+    Returns
+    -------
+    rgb : the same array
+
+    Raises
+    ------
+    ImageDecodeError
+        If ``min(H, W) < min_side``; the message quotes the size.
+    """
+    h, w = rgb.shape[:2]
+    if min(h, w) < min_side:
+        raise ImageDecodeError(f"image too small to be a cell crop: {w}x{h} px (needs at least {min_side} px on each side; "
+                               f"NIH cell crops are 40-394 px)")
+    return rgb
 
 
 _O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)

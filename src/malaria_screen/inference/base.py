@@ -30,6 +30,7 @@ from malaria_screen.data.io import (
     ImageDecodeError,
     ImageSource,
     _array_to_rgb,
+    check_cell_size,
     check_image_size,
     decode_image,
     open_image_file,
@@ -302,6 +303,13 @@ class CellClassifierBase:
         Raises :class:`ImageDecodeError`."""
         return letterbox(decode_fast(image), self.input_size)
 
+    def prepare_file(self, image: ImageSource) -> np.ndarray:
+        """:meth:`prepare` for a user's cell file: also refuses an image under
+        :data:`~malaria_screen.data.io.MIN_CELL_SIDE` px on a side (:func:`check_cell_size`).
+
+        Raises :class:`ImageDecodeError`."""
+        return letterbox(check_cell_size(decode_fast(image)), self.input_size)
+
     def predict_proba_prepared(self, cells: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         """Class probabilities ``(N, num_classes) float32`` of letterboxed ``(N, S, S, 3) uint8`` cells."""
         raise NotImplementedError
@@ -375,6 +383,9 @@ class CellClassifierBase:
     def predict_files(self, paths: Iterable[str | Path], *, workers: int | None = None, chunk: int | None = None) -> Iterator[FileResult]:
         """Classify files in batches; a bad file yields an error result and the rest go on.
 
+        A file that cannot be decoded, or is too small to be a cell crop (:meth:`prepare_file`),
+        gets a result with ``error`` set.
+
         Decoding runs in ``workers`` threads and overlaps inference of the previous batch.
 
         Parameters
@@ -394,7 +405,7 @@ class CellClassifierBase:
         chunk = chunk or self.batch_size
         workers = workers or min(8, (os.cpu_count() or 1) + 2)
         n_cls = len(self.class_names)
-        for batch, decoded in iter_file_batches(paths, self.prepare, chunk=chunk, workers=workers):
+        for batch, decoded in iter_file_batches(paths, self.prepare_file, chunk=chunk, workers=workers):
             ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
             if ok:
                 try:

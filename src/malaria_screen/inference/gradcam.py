@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from malaria_screen.data.io import ImageSource, decode_image
+from malaria_screen.data.io import ImageSource, check_cell_size, decode_image
 from malaria_screen.data.preprocess import letterbox
 
 __all__ = ["Explanation", "gradcam", "overlay_heatmap", "explain", "jet_colormap"]
@@ -216,11 +216,12 @@ def explain(predictor, images: Sequence[ImageSource], *, class_index: int | None
     Raises
     ------
     ImageDecodeError
-        If an image cannot be decoded (callers that batch user files catch it per image).
+        If an image cannot be decoded or is under 8 px on a side (:func:`check_cell_size`); callers
+        that batch user files catch it per image.
     TypeError
         If the predictor is not a PyTorch one.
     """
-    rgbs = [decode_image(im) for im in images]
+    rgbs = [check_cell_size(decode_image(im)) for im in images]
     if not rgbs:
         return []
     cells = np.stack([letterbox(r, predictor.input_size) for r in rgbs])

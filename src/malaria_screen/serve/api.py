@@ -48,7 +48,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from malaria_screen.data.io import ImageDecodeError, decode_image
+from malaria_screen.data.io import ImageDecodeError, check_cell_size, decode_image
 from malaria_screen.data.preprocess import letterbox
 
 __all__ = ["ServeLimits", "create_app"]
@@ -237,7 +237,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
                 cells.append(None)
                 continue
             try:
-                cells.append(letterbox(decode_image(bytes(p.data), max_pixels=limits.max_pixels), size))
+                cells.append(letterbox(check_cell_size(decode_image(bytes(p.data), max_pixels=limits.max_pixels)), size))
                 errors.append(None)
             except ImageDecodeError as exc:
                 cells.append(None)
