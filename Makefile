@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	mkdir -p $(VENV)/pip-tmp
 	$(PIP_ENV) $(BIN)/python -m pip install -q --upgrade pip
 	$(PIP_ENV) $(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev]" \
-	  || { df -h . $${TMPDIR:-/tmp} $$HOME; exit 1; }
+	  || { df -h . /tmp $$HOME; exit 1; }
 	rm -rf $(VENV)/pip-tmp
 	touch $(STAMP)
 
