@@ -128,3 +128,20 @@ def test_predict_stderr_has_our_error_not_opencvs_log(sample_pngs, tmp_path):
     assert "WARN" not in r.stderr, r.stderr
     r = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OPENCV_LOG_LEVEL": "WARNING"}, timeout=300)
     assert "incomplete" in r.stderr  # the fast path did run on it, and the user's level is kept
+
+
+def test_cli_sets_pillows_block_size_unless_the_user_did():
+    """The CLI makes Pillow allocate large images in 64 MB blocks, which glibc returns to the system
+    when freed (decoding threads otherwise keep them: README, predict memory); a value the user
+    set is kept. Run as a subprocess: Pillow reads the variable once, when first imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import malaria_screen.cli; from PIL import Image; print(Image.core.get_block_size())"
+    env = {k: v for k, v in os.environ.items() if k != "PILLOW_BLOCK_SIZE"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert int(r.stdout) == 64 << 20
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PILLOW_BLOCK_SIZE": "8m"},
+                       timeout=120, check=True)
+    assert int(r.stdout) == 8 << 20

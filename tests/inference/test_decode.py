@@ -131,3 +131,53 @@ def test_predict_bad_inputs_raise_clear_errors(samples, model):
         model.predict([samples[0], None])
     with pytest.raises(ImageDecodeError, match=r"shape \(5,\)"):
         model.predict(np.zeros(5, np.uint8))
+
+
+# -- decoding memory does not grow with threads --------------------------------------------------
+
+
+def test_pixel_budget_admits_one_large_image_at_a_time():
+    import threading
+    import time
+
+    from malaria_screen.data.io import PixelBudget
+
+    budget, order = PixelBudget(max_pixels=100), []
+
+    def job(name, w, h, hold_s):
+        with budget.session() as on_size:
+            on_size(w, h)
+            on_size(w, h)  # a fallback decoder reporting the same size again holds it once
+            order.append((name, "in", budget.held))
+            time.sleep(hold_s)
+        order.append((name, "out"))
+
+    a = threading.Thread(target=job, args=("a", 10, 6, 0.3))
+    a.start()
+    time.sleep(0.05)
+    b = threading.Thread(target=job, args=("b", 10, 6, 0.0))  # 60 + 60 > 100: waits for a
+    c = threading.Thread(target=job, args=("c", 20, 20, 0.0))  # 400 > 100 alone: admitted when nothing is held
+    b.start(), b.join(), c.start(), c.join(), a.join()
+    assert order[0] == ("a", "in", 60) and order[1] == ("a", "out")
+    assert ("b", "in", 60) in order and ("c", "in", 400) in order
+    assert budget.held == 0 and budget.peak == 400
+
+
+def test_predict_files_decodes_large_files_one_at_a_time(tmp_path, samples, model):
+    from malaria_screen.data.io import PixelBudget
+
+    cell = np.asarray(Image.open(samples[0]).convert("RGB"))
+    big = np.ascontiguousarray(np.tile(cell, (1500 // cell.shape[0] + 1, 1500 // cell.shape[1] + 1, 1))[:1500, :1500])
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"big{i}.png")
+        Image.fromarray(big).save(files[-1])
+    files.insert(2, samples[1])
+    model._pixel_budget = PixelBudget(max_pixels=3_000_000)  # room for one 2.25 Mpx file and cells
+    try:
+        res = list(model.predict_files(files, workers=4, chunk=2))
+        assert all(r.error is None for r in res)
+        assert 2_250_000 <= model._pixel_budget.peak <= 3_000_000 and model._pixel_budget.held == 0
+        np.testing.assert_allclose([r.p_parasitized for r in res], model.predict(files), atol=1e-6)
+    finally:
+        model._pixel_budget = PixelBudget()

@@ -30,12 +30,13 @@ import os
 import re
 import stat
 import threading
-from typing import BinaryIO, Union
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "ImageSource", "check_cell_size", "check_image_size", "decode_image", "open_image_file",
+__all__ = ["ImageDecodeError", "ImageSource", "PixelBudget", "SizeHook", "check_cell_size", "check_image_size", "decode_image", "open_image_file",
            "to_rgb_uint8", "MAX_PIXELS", "MIN_CELL_SIDE"]
 
 #: Largest image accepted, in pixels (width x height). A 1280x960 smear field is 1.2 Mpx;
@@ -48,6 +49,9 @@ MAX_PIXELS: int = 100_000_000
 MIN_CELL_SIDE: int = 8
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+
+#: Called by a decoder with ``(width, height)`` after the size check and before decoding pixels.
+SizeHook = Callable[[int, int], None]
 
 # Never let PIL silently fill a truncated file with grey: truncation is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -112,6 +116,80 @@ def check_cell_size(rgb: np.ndarray, *, min_side: int = MIN_CELL_SIDE) -> np.nda
         raise ImageDecodeError(f"image too small to be a cell crop: {w}x{h} px (needs at least {min_side} px on each side; "
                                f"NIH cell crops are 40-394 px)")
     return rgb
+
+
+class PixelBudget:
+    """Bounds the pixels that threads decode at once, so that memory does not grow with threads.
+
+    ``predict --workers 8`` on a folder of 100 Mpx files would otherwise hold eight decodes of
+    0.3-0.7 GB each (RGB(A) buffers) at the same time. A decode first learns its image's size from
+    the header (the decoders call their ``on_size`` hook there), then waits until the pixels held
+    by other threads plus its own fit in ``max_pixels``; a decode is always admitted when no other
+    holds pixels, so any image the size check accepts goes through. Cell crops (about 15,000 px)
+    never wait for one another.
+
+    Parameters
+    ----------
+    max_pixels : int, default=MAX_PIXELS
+        Pixels (width x height) that may be in decoding across all threads at once.
+
+    Examples
+    --------
+    >>> budget = PixelBudget()
+    >>> with budget.session() as on_size:             # doctest: +SKIP
+    ...     cell = letterbox(decode_image(path, on_size=on_size), 64)
+    """
+
+    def __init__(self, max_pixels: int = MAX_PIXELS) -> None:
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+        self.max_pixels = max_pixels
+        self._cond = threading.Condition()
+        self._held = 0
+        self._peak = 0
+
+    @property
+    def held(self) -> int:
+        """Pixels held by open sessions now."""
+        with self._cond:
+            return self._held
+
+    @property
+    def peak(self) -> int:
+        """Most pixels held at once since this budget was made."""
+        with self._cond:
+            return self._peak
+
+    @contextmanager
+    def session(self) -> Iterator[SizeHook]:
+        """One image's decode and what follows it (letterboxing), until the ``with`` block ends.
+
+        Yields the ``on_size(width, height)`` hook to pass to :func:`decode_image` (or
+        :func:`~malaria_screen.inference.base.decode_fast`); it blocks until the pixels fit. A
+        session whose hook is called again (a fast decoder falling back to Pillow) holds the
+        larger size once. The pixels are released when the block exits, also on an exception.
+        """
+        mine = 0
+
+        def on_size(width: int, height: int) -> None:
+            nonlocal mine
+            extra = width * height - mine
+            if extra <= 0:
+                return
+            with self._cond:
+                while self._held - mine > 0 and self._held + extra > self.max_pixels:
+                    self._cond.wait()
+                self._held += extra
+                self._peak = max(self._peak, self._held)
+                mine += extra
+
+        try:
+            yield on_size
+        finally:
+            if mine:
+                with self._cond:
+                    self._held -= mine
+                    self._cond.notify_all()
 
 
 _O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
@@ -240,7 +318,7 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
 
 
-def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, on_size: Optional[SizeHook] = None) -> np.ndarray:
     """Decode an image file, bytes, PIL image or array into RGB.
 
     The format is found from the content (magic bytes), not the file name. Multi-frame files
@@ -256,6 +334,9 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.nda
         Largest accepted width x height, in pixels; checked (:func:`check_image_size`) on the
         header's size before the pixels are decoded. Not applied to arrays, which are decoded
         already.
+    on_size : callable, optional
+        ``on_size(width, height)``, called after the size check and before the pixels are
+        decoded (not for arrays); :meth:`PixelBudget.session` gives one that waits for memory.
 
     Returns
     -------
@@ -274,16 +355,16 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.nda
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
     if isinstance(source, Image.Image):
-        return _check_size_and_convert(source, max_pixels)
+        return _check_size_and_convert(source, max_pixels, on_size)
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise ImageDecodeError("empty input (0 bytes)")
-        return _open_and_convert(io.BytesIO(bytes(source)), max_pixels)
+        return _open_and_convert(io.BytesIO(bytes(source)), max_pixels, on_size)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"cannot decode a {type(source).__name__}: expected a path, bytes, PIL image or ndarray")
     with open_image_file(source) as fh:
         try:
-            return _open_and_convert(fh, max_pixels)
+            return _open_and_convert(fh, max_pixels, on_size)
         except OSError as exc:
             raise ImageDecodeError(f"cannot read file: {exc}") from None
 
@@ -323,7 +404,7 @@ def _pillow_bomb_error(exc: Exception, max_pixels: int) -> ImageDecodeError:
     return ImageDecodeError(f"image too large: {size} > limit {max_pixels:,} px")
 
 
-def _open_and_convert(fp, max_pixels: int) -> np.ndarray:
+def _open_and_convert(fp, max_pixels: int, on_size: Optional[SizeHook] = None) -> np.ndarray:
     _lift_pillow_limit(max_pixels)
     try:
         im = Image.open(fp)
@@ -338,12 +419,14 @@ def _open_and_convert(fp, max_pixels: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt image header: {exc}") from None
     with im:
-        return _check_size_and_convert(im, max_pixels)
+        return _check_size_and_convert(im, max_pixels, on_size)
 
 
-def _check_size_and_convert(im: Image.Image, max_pixels: int) -> np.ndarray:
+def _check_size_and_convert(im: Image.Image, max_pixels: int, on_size: Optional[SizeHook] = None) -> np.ndarray:
     w, h = im.size
     check_image_size(w, h, max_pixels=max_pixels)
+    if on_size is not None:
+        on_size(w, h)
     try:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)

@@ -29,6 +29,8 @@ from malaria_screen.data.io import (
     MAX_PIXELS,
     ImageDecodeError,
     ImageSource,
+    PixelBudget,
+    SizeHook,
     _array_to_rgb,
     check_cell_size,
     check_image_size,
@@ -80,7 +82,7 @@ def _fast_kind(head: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS, on_size: SizeHook | None = None) -> np.ndarray:
     """:func:`~malaria_screen.data.io.decode_image` with an exact fast path for cell files.
 
     Lossless WebP (the NIH set as stored here) and 8-bit RGB(A) PNG (the public NIH release and
@@ -96,6 +98,9 @@ def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndar
     source : path, bytes, PIL.Image.Image or ndarray
     max_pixels : int, default=MAX_PIXELS
         Largest accepted width x height, in pixels, checked on the header before decoding.
+    on_size : callable, optional
+        ``on_size(width, height)``, called after the size check and before pixels are decoded
+        (:class:`~malaria_screen.data.io.PixelBudget`).
 
     Returns
     -------
@@ -125,13 +130,15 @@ def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> np.ndar
         if wh is not None and wh[0] * wh[1] > max_pixels:
             check_image_size(*wh, max_pixels=max_pixels)  # the check, and message, of decode_image
         if wh is not None and data and wh[0] * wh[1] > 0:
+            if on_size is not None:
+                on_size(*wh)
             arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
             if arr is not None and arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[:2] == (wh[1], wh[0]):
                 if arr.shape[2] == 3:
                     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
                 if arr.shape[2] == 4:
                     return _array_to_rgb(cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA))
-    return decode_image(source, max_pixels=max_pixels)
+    return decode_image(source, max_pixels=max_pixels, on_size=on_size)
 
 
 @dataclass(frozen=True)
@@ -276,6 +283,7 @@ class CellClassifierBase:
         self.metrics = metrics or {}
         self.batch_size = batch_size
         self.source = source
+        self._pixel_budget = PixelBudget()  # memory of predict_files' decoding threads (prepare_file)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -307,8 +315,13 @@ class CellClassifierBase:
         """:meth:`prepare` for a user's cell file: also refuses an image under
         :data:`~malaria_screen.data.io.MIN_CELL_SIDE` px on a side (:func:`check_cell_size`).
 
+        Threads calling it share this classifier's :class:`~malaria_screen.data.io.PixelBudget`:
+        at most :data:`~malaria_screen.data.io.MAX_PIXELS` pixels are being decoded and
+        letterboxed at once, however many threads decode (a 100 Mpx file waits for the others).
+
         Raises :class:`ImageDecodeError`."""
-        return letterbox(check_cell_size(decode_fast(image)), self.input_size)
+        with self._pixel_budget.session() as on_size:
+            return letterbox(check_cell_size(decode_fast(image, on_size=on_size)), self.input_size)
 
     def predict_proba_prepared(self, cells: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         """Class probabilities ``(N, num_classes) float32`` of letterboxed ``(N, S, S, 3) uint8`` cells."""
