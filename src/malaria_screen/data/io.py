@@ -36,8 +36,8 @@ from typing import BinaryIO, Callable, Iterator, Optional, Union
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "ImageSource", "PixelBudget", "SizeHook", "check_cell_size", "check_image_size", "decode_image", "open_image_file",
-           "to_rgb_uint8", "MAX_PIXELS", "MIN_CELL_SIDE"]
+__all__ = ["ImageDecodeError", "ImageSource", "PixelBudget", "SizeHook", "check_cell_size", "check_image_size",
+           "decode_image", "open_image_file", "to_rgb_uint8", "MAX_PIXELS", "MIN_CELL_SIDE"]
 
 #: Largest image accepted, in pixels (width x height). A 1280x960 smear field is 1.2 Mpx;
 #: whole-slide tiles beyond 100 Mpx belong in a tiling reader, not here.
@@ -126,7 +126,7 @@ class PixelBudget:
     the header (the decoders call their ``on_size`` hook there), then waits until the pixels held
     by other threads plus its own fit in ``max_pixels``; a decode is always admitted when no other
     holds pixels, so any image the size check accepts goes through. Cell crops (about 15,000 px)
-    never wait for one another.
+    never wait for one another, only for a large image being decoded.
 
     Parameters
     ----------
