@@ -144,6 +144,7 @@ class TrainConfig:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes, ``len(class_names)`` (2 for Parasitized/Uninfected)."""
         return len(self.class_names)
 
     @property
@@ -156,6 +157,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (tuples stay tuples; :meth:`to_json` writes them as lists)."""
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -179,4 +181,6 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
+        """Read a ``config.json`` written by :meth:`to_json`; raises ``ValueError`` on unknown keys,
+        ``OSError`` if unreadable and ``json.JSONDecodeError`` if not JSON."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -103,6 +103,8 @@ class ItemResult(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    """Response of ``POST /v1/classify``: one :class:`ItemResult` per image part, in request order."""
+
     model: Optional[str] = Field(None, description="Model source (run folder or .onnx file)")
     threshold: float
     n_images: int
@@ -323,6 +325,12 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
                                     "description": f"One field image, at most {limits.max_pixels:,} pixels"}}}}}}},
     )
     async def field(request: Request, overlay: bool = False) -> dict:
+        """The field's result as written by `malaria-screen smear` to `<stem>.json`: `image`, `width`,
+        `height` (pixels), `n_rbc`, `n_infected`, `parasitemia` (fraction 0..1), `parasitemia_ci95`
+        (Wilson 95 % interval), `rbc_diameter_px`, `n_wbc`, `classified`, `seconds` (per stage) and
+        `cells` (`id`, `bbox` [x, y, w, h] in pixels from the top-left, `area_px`, `p_parasitized`,
+        `label`, ...); with `?overlay=true` also `overlay_png_base64`, the overlay image as a
+        base64 PNG."""
         try:
             import malaria_screen.smear.screen  # noqa: F401
         except ImportError as exc:
