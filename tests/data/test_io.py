@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria_screen.data.io import ImageDecodeError, decode_image
+from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
 
 
 @pytest.fixture
@@ -67,6 +67,22 @@ def test_grayscale_and_16bit(real_cell):
     assert out16.dtype == np.uint8 and out16.shape == (*gray.shape, 3)
     assert np.abs(out16[..., 0].astype(int) - gray).max() <= 1
     np.testing.assert_array_equal(decode_image(rgb.astype(np.uint16) * 257), rgb)
+
+
+def test_check_colour_refuses_grayscale_of_a_real_cell(real_cell):
+    """Grayscale decodes (above) but the classifying paths refuse it: the grayscale copy of a real
+    infected cell, as L, as RGB with equal channels and as an RGB JPEG (chroma noise), is refused;
+    the colour cell and a colour JPEG of it pass unchanged."""
+    _, rgb = real_cell
+    assert check_colour(rgb) is rgb
+    assert check_colour(decode_image(_encode(rgb, "JPEG", quality=75))).shape == rgb.shape
+    gray = rgb.mean(2).astype(np.uint8)
+    for data in (_encode(gray, "PNG"), _encode(np.dstack([gray] * 3), "PNG"),
+                 _encode(np.dstack([gray] * 3), "JPEG", quality=75)):
+        with pytest.raises(ImageDecodeError, match="no colour"):
+            check_colour(decode_image(data))
+    with pytest.raises(ImageDecodeError, match=r"\(H, W, 3\)"):
+        check_colour(gray)
 
 
 def test_palette_and_cmyk(real_cell):

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 
 pytest.importorskip("gradio")
@@ -38,9 +39,14 @@ def test_onnx_model_runs_without_overlays(onnx_fp32, sample_pngs, tmp_path):
     from malaria_screen.app import classify_files
     from malaria_screen.inference import OnnxPredictor
 
-    summary, gallery, table, _ = classify_files(OnnxPredictor.from_file(onnx_fp32), [str(sample_pngs[0])], out_dir=tmp_path)
-    assert "1 cells classified" in summary and "PyTorch" in summary
+    from PIL import Image
+
+    Image.open(sample_pngs[1]).convert("L").save(tmp_path / "gray.png")
+    files = [str(sample_pngs[0]), str(tmp_path / "gray.png")]
+    summary, gallery, table, _ = classify_files(OnnxPredictor.from_file(onnx_fp32), files, out_dir=tmp_path)
+    assert "1 cells classified" in summary and "PyTorch" in summary and "1 file(s) failed" in summary
     assert gallery[0][0].shape == (160, 160, 3)
+    assert table[1][1] is None and "no colour (grayscale)" in table[1][3]
 
 
 def _free_port() -> int:
@@ -99,6 +105,8 @@ def test_whole_field_tab_handler(onnx_fp32, demo_field):
     assert "red cells" in summary and "parasitemia" in summary
     assert overlay.shape == rgb.shape and (overlay != rgb).any()
     assert screen_field_image(OnnxPredictor.from_file(onnx_fp32), None) == ("No field uploaded.", None)
+    summary, overlay = screen_field_image(OnnxPredictor.from_file(onnx_fp32), rgb.mean(2).astype(np.uint8))
+    assert "no colour (grayscale)" in summary and overlay is None
 
 
 @pytest.mark.browser

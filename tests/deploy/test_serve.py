@@ -7,6 +7,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -41,15 +42,18 @@ def test_classify_matches_predictor_with_per_item_errors(predictor, sample_pngs)
     parts.insert(2, ("files", ("notes.png", b"this is not an image", "image/png")))
     parts.append(("files", ("cut.png", sample_pngs[0].read_bytes()[:300], "image/png")))
     parts.append(("files", ("dot.png", _png(np.full((1, 1, 3), 200, np.uint8)), "image/png")))
+    gray = np.asarray(Image.open(sample_pngs[0]).convert("L"))
+    parts.append(("files", ("gray.png", _png(np.dstack([gray] * 3)), "image/png")))
     r = c.post("/v1/classify", files=parts)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["n_images"] == 8 and body["n_failed"] == 3
+    assert body["n_images"] == 9 and body["n_failed"] == 4
     res = body["results"]
     assert [x["filename"] for x in res] == [p[1][0] for p in parts]
     assert res[2]["label"] is None and "not a recognised image" in res[2]["error"]
     assert res[6]["label"] is None and res[6]["error"]
     assert res[7]["label"] is None and "too small to be a cell crop: 1x1 px" in res[7]["error"]
+    assert res[8]["label"] is None and "no colour (grayscale)" in res[8]["error"]
     ref = list(predictor.predict_files(sample_pngs[:5]))
     got = [x for x in res if x["error"] is None]
     assert [x["label"] for x in got] == [x.label for x in ref]
@@ -128,9 +132,19 @@ def test_field_too_small_to_screen_is_422(predictor):
     """A readable image smaller than the segmentation needs (8x8 px) is the client's error, not a 500."""
     pytest.importorskip("skimage")
     c = _client(predictor)
-    r = c.post("/v1/field", files=[("file", ("dot.png", _png(np.full((1, 1, 3), 200, np.uint8)), "image/png"))])
+    r = c.post("/v1/field", files=[("file", ("dot.png", _png(np.full((1, 1, 3), (200, 120, 150), np.uint8)), "image/png"))])
     assert r.status_code == 422, r.text
     assert "cannot screen the field image (1x1 px)" in r.json()["detail"] and "too small" in r.json()["detail"]
+
+
+def test_grayscale_field_is_422(predictor, demo_field):
+    """A grayscale copy of the demo field is refused with the reason, not screened as 0 % infected."""
+    pytest.importorskip("skimage")
+    gray = np.asarray(Image.open(demo_field).convert("L"))
+    c = _client(predictor)
+    r = c.post("/v1/field", files=[("file", ("gray.png", _png(gray), "image/png"))])
+    assert r.status_code == 422, r.text
+    assert "no colour (grayscale)" in r.json()["detail"]
 
 
 def test_classify_decodes_off_the_event_loop(predictor, sample_pngs, monkeypatch):

@@ -69,13 +69,25 @@ def test_predict_files_refuses_images_too_small_to_be_a_cell(tmp_path, samples, 
     cell = np.asarray(Image.open(samples[0]).convert("RGB"))
     Image.fromarray(cell[:1, :1]).save(tmp_path / "dot.png")
     Image.fromarray(np.repeat(cell[:3, :1], 500, axis=1)).save(tmp_path / "line.png")
-    Image.fromarray(cell[:8, :8]).save(tmp_path / "eight.png")
+    h, w = cell.shape[0] // 2, cell.shape[1] // 2
+    Image.fromarray(cell[h - 4:h + 4, w - 4:w + 4]).save(tmp_path / "eight.png")  # from the cell, not its black corner
     files = [samples[0], tmp_path / "dot.png", tmp_path / "line.png", tmp_path / "eight.png", samples[2]]
     res = list(model.predict_files(files, workers=2))
     assert [r.error is None for r in res] == [True, False, False, True, True]
     assert "too small to be a cell crop: 1x1 px" in res[1].error and res[1].label is None
     assert "500x3 px" in res[2].error
     np.testing.assert_allclose([res[0].p_parasitized, res[4].p_parasitized], model.predict([samples[0], samples[2]]), atol=1e-6)
+
+
+def test_predict_files_refuses_grayscale_cell_files(tmp_path, samples, model):
+    """A grayscale copy of a cell file gets a per-file error (the stain's colour is the signal), the
+    colour files around it are classified as before."""
+    Image.open(samples[0]).convert("L").save(tmp_path / "gray.png")
+    files = [samples[0], tmp_path / "gray.png", samples[2]]
+    res = list(model.predict_files(files, workers=2))
+    assert [r.error is None for r in res] == [True, False, True]
+    assert "no colour (grayscale)" in res[1].error and res[1].label is None
+    np.testing.assert_allclose([res[0].p_parasitized, res[2].p_parasitized], model.predict([samples[0], samples[2]]), atol=1e-6)
 
 
 # -- one size limit on the OpenCV and Pillow paths ---------------------------------------------

@@ -27,7 +27,7 @@ from typing import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from malaria_screen.data.io import check_cell_size, decode_image  # noqa: E402
+from malaria_screen.data.io import check_cell_size, check_colour, decode_image  # noqa: E402
 from malaria_screen.data.preprocess import letterbox  # noqa: E402
 from malaria_screen.fileio import atomic_write_text  # noqa: E402
 
@@ -107,7 +107,7 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
             row["error"] = f"not processed: more than {max_files} files in one upload"
             continue
         try:
-            rgb = check_cell_size(decode_image(p))
+            rgb = check_colour(check_cell_size(decode_image(p)))
             if can_explain:
                 (ex,) = run_explain(predictor, [rgb])
                 label, pp, ov = ex.label, ex.p_parasitized, ex.overlay
@@ -159,7 +159,7 @@ def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field"
     if rgb is None:
         return "No field uploaded.", None
     try:
-        rgb = decode_image(rgb)
+        rgb = check_colour(decode_image(rgb))
         res = screen_field(rgb, predictor, image_name=name, rescorer=rescorer)
     except (OSError, ValueError) as exc:  # bad input (undecodable, too small, too large): the user's, not ours
         log.warning("field screening refused: %s", exc)

@@ -36,8 +36,8 @@ from typing import BinaryIO, Callable, Iterator, Optional, Union
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "ImageSource", "PixelBudget", "SizeHook", "check_cell_size", "check_image_size",
-           "decode_image", "open_image_file", "to_rgb_uint8", "MAX_PIXELS", "MIN_CELL_SIDE"]
+__all__ = ["ImageDecodeError", "ImageSource", "PixelBudget", "SizeHook", "check_cell_size", "check_colour", "check_image_size",
+           "decode_image", "open_image_file", "to_rgb_uint8", "GRAY_SPREAD", "MAX_PIXELS", "MIN_CELL_SIDE"]
 
 #: Largest image accepted, in pixels (width x height). A 1280x960 smear field is 1.2 Mpx;
 #: whole-slide tiles beyond 100 Mpx belong in a tiling reader, not here.
@@ -47,6 +47,11 @@ MAX_PIXELS: int = 100_000_000
 #: (median shorter side 124 px); below 8 px no parasite can be resolved, and
 #: letterboxing to the model's 64 px would only enlarge a few pixels.
 MIN_CELL_SIDE: int = 8
+
+#: Largest spread between a pixel's three channels, in 8-bit levels, of an image taken as grayscale
+#: by :func:`check_colour` (a grayscale JPEG saved as RGB keeps a level or two of chroma noise; the
+#: pink cells and pale background of a Giemsa-stained image differ by tens of levels).
+GRAY_SPREAD: int = 4
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
@@ -116,6 +121,48 @@ def check_cell_size(rgb: np.ndarray, *, min_side: int = MIN_CELL_SIDE) -> np.nda
         raise ImageDecodeError(f"image too small to be a cell crop: {w}x{h} px (needs at least {min_side} px on each side; "
                                f"NIH cell crops are 40-394 px)")
     return rgb
+
+
+def check_colour(rgb: np.ndarray, *, max_spread: int = GRAY_SPREAD) -> np.ndarray:
+    """Refuse a decoded image that has no colour (grayscale); return it unchanged otherwise.
+
+    The cell model and the smear's segmentation read the Giemsa stain's colour: a grayscale copy of
+    an infected NIH cell that the bundled model scores 0.99 in colour scores 0.01, and a grayscale
+    copy of a 3.8 % IML field screens as 0 %. A grayscale file therefore gets a per-file error
+    instead of a confident wrong answer. Run by the same paths as :func:`check_cell_size` and by
+    ``smear`` / ``smear-eval`` / ``crops`` on field files; :func:`decode_image` itself still
+    converts grayscale to RGB.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) uint8 ndarray
+        A decoded image.
+    max_spread : int, default=GRAY_SPREAD
+        An image whose every pixel has ``max(R, G, B) - min(R, G, B) <= max_spread`` (8-bit levels)
+        is grayscale.
+
+    Returns
+    -------
+    rgb : the same array
+
+    Raises
+    ------
+    ImageDecodeError
+        If the image is grayscale.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ImageDecodeError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+
+    def spread(a: np.ndarray) -> int:
+        a = a.astype(np.int16)
+        return int((a.max(axis=-1) - a.min(axis=-1)).max()) if a.size else 0
+
+    # a colour image almost always shows it in a sparse sample; only a grey-looking one is read whole
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 4096)))
+    if spread(rgb[::step, ::step]) > max_spread or spread(rgb) > max_spread:
+        return rgb
+    raise ImageDecodeError("image has no colour (grayscale): the classifier reads the Giemsa stain's colours, "
+                           "so it needs a colour image")
 
 
 class PixelBudget:

@@ -33,6 +33,7 @@ from malaria_screen.data.io import (
     SizeHook,
     _array_to_rgb,
     check_cell_size,
+    check_colour,
     check_image_size,
     decode_image,
     open_image_file,
@@ -313,7 +314,8 @@ class CellClassifierBase:
 
     def prepare_file(self, image: ImageSource) -> np.ndarray:
         """:meth:`prepare` for a user's cell file: also refuses an image under
-        :data:`~malaria_screen.data.io.MIN_CELL_SIDE` px on a side (:func:`check_cell_size`).
+        :data:`~malaria_screen.data.io.MIN_CELL_SIDE` px on a side (:func:`check_cell_size`) and
+        a grayscale one (:func:`check_colour`).
 
         Threads calling it share this classifier's :class:`~malaria_screen.data.io.PixelBudget`:
         at most :data:`~malaria_screen.data.io.MAX_PIXELS` pixels are being decoded and
@@ -321,7 +323,7 @@ class CellClassifierBase:
 
         Raises :class:`ImageDecodeError`."""
         with self._pixel_budget.session() as on_size:
-            return letterbox(check_cell_size(decode_fast(image, on_size=on_size)), self.input_size)
+            return letterbox(check_colour(check_cell_size(decode_fast(image, on_size=on_size))), self.input_size)
 
     def predict_proba_prepared(self, cells: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         """Class probabilities ``(N, num_classes) float32`` of letterboxed ``(N, S, S, 3) uint8`` cells."""

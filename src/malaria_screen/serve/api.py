@@ -48,7 +48,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from malaria_screen.data.io import ImageDecodeError, check_cell_size, decode_image
+from malaria_screen.data.io import ImageDecodeError, check_cell_size, check_colour, decode_image
 from malaria_screen.data.preprocess import letterbox
 
 __all__ = ["ServeLimits", "create_app"]
@@ -239,7 +239,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
                 cells.append(None)
                 continue
             try:
-                cells.append(letterbox(check_cell_size(decode_image(bytes(p.data), max_pixels=limits.max_pixels)), size))
+                cells.append(letterbox(check_colour(check_cell_size(decode_image(bytes(p.data), max_pixels=limits.max_pixels))), size))
                 errors.append(None)
             except ImageDecodeError as exc:
                 cells.append(None)
@@ -263,7 +263,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
         if part.too_large:
             raise HTTPException(413, f"file too large: {part.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
         try:
-            rgb = decode_image(bytes(part.data), max_pixels=limits.max_pixels)
+            rgb = check_colour(decode_image(bytes(part.data), max_pixels=limits.max_pixels))
         except ImageDecodeError as exc:
             raise HTTPException(422, f"cannot read the field image: {exc}") from exc
         try:
