@@ -142,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     crops = out / "crops"
     if not (crops / "groups.csv").is_file():
         t0 = time.perf_counter()
-        s = export_detection_crops(iml / "images", ann, crops, stain=args.stain, unmatched=args.unmatched)
+        try:
+            s = export_detection_crops(iml / "images", ann, crops, stain=args.stain, unmatched=args.unmatched)
+        except KeyboardInterrupt:  # groups.csv then lists the fields done: not a finished export to reuse
+            (crops / "groups.csv").unlink(missing_ok=True)
+            raise
         print(f"crops: {s.n_parasitized} Parasitized, {s.n_uninfected} Uninfected from {s.n_fields} fields "
-              f"({s.n_skipped} detections unmatched or difficult) in {time.perf_counter() - t0:.0f} s")
+              f"({s.n_skipped} detections unmatched or difficult; {len(s.errors)} fields failed: {s.errors}) in "
+              f"{time.perf_counter() - t0:.0f} s")
     cells = load_cell_set(crops, size_px=64, groups_csv=crops / "groups.csv", cache_dir=out / "cache", progress=False)
     n_iml = len(cells)
     if args.with_nih:  # NIH cells join every fold's training set (they never meet the IML test blocks)

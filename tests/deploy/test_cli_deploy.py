@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -145,3 +146,51 @@ def test_cli_sets_pillows_block_size_unless_the_user_did():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PILLOW_BLOCK_SIZE": "8m"},
                        timeout=120, check=True)
     assert int(r.stdout) == 8 << 20
+
+
+def test_explain_refuses_onnx_models_empty_input_and_grayscale_files(cli, random_run, onnx_fp32, sample_pngs, tmp_path):
+    """An .onnx --model is a usage error naming why (Grad-CAM needs gradients); a folder without
+    images exits 1 with a message; a grayscale copy of a real cell gets an error row and the
+    colour original beside it its overlay."""
+    from PIL import Image
+
+    r = cli("explain", sample_pngs[0], "--model", onnx_fp32, "--out", tmp_path / "a")
+    assert r.exit_code == 2
+    assert "explain needs a PyTorch run folder" in r.output and "ONNX models cannot be explained" in r.output
+    assert "backend=" not in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("explain", empty, "--model", random_run, "--out", tmp_path / "b")
+    assert r.exit_code == 1 and f"no image files found in {empty}" in r.output
+    assert not (tmp_path / "b" / "explanations.csv").exists()
+    gray = tmp_path / "gray.png"
+    Image.open(sample_pngs[0]).convert("L").convert("RGB").save(gray)
+    out = tmp_path / "c"
+    r = cli("explain", gray, empty, sample_pngs[0], "--model", random_run, "--out", out)
+    assert r.exit_code == 1 and f"warning: no image files found in {empty}" in r.output
+    rows = list(csv.DictReader((out / "explanations.csv").open()))
+    assert len(rows) == 2 and "grayscale" in rows[0]["error"] and not rows[0]["overlay"]
+    assert not rows[1]["error"] and (out / rows[1]["overlay"]).is_file()
+
+
+def test_export_and_bench_options_out_of_range_are_usage_errors(cli, random_run, tmp_path):
+    """--opset outside the range the exporter supports (tried: tests/deploy/test_export.py), an
+    int8 opset quantisation fails on, bench-infer integers below 1 and an uncreatable output are
+    refused before any work (exit 2, no traceback, nothing written)."""
+    from malaria_screen.cli.deploy import OPSET_RANGE
+    from malaria_screen.export.onnx import MAX_INT8_OPSET, MAX_OPSET, MIN_OPSET
+
+    assert OPSET_RANGE == (MIN_OPSET, MAX_OPSET)
+    out = tmp_path / "m.onnx"
+    for args in (["--opset", 5], ["--opset", MIN_OPSET - 1], ["--opset", MAX_OPSET + 1], ["--int8", "--opset", MAX_INT8_OPSET + 1]):
+        r = cli("export", "--model", random_run, "--out", out, *args)
+        assert r.exit_code == 2 and "'--opset'" in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not out.exists()
+    for args in (["--batch", 0], ["--workers", 0], ["--threads", -1]):
+        r = cli("bench-infer", "--model", random_run, *args)
+        assert r.exit_code == 2 and f"'{args[0]}'" in r.output, (args, r.output)
+    if Path("/proc/self").is_dir():  # root passes os.access on /proc, where nothing can be created
+        r = cli("export", "--model", random_run, "--out", "/proc/nope/m.onnx")
+        assert r.exit_code == 2 and "'--out'" in r.output and "cannot be written" in r.output
+        r = cli("bench-infer", "--model", random_run, "--json", "/proc/nope/b.json")
+        assert r.exit_code == 2 and "'--json'" in r.output

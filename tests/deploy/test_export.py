@@ -94,3 +94,56 @@ def test_default_model_int8_meets_targets_on_test_patients(default_model_dir, ni
     assert rep["test_set"]["n_patients"] >= 10 and rep["calibration"]["n_patients"] >= 10
     assert json.loads(report_path(out).read_text())["test"] == json.loads(json.dumps(rep["test"]))
     assert "malaria_screen.export_check" in _meta(out)
+
+
+def test_opset_range_is_what_export_and_int8_support(random_run, real_cells, nih_dir, tmp_path):
+    """The ends of the accepted range work (fp32 matches torch; int8 quantises at MIN_OPSET);
+    outside it export_onnx and quantize_int8 refuse with a ValueError and write nothing."""
+    from malaria_screen.export import export_onnx, quantize_int8
+    from malaria_screen.export.onnx import MAX_INT8_OPSET, MAX_OPSET, MIN_OPSET
+    from malaria_screen.inference import OnnxPredictor, Predictor
+
+    pt = Predictor.from_dir(random_run)
+    p_t = pt.predict_proba_prepared(real_cells)
+    for opset in (MIN_OPSET, MAX_OPSET):
+        f = export_onnx(pt, tmp_path / f"o{opset}.onnx", opset=opset)
+        assert {o.version for o in onnx.load(str(f)).opset_import if o.domain in ("", "ai.onnx")} == {opset}
+        np.testing.assert_allclose(OnnxPredictor.from_file(f).predict_proba_prepared(real_cells), p_t, atol=1e-4, rtol=0)
+    q = quantize_int8(tmp_path / f"o{MIN_OPSET}.onnx", tmp_path / "q.onnx", real_cells[:64])
+    assert OnnxPredictor.from_file(q).predict_proba_prepared(real_cells[:8]).shape == (8, 2)
+    for opset in (MIN_OPSET - 1, MAX_OPSET + 1):
+        with pytest.raises(ValueError, match="opset must be"):
+            export_onnx(pt, tmp_path / "bad.onnx", opset=opset)
+    assert not (tmp_path / "bad.onnx").exists()
+    newer = export_onnx(pt, tmp_path / "o18.onnx", opset=MAX_INT8_OPSET + 1)
+    with pytest.raises(ValueError, match="int8 quantisation needs"):
+        quantize_int8(newer, tmp_path / "q18.onnx", real_cells[:64])
+    assert not (tmp_path / "q18.onnx").exists()
+
+
+def test_missing_split_files_are_one_warning_not_one_per_file(random_run, nih_dir, tmp_path, caplog):
+    """A --data folder that lacks the split's files logs one summary line, then the final error;
+    with some of them present, those load and the rest are summed up the same way."""
+    import logging
+    import shutil
+
+    from malaria_screen.export import load_split_cells
+
+    test_files = json.loads((random_run / "split.json").read_text())["splits"]["test"]["files"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with caplog.at_level(logging.WARNING, logger="malaria_screen.export.split_cells"):
+        with pytest.raises(ValueError, match=f"none of the {len(test_files)} test files"):
+            load_split_cells(random_run / "split.json", empty, "test", 64)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and f"{len(test_files)} of {len(test_files)} listed test cells are missing under {empty}" in msgs[0]
+    caplog.clear()
+    part = tmp_path / "part"
+    for rel in test_files[:5]:
+        (part / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(nih_dir / rel, part / rel)
+    with caplog.at_level(logging.WARNING, logger="malaria_screen.export.split_cells"):
+        sc = load_split_cells(random_run / "split.json", part, "test", 64)
+    assert sc.files == test_files[:5] and sc.cells.shape == (5, 64, 64, 3)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and f"{len(test_files) - 5} of {len(test_files)} listed test cells are missing" in msgs[0]

@@ -57,7 +57,7 @@ def test_smear_eval_no_classify(tmp_path, iml_dir):
     r2 = CliRunner().invoke(
         _app(),
         ["smear-eval", str(iml_dir / "images"), "--annotations", str(iml_dir / "annotations.json"),
-         "--out", str(tmp_path / "e2"), "--no-classify", "--limit", "2", "--box-scale", "1.19"],
+         "--out", str(tmp_path / "e2"), "--no-classify", "--limit", "2", "--box-scale", "1.15"],
     )
     assert r2.exit_code == 0, r2.output
     m2 = json.loads((tmp_path / "e2" / "metrics.json").read_text())
@@ -85,7 +85,7 @@ def test_smear_exits_1_when_a_field_fails_and_keeps_the_others(tmp_path):
     (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
     r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify"])
     assert r.exit_code == 1, r.output
-    assert "bad.png: ERROR" in r.output and "1 failed" in r.output
+    assert "bad.png: ERROR" in r.output and "2 field(s): 1 screened, 1 failed" in r.output
     assert json.loads((tmp_path / "o" / "f.json").read_text())["n_rbc"] == 6
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["n_fields"] == 1 and s["n_failed"] == 1 and (tmp_path / "o" / "report.html").is_file()
@@ -93,20 +93,161 @@ def test_smear_exits_1_when_a_field_fails_and_keeps_the_others(tmp_path):
     assert "exit status is 1 if any field failed" in help_text
 
 
-def test_smear_eval_and_crops_survive_a_field_too_small_to_segment(tmp_path, iml_with_tiny_field):
+def _with_all_iml_annotations(ann, iml_dir, tmp_path):
+    """The fixture's annotations plus all 120 IML ones (118 of them for images not in its folder)."""
+    doc = json.loads(ann.read_text())
+    doc += [a for a in json.loads((iml_dir / "annotations.json").read_text()) if a["image_name"] not in {d["image_name"] for d in doc}]
+    (tmp_path / "all.json").write_text(json.dumps(doc))
+    return tmp_path / "all.json"
+
+
+def test_smear_eval_and_crops_survive_a_field_too_small_to_segment(tmp_path, iml_with_tiny_field, iml_dir):
+    """The annotated fields present are done, the annotated images absent skipped with one line; a
+    field that fails is reported, the others written, and the exit status is 1."""
     fields, ann = iml_with_tiny_field
+    ann = _with_all_iml_annotations(ann, iml_dir, tmp_path)
     r = CliRunner().invoke(_app(), ["smear-eval", str(fields), "--annotations", str(ann), "--out", str(tmp_path / "e"),
                                     "--no-classify"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output
+    assert f"118 annotated image(s) are not in {fields} (skipped)" in r.output
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n_fields"] == 2 and m["n_failed"] == 1 and m["tp"] > 100
-    assert "too small" in m["failed"]["tiny.png"]
+    assert "too small" in m["failed"]["tiny.png"] and json.loads(r.stdout) == m
     r = CliRunner().invoke(_app(), ["crops", str(fields), "--annotations", str(ann), "--out", str(tmp_path / "c"),
                                     "--source", "detections"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output
     assert "tiny.png: ERROR" in r.output and "too small" in r.output and "2 field(s)" in r.output
+    assert "118 annotated image(s) are not in" in r.output and "no such file" not in r.output
     rows = (tmp_path / "c" / "groups.csv").read_text().splitlines()
     assert len(rows) > 100 and {row.rpartition(",")[2] for row in rows[1:]} == {"PA171926", "PA171966"}
+
+
+def test_smear_eval_limit_picks_among_the_fields_present(tmp_path, iml_with_tiny_field, iml_dir):
+    fields, ann = iml_with_tiny_field
+    ann = _with_all_iml_annotations(ann, iml_dir, tmp_path)
+    r = CliRunner().invoke(_app(), ["smear-eval", str(fields), "-a", str(ann), "--out", str(tmp_path / "e"),
+                                    "--no-classify", "--limit", "1"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["n_fields"] == 1 and m["n_failed"] == 0 and m["n_gt_rbc"] > 50  # PA171926.JPG, the first present
+
+
+def test_all_fields_failing_grayscale_and_unannotated_images(tmp_path, iml_with_tiny_field):
+    """A grayscale copy of a real field is a field's error (not 0 % infected); when every field fails,
+    smear-eval prints strict JSON (null, not NaN) and exits 1, and so does crops; an image without
+    annotation is skipped with one line."""
+    fields, ann = iml_with_tiny_field
+    d = tmp_path / "gray"
+    d.mkdir()
+    Image.open(fields / "PA171926.JPG").convert("L").save(d / "PA171926.JPG")
+    (fields / "tiny.png").rename(d / "tiny.png")
+    synthetic = Image.fromarray(synthetic_field()[0])
+    synthetic.save(d / "unannotated.png")
+    r = CliRunner().invoke(_app(), ["smear-eval", str(d), "-a", str(ann), "--out", str(tmp_path / "e"), "--no-classify"])
+    assert r.exit_code == 1, r.output
+    assert "NaN" not in r.stdout
+    m = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert m["n_fields"] == 0 and m["rbc_f1"] is None and set(m["failed"]) == {"PA171926.JPG", "tiny.png"}
+    assert "grayscale" in m["failed"]["PA171926.JPG"]
+    assert f"1 image(s) in {d} have no annotation (skipped), e.g. unannotated.png" in r.output
+    r = CliRunner().invoke(_app(), ["crops", str(d), "-a", str(ann), "--out", str(tmp_path / "c"), "--source", "detections"])
+    assert r.exit_code == 1, r.output
+    assert "PA171926.JPG: ERROR" in r.output and "grayscale" in r.output and "0 field(s)" in r.output
+    assert (tmp_path / "c" / "groups.csv").read_text() == "path,patient\n"
+    r = CliRunner().invoke(_app(), ["smear", str(d), "--out", str(tmp_path / "s"), "--no-classify"])
+    assert r.exit_code == 1 and "3 field(s): 1 screened, 2 failed" in r.output, r.output
+    assert "PA171926.JPG: ERROR ImageDecodeError: image has no colour (grayscale)" in r.output
+
+
+def test_smear_empty_folder_duplicates_and_help(tmp_path):
+    img, _ = synthetic_field()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "empty").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "f.png")
+    r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--no-classify"])
+    assert r.exit_code == 1
+    assert f"No field images found in {tmp_path / 'empty'} (looked for .jpg/.jpeg/.png" in r.output
+    assert "error: no field images to screen" in r.output
+    same = tmp_path / "in" / ".." / "in" / "f.png"
+    r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "empty"), str(tmp_path / "in"), str(same),
+                                    "--out", str(tmp_path / "o2"), "--no-classify"])
+    assert r.exit_code == 0, r.output
+    assert "1 field(s): 1 screened, 0 failed: 6 RBC" in r.output
+    assert "WARNING: No field images found in" in r.output and "1 input path(s) named a field already given" in r.output
+    from malaria_screen.data.io import MAX_PIXELS
+
+    help_text = " ".join(CliRunner().invoke(_app(), ["smear", "--help"]).output.replace("│", " ").split())
+    assert f"up to {MAX_PIXELS // 1_000_000} Mpx" in help_text and "subfolders are not searched" in help_text
+    assert ".webp" in help_text and "*_overlay.png" in help_text
+    help_text = " ".join(CliRunner().invoke(_app(), ["smear-eval", "--help"]).output.replace("│", " ").split())
+    assert "~1.15x the cell" in help_text
+
+
+def test_smear_quiet_silences_library_warnings_and_errors_print_once(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import malaria_screen.smear.report as report
+
+    real = report.screen_field
+
+    def screen(rgb, model, **kw):
+        logging.getLogger("malaria_screen.smear.segment").warning("a library warning")
+        return real(rgb, model, **kw)
+
+    monkeypatch.setattr(report, "screen_field", screen)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(synthetic_field()[0]).save(tmp_path / "in" / "f.png")
+    (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING):
+        r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify"])
+    assert r.exit_code == 1 and r.output.count("bad.png") == 1, r.output
+    assert [rec.getMessage() for rec in caplog.records] == ["a library warning"]  # the field error is not logged too
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify", "-q"])
+    assert r.exit_code == 1 and "bad.png" not in r.output and "2 field(s): 1 screened, 1 failed" in r.output
+    assert not caplog.records
+
+
+def test_interrupted_smear_and_crops_exit_130(tmp_path, monkeypatch):
+    """Ctrl-C: smear keeps both files of each finished field and neither of the field in progress;
+    crops writes groups.csv for the fields finished and removes the crops of the one in progress."""
+    import malaria_screen.smear.crops as crops_mod
+    import malaria_screen.smear.report as report
+
+    img, _ = synthetic_field()
+    (tmp_path / "in").mkdir()
+    for n in ("f1.png", "f2.png"):
+        Image.fromarray(img).save(tmp_path / "in" / n)
+    real_png = report._png_bytes
+
+    def png(rgb):  # the second field is interrupted after its JSON was written
+        if (tmp_path / "o" / ".f2.json.part").exists():
+            raise KeyboardInterrupt
+        return real_png(rgb)
+
+    monkeypatch.setattr(report, "_png_bytes", png)
+    r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify"])
+    assert r.exit_code == 130 and "interrupted after 1 field(s)" in r.output, r.output
+    assert sorted(q.name for q in (tmp_path / "o").iterdir()) == ["f1.json", "f1_overlay.png", "report.html", "summary.json"]
+
+    boxes = [{"type": t, "bbox": {"x": "200", "y": y, "w": "40", "h": "40"}} for t, y in (("red blood cell", "50"), ("ring", "210"))]
+    (tmp_path / "ann.json").write_text(json.dumps([{"image_name": n, "objects": boxes} for n in ("f1.png", "f2.png")]))
+    calls = []
+    real_mask = crops_mod.box_cell_mask
+
+    def mask(crop):  # interrupted on the second box of f2, after its first crop was written
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_mask(crop)
+
+    monkeypatch.setattr(crops_mod, "box_cell_mask", mask)
+    r = CliRunner().invoke(_app(), ["crops", str(tmp_path / "in"), "-a", str(tmp_path / "ann.json"), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 130 and "interrupted after 1 of 2 field(s)" in r.output, r.output
+    rows = (tmp_path / "c" / "groups.csv").read_text().splitlines()
+    on_disk = sorted(f"{q.parent.name}/{q.name}" for q in (tmp_path / "c").glob("*/*"))
+    assert sorted(row.partition(",")[0] for row in rows[1:]) == on_disk == ["Parasitized/f1_cell_1.png", "Uninfected/f1_cell_0.png"]
 
 
 _USAGE_ERRORS = {  # what is wrong -> (arguments with {fields}, {ann} and {tmp} to fill in, option named, message)
@@ -126,6 +267,12 @@ _USAGE_ERRORS = {  # what is wrong -> (arguments with {fields}, {ann} and {tmp} 
     "missing --fields list": ("rescorer {fields} -a {ann} --fields {tmp}/nope.txt --out {tmp}/o", "'--fields'",
                               "does not exist"),
     "smear-eval unknown stain": ("smear-eval {fields} -a {ann} --out {tmp}/o --no-classify --stain sepia", "--stain", "sepia"),
+    "crops --pixel-size-um 0": ("crops {fields} -a {ann} --out {tmp}/o --source detections --pixel-size-um 0",
+                                "'--pixel-size-um'", "0.0001"),
+    "crops --out holds crops": ("crops {fields} -a {ann} --out {tmp}/full", "'--out'",
+                                "already holds 2 image file(s) in Parasitized/ and Uninfected/"),
+    "no annotated image in field_dir": ("smear-eval {tmp}/empty -a {ann} --out {tmp}/o --no-classify", "'FIELD_DIR'",
+                                        "none of the 3 annotated images is in"),
 }
 
 
@@ -137,6 +284,10 @@ def test_bad_out_annotations_and_field_dir_are_usage_errors(case, tmp_path, iml_
     (tmp_path / "dict.json").write_text('{"image_name": "x"}')
     (tmp_path / "nobox.json").write_text('[{"image_name": "x", "objects": [{"type": "ring"}]}]')
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    for cls in ("Parasitized", "Uninfected"):  # an earlier export
+        (tmp_path / "full" / cls).mkdir(parents=True)
+        (tmp_path / "full" / cls / "old_cell_0.png").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
     args, param, msg = _USAGE_ERRORS[case]
     r = CliRunner().invoke(_app(), args.format(fields=fields, ann=ann, tmp=tmp_path).split())
     text = " ".join(r.output.replace("│", " ").split())

@@ -220,3 +220,25 @@ def test_bad_stain_or_ci_fails_before_any_field(tmp_path):
     with pytest.raises(ValueError, match="ci_method"):
         run_smear([src], tmp_path / "out", FakeModel(), ci_method="bayes")
     assert not (tmp_path / "out" / "a.json").exists()
+
+
+def test_rerun_into_the_input_folder_and_stale_outputs(tmp_path):
+    """--out = the input folder: a re-run skips the earlier overlays (never screened as fields); a
+    run that does not rewrite earlier per-field files warns about them (it never deletes them)."""
+    src = _two_fields(tmp_path)
+    first = run_smear([src], src, FakeModel())
+    second = run_smear([src], src, FakeModel())
+    assert [f["image"] for f in second["fields"]] == [f["image"] for f in first["fields"]] == ["a.png", "b.png"]
+    assert second["warnings"] == [] and second["n_rbc"] == 12
+    third = run_smear([src / "a.png"], src, FakeModel())
+    assert third["n_fields"] == 1 and len(third["warnings"]) == 1
+    assert "holds 2 per-field result file(s) that this run did not write (e.g. b.json)" in third["warnings"][0]
+    assert (src / "b.json").is_file() and (src / "b_overlay.png").is_file()
+
+
+def test_one_field_by_two_paths_is_screened_once(tmp_path):
+    src = _two_fields(tmp_path)
+    (tmp_path / "link.png").symlink_to(src / "b.png")
+    s = run_smear([src, tmp_path / "in" / ".." / "in" / "a.png", tmp_path / "link.png"], tmp_path / "out", FakeModel())
+    assert [f["path"] for f in s["fields"]] == [str(src / "a.png"), str(src / "b.png")] and s["n_rbc"] == 12
+    assert s["warnings"] == ["2 input path(s) named a field already given by another path: each field is screened once."]

@@ -24,7 +24,7 @@ def _echo_table(rows: list[list[str]], header: list[str]) -> None:
         typer.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
-def check_out_dir(out: Path) -> Path:
+def check_out_dir(out: Path, param_hint: str = "'--out'") -> Path:
     """Refuse an ``--out`` folder that cannot be created or written, before any work is done.
 
     Parameters
@@ -32,6 +32,8 @@ def check_out_dir(out: Path) -> Path:
     out : Path
         Output folder; it may exist (a folder) or not (then it is created later, with its
         missing parents).
+    param_hint : str, default="'--out'"
+        The option named in the error message.
 
     Returns
     -------
@@ -41,22 +43,33 @@ def check_out_dir(out: Path) -> Path:
     Raises
     ------
     typer.BadParameter
-        If ``out`` or its nearest existing parent is not a folder, or that folder is not
-        writable.
+        If ``out`` or its nearest existing parent is not a folder, or nothing can be created in
+        that folder. Writability is tried (a temporary folder made and removed there), not only
+        read from the permission bits: root passes ``os.access`` on ``/proc`` or a read-only
+        mount, where creating fails.
     """
+    import tempfile
+
     for p in (out, *out.absolute().parents):
         if p.exists():
             if not p.is_dir():
                 what = "exists and is not a folder" if p == out else f"cannot be created: {p} is a file, not a folder"
-                raise typer.BadParameter(f"{out} {what}", param_hint="'--out'")
+                raise typer.BadParameter(f"{out} {what}", param_hint=param_hint)
             if not os.access(p, os.W_OK | os.X_OK):
-                raise typer.BadParameter(f"{out} cannot be written: no write permission on {p}", param_hint="'--out'")
+                raise typer.BadParameter(f"{out} cannot be written: no write permission on {p}", param_hint=param_hint)
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".malaria-screen-probe-", dir=p))
+            except OSError as exc:
+                raise typer.BadParameter(f"{out} cannot be written: creating a file in {p} failed ({exc.strerror})",
+                                         param_hint=param_hint) from exc
             return out
     return out  # pragma: no cover - the root always exists
 
 
-def check_out_file(out: Path) -> Path:
+def check_out_file(out: Path, param_hint: str = "'--out'") -> Path:
     """Refuse an ``--out`` file that cannot be written, before any work is done.
+
+    ``param_hint`` is the option named in the error message.
 
     Returns
     -------
@@ -70,9 +83,45 @@ def check_out_file(out: Path) -> Path:
         (:func:`check_out_dir`).
     """
     if out.is_dir():
-        raise typer.BadParameter(f"{out} is a folder; give a file name", param_hint="'--out'")
-    check_out_dir(out.absolute().parent)
+        raise typer.BadParameter(f"{out} is a folder; give a file name", param_hint=param_hint)
+    check_out_dir(out.absolute().parent, param_hint)
     return out
+
+
+def list_inputs(paths: List[Path]) -> List[Path]:
+    """Image files named by ``paths`` (:func:`~malaria_screen.data.dataset.list_image_files`),
+    refusing an input that gives none.
+
+    A folder without image files is reported on stderr ("warning: no image files found in ...")
+    and the other paths go on; when no path gives a file, the command stops with the message and
+    exit status 1, as when every file failed (``smear`` does the same with no field). A missing
+    path is kept: it is one file's error row.
+
+    Returns
+    -------
+    list of Path
+        The files, in the order of ``paths``; never empty.
+
+    Raises
+    ------
+    typer.Exit
+        With code 1, if no path gives a file.
+    """
+    from malaria_screen.data.dataset import list_image_files
+
+    files: List[Path] = []
+    empty: List[Path] = []
+    for p in paths:
+        got = list_image_files([p])
+        if not got:
+            empty.append(p)
+        files += got
+    if not files:
+        typer.echo(f"error: no image files found in {', '.join(map(str, empty)) or 'the given paths'}", err=True)
+        raise typer.Exit(1)
+    for p in empty:
+        typer.echo(f"warning: no image files found in {p}; skipped", err=True)
+    return files
 
 
 def _run_folder(name: Optional[str]) -> Optional[str]:
@@ -338,22 +387,21 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="Results file: .csv or .json"),
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
     backend: str = typer.Option("auto", help="torch | onnx | auto (onnx for .onnx files, or when torch is not installed)"),
-    batch_size: int = typer.Option(256, help="Cells per inference batch"),
-    workers: Optional[int] = typer.Option(None, help="Decoding threads"),
+    batch_size: int = typer.Option(256, min=1, help="Cells per inference batch"),
+    workers: Optional[int] = typer.Option(None, min=1, help="Decoding threads. Default: CPU cores + 2, at most 8"),
     quiet: bool = typer.Option(False, help="Do not print the results table"),
 ) -> None:
     """Classify cell images; one row per file: path, label, p_parasitized, error.
 
     A file that cannot be read gets an error row and the rest go on; the exit status is 1 if any
-    file failed, 0 otherwise. The results file is written atomically.
+    file failed (or no image file was found), 0 otherwise. The results file is written atomically.
     """
-    from malaria_screen.data.dataset import list_image_files
     from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"--out must end in .csv or .json, got {out.name}")
     check_out_file(out)
-    files = list_image_files(paths)  # missing paths stay in: each is one file's error row
+    files = list_inputs(paths)  # missing paths stay in: each is one file's error row
     pred = _load_predictor(model, backend, batch_size=batch_size)
     rows = [r.__dict__ for r in pred.predict_files(files, workers=workers)]
     cols = ["path", "label", "p_parasitized", "error"]
@@ -369,8 +417,8 @@ def predict(
         table = [[Path(r["path"]).name[:48], r["label"] or "-", "-" if r["p_parasitized"] is None else f"{r['p_parasitized']:.3f}",
                   (r["error"] or "")[:60]] for r in rows]
         _echo_table(table, ["file", "label", "p_parasitized", "error"])
-    n_par = sum(1 for r in rows if r["label"] == "Parasitized")
-    typer.echo(f"\n{len(rows)} files: {n_par} Parasitized, {len(rows) - n_par - n_bad} other, {n_bad} failed -> {out}")
+    per_class = ", ".join(f"{sum(1 for r in rows if r['label'] == c)} {c}" for c in pred.class_names)
+    typer.echo(f"\n{len(rows)} files: {per_class}, {n_bad} failed -> {out}")
     if n_bad:
         raise typer.Exit(1)
 

@@ -12,12 +12,16 @@ from typing import List, Optional
 
 import typer
 
-from malaria_screen.cli.core import _echo_table, check_out_dir, listed_in_groups
+from malaria_screen.cli.core import _echo_table, check_out_dir, check_out_file, list_inputs, listed_in_groups
 from malaria_screen.cli.smear import _RESCORER_HELP, _load_rescorer
 
 __all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
 
 log = logging.getLogger("malaria_screen.cli")
+
+#: ``export --opset`` range: :data:`malaria_screen.export.onnx.MIN_OPSET` ..
+#: :data:`~malaria_screen.export.onnx.MAX_OPSET` (repeated here so that ``--help`` imports no numpy).
+OPSET_RANGE = (13, 20)
 
 
 def _model_dir(model: Optional[Path]) -> Path:
@@ -35,7 +39,8 @@ def export(
     calibration_cells: int = typer.Option(512, min=16, help="Training-patient cells for int8 calibration"),
     quant_format: str = typer.Option("qdq", help="int8 graph format: qdq | qoperator"),
     check: bool = typer.Option(True, help="Check parity and test-patient accuracy of torch / fp32 / int8"),
-    opset: int = typer.Option(17, help="ONNX opset"),
+    opset: int = typer.Option(17, min=OPSET_RANGE[0], max=OPSET_RANGE[1],
+                              help="ONNX opset (13-17 with --int8: quantisation fails on newer ones for CellNet)"),
     seed: int = typer.Option(0, help="Seed of the calibration sample"),
 ) -> None:
     """Export a model to ONNX (fp32, or int8 with --int8) for the torch-free runtime.
@@ -53,6 +58,12 @@ def export(
         raise typer.BadParameter(f"--out must end in .onnx, got {out.name}")
     if quant_format not in ("qdq", "qoperator"):
         raise typer.BadParameter(f"--quant-format must be qdq or qoperator, got {quant_format!r}")
+    from malaria_screen.export.onnx import MAX_INT8_OPSET
+
+    if int8 and opset > MAX_INT8_OPSET:
+        raise typer.BadParameter(f"--int8 needs an opset of {OPSET_RANGE[0]} to {MAX_INT8_OPSET}, got {opset}",
+                                 param_hint="'--opset'")
+    check_out_file(out)
     try:
         rep = export_model(_model_dir(model), out, int8=int8, data_dir=data, calibration_cells=calibration_cells,
                            quant_format=quant_format, check=check, seed=seed, opset=opset)
@@ -141,25 +152,31 @@ def explain(
 ) -> None:
     """Write Grad-CAM overlays (Selvaraju et al. 2017): where the model saw the evidence.
 
-    A file that cannot be read gets an error row in explanations.csv and the rest go on; the exit
-    status is 1 if any file failed.
+    A file that cannot be read (or is grayscale: the model reads the stain's colour) gets an
+    error row in explanations.csv and the rest go on; the exit status is 1 if any file failed (or
+    no image file was found). ONNX models cannot be explained: Grad-CAM needs the gradients.
     """
     import io
 
     from PIL import Image
 
-    from malaria_screen.data.dataset import list_image_files
-    from malaria_screen.data.io import decode_image
+    from malaria_screen.data.io import check_colour, decode_image
     from malaria_screen.fileio import atomic_write_bytes, atomic_write_text, rows_to_csv
     from malaria_screen.inference import load_model
     from malaria_screen.inference.gradcam import explain as run_explain
 
     check_out_dir(out)
+    if model is not None and model.suffix.lower() == ".onnx":
+        raise typer.BadParameter("explain needs a PyTorch run folder (Grad-CAM needs the model's gradients); ONNX models "
+                                 "cannot be explained", param_hint="'--model'")
+    files = list_inputs(paths)
     try:
-        files = list_image_files(paths)
         pred = load_model(model, backend="torch")
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if pred.backend != "torch":  # an ensemble folder: Grad-CAM explains one network
+        raise typer.BadParameter(f"{model} is a model ensemble: explain needs a single PyTorch run folder (one of its "
+                                 "members/)", param_hint="'--model'")
     cls_idx = None
     if target is not None:
         if target not in pred.class_names:
@@ -173,7 +190,7 @@ def explain(
             k += 1
             name = f"{f.stem}_{k}_gradcam.png"
         try:
-            (ex,) = run_explain(pred, [decode_image(f)], class_index=cls_idx, alpha=alpha)
+            (ex,) = run_explain(pred, [check_colour(decode_image(f))], class_index=cls_idx, alpha=alpha)
             buf = io.BytesIO()
             Image.fromarray(ex.overlay).save(buf, format="PNG")
             atomic_write_bytes(out / name, buf.getvalue())
@@ -252,9 +269,9 @@ def bench_infer(
     fp32: Optional[Path] = typer.Option(None, help="ONNX fp32 file; default: exported to a temporary folder"),
     int8: Optional[Path] = typer.Option(None, help="ONNX int8 file; default: exported (calibrated) to a temporary folder"),
     n_files: int = typer.Option(2048, min=16, help="Files to classify per measurement (seeded sample)"),
-    batch: List[int] = typer.Option([1, 256], help="Batch sizes (repeat the option)"),
-    workers: Optional[int] = typer.Option(None, help="Decoding threads. Default: min(8, CPUs + 2)"),
-    threads: Optional[int] = typer.Option(None, help="Inference threads (torch and ONNX Runtime). Default: library defaults"),
+    batch: List[int] = typer.Option([1, 256], min=1, help="Batch sizes (repeat the option)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="Decoding threads. Default: min(8, CPUs + 2)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (torch and ONNX Runtime). Default: library defaults"),
     as_png: bool = typer.Option(False, help="Re-encode the sampled cells as PNG first (pixels identical), as users' files are"),
     backends: str = typer.Option("torch,onnx-fp32,onnx-int8", help="Comma-separated subset to run"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON"),
@@ -270,19 +287,20 @@ def bench_infer(
 
     import numpy as np
 
-    from malaria_screen.data.dataset import list_image_files
     from malaria_screen.export.bench import bench_backends, format_bench_table
     from malaria_screen.export.split_cells import default_nih_dir
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import OnnxPredictor, Predictor
     from malaria_screen.models import build_model, count_flops
 
+    if json_out is not None:
+        check_out_file(json_out, "'--json'")
     data = data or default_nih_dir()
     if not data.is_dir():
         raise typer.BadParameter(f"no data folder {data}")
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
     mdir = _model_dir(model)
-    all_files = list_image_files([data])
+    all_files = list_inputs([data])
     rng = np.random.default_rng(seed)
     files = [str(all_files[i]) for i in sorted(rng.choice(len(all_files), size=min(n_files, len(all_files)), replace=False))]
     with tempfile.TemporaryDirectory(prefix="malaria-screen-bench-") as tmp:

@@ -5,7 +5,8 @@ The main CLI calls :func:`register`. Heavy imports happen inside the commands (f
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -71,12 +72,38 @@ def _load_annotations(path: Path) -> dict:
                                  param_hint="'--annotations'") from exc
 
 
+def _present_fields(field_dir: Path, ann: dict) -> list[str]:
+    """The annotated images that are in ``field_dir``, sorted; one line on stderr says how many
+    annotated images are not there, one how many images there have no annotation (both skipped).
+
+    Raises
+    ------
+    typer.BadParameter
+        If none of the annotated images is in ``field_dir``.
+    """
+    from malaria_screen.smear.report import IMAGE_SUFFIXES
+
+    present = sorted(n for n in ann if os.path.lexists(field_dir / n))  # a broken link is a field's error
+    if not present:
+        raise typer.BadParameter(f"none of the {len(ann)} annotated images is in {field_dir}", param_hint="'FIELD_DIR'")
+    if len(present) < len(ann):
+        typer.echo(f"{len(ann) - len(present)} annotated image(s) are not in {field_dir} (skipped)", err=True)
+    extra = sorted(q.name for q in field_dir.iterdir()
+                   if not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES and q.name not in ann)
+    if extra:
+        typer.echo(f"{len(extra)} image(s) in {field_dir} have no annotation (skipped), e.g. {extra[0]}", err=True)
+    return present
+
+
 _RESCORER_HELP = ("Rescorer folder from `malaria-screen rescorer` (second stage fitted on annotated fields); "
                   "use it with the --model it was fitted with.")
 
 
 def smear(
-    fields: List[Path] = typer.Argument(..., help="Field images (JPEG/PNG/TIFF, any size) and/or folders of them; all are one slide."),
+    fields: List[Path] = typer.Argument(
+        ..., help="Field images (JPEG/PNG/TIFF/BMP/WebP/GIF, decoded by content, up to 100 Mpx each) and/or folders of "
+        "them (their .jpg .jpeg .png .tif .tiff .bmp .webp .gif files; subfolders are not searched; in the --out folder "
+        "the *_overlay.png of an earlier run are skipped); all are one slide. A file given twice is screened once."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.json, <stem>_overlay.png, summary.json, report.html."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model run folder; default: the bundled default model."),
     pixel_size_um: Optional[float] = typer.Option(
@@ -88,14 +115,14 @@ def smear(
     ci: str = typer.Option("wilson", "--ci", help="Binomial 95% interval: wilson | exact (Clopper-Pearson)."),
     no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line and its warnings."),
 ) -> None:
     """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia.
 
-    A field that cannot be screened (missing, not a regular file, unreadable, too small, ...)
-    gets an entry in summary.json "errors" and the others go on; the exit status is 1 if any
-    field failed (or none was given), 0 otherwise. The outputs of the other fields, summary.json
-    and report.html are written either way.
+    A field that cannot be screened (missing, not a regular file, unreadable, grayscale, too
+    small, ...) gets an entry in summary.json "errors" and the others go on; the exit status is 1
+    if any field failed (or none was given), 130 if interrupted, 0 otherwise. The outputs of the
+    other fields, summary.json and report.html are written either way.
     """
     from malaria_screen.smear.report import run_smear
 
@@ -106,7 +133,10 @@ def smear(
     predictor = _load_model(model, no_classify)
     second = _load_rescorer(rescorer, predictor)
 
+    done: list[str] = []
+
     def progress(name: str, entry: dict) -> None:
+        done.append(name)
         if quiet:
             return
         if "error" in entry:
@@ -116,27 +146,40 @@ def smear(
             ptxt = "n/a" if p is None else f"{100 * p:.2f}%"
             typer.echo(f"{name}: {entry['n_rbc']} RBC, {entry['n_infected']} infected, parasitemia {ptxt} ({entry['seconds']:.2f} s)")
 
-    s = run_smear(
-        fields,
-        out,
-        predictor,
-        pixel_size_um=pixel_size_um,
-        stain=stain,
-        scale_to_nih=scale_to_nih,
-        count_border_cells=count_border,
-        ci_method=ci,
-        progress=progress,
-        rescorer=second,
-    )
+    log = logging.getLogger("malaria_screen")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        s = run_smear(
+            fields,
+            out,
+            predictor,
+            pixel_size_um=pixel_size_um,
+            stain=stain,
+            scale_to_nih=scale_to_nih,
+            count_border_cells=count_border,
+            ci_method=ci,
+            progress=progress,
+            rescorer=second,
+        )
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted after {len(done)} field(s): {Path(out) / 'summary.json'} and report.html cover them",
+                   err=True)
+        raise typer.Exit(130) from None
+    finally:
+        log.setLevel(level)
     p = s["parasitemia"]
     lo, hi = s["parasitemia_ci95"]
     ptxt = "n/a" if p is None else f"{100 * p:.3f}% (95% CI {100 * lo:.3f}-{100 * hi:.3f}%)"
     typer.echo(
-        f"{s['n_fields']} field(s), {s['n_failed']} failed: {s['n_rbc']} RBC, {s['n_infected']} infected, "
-        f"parasitemia {ptxt}. Report: {Path(out) / 'report.html'}"
+        f"{s['n_fields'] + s['n_failed']} field(s): {s['n_fields']} screened, {s['n_failed']} failed: {s['n_rbc']} RBC, "
+        f"{s['n_infected']} infected, parasitemia {ptxt}. Report: {Path(out) / 'report.html'}"
     )
     for w in s.get("warnings", []):
         typer.echo(f"WARNING: {w}", err=True)
+    if s["n_fields"] + s["n_failed"] == 0:
+        typer.echo("error: no field images to screen", err=True)
     if s["n_failed"] or s["n_fields"] == 0:
         raise typer.Exit(1)
 
@@ -153,15 +196,18 @@ def smear_eval(
     chula_dir: Optional[Path] = typer.Option(
         None, "--chula", exists=True, file_okay=False,
         help="Optional Chula-RBC-12 folder (images/, labels/) for the red-cell count check."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N fields."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N (by name) of the annotated fields in FIELD_DIR."),
     box_scale: float = typer.Option(
         1.0, "--box-scale", min=0.1, help="Scale detection boxes about their centres before matching (the annotators' "
-        "box convention: IML boxes are ~1.19x the cell); 1 = tight boxes, the strict figure."),
+        "box convention: IML boxes are ~1.15x the cell); 1 = tight boxes, the strict figure."),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
 ) -> None:
     """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field.
 
-    Fields that cannot be screened are listed in metrics.json "failed" and left out of the metrics.
+    The annotated images found in FIELD_DIR are evaluated (the others are skipped, with a note;
+    none found is an error). Fields that cannot be screened are listed in metrics.json "failed"
+    and left out of the metrics; the exit status is then 1 (0 when all were screened).
+    metrics.json is also printed.
     """
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.smear.evaluate import evaluate_dataset
@@ -169,6 +215,7 @@ def smear_eval(
     check_out_dir(out)
     _check_stain(stain)
     ann = _load_annotations(annotations)
+    names = _present_fields(field_dir, ann)
     predictor = _load_model(model, no_classify)
     second = _load_rescorer(rescorer, predictor)
     metrics = evaluate_dataset(
@@ -181,11 +228,14 @@ def smear_eval(
         iou_threshold=iou,
         chula_dir=chula_dir,
         limit=limit,
+        names=names,
         box_scale=box_scale,
         rescorer=second,
     )
-    atomic_write_json(Path(out) / "metrics.json", metrics)
-    typer.echo(json.dumps(metrics, indent=2))
+    path = atomic_write_json(Path(out) / "metrics.json", metrics)
+    typer.echo(path.read_text(encoding="utf-8"), nl=False)  # strict JSON: null, never NaN
+    if metrics["n_failed"] or metrics.get("chula", {}).get("n_failed"):
+        raise typer.Exit(1)
 
 
 def crops(
@@ -197,16 +247,31 @@ def crops(
         "`smear` does and label each by the box it matches (IoU >= 0.5); the crops an adapted model will see."),
     margin_px: int = typer.Option(2, "--margin-px", min=0, help="Margin around each box, px (boxes)."),
     no_mask: bool = typer.Option(False, "--no-mask", help="Keep the whole box instead of blacking out pixels outside the cell (boxes)."),
-    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="µm per pixel (detections); default: estimated per field."),
+    pixel_size_um: Optional[float] = typer.Option(
+        None, "--pixel-size-um", min=1e-4, help="µm per pixel (detections); default: estimated per field."),
     stain: str = typer.Option("none", "--stain", help="none | reinhard | macenko (detections; as the model will be run)."),
     unmatched: str = typer.Option(
         "skip", "--unmatched", help="skip | uninfected (detections): write detections that match no box, and overlap no "
         "infected box, to Uninfected/ (negative mining of debris and fragments; for exhaustively annotated fields)."),
 ) -> None:
-    """Export annotated cells as an NIH-layout crop folder (+ groups.csv for leak-free training)."""
-    from malaria_screen.smear.crops import export_annotation_crops, export_detection_crops
+    """Export annotated cells as an NIH-layout crop folder (+ groups.csv for leak-free training).
+
+    The annotated images found in FIELD_DIR are exported (the others are skipped, with a note;
+    none found is an error). OUT must not hold images in Parasitized/ or Uninfected/ yet (add other
+    cells, e.g. NIH ones, after the export). A field that cannot be read or segmented is reported
+    and the others go on; the exit status is then 1. On Ctrl-C, groups.csv is written for the
+    fields finished and the exit status is 130.
+    """
+    from malaria_screen.smear.crops import ExportInterrupted, export_annotation_crops, export_detection_crops
+    from malaria_screen.smear.report import IMAGE_SUFFIXES
 
     check_out_dir(out)
+    n_old = sum(1 for cls in ("Parasitized", "Uninfected") if (out / cls).is_dir() for q in (out / cls).iterdir()
+                if q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith("."))
+    if n_old:
+        raise typer.BadParameter(f"{out} already holds {n_old} image file(s) in Parasitized/ and Uninfected/, which the "
+                                 "new groups.csv would not list: use a new folder (add other cells after the export)",
+                                 param_hint="'--out'")
     if source not in ("boxes", "detections"):
         raise typer.BadParameter(f"--source must be boxes or detections, got {source!r}")
     if unmatched not in ("skip", "uninfected"):
@@ -215,16 +280,26 @@ def crops(
         raise typer.BadParameter("--unmatched needs --source detections")
     _check_stain(stain)
     ann = _load_annotations(annotations)
-    if source == "boxes":
-        s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
-    else:
-        s = export_detection_crops(field_dir, ann, out, stain=stain, unmatched=unmatched, pixel_size_um=pixel_size_um)
+    ann = {n: ann[n] for n in _present_fields(field_dir, ann)}
+    try:
+        if source == "boxes":
+            s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
+        else:
+            s = export_detection_crops(field_dir, ann, out, stain=stain, unmatched=unmatched, pixel_size_um=pixel_size_um)
+    except ExportInterrupted as exc:
+        s = exc.summary
     for name, err in s.errors.items():
         typer.echo(f"{name}: ERROR {err}", err=True)
     typer.echo(
         f"{s.n_fields} field(s): {s.n_parasitized} Parasitized, {s.n_uninfected} Uninfected crops "
         f"({s.n_skipped} skipped, {len(s.errors)} failed). Groups: {s.groups_csv}"
     )
+    if s.interrupted:
+        typer.echo(f"interrupted after {s.n_fields + len(s.errors)} of {len(ann)} field(s): {s.groups_csv} lists the "
+                   "crops of the fields finished", err=True)
+        raise typer.Exit(130)
+    if s.errors:
+        raise typer.Exit(1)
 
 
 def fit_rescorer(
@@ -235,7 +310,7 @@ def fit_rescorer(
     no_model_logit: bool = typer.Option(False, "--no-model-logit", help="Colour/shape features only (no cell model)."),
     fields: Optional[Path] = typer.Option(
         None, "--fields", exists=True, dir_okay=False,
-        help="Text file of field image names to use (one per line); default: all annotated."),
+        help="Text file of field image names to use (one per line); default: the annotated images in FIELD_DIR."),
     unmatched: str = typer.Option(
         "uninfected", "--unmatched", help="uninfected | skip: detections that match no box (and overlap no infected "
         "box) are Uninfected training cells (for exhaustively annotated fields), or left out."),
@@ -257,6 +332,8 @@ def fit_rescorer(
         unknown = [n for n in names if n not in ann]
         if unknown:
             raise typer.BadParameter(f"--fields lists {len(unknown)} field(s) without annotation, e.g. {unknown[0]}")
+    if names is None:
+        names = _present_fields(field_dir, ann)
     predictor = None if no_model_logit else _load_model(model, False)
     seg_kwargs = {} if pixel_size_um is None else {"pixel_size_um": pixel_size_um}
     data = collect_rescorer_data(field_dir, ann, predictor, names=names, unmatched=unmatched, **seg_kwargs)

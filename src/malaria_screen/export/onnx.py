@@ -48,6 +48,9 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "META_CONFIG",
+    "MAX_INT8_OPSET",
+    "MAX_OPSET",
+    "MIN_OPSET",
     "export_onnx",
     "quantize_int8",
     "set_metadata",
@@ -65,6 +68,16 @@ META_QUANT = "malaria_screen.quantization"
 META_VERSION = "malaria_screen.version"
 META_SEEN = "malaria_screen.seen_patients"
 IO_CONTRACT = "cells_nhwc_uint8->probs"
+
+#: Opsets :func:`export_onnx` accepts. Tried with every registered architecture (torch 2.14's
+#: TorchScript exporter, ONNX Runtime 1.31): fp32 exports and matches torch from 11 (efficientnet_lite0's
+#: padding needs 11) to 20, the exporter's newest; int8 per-channel QDQ needs 13 (DequantizeLinear's
+#: ``axis``); below 7 the exporter writes an invalid graph.
+MIN_OPSET: int = 13
+MAX_OPSET: int = 20
+#: Newest opset :func:`quantize_int8` accepts: from 18, ONNX Runtime's shape inference before
+#: quantisation fails on CellNet's graph (the default model).
+MAX_INT8_OPSET: int = 17
 
 _DOC = ("malaria-screen cell classifier. Input 'cells': (N, S, S, 3) uint8 RGB, letterboxed to S px "
         "(aspect kept, black padding). Output 'probs': (N, num_classes) float32 softmax in class_names "
@@ -132,6 +145,7 @@ def export_onnx(predictor, out_path: str | Path, *, opset: int = 17) -> Path:
     out_path : path
         Destination ``.onnx`` file, written atomically after the ONNX checker passed.
     opset : int, default=17
+        From :data:`MIN_OPSET` (13) to :data:`MAX_OPSET` (20).
 
     Returns
     -------
@@ -141,9 +155,13 @@ def export_onnx(predictor, out_path: str | Path, *, opset: int = 17) -> Path:
 
     Raises
     ------
+    ValueError
+        If ``opset`` is outside ``MIN_OPSET..MAX_OPSET``.
     onnx.checker.ValidationError
         If the exported graph is invalid.
     """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be {MIN_OPSET} to {MAX_OPSET}, got {opset}")
     import onnx
     import torch
 
@@ -230,7 +248,8 @@ def quantize_int8(
     Raises
     ------
     ValueError
-        If the cells do not match the model's input size or the options are unknown.
+        If the cells do not match the model's input size, the options are unknown, or the model's
+        opset is newer than :data:`MAX_INT8_OPSET`.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -243,6 +262,10 @@ def quantize_int8(
         raise ValueError(f"quant_format must be qdq|qoperator and calibrate_method minmax|entropy|percentile, "
                          f"got {quant_format!r}, {calibrate_method!r}")
     src = onnx.load(str(fp32_path))
+    opset = next((o.version for o in src.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset > MAX_INT8_OPSET:
+        raise ValueError(f"int8 quantisation needs a model exported with opset {MIN_OPSET} to {MAX_INT8_OPSET}, "
+                         f"got opset {opset}")
     meta = {p.key: p.value for p in src.metadata_props}
     cfg = json.loads(meta[META_CONFIG])
     s = int(cfg["input_size"])

@@ -95,7 +95,8 @@ def load_split_cells(
     Returns
     -------
     SplitCells
-        Files that are missing or fail to decode are dropped with a warning in the log.
+        Files that fail to decode are dropped with a warning each in the log; missing files are
+        dropped with one warning for them all ("N of M listed cells are missing under DIR").
 
     Raises
     ------
@@ -117,7 +118,15 @@ def load_split_cells(
         rng = np.random.default_rng(seed)
         files = [files[i] for i in sorted(rng.choice(len(files), size=n, replace=False))]
 
+    missing = [rel for rel in files if not (data_dir / rel).exists()]
+    if missing:  # one line, not one per file: a wrong --data misses them all
+        log.warning("%d of %d listed %s cells are missing under %s (e.g. %s)", len(missing), len(files), part, data_dir,
+                    missing[0])
+    gone = set(missing)
+
     def load(rel: str):
+        if rel in gone:
+            return None
         try:
             return letterbox(decode_image(data_dir / rel), size_px)
         except Exception as exc:  # noqa: BLE001 - reported, not fatal

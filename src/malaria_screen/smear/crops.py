@@ -30,7 +30,7 @@ from malaria_screen.smear.segment import CellProps
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ExportSummary", "box_cell_mask", "cell_crop", "cell_crops", "export_annotation_crops", "export_detection_crops",
+    "ExportInterrupted", "ExportSummary", "box_cell_mask", "cell_crop", "cell_crops", "export_annotation_crops", "export_detection_crops",
     "label_detections",
 ]
 
@@ -182,6 +182,16 @@ class ExportSummary:
     n_skipped: int
     errors: dict[str, str]
     groups_csv: Path
+    interrupted: bool = False
+
+
+class ExportInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an export, raised after ``groups.csv`` was written for the fields finished
+    (the crops of the field in progress are removed); ``summary`` counts those fields."""
+
+    def __init__(self, summary: ExportSummary) -> None:
+        super().__init__(f"interrupted after {summary.n_fields} field(s)")
+        self.summary = summary
 
 
 def export_annotation_crops(
@@ -215,6 +225,12 @@ def export_annotation_crops(
     Returns
     -------
     ExportSummary
+        Fields that cannot be decoded (or are grayscale) are listed in ``errors``.
+
+    Raises
+    ------
+    ExportInterrupted
+        On Ctrl-C (a ``KeyboardInterrupt``), after ``groups.csv`` was written for the fields done.
 
     Notes
     -----
@@ -228,26 +244,29 @@ def export_annotation_crops(
     inf_types = INFECTED_TYPES if infected_types is None else frozenset(infected_types)
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
-    n_fields = n_skipped = 0
-    for name, rgb in _decoded_fields(Path(field_dir), sorted(annotations), errors):
-        n_fields += 1
-        stem = Path(name).stem
-        H, W = rgb.shape[:2]
-        for k, box in enumerate(annotations[name]):
-            if box.type in IGNORED_TYPES:
-                n_skipped += 1
-                continue
-            x, y, w, h = (int(round(v)) for v in box.bbox)
-            x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
-            x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
-            if x1 - x0 < 4 or y1 - y0 < 4:
-                n_skipped += 1
-                continue
-            crop = rgb[y0:y1, x0:x1].copy()
-            if mask_cells:
-                crop[~box_cell_mask(crop)] = 0
-            writer.write("Parasitized" if box.type in inf_types else "Uninfected", f"{stem}_cell_{k}.png", crop, stem)
-    return writer.finish(n_fields, n_skipped, errors)
+    try:
+        for name, rgb in _decoded_fields(Path(field_dir), sorted(annotations), errors):
+            stem = Path(name).stem
+            H, W = rgb.shape[:2]
+            n_skipped = 0
+            for k, box in enumerate(annotations[name]):
+                if box.type in IGNORED_TYPES:
+                    n_skipped += 1
+                    continue
+                x, y, w, h = (int(round(v)) for v in box.bbox)
+                x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
+                x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
+                if x1 - x0 < 4 or y1 - y0 < 4:
+                    n_skipped += 1
+                    continue
+                crop = rgb[y0:y1, x0:x1].copy()
+                if mask_cells:
+                    crop[~box_cell_mask(crop)] = 0
+                writer.write("Parasitized" if box.type in inf_types else "Uninfected", f"{stem}_cell_{k}.png", crop, stem)
+            writer.end_field(n_skipped)
+    except KeyboardInterrupt:
+        raise ExportInterrupted(writer.finish(errors, interrupted=True)) from None
+    return writer.finish(errors)
 
 
 def export_detection_crops(
@@ -299,11 +318,13 @@ def export_detection_crops(
     Returns
     -------
     ExportSummary
-        Fields that cannot be decoded or segmented (too small, out of memory, ...: any
+        Fields that cannot be decoded or segmented (grayscale, too small, out of memory, ...: any
         ``Exception``) are listed in ``errors`` and not counted in ``n_fields``; the rest go on.
 
     Raises
     ------
+    ExportInterrupted
+        On Ctrl-C (a ``KeyboardInterrupt``), after ``groups.csv`` was written for the fields done.
     ValueError
         If ``unmatched`` is not "skip" or "uninfected", or ``stain`` is unknown (checked before
         any field is read: a ValueError while screening a field is that field's error).
@@ -316,27 +337,28 @@ def export_detection_crops(
     check_stain_method(stain)
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
-    n_fields = n_skipped = 0
-    for name, rgb in _decoded_fields(Path(field_dir), sorted(annotations), errors):
-        try:
-            seg = segment_field(rgb, **segment_kwargs)
-            cells = seg.cells()
-            pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
-            kept = [(cells[i], cls, tag) for i, cls, tag in
-                    label_detections(pred_boxes, annotations[name], iou_threshold=iou_threshold, unmatched=unmatched)]
-            crops = []
-            if kept:  # cut only the cells that get written
-                src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
-                crops = cell_crops(src, seg.labels, [c for c, _, _ in kept])
-        except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
-            _record_error(errors, name, exc)
-            continue
-        n_fields += 1
-        n_skipped += len(cells) - len(kept)
-        stem = Path(name).stem
-        for (c, cls, tag), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
-            writer.write(cls, f"{stem}_{tag}_{c.id}.png", crop, stem)
-    return writer.finish(n_fields, n_skipped, errors)
+    try:
+        for name, rgb in _decoded_fields(Path(field_dir), sorted(annotations), errors):
+            try:
+                seg = segment_field(rgb, **segment_kwargs)
+                cells = seg.cells()
+                pred_boxes = np.asarray([c.bbox for c in cells], np.float64).reshape(-1, 4)
+                kept = [(cells[i], cls, tag) for i, cls, tag in
+                        label_detections(pred_boxes, annotations[name], iou_threshold=iou_threshold, unmatched=unmatched)]
+                crops = []
+                if kept:  # cut only the cells that get written
+                    src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
+                    crops = cell_crops(src, seg.labels, [c for c, _, _ in kept])
+            except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
+                _record_error(errors, name, exc)
+                continue
+            stem = Path(name).stem
+            for (c, cls, tag), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
+                writer.write(cls, f"{stem}_{tag}_{c.id}.png", crop, stem)
+            writer.end_field(len(cells) - len(kept))
+    except KeyboardInterrupt:
+        raise ExportInterrupted(writer.finish(errors, interrupted=True)) from None
+    return writer.finish(errors)
 
 
 def label_detections(
@@ -400,11 +422,14 @@ def _box_cover(pred: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def _decoded_fields(field_dir: Path, names: list[str], errors: dict[str, str]):
-    """Yield ``(name, (H, W, 3) uint8 RGB)`` per field; undecodable ones go to ``errors`` and are skipped."""
+    """Yield ``(name, (H, W, 3) uint8 RGB)`` per field; undecodable or grayscale ones go to ``errors``
+    and are skipped."""
+    from malaria_screen.data.io import check_colour
+
     decode = _decoder()
     for name in names:
         try:
-            rgb = decode(field_dir / name)
+            rgb = check_colour(decode(field_dir / name))
         except Exception as exc:  # noqa: BLE001 - ImageDecodeError, and MemoryError on a huge field
             _record_error(errors, name, exc)
             continue
@@ -412,21 +437,24 @@ def _decoded_fields(field_dir: Path, names: list[str], errors: dict[str, str]):
 
 
 def _record_error(errors: dict[str, str], name: str, exc: Exception) -> None:
-    """``errors[name] = "<exception type>: <message>"``, logged as a warning."""
+    """``errors[name] = "<exception type>: <message>"``, logged at INFO (the commands print ``errors``)."""
     from malaria_screen.smear.evaluate import _error_text
 
     errors[name] = _error_text(exc)
-    logger.warning("skipping %s: %s", name, errors[name])
+    logger.info("skipping %s: %s", name, errors[name])
 
 
 class _CropWriter:
-    """Writes PNG crops into ``<out>/<class>/`` atomically and ``groups.csv`` at the end."""
+    """Writes PNG crops into ``<out>/<class>/`` atomically, field by field, and ``groups.csv`` at the end."""
+
+    CLASSES = ("Parasitized", "Uninfected")
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        self.rows: list[tuple[str, str]] = []
-        self.counts = {"Parasitized": 0, "Uninfected": 0}
-        for cls in self.counts:
+        self.rows: list[tuple[str, str]] = []  # crops of the finished fields
+        self.pending: list[tuple[str, str]] = []  # crops of the field in progress
+        self.n_fields = self.n_skipped = 0
+        for cls in self.CLASSES:
             (out_dir / cls).mkdir(parents=True, exist_ok=True)
 
     def write(self, cls: str, filename: str, crop: np.ndarray, group: str) -> None:
@@ -437,16 +465,27 @@ class _CropWriter:
         rel = f"{cls}/{filename}"
         buf = io.BytesIO()
         Image.fromarray(crop).save(buf, format="PNG")
+        self.pending.append((rel, group))
         atomic_write_bytes(self.out_dir / rel, buf.getvalue())
-        self.rows.append((rel, group))
-        self.counts[cls] += 1
 
-    def finish(self, n_fields: int, n_skipped: int, errors: dict[str, str]) -> ExportSummary:
+    def end_field(self, n_skipped: int) -> None:
+        """The field in progress is done: its crops join ``groups.csv``."""
+        self.rows += self.pending
+        self.pending = []
+        self.n_fields += 1
+        self.n_skipped += n_skipped
+
+    def finish(self, errors: dict[str, str], *, interrupted: bool = False) -> ExportSummary:
+        """Write ``groups.csv`` for the finished fields (the crops of an unfinished one are removed)."""
         from malaria_screen.fileio import atomic_write_text, rows_to_csv
 
+        for rel, _ in self.pending:
+            (self.out_dir / rel).unlink(missing_ok=True)
+        self.pending = []
         groups = self.out_dir / "groups.csv"
         atomic_write_text(groups, rows_to_csv([{"path": r, "patient": g} for r, g in self.rows], ["path", "patient"]))
-        return ExportSummary(self.counts["Parasitized"], self.counts["Uninfected"], n_fields, n_skipped, errors, groups)
+        n = {cls: sum(r.startswith(f"{cls}/") for r, _ in self.rows) for cls in self.CLASSES}
+        return ExportSummary(n["Parasitized"], n["Uninfected"], self.n_fields, self.n_skipped, errors, groups, interrupted)
 
 
 def _decoder():

@@ -445,7 +445,7 @@ def evaluate_chula(chula_dir: str | Path, *, limit: int | None = None, **segment
         ``"<exception type>: <message>"`` of fields that could not be read or segmented). Fields
         whose label file is empty are skipped.
     """
-    from malaria_screen.data.io import decode_image
+    from malaria_screen.data.io import check_colour, decode_image
     from malaria_screen.smear.segment import segment_field
 
     root = Path(chula_dir)
@@ -462,7 +462,7 @@ def evaluate_chula(chula_dir: str | Path, *, limit: int | None = None, **segment
             pts = load_chula_points(lbl)
             if len(pts) == 0:
                 continue
-            seg = segment_field(decode_image(p), **segment_kwargs)
+            seg = segment_field(check_colour(decode_image(p)), **segment_kwargs)
         except Exception as exc:  # noqa: BLE001 - one bad field never costs the others
             failed[p.name] = _error_text(exc)
             logger.warning("Chula field %s failed: %s", p.name, failed[p.name])
@@ -524,8 +524,8 @@ def match_iml_fields(
     -------
     (list of FieldMatch, dict)
         One match per screened field (``seconds`` = screening wall time, s), and image name ->
-        ``"<exception type>: <message>"`` for fields that could not be decoded or screened (too
-        small to segment, out of memory, ...: any ``Exception``); the others go on.
+        ``"<exception type>: <message>"`` for fields that could not be decoded or screened
+        (grayscale, too small to segment, out of memory, ...: any ``Exception``); the others go on.
 
     Raises
     ------
@@ -534,7 +534,7 @@ def match_iml_fields(
     """
     import time
 
-    from malaria_screen.data.io import decode_image
+    from malaria_screen.data.io import check_colour, decode_image
     from malaria_screen.smear.screen import screen_field
     from malaria_screen.smear.stain import check_stain_method
 
@@ -543,7 +543,7 @@ def match_iml_fields(
     failed: dict[str, str] = {}
     for name in (sorted(annotations) if names is None else names):
         try:
-            rgb = decode_image(Path(field_dir) / name)
+            rgb = check_colour(decode_image(Path(field_dir) / name))
             t0 = time.perf_counter()
             res = screen_field(rgb, model, image_name=name, pixel_size_um=pixel_size_um, stain=stain, rescorer=rescorer,
                                **segment_kwargs)

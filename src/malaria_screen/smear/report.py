@@ -35,45 +35,64 @@ __all__ = ["HIGH_PARASITEMIA", "IMAGE_SUFFIXES", "collect_fields", "overlay_imag
            "write_field_outputs"]
 
 
-def collect_fields(inputs: Iterable[str | Path]) -> list[Path]:
+def collect_fields(inputs: Iterable[str | Path], *, out_dir: str | Path | None = None) -> list[Path]:
     """Expand files and folders into a sorted list of field image paths.
 
     Folders contribute their (non-recursive, non-hidden) entries with an image suffix
     (:data:`IMAGE_SUFFIXES`, case-insensitive) that are not folders: regular files, and also
     broken symbolic links, FIFOs, sockets and devices, so that :func:`run_smear` reports each of
     those as an error instead of dropping it silently. Files named explicitly are always
-    included (decoding is by content). Missing paths are kept, to be reported as errors.
+    included (decoding is by content). Missing paths are kept, to be reported as errors. A file
+    reached twice (by two spellings of its path, or a link) is kept once, under its first path.
 
     Parameters
     ----------
     inputs : iterable of str or Path
         Field image files and/or folders of them.
+    out_dir : str or Path, optional
+        The run's output folder: when it is one of the folders, its ``*_overlay.png`` files (the
+        outputs of an earlier run) are not fields.
 
     Returns
     -------
     list of Path
         Folder entries sorted by name, in input order, without duplicates.
     """
+    return _expand_inputs(inputs, out_dir)[0]
+
+
+def _expand_inputs(inputs: Iterable[str | Path], out_dir: str | Path | None) -> tuple[list[Path], list[str]]:
+    """:func:`collect_fields`, plus warnings: input folders without field images, duplicates dropped."""
+    own = os.path.realpath(out_dir) if out_dir is not None else None
     out: list[Path] = []
+    notes: list[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(
-                sorted(
-                    q
-                    for q in p.iterdir()
-                    if not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()
-                )
+            skip_overlays = os.path.realpath(p) == own
+            found = sorted(
+                q
+                for q in p.iterdir()
+                if not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()
+                and not (skip_overlays and q.name.endswith("_overlay.png"))
             )
+            if not found:
+                notes.append(f"No field images found in {p} (looked for {'/'.join(IMAGE_SUFFIXES)} files; folders are "
+                             "not searched recursively).")
+            out.extend(found)
         else:
             out.append(p)
-    seen: set[Path] = set()
+    seen: set[str] = set()
     uniq = []
     for p in out:
-        if p not in seen:
-            seen.add(p)
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
             uniq.append(p)
-    return uniq
+    if len(uniq) < len(out):
+        notes.append(f"{len(out) - len(uniq)} input path(s) named a field already given by another path: each field "
+                     "is screened once.")
+    return uniq, notes
 
 
 def _check_regular_file(path: Path) -> None:
@@ -176,13 +195,25 @@ def _thumb_b64(rgb: np.ndarray, max_side: int = 360) -> str:
 
 
 def write_field_outputs(out_dir: Path, stem: str, rgb: np.ndarray, result: FieldResult) -> tuple[Path, Path, np.ndarray]:
-    """Write ``<stem>.json`` and ``<stem>_overlay.png`` atomically; returns both paths and the
-    overlay array."""
+    """Write ``<stem>.json`` and ``<stem>_overlay.png``, both or neither; returns both paths and the
+    overlay array.
+
+    Each is first written atomically under a hidden temporary name, then both are renamed, so an
+    interrupt leaves no result file without its overlay (or the reverse).
+    """
     from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
 
     ov = overlay_image(rgb, result)
-    jp = atomic_write_json(out_dir / f"{stem}.json", result.to_json())
-    op = atomic_write_bytes(out_dir / f"{stem}_overlay.png", _png_bytes(ov))
+    jp, op = out_dir / f"{stem}.json", out_dir / f"{stem}_overlay.png"
+    parts = [out_dir / f".{stem[:40]}.json.part", out_dir / f".{stem[:40]}.png.part"]
+    try:
+        atomic_write_json(parts[0], result.to_json())
+        atomic_write_bytes(parts[1], _png_bytes(ov))
+        os.replace(parts[1], op)
+        os.replace(parts[0], jp)
+    finally:
+        for q in parts:
+            q.unlink(missing_ok=True)
     return jp, op, ov
 
 
@@ -220,7 +251,8 @@ def run_smear(
     Parameters
     ----------
     inputs : iterable of path
-        Field images and/or folders of them (see :func:`collect_fields`).
+        Field images and/or folders of them (see :func:`collect_fields`; the ``*_overlay.png``
+        of ``out_dir`` are skipped when it is one of the folders).
     out_dir : path
         Output folder (created).
     model : CellModel or None
@@ -240,8 +272,11 @@ def run_smear(
         The ``summary.json`` document: totals (``n_fields``, ``n_failed``, ``n_rbc``,
         ``n_infected``, ``parasitemia``, ``parasitemia_ci95``), ``fields`` and ``errors``
         (``{"image", "path", "error": "<exception type>: <message>"}`` per failed field: missing
-        files, broken links, FIFOs and other non-regular files (never opened), undecodable images,
-        fields too small to segment, and any other ``Exception`` raised while screening one).
+        files, broken links, FIFOs and other non-regular files (never opened), undecodable or
+        grayscale images, fields too small to segment, and any other ``Exception`` raised while
+        screening one); ``warnings`` also names input folders without field images, inputs
+        dropped as duplicates of a field already given, and per-field files in ``out_dir`` left
+        from an earlier run.
 
     Raises
     ------
@@ -251,7 +286,7 @@ def run_smear(
         Passed on (not recorded as a field error), after ``summary.json`` and ``report.html``
         have been written for the fields done so far (``"interrupted": true``).
     """
-    from malaria_screen.data.io import decode_image
+    from malaria_screen.data.io import check_colour, decode_image
     from malaria_screen.fileio import atomic_write_json, atomic_write_text
     from malaria_screen.smear.stain import check_stain_method
 
@@ -261,8 +296,9 @@ def run_smear(
         raise ValueError(f"ci_method must be 'wilson' or 'exact', got {ci_method!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = collect_fields(inputs)
+    paths, notes = _expand_inputs(inputs, out)
     stems = _unique_stems(paths)
+    earlier = _field_outputs(out)  # per-field files already there; those this run does not rewrite are stale
     fields: list[dict] = []
     errors: list[dict] = []
     thumbs: dict[str, str] = {}
@@ -272,7 +308,7 @@ def run_smear(
         for path, stem in zip(paths, stems):
             try:
                 _check_regular_file(path)
-                rgb = decode_image(path)
+                rgb = check_colour(decode_image(path))
                 res = screen_field(
                     rgb,
                     model,
@@ -290,7 +326,9 @@ def run_smear(
             except Exception as exc:  # noqa: BLE001 - one bad field (MemoryError, cv2.error, ...) never costs the others
                 entry = {"image": path.name, "path": str(path), "error": _error_text(exc)}
                 errors.append(entry)
-                logger.warning("field %s failed: %s", path, entry["error"], exc_info=logger.isEnabledFor(logging.DEBUG))
+                # the progress callback shows it; logged at WARNING too it would be printed twice
+                logger.log(logging.INFO if progress else logging.WARNING, "field %s failed: %s", path, entry["error"],
+                           exc_info=logger.isEnabledFor(logging.DEBUG))
                 if progress:
                     progress(path.name, entry)
                 continue
@@ -316,24 +354,35 @@ def run_smear(
         finished = True
     finally:
         # also on KeyboardInterrupt (or a failing progress callback): the fields done so far keep their summary
+        stale = sorted(earlier - {n for f in fields for n in (f["json"], f["overlay"])})
+        if stale:
+            notes.append(f"{out} holds {len(stale)} per-field result file(s) that this run did not write (e.g. "
+                         f"{stale[0]}): left from an earlier run, they are not in this summary. Use an empty --out.")
         summary = _summary(fields, errors, model, rescorer, settings={
             "pixel_size_um": pixel_size_um, "stain": stain, "scale_to_nih": scale_to_nih,
             "count_border_cells": count_border_cells}, ci_method=ci_method, seconds=time.perf_counter() - t_start,
-            interrupted=None if finished else len(paths))
+            interrupted=None if finished else len(paths), notes=notes)
         atomic_write_json(out / "summary.json", summary)
         atomic_write_text(out / "report.html", _report_html(summary, thumbs))
     return summary
 
 
+def _field_outputs(out: Path) -> set[str]:
+    """Names of the per-field result files in ``out``: ``<stem>_overlay.png`` and its ``<stem>.json``."""
+    overlays = {q.name for q in out.glob("*_overlay.png") if not q.name.startswith(".")}
+    return overlays | {j for j in (f"{n[:-len('_overlay.png')]}.json" for n in overlays) if (out / j).is_file()}
+
+
 def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, *, settings: dict, ci_method: str,
-             seconds: float, interrupted: int | None) -> dict:
+             seconds: float, interrupted: int | None, notes: list[str] = ()) -> dict:
     """The ``summary.json`` document; ``interrupted`` = number of fields the run was given if it
-    stopped early (a warning then says the totals cover only the fields listed), else None."""
+    stopped early (a warning then says the totals cover only the fields listed), else None;
+    ``notes`` are more warnings (inputs without fields, duplicates, stale files in the folder)."""
     n_rbc = sum(f["n_rbc"] for f in fields)
     n_inf = sum(f["n_infected"] for f in fields)
     classified = model is not None
     lo, hi = binomial_ci(n_inf, n_rbc, method=ci_method) if classified else (0.0, 1.0)
-    warnings = slide_warnings(n_inf, n_rbc) if classified else []
+    warnings = (slide_warnings(n_inf, n_rbc) if classified else []) + list(notes)
     if interrupted is not None:
         warnings.append(f"The run was interrupted after {len(fields) + len(errors)} of {interrupted} field(s): the "
                         "totals cover only the fields listed here.")
