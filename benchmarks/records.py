@@ -1,0 +1,149 @@
+"""Benchmark records: every figure quoted in the README or docs comes from one of these files.
+
+A benchmark calls :func:`write_record` once at its end; the record lands in
+``benchmarks/results/<name>.json`` (atomic write) with the command, commit, date, machine and
+library versions next to a flat ``figures`` mapping::
+
+    from records import write_record          # benchmarks/ is on sys.path when run as a script
+    write_record("bench_train", {"test.accuracy": 0.9632, "fit_seconds": 588.1},
+                 notes="split: 32 test patients, 4,152 cells; seed 0")
+
+Quoting a figure in Markdown: put the number, then an HTML comment naming the record and key::
+
+    accuracy 0.9632<!--fig bench_train:test.accuracy-->
+
+The comment is invisible on GitHub and in MkDocs; ``tests/test_figures.py`` finds every such pair
+in ``README.md`` and ``docs/**/*.md`` and checks that the quoted number equals the record's value
+rounded to the quoted number of decimals (thousands separators and a trailing ``%``, ``s`` or
+``x`` are allowed; a ``%`` figure is compared with ``100 * value`` when the record holds a
+fraction ≤ 1 and the key ends in ``_frac``). A stale number therefore fails the test suite.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: Libraries whose versions are stored with every record (those installed).
+VERSIONED = ("malaria-screen", "numpy", "torch", "torchvision", "lightning", "scikit-learn", "scikit-image",
+             "opencv-python-headless", "onnxruntime", "pillow", "scipy", "quapy", "ray")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The machine a figure was measured on: cores usable by this process, CPU model, memory.
+
+    Returns:
+        ``{"cores": int, "cpu": str, "memory_gib": float | None, "platform": str, "gpu": str | None}``;
+        ``gpu`` is the CUDA device name when torch sees one, else None.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    mem = None
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        mem = round(pages * size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    gpu = None
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    return {"cores": cores, "cpu": _cpu_model(), "memory_gib": mem, "platform": platform.platform(), "gpu": gpu}
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of Python and the libraries in :data:`VERSIONED` (missing ones left out)."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_record(name: str, figures: Mapping[str, float | int | str | None], *, notes: str = "",
+                 command: list[str] | None = None, results_dir: str | Path | None = None) -> Path:
+    """Write ``benchmarks/results/<name>.json`` atomically and return its path.
+
+    Args:
+        name: record name, ``[A-Za-z0-9_-]+`` (the part before ``:`` in a figure marker).
+        figures: flat mapping from a dotted key (``"test.accuracy"``) to a number (or a short
+            string); NaN is stored as null.
+        notes: what the figures are measured on: split, patient/field counts, whether the data
+            helped choose the method.
+        command: the command line; default ``sys.argv`` with the interpreter.
+        results_dir: where to write (tests); default :data:`RESULTS_DIR`.
+
+    Raises:
+        ValueError: a bad name, or a figure that is not a number, string or None.
+    """
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(f"record name must be [A-Za-z0-9_-]+, got {name!r}")
+    clean: dict[str, Any] = {}
+    for key, value in figures.items():
+        if hasattr(value, "item"):  # numpy scalar
+            value = value.item()
+        if isinstance(value, float) and value != value:
+            value = None
+        if value is not None and not isinstance(value, (int, float, str)):
+            raise ValueError(f"figure {key!r} must be a number, a string or None, got {type(value).__name__}")
+        clean[str(key)] = value
+    record = {
+        "name": name,
+        "command": command if command is not None else [Path(sys.executable).name, *sys.argv],
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        "notes": notes,
+        "figures": clean,
+    }
+    out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
