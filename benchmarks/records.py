@@ -97,8 +97,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "src/malaria_screen/assets/default_model/weights.safetensors"
+
+
+def bundled_model_sha256() -> str | None:
+    """SHA-256 of the bundled default model's ``weights.safetensors`` (None when absent)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(BUNDLED_WEIGHTS.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def write_record(name: str, figures: Mapping[str, float | int | str | None], *, notes: str = "",
-                 command: list[str] | None = None, results_dir: str | Path | None = None) -> Path:
+                 uses_bundled_model: bool = False, command: list[str] | None = None,
+                 results_dir: str | Path | None = None) -> Path:
     """Write ``benchmarks/results/<name>.json`` atomically and return its path.
 
     Args:
@@ -107,6 +121,9 @@ def write_record(name: str, figures: Mapping[str, float | int | str | None], *, 
             string); NaN is stored as null.
         notes: what the figures are measured on: split, patient/field counts, whether the data
             helped choose the method.
+        uses_bundled_model: the figures depend on the bundled default model; its weights' SHA-256
+            is stored as ``bundled_model_sha256``, so a test can tell a record made with an older
+            bundled model (stale) from a current one.
         command: the command line; default ``sys.argv`` with the interpreter.
         results_dir: where to write (tests); default :data:`RESULTS_DIR`.
 
@@ -132,6 +149,7 @@ def write_record(name: str, figures: Mapping[str, float | int | str | None], *, 
         "machine": machine(),
         "versions": versions(),
         "notes": notes,
+        "bundled_model_sha256": bundled_model_sha256() if uses_bundled_model else None,
         "figures": clean,
     }
     out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
