@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MALARIA_SCREEN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test venv bench-data bench-train bench-predict bench-infer bench-smear bench-adapt bench-rescore bench-compare loadtest train-default export-default browser-deps clean
+.PHONY: demo test docs bench-records venv bench-data bench-train bench-predict bench-infer bench-smear bench-adapt bench-rescore bench-compare loadtest train-default export-default browser-deps clean
 
 venv: $(STAMP)
 
@@ -29,9 +29,23 @@ demo: $(STAMP)
 
 test: $(STAMP) browser-deps
 	$(BIN)/lint-imports
+	$(MAKE) docs
 	$(BIN)/python -m pytest
 
+# The documentation site (MkDocs Material) into site/; --strict: a broken link or a docstring the
+# API reference cannot read fails the build. No network needed.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 # Benchmarks: print figures; not tests.
+# The cheap records quoted in README/docs (bundled model's test metrics, ONNX/int8 export table,
+# model registry sizes; a few minutes on 2 cores). Re-run after the bundled model changes:
+# tests/test_figures.py fails on records made with other bundled weights.
+bench-records: $(STAMP)
+	$(BIN)/python benchmarks/bench_bundled_eval.py --data $(MALARIA_SCREEN_DATA)/nih_cell_images
+	$(BIN)/python benchmarks/bench_export.py --data $(MALARIA_SCREEN_DATA)/nih_cell_images
+	$(BIN)/python benchmarks/bench_models.py
+
 bench-data: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py $(MALARIA_SCREEN_DATA)/nih_cell_images
 
@@ -69,9 +83,9 @@ export-default: $(STAMP)
 	$(BIN)/malaria-screen export --out src/malaria_screen/assets/default_model/model.onnx
 	$(BIN)/malaria-screen export --int8 --out src/malaria_screen/assets/default_model/model.int8.onnx
 
-# Re-train the bundled default model (the recipe documented in README.md).
+# Re-train the bundled default model (the recipe: docs/training.md).
 train-default: $(STAMP)
 	$(BIN)/malaria-screen train $(MALARIA_SCREEN_DATA)/nih_cell_images --model cellnet --out runs/default
 
 clean:
-	rm -rf $(VENV) demo_out bench_out
+	rm -rf $(VENV) demo_out bench_out site

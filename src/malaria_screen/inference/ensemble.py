@@ -2,9 +2,9 @@
 
 Averaging the Parasitized probabilities of models trained with different augmentations cancels
 part of their errors (Lakshminarayanan et al. 2017, *Simple and scalable predictive uncertainty
-estimation using deep ensembles*; Dietterich 2000). Measured here on whole-smear screening: the
-mild-jitter and strong-stain fine-tunings of ``benchmarks/bench_adapt.py`` make parasitemia errors
-of 0.95 and 0.92 points per field alone and 0.84 averaged (README, "Whole-smear screening").
+estimation using deep ensembles*; Dietterich 2000). On whole-smear screening, the mild-jitter and
+strong-stain fine-tunings of ``benchmarks/bench_adapt.py`` averaged gave a lower parasitemia
+error than either alone (commit 141d315; docs/experiments/adaptation.md).
 
 An ensemble folder holds ``ensemble.json`` and a copy of each member under ``members/`` (a run
 folder's ``config.json`` + ``weights.safetensors`` (+ ``metrics.json``, ``split.json``), or an

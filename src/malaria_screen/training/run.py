@@ -167,6 +167,8 @@ def train(
         A patient-level split of ``cells`` to use instead of :func:`patient_split` (checked
         leak-free); e.g. one fold of :func:`~malaria_screen.data.split.patient_folds`.
 
+    Notes
+    -----
     Only the global-zero process writes files (``config.json``, ``split.json``, plots, weights);
     with ``strategy="ddp"`` Lightning starts the other processes by running the same command
     again, and they write nothing.
