@@ -35,7 +35,7 @@ test: $(STAMP) browser-deps
 # The documentation site (MkDocs Material) into site/; --strict: a broken link or a docstring the
 # API reference cannot read fails the build. No network needed.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings --strict counts
 
 # Benchmarks: print figures; not tests.
 # The cheap records quoted in README/docs (bundled model's test metrics, ONNX/int8 export table,
