@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from malaria_screen.evaluation.bootstrap import cluster_bootstrap_weights
+
 __all__ = ["binary_metrics", "count_matched_threshold", "patient_bootstrap_ci", "evaluate_predictions", "per_patient_table"]
 
 _KEYS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
@@ -133,7 +135,7 @@ def patient_bootstrap_ci(
     """
     y = np.asarray(y_true).astype(bool)
     p = np.asarray(p_pos, dtype=np.float64)
-    _, pid = np.unique(np.asarray(patients), return_inverse=True)
+    weights, pid = cluster_bootstrap_weights(patients, n_boot=n_boot, seed=seed)  # (n_boot, n_pat)
     n_pat = pid.max() + 1
     pred = p >= threshold
     # Per-patient confusion counts: a replicate's counts are weighted sums of these.
@@ -141,9 +143,6 @@ def patient_bootstrap_ci(
                     np.bincount(pid, weights=(pred & ~y), minlength=n_pat),
                     np.bincount(pid, weights=(~pred & ~y), minlength=n_pat),
                     np.bincount(pid, weights=(~pred & y), minlength=n_pat)], axis=1)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_pat, size=(n_boot, n_pat))
-    weights = np.stack([np.bincount(d, minlength=n_pat) for d in draws])  # (n_boot, n_pat)
     tp, fp, tn, fn = (weights @ per).T
     stats = _counts_metrics(tp, fp, tn, fn)
     # ROC-AUC needs the cells themselves: repeat each patient's cells by its draw weight.

@@ -1,0 +1,188 @@
+"""Prevalence estimators (malaria_screen.evaluation.quantify) against QuaPy on the same posteriors.
+
+A real low-prevalence problem that scikit-learn ships (digits: '8' vs the rest, ~10 %): a
+logistic regression is fitted on a balanced sample of one third, its posteriors on the second third calibrate the
+quantifiers (tpr/fpr, mean posteriors; the training prior from the first third's labels), and
+bags are drawn from the last third at 0-40 % prevalence with QuaPy's own sampler. Every method
+must give QuaPy's estimate on every bag.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from malaria_screen.evaluation.bootstrap import cluster_bootstrap_weights
+from malaria_screen.evaluation.quantify import (
+    EMQ,
+    METHODS,
+    AdjustedClassifyAndCount,
+    ClassifyAndCount,
+    PriorCorrected,
+    ProbabilisticAdjustedClassifyAndCount,
+    ProbabilisticClassifyAndCount,
+    QuantifierParams,
+    adjust_to_prior,
+    make_quantifier,
+    params_from_model,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, digit = load_digits(return_X_y=True)
+    y = (digit == 8).astype(int)
+    idx = np.random.default_rng(0).permutation(len(y))
+    tr, cal, te = np.array_split(idx, 3)
+    # a balanced training set, like the NIH cells (46 % Parasitized): counting then over-calls
+    # at the low prevalences of a smear
+    pos, neg = tr[y[tr] == 1], tr[y[tr] == 0]
+    tr = np.concatenate([pos, neg[:len(pos)]])
+    clf = LogisticRegression(max_iter=3000, C=0.005).fit(X[tr], y[tr])
+    return {"y_tr": y[tr], "p_cal": clf.predict_proba(X[cal])[:, 1], "y_cal": y[cal],
+            "p_te": clf.predict_proba(X[te])[:, 1], "y_te": y[te]}
+
+
+def _bags(d, sizes=(200,), prevs=(0.0, 0.02, 0.05, 0.1, 0.2, 0.4), reps=3):
+    qp = pytest.importorskip("quapy")
+    coll = qp.data.LabelledCollection(d["p_te"], d["y_te"], classes=[0, 1])
+    for size in sizes:
+        for prev in prevs:
+            for r in range(reps):
+                idx = coll.sampling_index(size, 1.0 - prev, random_state=1000 * r + int(prev * 100))
+                yield d["p_te"][idx], d["y_te"][idx]
+
+
+def _two_col(p):
+    return np.stack([1 - p, p], axis=1)
+
+
+def test_matches_quapy(digits):
+    qp = pytest.importorskip("quapy")
+    from quapy.method.aggregative import ACC, EMQ as QEMQ, PACC
+
+    d = digits
+    classes = np.array([0, 1])
+    tr_prev = qp.functional.prevalence_from_labels(d["y_tr"], classes)
+    m_acc = ACC.getPteCondEstim(classes, d["y_cal"], (d["p_cal"] >= 0.5).astype(int))
+    m_pacc = PACC.getPteCondEstim(classes, d["y_cal"], _two_col(d["p_cal"]))
+    ours = {
+        "cc": ClassifyAndCount(),
+        "pcc": ProbabilisticClassifyAndCount(),
+        "acc": AdjustedClassifyAndCount().fit(d["p_cal"], d["y_cal"]),
+        "pacc": ProbabilisticAdjustedClassifyAndCount().fit(d["p_cal"], d["y_cal"]),
+        "em": EMQ().fit(None, d["y_tr"]),
+    }
+    n = 0
+    for p, _ in _bags(d):
+        ref = {
+            "cc": qp.functional.prevalence_from_labels((p >= 0.5).astype(int), classes)[1],
+            "pcc": qp.functional.prevalence_from_probabilities(_two_col(p))[1],
+            "acc": qp.functional.normalize_prevalence(ACC.solve_adjustment(
+                m_acc, qp.functional.prevalence_from_labels((p >= 0.5).astype(int), classes),
+                method="inversion", solver="exact-raise"), method="clip")[1],
+            "pacc": qp.functional.normalize_prevalence(ACC.solve_adjustment(
+                m_pacc, qp.functional.prevalence_from_probabilities(_two_col(p)),
+                method="inversion", solver="exact-raise"), method="clip")[1],
+            "em": QEMQ.EM(tr_prev, _two_col(p))[0][1],
+        }
+        for name, q in ours.items():
+            assert q.predict(p) == pytest.approx(ref[name], abs=1e-9), (name, ref[name])
+        n += 1
+    assert n == 18
+
+
+def test_adjusted_methods_beat_counting_under_label_shift(digits):
+    """At low prevalence CC over-counts (false positives); ACC and EM get closer on average."""
+    d = digits
+    acc = AdjustedClassifyAndCount().fit(d["p_cal"], d["y_cal"])
+    em = EMQ().fit(None, d["y_tr"])
+    err = {"cc": [], "acc": [], "em": []}
+    for p, y in _bags(d, prevs=(0.0, 0.01, 0.02, 0.05), reps=5):
+        err["cc"].append(abs(ClassifyAndCount().predict(p) - y.mean()))
+        err["acc"].append(abs(acc.predict(p) - y.mean()))
+        err["em"].append(abs(em.predict(p) - y.mean()))
+    mae = {k: float(np.mean(v)) for k, v in err.items()}
+    assert mae["acc"] < mae["cc"] and mae["em"] < mae["cc"], mae
+
+
+def test_prior_correction_is_bayes_rule():
+    p = np.array([0.0, 0.1, 0.5, 0.9, 1.0])
+    assert adjust_to_prior(p, 0.5, 0.5) == pytest.approx(p)
+    # a posterior of 0.5 under a balanced prior is a likelihood ratio of 1: the new prior itself
+    assert adjust_to_prior([0.5], 0.5, 0.02)[0] == pytest.approx(0.02)
+    q = PriorCorrected(0.02, train_prior=0.46)
+    t = q.threshold_
+    assert adjust_to_prior([t], 0.46, 0.02)[0] == pytest.approx(0.5)
+    assert q.predict(np.array([t - 1e-6, t + 1e-6, 0.2, 0.999])) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="train_prior"):
+        adjust_to_prior(p, 0.0, 0.02)
+
+
+def test_estimate_interval_and_labels(digits):
+    d = digits
+    p = d["p_te"]
+    q = AdjustedClassifyAndCount().fit(d["p_cal"], d["y_cal"])
+    e = q.estimate(p, n_boot=300, seed=1)
+    assert e.ci95[0] <= e.prevalence <= e.ci95[1] and e.ci95[1] - e.ci95[0] > 0
+    assert e.n == len(p) and e.n_called == int(round(e.prevalence * len(p)))
+    assert q.estimate(p, n_boot=300, seed=1) == e  # seeded
+    # groups that differ in prevalence (like fields of a slide): the cluster bootstrap is wider
+    g = np.argsort(np.argsort(p)) * 6 // len(p)
+    eg = q.estimate(p, groups=g, n_boot=300, seed=1)
+    assert eg.ci95[1] - eg.ci95[0] > e.ci95[1] - e.ci95[0]
+    assert "groups (6)" in eg.ci_method
+    assert ClassifyAndCount().estimate([]).prevalence is None
+    lab = EMQ(0.1).labels(p)
+    assert lab.sum() == round(EMQ(0.1).predict(p) * len(p))
+    assert p[lab].min() >= p[~lab].max()
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="not fitted"):
+        AdjustedClassifyAndCount().predict([0.2])
+    with pytest.raises(ValueError, match="not fitted"):
+        EMQ().predict([0.2])
+    with pytest.raises(ValueError, match="both classes"):
+        AdjustedClassifyAndCount().fit([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="probabilities"):
+        ClassifyAndCount().predict([0.1, np.nan])
+    with pytest.raises(ValueError, match="empty"):
+        ClassifyAndCount().predict([])
+    with pytest.raises(ValueError, match="unknown quantification method"):
+        make_quantifier("nope", QuantifierParams())
+    with pytest.raises(ValueError, match="needs"):
+        make_quantifier("acc", QuantifierParams())
+
+
+def test_cluster_bootstrap_weights_draw_whole_groups():
+    w, gid = cluster_bootstrap_weights(["b", "a", "b", "c"], n_boot=50, seed=0)
+    assert w.shape == (50, 3) and (w.sum(axis=1) == 3).all()
+    assert gid.tolist() == [1, 0, 1, 2]
+    w2, _ = cluster_bootstrap_weights(["b", "a", "b", "c"], n_boot=50, seed=0)
+    assert (w == w2).all()
+
+
+def test_params_from_the_bundled_model_files():
+    """The bundled model's metrics.json / split.json give ACC's rates and the training prior."""
+    import json
+
+    from malaria_screen.inference.base import default_model_dir
+
+    folder = default_model_dir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+
+    class Model:  # what params_from_model reads from a loaded model
+        threshold = metrics["threshold"]
+        source = str(folder)
+
+    Model.metrics = metrics
+    prm = params_from_model(Model())
+    n = json.loads((folder / "split.json").read_text())["splits"]["train"]["n_per_class"]
+    assert prm.train_prior == pytest.approx(n["Parasitized"] / (n["Parasitized"] + n["Uninfected"]))
+    assert prm.tpr == pytest.approx(metrics["sensitivity"]) and prm.fpr == pytest.approx(1 - metrics["specificity"])
+    for name in METHODS:
+        if name != "pacc" or prm.ptpr is not None:
+            assert 0.0 <= make_quantifier(name, prm).predict([0.01, 0.2, 0.7, 0.99]) <= 1.0
