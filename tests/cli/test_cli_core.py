@@ -57,7 +57,7 @@ def test_predict_warns_about_an_empty_folder_goes_on_and_names_the_classes(four_
     assert set(n) <= {"Parasitized", "Uninfected"}
     assert f"4 files: {n['Parasitized']} Parasitized, {n['Uninfected']} Uninfected, 0 failed -> {out}" in r.output
     assert "other" not in r.output
-    assert sorted(os.listdir(tmp_path)) == ["empty", "p.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["empty", "p.csv", "p.summary.json"]
 
 
 @pytest.mark.parametrize("option,value", [("--workers", -1), ("--workers", 0), ("--batch-size", 0)])
@@ -76,3 +76,32 @@ def test_predict_refuses_an_uncreatable_out_folder_before_any_work(four_samples)
     assert r.exit_code == 2, r.output
     assert "'--out'" in r.output and "cannot be written" in r.output
     assert "files:" not in r.output  # no summary line: refused before inference
+
+
+def test_predict_summary_estimates_the_prevalence_of_a_bag_of_unseen_patients(nih_dir, tmp_path):
+    """``r.summary.json`` beside ``r.csv``: counts per class and the EM prevalence with its CI,
+    on a real bag of 190 Uninfected + 10 Parasitized cells of the bundled model's test patients
+    (5 %; the model was trained on 46 %)."""
+    import json
+
+    from malaria_screen.inference.base import default_model_dir
+
+    split = json.loads((default_model_dir() / "split.json").read_text())["splits"]["test"]["files"]
+    pos = [f for f in split if f.startswith("Parasitized/")][::97][:10]
+    neg = [f for f in split if f.startswith("Uninfected/")][::11][:190]
+    bag = tmp_path / "bag"
+    bag.mkdir()
+    for f in pos + neg:
+        (bag / Path(f).name).symlink_to(nih_dir / f)
+    out = tmp_path / "r.csv"
+    r = _run("predict", bag, "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "r.summary.json").read_text())
+    rows = list(csv.DictReader(out.open()))
+    assert s["n"] == 200 and s["n_failed"] == 0
+    assert s["counts"] == dict(Counter(x["label"] for x in rows)) | {k: 0 for k in ("Parasitized", "Uninfected")
+                                                                    if k not in {x["label"] for x in rows}}
+    assert s["method"] == "em" and s["parameters"]["train_prior"] == pytest.approx(0.464, abs=0.01)
+    lo, hi = s["prevalence_ci95"]
+    assert lo <= 0.05 <= hi and lo <= s["prevalence"] <= hi
+    assert f"prevalence of Parasitized: {100 * s['prevalence']:.2f}%" in r.output

@@ -393,9 +393,13 @@ def predict(
 ) -> None:
     """Classify cell images; one row per file: path, label, p_parasitized, error.
 
-    A file that cannot be read gets an error row and the rest go on; the exit status is 1 if any
-    file failed (or no image file was found), 0 otherwise. The results file is written atomically.
+    Beside ``--out r.csv`` goes ``r.summary.json``: ``n``, the count per class and the estimated
+    prevalence of Parasitized with its 95 % CI and ``method`` (EM, Saerens et al. 2002; see
+    docs/quantification.md). A file that cannot be read gets an error row and the rest go on; the
+    exit status is 1 if any file failed (or no image file was found), 0 otherwise. Both files are
+    written atomically.
     """
+    from malaria_screen.evaluation.quantify import bag_summary
     from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 
     if out.suffix.lower() not in (".csv", ".json"):
@@ -412,6 +416,8 @@ def predict(
         atomic_write_text(out, rows_to_csv(rows, cols))
     else:
         atomic_write_json(out, {"model": pred.source, "backend": pred.backend, "threshold": pred.threshold, "results": rows})
+    summary = bag_summary([r["label"] for r in rows], [r["p_parasitized"] for r in rows], pred)
+    atomic_write_json(out.with_name(out.stem + ".summary.json"), {"model": pred.source, **summary})
     n_bad = sum(1 for r in rows if r["error"])
     if not quiet:
         table = [[Path(r["path"]).name[:48], r["label"] or "-", "-" if r["p_parasitized"] is None else f"{r['p_parasitized']:.3f}",
@@ -419,6 +425,10 @@ def predict(
         _echo_table(table, ["file", "label", "p_parasitized", "error"])
     per_class = ", ".join(f"{sum(1 for r in rows if r['label'] == c)} {c}" for c in pred.class_names)
     typer.echo(f"\n{len(rows)} files: {per_class}, {n_bad} failed -> {out}")
+    if summary["prevalence"] is not None:
+        lo, hi = summary["prevalence_ci95"]
+        typer.echo(f"prevalence of Parasitized: {100 * summary['prevalence']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}%, "
+                   f"{summary['method']}) -> {out.stem}.summary.json")
     if n_bad:
         raise typer.Exit(1)
 

@@ -56,6 +56,7 @@ __all__ = [
     "Quantifier",
     "QuantifierParams",
     "adjust_to_prior",
+    "bag_summary",
     "make_quantifier",
     "params_from_model",
 ]
@@ -625,3 +626,57 @@ def make_quantifier(method: str, params: QuantifierParams, **kwargs: Any) -> Qua
     if method == "prior":
         return PriorCorrected(kwargs.get("target_prior", DEFAULT_TARGET_PRIOR), params.train_prior)
     return EMQ(params.train_prior)
+
+
+def bag_summary(labels: Sequence[str | None], p_parasitized: Sequence[float | None], model: Any, *,
+                method: str = DEFAULT_METHOD, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The summary of a bag of classified cells (``predict``'s ``r.summary.json``).
+
+    Parameters
+    ----------
+    labels : sequence of str or None, length n_files
+        Each file's predicted class; None for a file that failed.
+    p_parasitized : sequence of float or None, length n_files
+        Each file's P(Parasitized); None for a failed file or a model without that class.
+    model : loaded cell model
+        Its ``class_names``, ``threshold``, ``metrics`` and ``source`` give the estimator's
+        parameters (:func:`params_from_model`).
+    method : str, default=:data:`DEFAULT_METHOD`
+    n_boot, seed : int
+        Bootstrap over cells for ``prevalence_ci95``.
+
+    Returns
+    -------
+    dict
+        ``n`` (cells classified), ``n_failed``, ``counts`` (per class name), ``prevalence``
+        (estimated fraction of Parasitized, None without cells or without that class),
+        ``prevalence_ci95`` ``[lo, hi]``, ``method``, ``ci_method``, ``n_called_parasitized``
+        (cells the method calls Parasitized), ``parameters`` (what the estimator was given and
+        where it comes from).
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ or ``method`` is unknown or lacks its parameters.
+    """
+    if len(labels) != len(p_parasitized):
+        raise ValueError(f"{len(labels)} labels but {len(p_parasitized)} probabilities")
+    names = list(getattr(model, "class_names", ("Parasitized", "Uninfected")))
+    ok = [i for i, lab in enumerate(labels) if lab is not None]
+    counts = {c: sum(1 for i in ok if labels[i] == c) for c in names}
+    out: dict[str, Any] = {"n": len(ok), "n_failed": len(labels) - len(ok), "counts": counts,
+                           "prevalence": None, "prevalence_ci95": None, "method": method, "ci_method": None,
+                           "n_called_parasitized": None, "parameters": None}
+    p = [p_parasitized[i] for i in ok]
+    if not ok or any(v is None for v in p):
+        return out
+    params = params_from_model(model)
+    try:
+        quantifier = make_quantifier(method, params)
+    except ValueError as exc:  # a model without its training prior / rates: count, and say so
+        quantifier = ClassifyAndCount(params.threshold)
+        out.update(method="cc", warning=f"{exc}; classify-and-count used instead (biased under label shift)")
+    est = quantifier.estimate(np.asarray(p, np.float64), n_boot=n_boot, seed=seed)
+    out.update(prevalence=est.prevalence, prevalence_ci95=list(est.ci95), ci_method=est.ci_method,
+               n_called_parasitized=est.n_called, parameters=asdict(params))
+    return out
