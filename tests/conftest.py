@@ -15,11 +15,28 @@ def data_root() -> Path:
     return Path(os.environ.get("MALARIA_SCREEN_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _missing(reason: str) -> None:
+    """Skip a test whose data or browser is missing; under ``CI=true`` fail instead, so that a
+    broken CI set-up (no data, no Chromium) cannot pass green on skipped tests."""
+    if IN_CI:
+        pytest.fail(f"{reason} [CI=true: missing data or browser fails instead of skipping]", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
+def missing():
+    """``missing(reason)``: skip locally, fail under ``CI=true`` (missing data, browser)."""
+    return _missing
+
+
+@pytest.fixture(scope="session")
+def data_dir(missing) -> Path:
     root = data_root()
     if not (root / "nih_cell_images").is_dir():
-        pytest.skip(f"real data not found at {root} (set MALARIA_SCREEN_DATA)")
+        missing(f"real data not found at {root} (set MALARIA_SCREEN_DATA)")
     return root
 
 

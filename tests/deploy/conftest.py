@@ -25,21 +25,21 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def nih_dir() -> Path:
+def nih_dir(missing) -> Path:
     d = data_root() / "nih_cell_images"
     if not (d / "Parasitized").is_dir():
-        pytest.skip(f"NIH cells not found at {d} (set MALARIA_SCREEN_DATA)")
+        missing(f"NIH cells not found at {d} (set MALARIA_SCREEN_DATA)")
     return d
 
 
 @pytest.fixture(scope="session")
-def sample_pngs() -> list[Path]:
+def sample_pngs(missing) -> list[Path]:
     """The 24 original NIH PNGs: bundled samples, else the data folder's copy."""
     for root in (SAMPLES, data_root() / "nih_samples_png"):
         files = sorted(root.glob("*/*.png"))
         if files:
             return files
-    pytest.skip("no sample PNGs (bundled or in MALARIA_SCREEN_DATA)")
+    missing("no sample PNGs (bundled or in MALARIA_SCREEN_DATA)")
 
 
 def _patient_files(nih: Path, n_patients: int, per_patient: int, skip: int = 0) -> list[str]:
@@ -129,12 +129,12 @@ def onnx_int8(random_run, onnx_fp32, nih_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_model_dir() -> Path:
+def default_model_dir(missing) -> Path:
     from malaria_screen.inference import default_model_dir as dmd
 
     d = dmd()
     if not ((d / "config.json").is_file() and (d / "weights.safetensors").is_file()):
-        pytest.skip(f"bundled default model not present at {d}")
+        missing(f"bundled default model not present at {d}")
     return d
 
 
@@ -149,9 +149,9 @@ def real_cells(nih_dir) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def demo_field() -> Path:
+def demo_field(missing) -> Path:
     """The bundled MIT-licensed thin-smear field (Chula-RBC-12), no malaria."""
     f = REPO / "src" / "malaria_screen" / "assets" / "demo_field" / "chula_rbc_1.jpg"
     if not f.is_file():
-        pytest.skip("demo field not bundled")
+        missing("demo field not bundled")
     return f

@@ -49,6 +49,20 @@ def test_onnx_model_runs_without_overlays(onnx_fp32, sample_pngs, tmp_path):
     assert table[1][1] is None and "no colour (grayscale)" in table[1][3]
 
 
+@pytest.fixture(scope="session")
+def playwright_api(missing):
+    """Playwright's sync API when Debian's Chromium and Playwright are installed; else skip
+    (fail under ``CI=true``: a CI without the browser must not pass green). Listed first in a
+    test's arguments, so that a missing browser is known before the model fixtures are built."""
+    if not CHROMIUM.exists():
+        missing("Debian chromium not installed (/usr/bin/chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing("playwright not installed")
+    return sync_api
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,10 +70,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.browser
-def test_upload_in_headless_chromium_shows_result_offline(random_run, sample_pngs, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium not installed (/usr/bin/chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_upload_in_headless_chromium_shows_result_offline(playwright_api, random_run, sample_pngs, tmp_path):
+    sync_api = playwright_api
     from malaria_screen.app import launch
     from malaria_screen.inference import Predictor
 
@@ -110,13 +122,11 @@ def test_whole_field_tab_handler(onnx_fp32, demo_field):
 
 
 @pytest.mark.browser
-def test_whole_field_tab_in_headless_chromium(random_run, demo_field, tmp_path):
+def test_whole_field_tab_in_headless_chromium(playwright_api, random_run, demo_field, tmp_path):
     """Upload a field in the 'Whole field' tab: the page shows the same cell count and
     parasitemia as the Python API, and the overlay image."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium not installed (/usr/bin/chromium)")
     pytest.importorskip("skimage")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = playwright_api
     from malaria_screen.app import launch, screen_field_image
     from malaria_screen.data.io import decode_image
     from malaria_screen.inference import Predictor

@@ -18,18 +18,18 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def iml_dir() -> Path:
+def iml_dir(missing) -> Path:
     d = data_root() / "iml_malaria_dev"
     if not (d / "annotations.json").is_file():
-        pytest.skip(f"IML data not found at {d} (set MALARIA_SCREEN_DATA)")
+        missing(f"IML data not found at {d} (set MALARIA_SCREEN_DATA)")
     return d
 
 
 @pytest.fixture(scope="session")
-def chula_dir() -> Path:
+def chula_dir(missing) -> Path:
     d = data_root() / "chula_rbc"
     if not (d / "images").is_dir():
-        pytest.skip(f"Chula data not found at {d} (set MALARIA_SCREEN_DATA)")
+        missing(f"Chula data not found at {d} (set MALARIA_SCREEN_DATA)")
     return d
 
 
