@@ -36,10 +36,21 @@ def test_leak_check_catches_shared_patient_and_file(nih_index):
     s = patient_split(labels, patients, seed=0)
     m = split_manifest(s, patients=patients, relpaths=relpaths, labels=labels, class_names=classes, seed=0)
     m["splits"]["test"]["patients"].append(m["splits"]["train"]["patients"][0])
+    with pytest.raises(ValueError, match="patients list disagrees with its files"):
+        check_leak_free(m)
+    # A train patient's file moved to test, the patients lists left as they were: the patients are
+    # re-derived from the file names, so the lists cannot hide it.
+    m = split_manifest(s, patients=patients, relpaths=relpaths, labels=labels, class_names=classes, seed=0)
+    moved = m["splits"]["train"]["files"].pop()
+    m["splits"]["test"]["files"].append(moved)
+    with pytest.raises(ValueError, match="disagrees"):
+        check_leak_free(m)
+    m["splits"]["test"]["patients"] = sorted(set(m["splits"]["test"]["patients"]) | {patient_ids_from_names([moved])[0]})
     with pytest.raises(ValueError, match="patient leakage"):
         check_leak_free(m)
     m = split_manifest(s, patients=patients, relpaths=relpaths, labels=labels, class_names=classes, seed=0)
     m["splits"]["val"]["files"].append(m["splits"]["train"]["files"][0])
+    m["splits"]["val"]["patients"].append(patient_ids_from_names([m["splits"]["train"]["files"][0]])[0])
     with pytest.raises(ValueError, match="file leakage"):
         check_leak_free(m)
 
@@ -71,3 +82,16 @@ def test_split_errors():
         list(patient_folds(np.array([0, 1]), ["a", "a"], n_splits=2))
     with pytest.raises(ValueError, match="bad fractions"):
         patient_split(np.zeros(4), list("abcd"), val_fraction=0.5, test_fraction=0.6)
+
+
+def test_leak_check_uses_the_groups_csv_rule():
+    """Non-NIH names: the patient comes from the groups map (as in training), per image otherwise."""
+    m = {"splits": {"train": {"patients": ["a"], "files": ["x/1.png", "x/2.png"]},
+                    "test": {"patients": ["b"], "files": ["x/3.png"]}}}
+    check_leak_free(m, groups={"x/1.png": "a", "x/2.png": "a", "x/3.png": "b"})
+    with pytest.raises(ValueError, match="patient leakage"):
+        check_leak_free(m | {"splits": {"train": m["splits"]["train"], "test": {"patients": ["a"], "files": ["x/3.png"]}}},
+                        groups={"x/1.png": "a", "x/2.png": "a", "x/3.png": "a"})
+    with pytest.raises(ValueError, match="no patient id"):
+        check_leak_free(m)
+    check_leak_free({"splits": {k: {"patients": v["files"], "files": v["files"]} for k, v in m["splits"].items()}}, per_image=True)

@@ -144,21 +144,56 @@ def split_manifest(
     return out
 
 
-def check_leak_free(manifest: dict) -> None:
+def check_leak_free(manifest: dict, *, groups: dict[str, str] | None = None, per_image: bool = False) -> None:
     """Check that no patient and no file appears in two splits of a manifest.
+
+    The patients are re-derived from each split's listed files, by the rule training used
+    (:func:`~malaria_screen.data.patients.patient_ids_from_names`: ``groups`` first, then the NIH
+    file-name pattern; or one group per image), rather than read from the manifest's own
+    ``patients`` lists, which must agree with them: a hand-edited or stale manifest cannot
+    hide a patient on two sides. A split listing no ``files`` falls back to its ``patients``.
+
+    Parameters
+    ----------
+    manifest : dict
+        From :func:`split_manifest` (``{"splits": {name: {"patients": [...], "files": [...]}}}``).
+    groups : dict, optional
+        ``path -> patient`` of a groups CSV (:func:`~malaria_screen.data.patients.read_groups_csv`),
+        as passed to training.
+    per_image : bool, default=False
+        The run grouped cells per image (``--group-per-image``).
 
     Raises
     ------
     ValueError
-        Naming the patients or files shared between two splits.
+        Naming the patients or files shared between two splits; if a listed file's patient
+        cannot be derived; or if a split's ``patients`` list differs from its files' patients.
     """
+    import warnings
+
+    from malaria_screen.data.patients import GroupingWarning, patient_ids_from_names
+
     splits = manifest["splits"]
+    derived: dict[str, set[str]] = {}
+    for name, part in splits.items():
+        files = part.get("files")
+        if files is None:
+            derived[name] = set(part["patients"])
+            continue
+        with warnings.catch_warnings():  # training already warned about per-image grouping
+            warnings.simplefilter("ignore", GroupingWarning)
+            derived[name] = set(patient_ids_from_names(files, groups=groups, per_image=per_image))
+        listed = set(part.get("patients", derived[name]))
+        if listed != derived[name]:
+            extra, absent = sorted(listed - derived[name])[:5], sorted(derived[name] - listed)[:5]
+            raise ValueError(f"split {name!r}: its patients list disagrees with its files' names (listed without "
+                             f"files: {extra}; files of unlisted patients: {absent})")
     names = list(splits)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            shared_p = set(splits[a]["patients"]) & set(splits[b]["patients"])
-            if shared_p:
-                raise ValueError(f"patient leakage: {sorted(shared_p)[:5]} in both {a!r} and {b!r}")
             shared_f = set(splits[a].get("files", [])) & set(splits[b].get("files", []))
             if shared_f:
                 raise ValueError(f"file leakage: {sorted(shared_f)[:5]} in both {a!r} and {b!r}")
+            shared_p = derived[a] & derived[b]
+            if shared_p:
+                raise ValueError(f"patient leakage: {sorted(shared_p)[:5]} in both {a!r} and {b!r}")

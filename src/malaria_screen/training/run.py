@@ -215,7 +215,7 @@ def train(
             raise FileNotFoundError(f"--resume: no checkpoint at {last_ckpt}")
         cfg = TrainConfig.from_json(out / "config.json")
         manifest = json.loads((out / "split.json").read_text())
-        check_leak_free(manifest)
+        check_leak_free(manifest, groups=_read_groups(groups_csv), per_image=group_per_image)
         if cells is None:
             cells = load_cell_set(data_dir, size_px=cfg.input_size, cache_dir=cache_dir, groups_csv=groups_csv,
                                   group_per_image=group_per_image, progress=progress)
@@ -234,7 +234,7 @@ def train(
                                   test_fraction=cfg.test_fraction, seed=cfg.seed)
         manifest = split_manifest(split, patients=cells.patients, relpaths=cells.relpaths, labels=cells.labels,
                                   class_names=cells.class_names, seed=cfg.seed)
-        check_leak_free(manifest)
+        check_leak_free(manifest, groups=_read_groups(groups_csv), per_image=group_per_image)
         mean, std = channel_stats(cells.images[split.train])
         cfg = cfg.replace(class_names=tuple(cells.class_names), mean=mean, std=std)
         if cfg.init_from is not None:
@@ -288,7 +288,8 @@ def train(
         log_every_n_steps=10,
         num_sanity_val_steps=0,
         limit_train_batches=limit_train_batches,
-        deterministic=False,
+        # None: torch's global setting stands (the tests turn deterministic algorithms on; False would turn them off)
+        deterministic=None,
     )
     t0 = time.perf_counter()
     trainer.fit(system, datamodule=dm, ckpt_path=str(last_ckpt) if resume else None, weights_only=True if resume else None)
@@ -313,6 +314,13 @@ def train(
         })
     return TrainResult(run_dir=out, config=cfg, cells=cells, split=split, seconds=seconds, epochs_run=int(trainer.current_epoch),
                        is_global_zero=bool(trainer.is_global_zero))
+
+
+def _read_groups(groups_csv: str | Path | None) -> dict[str, str] | None:
+    """The ``path -> patient`` map of a groups CSV, or None."""
+    from malaria_screen.data.patients import read_groups_csv
+
+    return read_groups_csv(groups_csv) if groups_csv is not None else None
 
 
 def _init_run_dir(init_from: str | Path) -> Path:
