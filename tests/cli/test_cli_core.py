@@ -105,3 +105,17 @@ def test_predict_summary_estimates_the_prevalence_of_a_bag_of_unseen_patients(ni
     lo, hi = s["prevalence_ci95"]
     assert lo <= 0.05 <= hi and lo <= s["prevalence"] <= hi
     assert f"prevalence of Parasitized: {100 * s['prevalence']:.2f}%" in r.output
+
+
+def test_predict_gives_one_row_per_file_however_it_is_named(four_samples, tmp_path):
+    """``predict a.png a.png link/a.png ./x/../a.png`` classifies a.png once (first spelling kept)."""
+    a = four_samples[0]
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / a.name).symlink_to(a)
+    (tmp_path / "x").mkdir()
+    out = tmp_path / "p.csv"
+    r = _run("predict", a, a, tmp_path / "link" / a.name, a.parent / "x" / ".." / a.name, four_samples[1], "--out", out, "--quiet")
+    assert r.exit_code in (0, 1), r.output
+    rows = list(csv.DictReader(out.open()))
+    assert [row["path"] for row in rows] == [str(a), str(four_samples[1])]
+    assert "3 path(s) named a file already given" in r.output

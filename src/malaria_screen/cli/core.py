@@ -388,7 +388,8 @@ def predict(
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
     backend: str = typer.Option("auto", help="torch | onnx | auto (onnx for .onnx files, or when torch is not installed)"),
     batch_size: int = typer.Option(256, min=1, help="Cells per inference batch"),
-    workers: Optional[int] = typer.Option(None, min=1, help="Decoding threads. Default: CPU cores + 2, at most 8"),
+    workers: Optional[int] = typer.Option(None, min=1, help="Decoding processes (threads for up to 512 files). "
+                                          "Default: the usable CPU cores"),
     quiet: bool = typer.Option(False, help="Do not print the results table"),
 ) -> None:
     """Classify cell images; one row per file: path, label, p_parasitized, error.
@@ -398,14 +399,22 @@ def predict(
     docs/quantification.md). A file that cannot be read gets an error row and the rest go on; the
     exit status is 1 if any file failed (or no image file was found), 0 otherwise. Both files are
     written atomically.
+
+    A file named twice (by two spellings, or a symbolic link) gets one row, under its first name.
     """
     from malaria_screen.evaluation.quantify import bag_summary
     from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 
+    from malaria_screen.data.dataset import unique_real_paths
+
     if out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"--out must end in .csv or .json, got {out.name}")
     check_out_file(out)
-    files = list_inputs(paths)  # missing paths stay in: each is one file's error row
+    listed = list_inputs(paths)  # missing paths stay in: each is one file's error row
+    files = unique_real_paths(listed)  # one row per file, however many spellings or links name it
+    if len(files) < len(listed):
+        typer.echo(f"note: {len(listed) - len(files)} path(s) named a file already given by another path: "
+                   "each file is classified once", err=True)
     pred = _load_predictor(model, backend, batch_size=batch_size)
     rows = [r.__dict__ for r in pred.predict_files(files, workers=workers)]
     cols = ["path", "label", "p_parasitized", "error"]

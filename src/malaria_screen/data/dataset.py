@@ -28,7 +28,7 @@ from malaria_screen.fileio import atomic_write, atomic_write_json
 from malaria_screen.data.patients import patient_ids_from_names, read_groups_csv
 from malaria_screen.data.preprocess import letterbox
 
-__all__ = ["CellSet", "scan_image_folder", "load_cell_set", "default_cache_dir", "list_image_files"]
+__all__ = ["CellSet", "scan_image_folder", "load_cell_set", "default_cache_dir", "list_image_files", "unique_real_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,33 @@ def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
                         continue
                     out.append(Path(dirpath) / f)
         else:  # a file, or a missing path / broken link that decoding will report
+            out.append(p)
+    return out
+
+
+def unique_real_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """``paths`` without the repeats of a file already named by another spelling or link.
+
+    Two paths name the same file when their :func:`os.path.realpath` is equal (``a.png``,
+    ``./a.png``, ``dir/../a.png`` and a symbolic link to it); the first spelling is kept. A
+    missing path or broken link is compared by the path it resolves to, so it too is kept once.
+    Nothing is opened.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+
+    Returns
+    -------
+    list of Path
+        In the order of ``paths``.
+    """
+    seen: set[str] = set()
+    out: list[Path] = []
+    for p in map(Path, paths):
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
             out.append(p)
     return out
 

@@ -31,19 +31,10 @@ from malaria_screen.data.io import (
     ImageSource,
     PixelBudget,
     SizeHook,
-    _array_to_rgb,
-    check_cell_size,
-    check_colour,
-    check_image_size,
     decode_image,
-    open_image_file,
 )
+from malaria_screen.data.parallel import default_workers, iter_prepared_cells, prepare_cell
 from malaria_screen.data.preprocess import letterbox
-
-try:  # optional: a faster exact decoder for the two formats cell crops come in
-    import cv2
-except ImportError:  # pragma: no cover - the torch-free runtime install has no OpenCV
-    cv2 = None
 
 __all__ = ["CellClassifierBase", "FileResult", "decode_fast", "default_model_dir", "iter_file_batches", "seen_patients"]
 
@@ -55,90 +46,13 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("malaria_screen") / "assets" / "default_model"))
 
 
-def _fast_kind(head: bytes) -> tuple[int, int] | None:
-    """(width, height) if ``head`` starts a file OpenCV decodes to exactly Pillow's pixels, else None.
-
-    Two formats qualify: simple-format lossless WebP (``RIFF....WEBPVP8L``: lossless decoding is
-    bit-exact by definition), and 8-bit truecolour PNG (colour type 2 or 6) with no ``tRNS``
-    chunk before the image data (zlib + filters are exact; neither decoder applies gamma or ICC
-    profiles). Everything else (lossy WebP and JPEG, whose IDCT/upsampling differ between
-    libraries; palette, grey and 16-bit PNG; TIFF...) goes to Pillow.
-    """
-    if head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8L" and len(head) >= 25 and head[20] == 0x2F:
-        bits = int.from_bytes(head[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 33:
-        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        if head[24] != 8 or head[25] not in (2, 6):
-            return None
-        pos = 33  # walk the chunks before IDAT: no tRNS allowed
-        while pos + 8 <= len(head):
-            n, typ = int.from_bytes(head[pos : pos + 4], "big"), head[pos + 4 : pos + 8]
-            if typ == b"IDAT":
-                return w, h
-            if typ == b"tRNS":
-                return None
-            pos += 12 + n
-        return None
-    return None
-
-
 def decode_fast(source: ImageSource, *, max_pixels: int = MAX_PIXELS, on_size: SizeHook | None = None) -> np.ndarray:
-    """:func:`~malaria_screen.data.io.decode_image` with an exact fast path for cell files.
+    """:func:`~malaria_screen.data.io.decode_image`, kept under its old name.
 
-    Lossless WebP (the NIH set as stored here) and 8-bit RGB(A) PNG (the public NIH release and
-    users' crops) are decoded by OpenCV when it is installed: about twice as fast as Pillow for
-    WebP (Pillow decodes WebP through RGBA) and 1.4x for PNG, with identical pixels (tested).
-    Everything else, every failure of the fast path, and installs without OpenCV, go through
-    :func:`decode_image`, so errors and their messages are the same: files are opened by
-    :func:`~malaria_screen.data.io.open_image_file` (regular files only, never a pipe) and sizes
-    checked by :func:`~malaria_screen.data.io.check_image_size` on both paths.
-
-    Parameters
-    ----------
-    source : path, bytes, PIL.Image.Image or ndarray
-    max_pixels : int, default=MAX_PIXELS
-        Largest accepted width x height, in pixels, checked on the header before decoding.
-    on_size : callable, optional
-        ``on_size(width, height)``, called after the size check and before pixels are decoded
-        (:class:`~malaria_screen.data.io.PixelBudget`).
-
-    Returns
-    -------
-    rgb : (H, W, 3) ndarray of uint8
-
-    Raises
-    ------
-    ImageDecodeError
-        As :func:`decode_image`: missing, not a regular file, empty, corrupt, over ``max_pixels``.
-    TypeError
-        As :func:`decode_image`.
+    The fast decoders (libspng for PNG, libjpeg-turbo for JPEG, OpenCV for lossless WebP, each
+    with Pillow's pixels) now live in :func:`~malaria_screen.data.io.decode_image` itself, so
+    every caller gets them; see :func:`~malaria_screen.data.io.fast_decoders`.
     """
-    if cv2 is not None and isinstance(source, (str, os.PathLike, bytes, bytearray)):
-        data, wh = b"", None
-        if isinstance(source, (bytes, bytearray)):
-            data = bytes(source)
-            wh = _fast_kind(data[:4096])
-        else:
-            with open_image_file(source) as fh:  # header first: other files are left to Pillow unread
-                try:
-                    head = fh.read(4096)
-                    wh = _fast_kind(head)
-                    if wh is not None and 0 < wh[0] * wh[1] <= max_pixels:
-                        data = head + fh.read()
-                except OSError:
-                    wh = None
-        if wh is not None and wh[0] * wh[1] > max_pixels:
-            check_image_size(*wh, max_pixels=max_pixels)  # the check, and message, of decode_image
-        if wh is not None and data and wh[0] * wh[1] > 0:
-            if on_size is not None:
-                on_size(*wh)
-            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if arr is not None and arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[:2] == (wh[1], wh[0]):
-                if arr.shape[2] == 3:
-                    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-                if arr.shape[2] == 4:
-                    return _array_to_rgb(cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA))
     return decode_image(source, max_pixels=max_pixels, on_size=on_size)
 
 
@@ -276,6 +190,9 @@ class CellClassifierBase:
 
     backend: str = "base"
 
+    #: Fewest files for which :meth:`predict_files` decodes in worker processes by default.
+    PROCESS_MIN_FILES: int = 512
+
     def __init__(self, config: TrainConfig, *, metrics: dict | None = None, batch_size: int = 256,
                  source: str | None = None) -> None:
         if batch_size < 1:
@@ -323,7 +240,7 @@ class CellClassifierBase:
 
         Raises :class:`ImageDecodeError`."""
         with self._pixel_budget.session() as on_size:
-            return letterbox(check_colour(check_cell_size(decode_fast(image, on_size=on_size))), self.input_size)
+            return prepare_cell(image, self.input_size, on_size=on_size)
 
     def predict_proba_prepared(self, cells: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         """Class probabilities ``(N, num_classes) float32`` of letterboxed ``(N, S, S, 3) uint8`` cells."""
@@ -395,21 +312,30 @@ class CellClassifierBase:
                     for p in probs[:, self.positive_index]]
         return [self.class_names[i] for i in probs.argmax(1)]
 
-    def predict_files(self, paths: Iterable[str | Path], *, workers: int | None = None, chunk: int | None = None) -> Iterator[FileResult]:
+    def predict_files(self, paths: Iterable[str | Path], *, workers: int | None = None, chunk: int | None = None,
+                      processes: bool | None = None) -> Iterator[FileResult]:
         """Classify files in batches; a bad file yields an error result and the rest go on.
 
-        A file that cannot be decoded, or is too small to be a cell crop (:meth:`prepare_file`),
-        gets a result with ``error`` set.
+        A file that cannot be decoded, or is too small to be a cell crop, or grayscale
+        (:meth:`prepare_file`), gets a result with ``error`` set.
 
-        Decoding runs in ``workers`` threads and overlaps inference of the previous batch.
+        Decoding runs ahead of, and overlaps, inference of the previous batch: in ``workers``
+        processes (:func:`~malaria_screen.data.parallel.iter_prepared_cells`; every core busy,
+        files over 4 Mpx decoded here under the pixel budget) or in ``workers`` threads sharing
+        this classifier's :class:`~malaria_screen.data.io.PixelBudget`.
 
         Parameters
         ----------
         paths : iterable of path
         workers : int, optional
-            Decoding threads; default ``min(8, cpu_count + 2)``.
+            Decoding processes, or threads; default: the usable cores (processes), or
+            ``min(8, cores + 2)`` (threads).
         chunk : int, optional
             Files per inference batch; default ``batch_size``.
+        processes : bool, optional
+            Decode in worker processes. Default: when there are more than
+            :attr:`PROCESS_MIN_FILES` files and more than one core (starting processes costs
+            about 0.3 s of CPU, worth it from a few hundred cells on).
 
         Yields
         ------
@@ -418,9 +344,21 @@ class CellClassifierBase:
         """
         paths = [str(p) for p in paths]
         chunk = chunk or self.batch_size
-        workers = workers or min(8, (os.cpu_count() or 1) + 2)
+        if processes is None:
+            processes = len(paths) > self.PROCESS_MIN_FILES and (workers or default_workers()) > 1
+        if processes:
+            workers = workers or default_workers()
+            cells = iter_prepared_cells(paths, self.input_size, workers=workers, local=self.prepare_file)
+            batches = ((paths[i : i + chunk], [next(cells) for _ in range(min(chunk, len(paths) - i))])
+                       for i in range(0, len(paths), chunk))
+        else:
+            workers = workers or min(8, default_workers() + 2)
+            batches = iter_file_batches(paths, self.prepare_file, chunk=chunk, workers=workers)
+        yield from self._predict_batches(batches)
+
+    def _predict_batches(self, batches) -> Iterator[FileResult]:
         n_cls = len(self.class_names)
-        for batch, decoded in iter_file_batches(paths, self.prepare_file, chunk=chunk, workers=workers):
+        for batch, decoded in batches:
             ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
             if ok:
                 try:

@@ -1,0 +1,234 @@
+"""Prepare cell files in worker processes, so that every core decodes.
+
+``predict`` on thousands of cell files spends its time decoding (libspng: about 0.46 ms of CPU per
+130 px NIH PNG), checking colour and letterboxing; inference of the int8 model costs about a tenth
+of that. Threads cannot keep two cores busy with this mix, because the Python between the C calls
+(opening the file, sniffing the header, numpy glue) holds the GIL; worker processes can. Each
+worker takes a chunk of paths and returns the letterboxed ``(k, S, S, 3) uint8`` cells (12 KiB
+each at 64 px) and one error message per failed file, so the parent only stacks and infers.
+
+Memory stays bounded: a worker decodes one file at a time, and a file whose header says it is
+larger than ``defer_above`` pixels (default :data:`WORKER_MAX_PIXELS`) is not decoded by the
+worker but handed back, for the parent to decode under its
+:class:`~malaria_screen.data.io.PixelBudget`. So ``workers`` processes hold at most
+``workers * WORKER_MAX_PIXELS`` pixels besides the parent's budget, however large the files.
+
+Workers are started by the ``forkserver`` method where the platform has it (a clean server process
+that has imported this module once, then forks cheaply; never a fork of a parent that already runs
+ONNX Runtime or torch threads), else ``spawn``. They ignore SIGINT: Ctrl-C stops the parent, which
+shuts the pool down.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from malaria_screen.data.io import (
+    MAX_PIXELS,
+    ImageDecodeError,
+    ImageSource,
+    SizeHook,
+    check_cell_size,
+    check_colour,
+    decode_image,
+)
+from malaria_screen.data.preprocess import letterbox
+
+try:
+    import cv2
+except ImportError:  # pragma: no cover - the torch-free runtime install has no OpenCV
+    cv2 = None
+
+__all__ = ["WORKER_MAX_PIXELS", "default_workers", "iter_prepared_cells", "prepare_cell", "prepare_cell_files",
+           "process_context"]
+
+#: Largest image (width x height, pixels) a worker process decodes itself; larger files go back to
+#: the parent. 4 Mpx is 20x the largest NIH crop (394x385) and holds a 1280x960 field 3 times.
+WORKER_MAX_PIXELS: int = 4_000_000
+
+
+def default_workers() -> int:
+    """Cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere), >= 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_cell(image: ImageSource, size_px: int, *, max_pixels: int = MAX_PIXELS,
+                 on_size: Optional[SizeHook] = None) -> np.ndarray:
+    """Decode a user's cell file, refuse a too small or grayscale one, letterbox it.
+
+    :func:`~malaria_screen.data.io.decode_image`, then
+    :func:`~malaria_screen.data.io.check_cell_size`, :func:`~malaria_screen.data.io.check_colour`
+    and :func:`~malaria_screen.data.preprocess.letterbox`: the steps of ``predict``, REST
+    ``/v1/classify`` and the web app.
+
+    Parameters
+    ----------
+    image : path, bytes, PIL image or ndarray
+    size_px : int
+        Side of the model's square input, pixels.
+    max_pixels : int, default=MAX_PIXELS
+    on_size : callable, optional
+        Passed to :func:`~malaria_screen.data.io.decode_image`.
+
+    Returns
+    -------
+    cell : (size_px, size_px, 3) ndarray of uint8
+
+    Raises
+    ------
+    ImageDecodeError
+        If the file cannot be decoded, is too small to be a cell crop, or is grayscale.
+    """
+    rgb = decode_image(image, max_pixels=max_pixels, on_size=on_size)
+    return letterbox(check_colour(check_cell_size(rgb)), size_px)
+
+
+class _Deferred(Exception):
+    """Raised by a worker's size hook: the file is larger than the worker may decode."""
+
+
+def _deferring_hook(limit: int) -> SizeHook:
+    def on_size(width: int, height: int) -> None:
+        if width * height > limit:
+            raise _Deferred
+    return on_size
+
+
+def prepare_cell_files(paths: Sequence[str], size_px: int, *, max_pixels: int = MAX_PIXELS,
+                       defer_above: int = WORKER_MAX_PIXELS) -> tuple[np.ndarray, list[Optional[str]], list[int]]:
+    """Prepare a chunk of cell files (:func:`prepare_cell`): the task of one worker process.
+
+    Parameters
+    ----------
+    paths : sequence of str
+    size_px : int
+    max_pixels : int, default=MAX_PIXELS
+        The size limit of :func:`~malaria_screen.data.io.decode_image`.
+    defer_above : int, default=WORKER_MAX_PIXELS
+        A file larger than this (pixels, from its header) is not decoded but listed in
+        ``deferred``, for the caller to decode under its own memory budget.
+
+    Returns
+    -------
+    cells : (k, size_px, size_px, 3) ndarray of uint8
+        The prepared cells of the files that succeeded, in the order of ``paths``.
+    errors : list of (str or None), one per path
+        None for a prepared (or deferred) file, else why it failed.
+    deferred : list of int
+        Indices into ``paths`` of the files left to the caller.
+    """
+    hook = _deferring_hook(defer_above)
+    cells: list[np.ndarray] = []
+    errors: list[Optional[str]] = []
+    deferred: list[int] = []
+    for i, p in enumerate(paths):
+        try:
+            cells.append(prepare_cell(p, size_px, max_pixels=max_pixels, on_size=hook))
+            errors.append(None)
+        except _Deferred:
+            deferred.append(i)
+            errors.append(None)
+        except ImageDecodeError as exc:
+            errors.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - never lose the chunk to one odd file
+            errors.append(f"{type(exc).__name__}: {exc}")
+    out = np.stack(cells) if cells else np.zeros((0, size_px, size_px, 3), np.uint8)
+    return out, errors, deferred
+
+
+def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts the pool down
+    if cv2 is not None:
+        cv2.setNumThreads(1)  # one core per worker: letterboxing must not start its own threads
+
+
+def process_context() -> multiprocessing.context.BaseContext:
+    """The start method for worker processes: ``forkserver`` (preloading this module) where
+    available, else ``spawn``; never ``fork`` (the parent may already run ONNX Runtime or torch
+    threads, whose locks a forked child would inherit held)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")  # pragma: no cover - Windows
+
+
+def iter_prepared_cells(paths: Sequence[str], size_px: int, *, workers: int, local: Callable[[str], np.ndarray],
+                        chunk: int = 32, max_pixels: int = MAX_PIXELS) -> Iterator[tuple[Optional[np.ndarray], Optional[str]]]:
+    """Prepare cell files in ``workers`` processes; yield one ``(cell, error)`` per path, in order.
+
+    Parameters
+    ----------
+    paths : sequence of str
+    size_px : int
+    workers : int
+        Worker processes (>= 1).
+    local : callable
+        ``local(path) -> (S, S, 3) uint8``, run in this process for the files a worker defers
+        (over :data:`WORKER_MAX_PIXELS`) and, if a worker process dies (a crash in a native
+        decoder, the OOM killer), for every file not prepared yet; its exceptions become errors.
+    chunk : int, default=32
+        Files per task sent to a worker.
+    max_pixels : int, default=MAX_PIXELS
+
+    Yields
+    ------
+    cell : (S, S, 3) ndarray of uint8, or None
+    error : str or None
+        Why the file failed (``cell`` is None then).
+    """
+    if workers < 1 or chunk < 1:
+        raise ValueError(f"workers and chunk must be >= 1, got workers={workers}, chunk={chunk}")
+    tasks = [list(paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
+    if not tasks:
+        return
+
+    def run_local(p: str) -> tuple[Optional[np.ndarray], Optional[str]]:
+        try:
+            return local(p), None
+        except ImageDecodeError as exc:
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"{type(exc).__name__}: {exc}"
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(), initializer=_init_worker)
+    broken = False
+    try:
+        ahead = 4 * workers
+        futures: dict[int, Future] = {}
+        for ti in range(min(ahead, len(tasks))):
+            futures[ti] = pool.submit(prepare_cell_files, tasks[ti], size_px, max_pixels=max_pixels)
+        for ti, task in enumerate(tasks):
+            result = None
+            if not broken:
+                try:
+                    result = futures.pop(ti).result()
+                except BrokenProcessPool:
+                    broken = True
+            if not broken and ti + ahead < len(tasks):
+                futures[ti + ahead] = pool.submit(prepare_cell_files, tasks[ti + ahead], size_px, max_pixels=max_pixels)
+            if result is None:  # the pool died: this process prepares the rest itself
+                yield from (run_local(p) for p in task)
+                continue
+            cells, errors, deferred = result
+            k = 0
+            for i, p in enumerate(task):
+                if i in deferred:
+                    yield run_local(p)
+                elif errors[i] is None:
+                    yield cells[k], None
+                    k += 1
+                else:
+                    yield None, errors[i]
+    finally:
+        pool.shutdown(wait=not broken, cancel_futures=True)

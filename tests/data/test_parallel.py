@@ -1,0 +1,65 @@
+"""Preparing cell files in worker processes gives what one process gives, in order, errors included."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import malaria_screen
+from malaria_screen.data.parallel import WORKER_MAX_PIXELS, iter_prepared_cells, prepare_cell, prepare_cell_files
+
+
+@pytest.fixture(scope="module")
+def mixed_files(tmp_path_factory, nih_dir, samples_dir):
+    """600 real NIH cells (every 34th), the bundled PNGs, and the failures a batch meets: missing,
+    not an image, too small, grayscale, and one file over the worker's pixel cap."""
+    d = tmp_path_factory.mktemp("mixed")
+    cells = [str(p) for p in sorted(nih_dir.glob("*/*"))[::34]][:600] + [str(p) for p in sorted(samples_dir.glob("*/*.png"))]
+    rgb = np.asarray(Image.open(cells[-1]).convert("RGB"))
+    (d / "junk.png").write_bytes(b"not an image at all")
+    Image.fromarray(rgb[:3, :3]).save(d / "dot.png")
+    Image.fromarray(rgb).convert("L").save(d / "grey.png")
+    side = int(np.sqrt(WORKER_MAX_PIXELS)) + 10
+    big = np.ascontiguousarray(np.tile(rgb, (side // rgb.shape[0] + 1, side // rgb.shape[1] + 1, 1))[:side, :side])
+    Image.fromarray(big).save(d / "big.png", compress_level=1)
+    odd = [str(d / "junk.png"), str(d / "missing.png"), str(d / "dot.png"), str(d / "grey.png"), str(d / "big.png")]
+    files = cells[:300] + odd + cells[300:]
+    return files
+
+
+def _local(size):
+    def run(p):
+        try:
+            return prepare_cell(p, size), None
+        except Exception as exc:  # noqa: BLE001
+            return None, str(exc)
+    return run
+
+
+def test_workers_give_the_same_cells_and_errors_in_order(mixed_files):
+    ref = [_local(64)(p) for p in mixed_files]
+    got = list(iter_prepared_cells(mixed_files, 64, workers=2, chunk=16, local=lambda p: prepare_cell(p, 64)))
+    assert len(got) == len(ref)
+    for p, (c, e), (rc, re) in zip(mixed_files, got, ref):
+        assert e == re, p
+        if rc is None:
+            assert c is None, p
+        else:
+            np.testing.assert_array_equal(c, rc, err_msg=p)
+    errors = {p.rsplit("/", 1)[-1]: e for p, (_, e) in zip(mixed_files, got) if e}
+    assert set(errors) == {"junk.png", "missing.png", "dot.png", "grey.png"}
+
+
+def test_a_worker_defers_files_over_its_pixel_cap(mixed_files):
+    big = [p for p in mixed_files if p.endswith("big.png")]
+    cells, errors, deferred = prepare_cell_files(big + mixed_files[:3], 64)
+    assert deferred == [0] and errors == [None] * 4 and cells.shape == (3, 64, 64, 3)
+
+
+def test_predict_files_in_processes_equals_threads(mixed_files):
+    model = malaria_screen.load_model()
+    threads = list(model.predict_files(mixed_files, workers=2, processes=False))
+    procs = list(model.predict_files(mixed_files, workers=2, processes=True))
+    assert [r.path for r in procs] == mixed_files
+    assert [(r.label, r.error) for r in procs] == [(r.label, r.error) for r in threads]
+    np.testing.assert_allclose([r.p_parasitized or 0.0 for r in procs], [r.p_parasitized or 0.0 for r in threads], atol=1e-6)
+    assert sum(r.error is not None for r in procs) == 4
