@@ -1,48 +1,182 @@
-"""Benchmark: ``predict`` end to end (image file -> label) in cells/s with the bundled model.
+"""Benchmark: ``predict`` end to end (cell file -> label), per stage, against the decode ceiling.
 
-Usage: python benchmarks/bench_predict.py DATA_DIR [--model RUN_DIR] [--n 4096] [--batch-size 256]
+For each file set (the NIH cells as stored here, lossless WebP; and the same cells as PNG, as the
+public NIH release and users have them, written losslessly to a temp folder: identical pixels):
+
+- per-stage CPU cost per cell, one process, one thread: decode, cell-size + grayscale check,
+  letterbox, inference (batch 256);
+- the decode ceiling: files decoded (and dropped) by ``--workers`` processes, cells/s wall;
+- ``predict_files`` end to end (decode, check and letterbox in worker processes, inference here),
+  cells/s wall, and its ratio to the ceiling; the CPU-bound rate ``workers / sum(stage costs)``;
+- the same with decoding in threads (the previous ``predict``), for reference;
+- the labels of the two runs, which must agree file for file.
+
+Timings on a shared machine are noisy: the record states the load average seen during the run;
+CPU times and per-stage ratios measured in one run are the steadier figures.
+
+Usage::
+
+    python benchmarks/bench_predict.py DATA_DIR/nih_cell_images [--model FILE.onnx] [--n 4096] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _stages(pred, files: list[str]) -> dict[str, float]:
+    """Per-cell CPU milliseconds of each stage, one process, one thread."""
+    from malaria_screen.data.io import check_cell_size, check_colour, decode_image
+    from malaria_screen.data.preprocess import letterbox
+
+    t = time.process_time()
+    rgbs = [decode_image(f) for f in files]
+    dec = time.process_time() - t
+    t = time.process_time()
+    for r in rgbs:
+        check_colour(check_cell_size(r))
+    chk = time.process_time() - t
+    t = time.process_time()
+    cells = np.stack([letterbox(r, pred.input_size) for r in rgbs])
+    lb = time.process_time() - t
+    t = time.process_time()
+    pred.predict_proba_prepared(cells)
+    inf = time.process_time() - t
+    n = len(files) / 1e3
+    return {"decode_ms": dec / n, "check_ms": chk / n, "letterbox_ms": lb / n, "inference_ms": inf / n}
+
+
+def _ceiling(files: list[str], workers: int) -> float:
+    """Cells/s decoding only, in ``workers`` processes (started before the clock)."""
+    from malaria_screen.data.parallel import decode_files, init_worker, process_context
+
+    chunks = [files[i : i + 32] for i in range(0, len(files), 32)]
+    with ProcessPoolExecutor(workers, mp_context=process_context(), initializer=init_worker) as pool:
+        list(pool.map(decode_files, [c[:1] for c in chunks[: 2 * workers]]))  # start the workers
+        t = time.perf_counter()
+        n = sum(s is not None for r in pool.map(decode_files, chunks) for s in r)
+        dt = time.perf_counter() - t
+    assert n == len(files)
+    return len(files) / dt
+
+
+def _end_to_end(pred, files: list[str], workers: int, processes: bool) -> tuple[float, list]:
+    t = time.perf_counter()
+    rows = list(pred.predict_files(files, workers=workers, processes=processes))
+    return len(files) / (time.perf_counter() - t), rows
+
+
+_BEFORE = """
+import sys, time
+from malaria_screen.inference import load_model
+pred = load_model(sys.argv[1], backend="onnx")
+files = open(sys.argv[2]).read().split("\\n")
+list(pred.predict_files(files[:600]))
+t = time.perf_counter()
+rows = list(pred.predict_files(files))
+print(len(files) / (time.perf_counter() - t), sum(r.error is None for r in rows))
+"""
+
+
+def _before(src: str, model: str, files: list[str], tmp: str) -> float:
+    """Cells/s of ``predict_files`` in the code at ``src`` (an older checkout's ``src/``), same files."""
+    import subprocess
+
+    lst = Path(tmp) / "files.txt"
+    lst.write_text("\n".join(files))
+    env = {**os.environ, "PYTHONPATH": src}
+    out = subprocess.run([sys.executable, "-c", _BEFORE, model, str(lst)], env=env, capture_output=True, text=True,
+                         check=True, timeout=1800).stdout.split()
+    assert int(out[1]) == len(files)
+    return float(out[0])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("data_dir")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--n", type=int, default=4096, help="files to classify")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data_dir", help="NIH cell folder (Parasitized/, Uninfected/)")
+    ap.add_argument("--model", default=None, help="default: the bundled model.int8.onnx")
+    ap.add_argument("--n", type=int, default=4096, help="cells (every k-th file of the folder)")
+    ap.add_argument("--workers", type=int, default=None, help="decoding processes; default: usable cores")
+    ap.add_argument("--record", default="bench_predict", help="record name (benchmarks/results/NAME.json)")
+    ap.add_argument("--before-src", default=None,
+                    help="src/ folder of an older checkout: its predict_files is timed on the same files")
+    ap.add_argument("--notes", default="", help="added to the record's notes (machine state)")
     args = ap.parse_args()
 
-    import torch
+    import cv2
+    from PIL import Image
 
     from malaria_screen.data.dataset import list_image_files
+    from malaria_screen.data.io import fast_decoders
+    from malaria_screen.data.parallel import default_workers
     from malaria_screen.inference import load_model
+    from malaria_screen.inference.base import default_model_dir
+    from records import write_record
 
-    files = list_image_files([args.data_dir])[:: max(1, len(list_image_files([args.data_dir])) // args.n)][: args.n]
-    pred = load_model(args.model, batch_size=args.batch_size)
-    list(pred.predict_files(files[:256]))  # warm-up (page cache, kernels)
-    t0 = time.perf_counter()
-    rows = list(pred.predict_files(files))
-    dt = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cells = [pred.prepare(f) for f in files]
-    dec = time.perf_counter() - t0
-    import numpy as np
-
-    x = np.stack(cells)
-    t0 = time.perf_counter()
-    pred.predict_proba_prepared(x)
-    inf = time.perf_counter() - t0
-    bad = sum(r.error is not None for r in rows)
-    print(f"model: {pred.config.model} ({pred.source}), files: {len(files)}, failed: {bad}, batch {args.batch_size}, "
-          f"cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}")
-    print(f"end to end (decode in threads overlapping inference): {len(files) / dt:,.0f} cells/s ({dt:.2f} s)")
-    print(f"  decode+letterbox alone, 1 thread: {len(files) / dec:,.0f} cells/s; inference alone: {len(files) / inf:,.0f} cells/s")
+    cv2.setNumThreads(1)
+    workers = args.workers or default_workers()
+    model = args.model or str(default_model_dir() / "model.int8.onnx")
+    pred = load_model(model, backend="onnx")
+    allf = list_image_files([args.data_dir])
+    webp = [str(f) for f in allf[:: max(1, len(allf) // args.n)][: args.n]]
+    figures: dict[str, float | int | str] = {"n_cells": len(webp), "workers": workers}
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="bench_predict_png_") as tmp:
+        png = []
+        for f in webp:  # lossless: the pixels of the public release's PNGs
+            out = Path(tmp) / Path(f).parent.name / (Path(f).stem + ".png")
+            out.parent.mkdir(exist_ok=True)
+            with Image.open(f) as im:
+                im.convert("RGB").save(out, compress_level=6)
+            png.append(str(out))
+        list(pred.predict_files(webp[:600] + png[:600], workers=workers))  # warm-up: page cache, forkserver
+        for name, files in (("webp", webp), ("png", png)):
+            st = _stages(pred, files)
+            ceiling = _ceiling(files, workers)
+            load.append(os.getloadavg()[0])
+            e2e, rows = _end_to_end(pred, files, workers, processes=True)
+            thr, rows_thr = _end_to_end(pred, files, workers + 2, processes=False)
+            if args.before_src:
+                figures[f"{name}.before_cells_per_s"] = round(_before(args.before_src, model, files, tmp))
+            load.append(os.getloadavg()[0])
+            assert all(r.error is None for r in rows), [r.error for r in rows if r.error][:3]
+            same = sum(a.label == b.label for a, b in zip(rows, rows_thr))
+            figures.update({f"{name}.{k}": round(v, 4) for k, v in st.items()})
+            figures.update({
+                f"{name}.stages_cpu_ms_per_cell": round(sum(st.values()), 4),
+                f"{name}.cpu_bound_cells_per_s": round(workers * 1e3 / sum(st.values())),
+                f"{name}.letterbox_over_decode": round(st["letterbox_ms"] / st["decode_ms"], 3),
+                f"{name}.decode_ceiling_cells_per_s": round(ceiling),
+                f"{name}.cells_per_s": round(e2e),
+                f"{name}.ratio_to_ceiling": round(e2e / ceiling, 3),
+                f"{name}.threads_cells_per_s": round(thr),
+                f"{name}.same_labels_frac": same / len(files),
+            })
+            print(f"{name}: {len(files)} cells, {workers} processes | per cell, 1 core: decode {st['decode_ms']:.3f} ms, "
+                  f"check {st['check_ms']:.3f}, letterbox {st['letterbox_ms']:.3f}, inference {st['inference_ms']:.3f} | "
+                  f"decode ceiling {ceiling:,.0f} cells/s | predict {e2e:,.0f} cells/s ({e2e / ceiling:.0%} of ceiling; "
+                  f"CPU-bound at {workers * 1e3 / sum(st.values()):,.0f}) | threads {thr:,.0f} cells/s | same labels {same}/{len(files)}"
+                  + (f" | before: {figures[f'{name}.before_cells_per_s']:,} cells/s" if args.before_src else ""))
+    figures["load_avg_max"] = round(max(load), 2)
+    figures["decoders"] = ", ".join(f"{k}: {v}" for k, v in fast_decoders().items())
+    shared = max(load) > 0.5 * workers
+    notes = (f"{len(webp)} NIH cells (every k-th file of {args.data_dir}; patients seen in training included: "
+             f"speed only, labels compared between runs), model {Path(model).name}. Per-stage costs are CPU time in one "
+             f"process; cells/s are wall time. Load average seen during the run up to {max(load):.1f} on "
+             f"{workers} cores: " + ("machine SHARED with other jobs, wall-time figures are pessimistic. " if shared else "machine quiet. ")
+             + args.notes)
+    write_record(args.record, figures, notes=notes, uses_bundled_model=args.model is None)
+    print(f"load average up to {max(load):.1f}; record {args.record}")
 
 
 if __name__ == "__main__":

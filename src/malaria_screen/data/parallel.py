@@ -46,7 +46,7 @@ try:
 except ImportError:  # pragma: no cover - the torch-free runtime install has no OpenCV
     cv2 = None
 
-__all__ = ["WORKER_MAX_PIXELS", "default_workers", "iter_prepared_cells", "prepare_cell", "prepare_cell_files",
+__all__ = ["WORKER_MAX_PIXELS", "decode_files", "default_workers", "init_worker", "iter_prepared_cells", "prepare_cell", "prepare_cell_files",
            "process_context"]
 
 #: Largest image (width x height, pixels) a worker process decodes itself; larger files go back to
@@ -146,7 +146,22 @@ def prepare_cell_files(paths: Sequence[str], size_px: int, *, max_pixels: int = 
     return out, errors, deferred
 
 
-def _init_worker() -> None:
+def decode_files(paths: Sequence[str]) -> list[Optional[tuple[int, int]]]:
+    """Decode files and keep only their sizes: ``(H, W)`` per path, None for a failure.
+
+    The decode-only work of :func:`prepare_cell_files`, for benchmarks to measure the decoding
+    ceiling in worker processes (nothing but two integers per file comes back)."""
+    out: list[Optional[tuple[int, int]]] = []
+    for p in paths:
+        try:
+            out.append(decode_image(p).shape[:2])
+        except Exception:  # noqa: BLE001
+            out.append(None)
+    return out
+
+
+def init_worker() -> None:
+    """Set up a worker process: ignore SIGINT, one OpenCV thread (``initializer`` of the pool)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts the pool down
     if cv2 is not None:
         cv2.setNumThreads(1)  # one core per worker: letterboxing must not start its own threads
@@ -201,7 +216,7 @@ def iter_prepared_cells(paths: Sequence[str], size_px: int, *, workers: int, loc
         except Exception as exc:  # noqa: BLE001
             return None, f"{type(exc).__name__}: {exc}"
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(), initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(), initializer=init_worker)
     broken = False
     try:
         ahead = 4 * workers
