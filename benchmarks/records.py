@@ -15,8 +15,16 @@ Quoting a figure in Markdown: put the number, then an HTML comment naming the re
 The comment is invisible on GitHub and in MkDocs; ``tests/test_figures.py`` finds every such pair
 in ``README.md`` and ``docs/**/*.md`` and checks that the quoted number equals the record's value
 rounded to the quoted number of decimals (thousands separators and a trailing ``%``, ``s`` or
-``x`` are allowed; a ``%`` figure is compared with ``100 * value`` when the record holds a
-fraction ≤ 1 and the key ends in ``_frac``). A stale number therefore fails the test suite.
+``x`` are allowed; a ``%`` figure is compared with ``100 * value`` when the key ends in
+``_frac``). A stale number therefore fails the test suite, and so does a quoted record made with
+``uses_bundled_model=True`` whose weights hash is not the bundled model's any more (re-run
+``make bench-records``, or the record's own ``command``).
+
+The same test fails on *unmarked* figures: outside code, a decimal number, a percentage, a number
+with a thousands separator or in scientific notation needs a marker. Settings belong in code
+spans (``--threshold 0.5``); a setting or target that must stand in prose takes
+``<!--nofig: REASON-->`` right after it. Versions, DOI/arXiv ids, lengths in µm or px and the
+level of a confidence interval ("95 % CI") are exempt.
 """
 
 from __future__ import annotations
@@ -160,6 +168,7 @@ def write_record(name: str, figures: Mapping[str, float | int | str | None], *, 
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a record is meant to be read by anyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
