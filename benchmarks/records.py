@@ -20,7 +20,8 @@ rounded to the quoted number of decimals (thousands separators and a trailing ``
 ``uses_bundled_model=True`` whose weights hash is not the bundled model's any more (re-run
 ``make bench-records``, or the record's own ``command``).
 
-The same test fails on *unmarked* figures: outside code, a decimal number, a percentage, a number
+The same test fails on *unmarked* figures (README and docs/, except the lab notebook in
+docs/experiments/): outside code, a decimal number, a percentage, a number
 with a thousands separator or in scientific notation needs a marker. Settings belong in code
 spans (``--threshold 0.5``); a setting or target that must stand in prose takes
 ``<!--nofig: REASON-->`` right after it. Versions, DOI/arXiv ids, lengths in µm or px and the

@@ -13,6 +13,8 @@ Three rules (see ``benchmarks/records.py`` for the record format and the marker)
 3. **No unmarked figures.** Outside code (fenced blocks and inline code), every decimal number
    (``0.96``), percentage (``96 %``), number with a thousands separator (``4,152``) and number
    in scientific notation (``4e-3``) in README.md and docs/**/*.md carries a ``fig`` marker.
+   The lab notebook (``docs/experiments/``) is history, not results: it is exempt from this rule
+   (its pages say which commit a conclusion was measured on, and quote no figure as current).
    Allowed without one: versions (``3.10`` after "Python", ``1.2.3``, ``v1.2``, ``Apache-2.0``), DOI/arXiv ids,
    lengths in ``µm`` and ``px`` (a cell's size in prose), the confidence level of an interval
    (``95 % CI``), and a number followed by ``<!--nofig: REASON-->`` (a setting or a fact quoted
@@ -216,7 +218,13 @@ def test_guard_rules():
     assert matches("4,152", None, "k", 4152) and not matches("4,152", None, "k", 4153)
 
 
-@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def result_pages() -> list[Path]:
+    """The pages rule 3 applies to: all but the lab notebook (docs/experiments/)."""
+    notebook = ROOT / "docs" / "experiments"
+    return [p for p in pages() if notebook not in p.parents]
+
+
+@pytest.mark.parametrize("page", result_pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_unmarked_figures(page):
     found = unmarked_figures(page.read_text(encoding="utf-8"))
     assert not found, (f"{page.relative_to(ROOT)}: figures without a <!--fig NAME:key--> marker (quote them from "
