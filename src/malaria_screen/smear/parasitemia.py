@@ -1,0 +1,122 @@
+"""Field and slide parasitemia from the screened cells' posteriors (quantification under label shift).
+
+A field's or a slide's parasitemia is the prevalence of Parasitized among its counted red cells.
+Counting the cells the model calls Parasitized at its own threshold over-calls badly on real
+smears (the model was trained on 46 % Parasitized cells; a smear holds a few per cent at most),
+so the estimate comes from one of the estimators of :mod:`malaria_screen.evaluation.quantify`,
+by default :data:`~malaria_screen.evaluation.quantify.FIELD_DEFAULT_METHOD` (``"prior"``: the
+posteriors re-weighted to a 2 % prior, Saerens, Latinne & Decaestecker 2002), chosen by
+``benchmarks/bench_quantify.py`` in blocked folds of the IML dev fields; see
+``docs/quantification.md``.
+
+- A count-based method (``cc``, ``prior``) labels each cell by a threshold; the field's interval
+  is the binomial one of its count (it stays informative at 0 infected cells).
+- The other methods (``em``, ``acc``, ``pcc``, ``pacc``) label the ``round(prevalence * n)`` cells
+  of highest posterior and take a bootstrap interval over the field's cells.
+- A slide pools its fields' counted cells; its interval is a cluster bootstrap over its fields.
+- With a site rescorer, its own threshold is used as is (``cc``): it was fitted on that site's labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from malaria_screen.evaluation.quantify import (
+    DEFAULT_TARGET_PRIOR,
+    FIELD_DEFAULT_METHOD,
+    METHODS,
+    ClassifyAndCount,
+    PrevalenceEstimate,
+    PriorCorrected,
+    Quantifier,
+    make_quantifier,
+    params_from_model,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FIELD_METHODS", "field_quantifier", "estimate_parasitemia"]
+
+#: Accepted values of ``method`` (``smear --parasitemia-method``).
+FIELD_METHODS: tuple[str, ...] = tuple(METHODS)
+
+
+def field_quantifier(model: Any, *, rescorer: Any | None = None, method: str | None = None,
+                     target_prior: float = DEFAULT_TARGET_PRIOR) -> Quantifier | None:
+    """The prevalence estimator for fields screened by ``model``.
+
+    Parameters
+    ----------
+    model : CellModel or None
+        A loaded cell model (its ``threshold``, ``metrics`` and ``source`` give the estimator's
+        parameters, :func:`~malaria_screen.evaluation.quantify.params_from_model`); None = no
+        classification (returns None).
+    rescorer : CellRescorer, optional
+        A site's second stage: classify and count at its own ``threshold``.
+    method : str, optional
+        A key of :data:`FIELD_METHODS`; default
+        :data:`~malaria_screen.evaluation.quantify.FIELD_DEFAULT_METHOD`.
+    target_prior : float, default=0.02
+        The prior of ``"prior"``.
+
+    Returns
+    -------
+    Quantifier or None
+        A model without the parameters a method needs (no training prior: e.g. a bare
+        ``predict``-able object) gets classify and count at its threshold, with a logged warning.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is unknown.
+    """
+    if model is None:
+        return None
+    if rescorer is not None:
+        return ClassifyAndCount(float(getattr(rescorer, "threshold", 0.5)))
+    method = method or FIELD_DEFAULT_METHOD
+    if method not in METHODS:
+        raise ValueError(f"unknown parasitemia method {method!r}; choose from {list(FIELD_METHODS)}")
+    try:
+        return make_quantifier(method, params_from_model(model), target_prior=target_prior)
+    except ValueError as exc:
+        logger.warning("%s; parasitemia by classify and count at the model's threshold", exc)
+        return ClassifyAndCount(float(getattr(model, "threshold", 0.5)))
+
+
+def estimate_parasitemia(quantifier: Quantifier, p: np.ndarray, *, groups: Sequence[Any] | None = None,
+                         ci_method: str = "wilson", n_boot: int = 1000, seed: int = 0) -> PrevalenceEstimate:
+    """A bag's parasitemia (a field's counted cells, or a slide's) with its 95 % interval.
+
+    Parameters
+    ----------
+    quantifier : Quantifier
+        From :func:`field_quantifier`.
+    p : (n,) ndarray of float
+        P(Parasitized) of the counted cells.
+    groups : sequence of length n, optional
+        The field of each cell, for a slide: the interval is then a cluster bootstrap over fields
+        (when there are at least two).
+    ci_method : {"wilson", "exact"}
+        Binomial interval of a count-based method's single field.
+    n_boot, seed : int
+        Bootstrap replicates and seed.
+
+    Returns
+    -------
+    PrevalenceEstimate
+    """
+    from malaria_screen.smear.screen import binomial_ci
+
+    p = np.asarray(p, np.float64).reshape(-1)
+    n_groups = 0 if groups is None else len(set(np.asarray(groups).tolist()))
+    if isinstance(quantifier, (ClassifyAndCount, PriorCorrected)) and n_groups < 2:
+        k = int(quantifier.labels(p).sum()) if p.size else 0
+        if not p.size:
+            return PrevalenceEstimate(None, (0.0, 1.0), quantifier.name, 0, 0, "empty bag")
+        lo, hi = binomial_ci(k, int(p.size), method=ci_method)
+        return PrevalenceEstimate(k / p.size, (lo, hi), quantifier.name, int(p.size), k, f"{ci_method} binomial interval")
+    return quantifier.estimate(p, groups=None if n_groups < 2 else groups, n_boot=n_boot, seed=seed)
