@@ -63,3 +63,9 @@ def test_api_reference_covers_every_public_module():
             continue
         mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         assert f"::: {mod}\n" in text, mod
+
+
+def test_records_page_lists_every_record():
+    page = _hook().records_markdown()
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        assert f"## `{path.stem}`" in page, path.name

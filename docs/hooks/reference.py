@@ -3,6 +3,8 @@
 * ``reference/cli.md``: every command of the Typer app (``malaria_screen.cli.app``), read from the
   click command Typer builds: usage line, help text, and a table of arguments and options with
   their types and defaults. So the page cannot drift from ``malaria-screen --help``.
+* ``reference/records.md``: every benchmark record (``benchmarks/results/*.json``): command,
+  commit, date, machine, versions, notes and figures.
 * ``reference/index.md``: links to all of them.
 * ``reference/api/<subpackage>.md``: one page per subpackage of ``malaria_screen`` (and one for
   the top-level modules), each a list of mkdocstrings ``:::`` blocks, one per public module found
@@ -141,6 +143,42 @@ def api_pages() -> dict[str, str]:
     return pages
 
 
+def records_markdown() -> str:
+    """The benchmark records page: every ``benchmarks/results/*.json`` with how it was made."""
+    import json
+
+    lines = ["# Benchmark records", "",
+             "Generated at build time from `benchmarks/results/*.json` (`docs/hooks/reference.py`). Every figure "
+             "quoted in the README and on this site comes from one of these records, with a `<!--fig NAME:key-->` "
+             "marker that `tests/test_figures.py` checks; see [Benchmarks and figures](../benchmarks.md).", ""]
+    paths = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    if not paths:
+        lines.append("No records yet.")
+    for path in paths:
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            lines += [f"## `{path.stem}`", "", f"Unreadable record: {_cell(exc)}", ""]
+            continue
+        m = rec.get("machine") or {}
+        machine = ", ".join(x for x in (f"{m.get('cores')} cores" if m.get("cores") else "", m.get("cpu") or "",
+                                        f"{m.get('memory_gib')} GiB" if m.get("memory_gib") else "",
+                                        f"GPU {m['gpu']}" if m.get("gpu") else "") if x)
+        versions = ", ".join(f"{k} {v}" for k, v in (rec.get("versions") or {}).items())
+        cmd = " ".join(str(c) for c in rec.get("command") or [])
+        lines += [f"## `{path.stem}` {{ #{path.stem} }}", "", _cell(rec.get("notes") or ""), "",
+                  "| | |", "|---|---|",
+                  f"| command | `{_cell(cmd)}` |", f"| commit | `{_cell(rec.get('commit'))}` |",
+                  f"| date | {_cell(rec.get('date'))} |", f"| machine | {_cell(machine)} |",
+                  f"| versions | {_cell(versions)} |"]
+        if rec.get("bundled_model_sha256"):
+            lines.append(f"| bundled model weights (SHA-256) | `{rec['bundled_model_sha256'][:16]}...` |")
+        lines += ["", "| key | value |", "|---|---|"]
+        lines += [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in (rec.get("figures") or {}).items()]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def index_markdown(api: dict[str, str]) -> str:
     """The reference landing page: links to the CLI page and every API page."""
     links = []
@@ -153,6 +191,8 @@ def index_markdown(api: dict[str, str]) -> str:
         "Generated from the code when the site is built (`docs/hooks/reference.py`), so it cannot drift from it.", "",
         "- [Command line](cli.md): every `malaria-screen` command with its arguments, options and defaults "
         "(what `malaria-screen COMMAND --help` prints).",
+        "- [Benchmark records](records.md): every record in `benchmarks/results/`, with its command, commit, "
+        "machine, notes and figures.",
         "- Python API, one page per subpackage, from the docstrings (numpydoc: *Parameters*, *Returns*, *Raises*):", "",
         *["    " + line for line in links], "",
         "The layers these packages form, and the rule that imports flow one way, are in "
@@ -164,7 +204,8 @@ def on_files(files: Files, config) -> Files:  # noqa: ANN001 - MkDocs' hook sign
     if str(SRC) not in sys.path:
         sys.path.insert(0, str(SRC))
     api = api_pages()
-    generated = {"reference/index.md": index_markdown(api), "reference/cli.md": cli_markdown(), **api}
+    generated = {"reference/index.md": index_markdown(api), "reference/cli.md": cli_markdown(),
+                 "reference/records.md": records_markdown(), **api}
     for uri, content in generated.items():
         if files.get_file_from_path(uri) is None:
             files.append(File.generated(config, uri, content=content))
