@@ -306,6 +306,21 @@ def _print_metrics(m: dict) -> None:
     _echo_table(rows, ["metric", "value", "95% CI"])
 
 
+RAY_HELP = ("Run the per-file work on a Ray cluster: 'local' (a runtime on this machine), 'auto' (the cluster this "
+            "node joined with `ray start`) or HEAD:PORT. Inputs and model must be at the same paths on every node. "
+            "Needs malaria-screen[ray]")
+
+
+def _connect_ray(address: str) -> None:
+    """Start or join the Ray runtime for ``--ray``; a usage error if Ray is missing or unreachable."""
+    from malaria_screen.data.ray_map import RayUnavailableError, connect
+
+    try:
+        connect(address)
+    except RayUnavailableError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--ray'") from exc
+
+
 def _load_predictor(model: Optional[Path], backend: str, **kwargs):
     """Load the model for ``predict``/``evaluate``; torch is imported only for the torch back-end."""
     from malaria_screen.inference import BACKENDS, load_model
@@ -342,6 +357,7 @@ def evaluate(
     n_boot: int = typer.Option(1000, help="Bootstrap replicates over patients for the 95% CIs"),
     cache_dir: Optional[Path] = typer.Option(None, help="Cell store folder"),
     progress: bool = typer.Option(True, help="Progress bars"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ) -> None:
     """Evaluate a model on a dataset, by patient, with 95% bootstrap CIs.
 
@@ -356,8 +372,15 @@ def evaluate(
     pred = _load_predictor(model, backend)
     if pred.positive_index is None:
         raise typer.BadParameter(f"model classes {pred.class_names} have no Parasitized class")
-    cells = load_cell_set(data_dir, size_px=pred.input_size, cache_dir=cache_dir, groups_csv=groups,
-                          group_per_image=group_per_image, progress=progress)
+    if ray:
+        from malaria_screen.inference.distributed import load_cell_probs_ray
+
+        _connect_ray(ray)
+        cells = load_cell_probs_ray(data_dir, None if model is None else str(model), backend=backend, groups_csv=groups,
+                                    group_per_image=group_per_image)
+    else:
+        cells = load_cell_set(data_dir, size_px=pred.input_size, cache_dir=cache_dir, groups_csv=groups,
+                              group_per_image=group_per_image, progress=progress)
     seen = _seen_patients(pred)
     excluded = sorted({p for p in cells.patients if p in seen})
     keep = np.arange(len(cells)) if include_train_patients else np.asarray([i for i, p in enumerate(cells.patients) if p not in seen], dtype=np.int64)
@@ -371,7 +394,7 @@ def evaluate(
     if positive not in sub.class_names:
         raise typer.BadParameter(f"dataset classes {sub.class_names} have no {positive!r} folder")
     y = (np.asarray(sub.labels) == sub.class_names.index(positive)).astype(int)
-    probs = pred.predict_proba_prepared(sub.images)[:, pred.positive_index]
+    probs = (sub.probs if ray else pred.predict_proba_prepared(sub.images))[:, pred.positive_index]
     leaky = bool(include_train_patients and excluded)
     m = write_evaluation(out, y_true=y, p_pos=probs, patients=sub.patients, relpaths=sub.relpaths, threshold=pred.threshold,
                          split_name="all patients (LEAKY: includes training patients)" if leaky else "held-out patients",
@@ -391,6 +414,7 @@ def predict(
     workers: Optional[int] = typer.Option(None, min=1, help="Decoding processes (threads for up to 512 files). "
                                           "Default: the usable CPU cores"),
     quiet: bool = typer.Option(False, help="Do not print the results table"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ) -> None:
     """Classify cell images; one row per file: path, label, p_parasitized, error.
 
@@ -416,7 +440,14 @@ def predict(
         typer.echo(f"note: {len(listed) - len(files)} path(s) named a file already given by another path: "
                    "each file is classified once", err=True)
     pred = _load_predictor(model, backend, batch_size=batch_size)
-    rows = [r.__dict__ for r in pred.predict_files(files, workers=workers)]
+    if ray:
+        from malaria_screen.inference.distributed import predict_files_ray
+
+        _connect_ray(ray)
+        results = predict_files_ray(None if model is None else str(model), files, backend=backend, batch_size=batch_size)
+    else:
+        results = pred.predict_files(files, workers=workers)
+    rows = [r.__dict__ for r in results]
     cols = ["path", "label", "p_parasitized", "error"]
     for r in rows:
         if r["p_parasitized"] is not None:
