@@ -25,7 +25,7 @@ def _client(predictor, **limits):
 
     from malaria_screen.serve import ServeLimits, create_app
 
-    return TestClient(create_app(predictor, ServeLimits(**limits)))
+    return TestClient(create_app(predictor, ServeLimits(**limits)), base_url="http://localhost")
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -123,7 +123,7 @@ def test_rest_api_serves_an_ensemble(tmp_path, members, samples_dir):
 
     files, _ = _sample_files(samples_dir)
     ens = write_ensemble(tmp_path / "ens", members)
-    c = TestClient(create_app(ens))
+    c = TestClient(create_app(ens), base_url="http://localhost")  # the Host allow-list admits loopback names
     info = c.get("/v1/model").json()
     assert info["backend"] == "ensemble:onnx+torch" and info["config"]["threshold"] == pytest.approx(ens.threshold)
     r = c.post("/v1/classify", files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files[:4]])

@@ -226,15 +226,15 @@ def test_rest_api_and_web_app_screen_fields_with_a_rescorer(iml, iml_dir, tmp_pa
     p_expect = [c.p_parasitized for c in expect.cells]
     assert not np.allclose(p_expect, [c.p_parasitized for c in plain.cells], atol=1e-3)  # the rescorer changes them
 
-    c = TestClient(create_app(model, rescorer=r))
+    c = TestClient(create_app(model, rescorer=r), base_url="http://localhost")  # Host allow-list: loopback names
     res = c.post("/v1/field", files=[("file", (field.name, field.read_bytes(), "image/jpeg"))])
     assert res.status_code == 200, res.text
     body = res.json()
     np.testing.assert_allclose([x["p_parasitized"] for x in body["cells"]], p_expect, atol=1e-6)
     assert body["n_infected"] == expect.n_infected and body["n_rbc"] == expect.n_rbc
     info = c.get("/v1/model").json()["rescorer"]
-    assert info["source"] == str(tmp_path / "r") and info["threshold"] == r.threshold and info["field_relative"] is True
-    assert TestClient(create_app(model)).get("/v1/model").json()["rescorer"] is None
+    assert info["model"]["name"] == "r" and len(info["model"]["sha256"]) == 64 and info["threshold"] == r.threshold and info["field_relative"] is True
+    assert TestClient(create_app(model), base_url="http://localhost").get("/v1/model").json()["rescorer"] is None
 
     summary, overlay = screen_field_image(model, rgb, rescorer=r)
     assert f"{expect.n_rbc} red cells, {expect.n_infected} Parasitized" in summary and overlay.shape == rgb.shape

@@ -229,22 +229,37 @@ def app_cmd(
 def serve(
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
     backend: str = typer.Option("auto", help="torch | onnx | auto"),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only)"),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only; put a reverse proxy "
+                                             "with TLS in front for anything else: docs/deployment-security.md)"),
     port: int = typer.Option(8000, help="TCP port"),
     max_file_bytes: int = typer.Option(8 * 1024 * 1024, help="Largest accepted file, bytes"),
     max_request_bytes: int = typer.Option(64 * 1024 * 1024, help="Largest accepted request body, bytes"),
     max_images: int = typer.Option(256, help="Most images per request"),
     max_pixels: int = typer.Option(25_000_000, help="Largest accepted image, width x height pixels"),
+    max_request_pixels: int = typer.Option(50_000_000, help="Pixels decoded per request, all images together"),
+    max_request_cpu_s: float = typer.Option(20.0, help="CPU seconds per request (hard for /v1/field)"),
+    max_field_memory: int = typer.Option(4 * 1024**3, help="Memory one field job may add to its worker, bytes (0: no limit)"),
+    field_workers: int = typer.Option(1, min=1, help="Worker processes screening /v1/field images"),
+    max_queue: int = typer.Option(8, min=1, help="Jobs waiting per queue before 503 + Retry-After"),
+    body_timeout: float = typer.Option(60.0, help="Seconds to send a request body (408 after)"),
+    header_timeout: float = typer.Option(10.0, help="Seconds to send the request headers (connection closed after)"),
+    api_key_file: Optional[Path] = typer.Option(None, help="File of API keys, one per line; also $MALARIA_SCREEN_API_KEYS "
+                                                          "(comma-separated). Without either: no authentication"),
+    rate_limit: float = typer.Option(0.0, min=0.0, help="Requests per minute per client (API key, else address); 0: off"),
+    rate_burst: int = typer.Option(20, min=1, help="Requests a client may send at once before the rate applies"),
+    allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Accepted Host header (repeat); default: "
+                                                     "127.0.0.1, localhost, ::1. Add your public name behind a proxy"),
+    cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="Browser origin allowed cross-site (repeat); "
+                                                                              "default: none"),
     threads: int = typer.Option(1, min=1, help="Inference threads per call (torch / ONNX Runtime). Concurrency comes from "
                                            "requests; 1 measured fastest and fairest under load on 2 cores"),
     log_level: str = typer.Option("warning", help="uvicorn log level"),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
 ) -> None:
-    """Start the REST API (FastAPI): POST /v1/classify, POST /v1/field, GET /v1/model, GET /healthz, /docs."""
-    import uvicorn
-
+    """Start the REST API (FastAPI): POST /v1/classify, POST /v1/field, GET /v1/model, /healthz, /readyz, /docs."""
     from malaria_screen.inference import load_model
-    from malaria_screen.serve import ServeLimits, create_app
+    from malaria_screen.serve import ServeLimits, ServeSecurity, create_app, load_api_keys
+    from malaria_screen.serve.server import run
 
     try:
         is_onnx = backend == "onnx" or (model is not None and model.suffix.lower() == ".onnx")
@@ -255,12 +270,22 @@ def serve(
                 torch.set_num_threads(threads)
             except ImportError:
                 is_onnx = True
-        pred = load_model(model, backend=backend, **({"num_threads": threads} if is_onnx else {}))
         limits = ServeLimits(max_file_bytes=max_file_bytes, max_request_bytes=max_request_bytes, max_images=max_images,
-                             max_pixels=max_pixels)
+                             max_pixels=max_pixels, max_request_pixels=max_request_pixels,
+                             max_request_cpu_s=max_request_cpu_s, max_field_memory_bytes=max_field_memory,
+                             field_workers=field_workers, max_queue=max_queue, body_timeout_s=body_timeout,
+                             header_timeout_s=header_timeout)
+        security = ServeSecurity(api_keys=load_api_keys(api_key_file), rate_per_minute=rate_limit, rate_burst=rate_burst,
+                                 **({"allowed_hosts": tuple(allowed_host)} if allowed_host else {}),
+                                 cors_origins=tuple(cors_origin or ()))
+        pred = load_model(model, backend=backend, **({"num_threads": threads} if is_onnx else {}))
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    uvicorn.run(create_app(pred, limits, rescorer=_load_rescorer(rescorer, pred)), host=host, port=port, log_level=log_level)
+    if host not in ("127.0.0.1", "::1", "localhost") and not security.api_keys:
+        typer.echo(f"warning: serving on {host} without API keys: anyone who reaches it can use it "
+                   f"(see docs/deployment-security.md)", err=True)
+    app = create_app(pred, limits, rescorer=_load_rescorer(rescorer, pred), security=security)
+    run(app, host=host, port=port, log_level=log_level, header_timeout_s=header_timeout)
 
 
 def bench_infer(

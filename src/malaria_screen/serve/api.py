@@ -1,96 +1,82 @@
-"""REST API for cell classification (FastAPI).
+"""REST API for cell classification and whole-field screening (FastAPI), bounded under hostile load.
 
 Endpoints
 ---------
 ``POST /v1/classify``
-    ``multipart/form-data`` with one or more image parts (any field name; ``files`` in the
-    schema). Returns ``{"model", "n_images", "n_parasitized", "n_failed", "results": [{"filename",
+    ``multipart/form-data`` with one or more image file parts (field name ``files``). Returns
+    ``{"model", "threshold", "n_images", "n_parasitized", "n_failed", "results": [{"filename",
     "label", "p_parasitized", "error"}]}``, one result per image in request order. A part that
-    cannot be decoded, is larger than ``max_file_bytes`` or has more than ``max_pixels`` pixels
-    gets a per-item ``error`` (status 200); the others are classified.
+    cannot be decoded, is larger than ``max_file_bytes`` or ``max_pixels``, or comes after the
+    request's pixel or CPU budget is spent gets a per-item ``error`` (status 200); the others are
+    classified.
 ``POST /v1/field``
     ``multipart/form-data`` with ONE whole thin-smear field image (issue 5): red cells are
-    segmented and classified by :func:`malaria_screen.smear.screen.screen_field`; returns the
-    field JSON (``n_rbc``, ``n_infected``, ``parasitemia`` with its 95 % interval, per-cell boxes
-    and labels) and, with ``?overlay=true``, the outlined field as a base64 PNG. With a
-    second-stage rescorer (``serve --rescorer``), each cell's ``p_parasitized`` and label are the
-    rescorer's. Needs the ``smear`` extra (scikit-image); 501 without it.
+    segmented and classified by :func:`malaria_screen.smear.screen.screen_field` in a worker
+    process with a CPU-seconds and memory budget; returns the field JSON (``n_rbc``,
+    ``n_infected``, ``parasitemia`` with its 95 % interval, per-cell boxes and labels) and, with
+    ``?overlay=true``, the outlined field as a base64 PNG. Needs the ``smear`` extra (501
+    without it).
 ``GET /v1/model``
-    The model's config (input size, mean/std, classes, threshold), shipped metrics, back-end, the
-    server limits and the rescorer's config (``null`` without one).
+    The model (name and SHA-256, never its path), config, shipped metrics, back-end, the
+    server's limits and access settings, and the rescorer's config.
 ``GET /healthz``
-    ``{"status": "ok"}``.
+    Liveness: ``{"status": "ok"}``, answered on the event loop, never behind a job.
+``GET /readyz``
+    Readiness: 200 when the model is loaded, a field worker is up and no queue is full; else
+    503 with the reasons.
 ``GET /openapi.json``, ``/docs``
-    OpenAPI schema and its viewer.
+    OpenAPI schema and Swagger UI, served from local files (no CDN).
 
-Errors: 413 when the body exceeds ``max_request_bytes`` or has more than ``max_images`` images;
-415 when the body is not ``multipart/form-data``; 422 when it is malformed or holds no image, or
-(``/v1/field``) when the field image cannot be read or screened (e.g. smaller than 8x8 px).
-Each is JSON ``{"detail": "<what and the limit>"}``.
+Errors (JSON ``{"detail": "<what and the limit>"}``): 400 bad ``Host``; 401 missing/invalid API
+key; 408 body too slow; 413 body over ``max_request_bytes``, more than ``max_images`` images,
+(``/v1/field``) a field over ``max_pixels``; 415 not ``multipart/form-data``; 422 malformed
+(also: no closing boundary, a text part where a file belongs), no image, or a field that cannot
+be read or screened within the CPU/memory budget; 429 over the rate limit; 503 a full queue,
+both with ``Retry-After``.
 
-Nothing is written to disk: the body is streamed into memory (bounded by
-``max_request_bytes``) and parsed there with ``python-multipart``, so no temporary files are
-spooled anywhere; nothing is unpickled. One predictor is built at start-up and shared. The event
-loop only streams and parses request bodies: images are decoded and classified (and fields
-screened) in a worker thread, so ``/healthz`` and other requests keep answering while a request
-of large images decodes.
+How the server stays up: the event loop only streams and parses bodies and answers the probes;
+cell images are decoded on two bounded thread lanes (light requests of at most
+``light_request_pixels`` pixels never wait behind heavy ones), fields in worker processes whose
+CPU time (``RLIMIT_CPU``) and memory (``RLIMIT_AS``) the kernel bounds. Each queue has a fixed
+number of waiting places (503 past them). A job whose client disconnects is dropped (not
+started), stopped between images (cells) or killed (fields). Nothing is written to disk and
+nothing is unpickled from a client.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
-from dataclasses import dataclass
+import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from malaria_screen.data.io import ImageDecodeError, check_cell_size, check_colour, decode_image
 from malaria_screen.data.preprocess import letterbox
+from malaria_screen.serve.jobs import ClientGone, FieldWorkers, JobFailed, Lane, QueueFull, WorkerSpec
+from malaria_screen.serve.limits import ServeLimits, ServeSecurity
+from malaria_screen.serve.multipart import Part, read_file_parts
 
-__all__ = ["ServeLimits", "create_app"]
+__all__ = ["ModelInfo", "ServeLimits", "ServeSecurity", "create_app", "model_identity"]
 
 log = logging.getLogger(__name__)
 
+#: Status sent (to nobody) when the client left before its answer; as nginx logs it.
+CLIENT_CLOSED = 499
 
-@dataclass(frozen=True)
-class ServeLimits:
-    """Request limits of the API.
 
-    Attributes
-    ----------
-    max_file_bytes : int, default=8 MiB
-        Largest accepted image part, bytes; larger parts get a per-item error.
-    max_request_bytes : int, default=64 MiB
-        Largest accepted request body, bytes; larger bodies get 413 (checked on the
-        ``Content-Length`` header and again while streaming).
-    max_images : int, default=256
-        Most image parts per request; more get 413.
-    max_pixels : int, default=25,000,000
-        Largest accepted image, width x height pixels; larger images get a per-item error
-        (checked from the header, before decoding the pixels).
+class ModelInfo(BaseModel):
+    """The model that answered: its name and the SHA-256 of its weights, never a server path."""
 
-    Raises
-    ------
-    ValueError
-        If a limit is not positive or ``max_file_bytes > max_request_bytes``.
-    """
-
-    max_file_bytes: int = 8 * 1024 * 1024
-    max_request_bytes: int = 64 * 1024 * 1024
-    max_images: int = 256
-    max_pixels: int = 25_000_000
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{f.name} must be a positive int, got {v!r}")
-        if self.max_file_bytes > self.max_request_bytes:
-            raise ValueError(f"max_file_bytes ({self.max_file_bytes}) > max_request_bytes ({self.max_request_bytes})")
+    name: Optional[str] = Field(None, description="Model name (run folder or .onnx file name)")
+    sha256: Optional[str] = Field(None, description="SHA-256 of the weights (and config) the server loaded")
+    backend: Optional[str] = Field(None, description="torch or onnx")
 
 
 class ItemResult(BaseModel):
@@ -105,7 +91,7 @@ class ItemResult(BaseModel):
 class ClassifyResponse(BaseModel):
     """Response of ``POST /v1/classify``: one :class:`ItemResult` per image part, in request order."""
 
-    model: Optional[str] = Field(None, description="Model source (run folder or .onnx file)")
+    model: ModelInfo
     threshold: float
     n_images: int
     n_parasitized: int
@@ -113,94 +99,61 @@ class ClassifyResponse(BaseModel):
     results: list[ItemResult]
 
 
-class _Part:
-    __slots__ = ("name", "filename", "content_type", "data", "too_large", "size")
+def _sha256_files(files: list[Path]) -> Optional[str]:
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.filename: str | None = None
-        self.content_type: str | None = None
-        self.data = bytearray()
-        self.too_large = False
-        self.size = 0
+
+def model_identity(source: Optional[str], backend: Optional[str] = None) -> dict:
+    """Name and SHA-256 of a model, for responses that must not show server paths.
+
+    Parameters
+    ----------
+    source : str or None
+        Run folder, ensemble folder or ``.onnx`` file.
+    backend : str, optional
+
+    Returns
+    -------
+    dict
+        ``{"name", "sha256", "backend"}``: the folder's or file's name; the SHA-256 of the file,
+        or of a folder's weights and settings (``*.safetensors``, ``*.onnx``, ``*.json``, names
+        included, in sorted order); None where there is no file.
+    """
+    if not source:
+        return {"name": None, "sha256": None, "backend": backend}
+    p = Path(source)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx", ".json"))
+    else:
+        files = []
+    return {"name": p.name, "sha256": _sha256_files(files), "backend": backend}
 
 
-async def _read_parts(request: Request, limits: ServeLimits) -> list[_Part]:
-    """Stream and parse a multipart body in memory, enforcing the byte and count limits."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
+def _header_pixels(data: bytes) -> int:
+    """Width x height from an image's header (no pixel decoded); 0 when it cannot be read."""
+    import io
 
-    ctype, opts = parse_options_header(request.headers.get("content-type", ""))
-    if ctype != b"multipart/form-data":
-        raise HTTPException(415, f"Content-Type must be multipart/form-data with one part per image, got "
-                                 f"{ctype.decode('latin-1') or 'none'!r}")
-    boundary = opts.get(b"boundary")
-    if not boundary:
-        raise HTTPException(422, "multipart/form-data without a boundary")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_request_bytes:
-        raise HTTPException(413, f"request body is {int(declared):,} bytes > limit {limits.max_request_bytes:,} bytes")
+    from PIL import Image
 
-    parts: list[_Part] = []
-    cur: dict = {"part": None, "hname": bytearray(), "hval": bytearray(), "headers": {}}
-
-    def on_part_begin() -> None:
-        cur["part"], cur["headers"] = _Part(), {}
-        parts.append(cur["part"])
-        if len(parts) > limits.max_images:
-            raise HTTPException(413, f"more than {limits.max_images} images in one request")
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        cur["hname"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        cur["hval"] += data[start:end]
-
-    def on_header_end() -> None:
-        cur["headers"][bytes(cur["hname"]).lower()] = bytes(cur["hval"])
-        cur["hname"], cur["hval"] = bytearray(), bytearray()
-
-    def on_headers_finished() -> None:
-        p: _Part = cur["part"]
-        _, disp = parse_options_header(cur["headers"].get(b"content-disposition", b""))
-        p.name = disp.get(b"name", b"").decode("utf-8", "replace") or None
-        fn = disp.get(b"filename")
-        p.filename = fn.decode("utf-8", "replace") if fn is not None else None
-        ct = cur["headers"].get(b"content-type")
-        p.content_type = ct.decode("latin-1") if ct else None
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        p: _Part = cur["part"]
-        p.size += end - start
-        if p.size > limits.max_file_bytes:
-            p.too_large, p.data = True, bytearray()
-        elif not p.too_large:
-            p.data += data[start:end]
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-    }, max_size=limits.max_request_bytes)
-    total = 0
     try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limits.max_request_bytes:
-                raise HTTPException(413, f"request body exceeds the limit of {limits.max_request_bytes:,} bytes")
-            parser.write(chunk)
-        parser.finalize()
-    except HTTPException:
-        raise
-    except Exception as exc:  # python-multipart raises MultipartParseError and friends
-        raise HTTPException(422, f"malformed multipart body: {exc}") from exc
-    # a part with a file name, or any non-empty part that is not a plain text field, is an image
-    images = [p for p in parts if p.filename is not None or (p.content_type or "").startswith("image/")
-              or (p.name in ("files", "file", "image", "images"))]
-    if not images:
-        raise HTTPException(422, "no image in the request: send one or more files as multipart parts (field name 'files')")
-    return images
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001 - the decode reports the real error
+        return 0
 
 
-def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -> FastAPI:
+def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, security: ServeSecurity | None = None,
+               field_in_process: bool | None = None) -> FastAPI:
     """Build the API around one predictor (created once, at start-up).
 
     Parameters
@@ -213,131 +166,241 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None) -
     rescorer : CellRescorer, optional
         Second stage for ``/v1/field``
         (:class:`~malaria_screen.smear.rescore.CellRescorer`, fitted with this cell model).
+    security : ServeSecurity, optional
+        API keys, rate limit, allowed hosts, CORS; default :class:`ServeSecurity()` (no keys, no
+        rate limit, loopback host names only).
+    field_in_process : bool, optional
+        Screen fields in worker processes (hard CPU and memory budgets, killed when the client
+        leaves). Default: when the predictor (and rescorer) can be loaded again from a path
+        (``source``); else fields are screened on a thread lane, without the hard budgets.
 
     Returns
     -------
     fastapi.FastAPI
-        Serve with ``uvicorn.run(app, host="127.0.0.1", port=8000)``; test with
-        ``fastapi.testclient.TestClient(app)``.
+        Serve with :func:`malaria_screen.serve.server.run` (header timeout) or
+        ``uvicorn.run(app, host="127.0.0.1", port=8000)``; test with
+        ``fastapi.testclient.TestClient(app)``. Field workers start with the app's lifespan
+        (or at the first field request) and stop with it.
     """
+    from contextlib import asynccontextmanager
+
+    from fastapi.middleware.cors import CORSMiddleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
     import malaria_screen
+    from malaria_screen.serve.security import AccessControl
 
     limits = limits or ServeLimits()
-    app = FastAPI(
-        title="malaria-screen API", version=malaria_screen.__version__,
-        description="Classify Giemsa-stained thin-smear red blood cell images as Parasitized / Uninfected. "
-                    "Research use only; not a medical device.",
+    security = security or ServeSecurity()
+    model = model_identity(predictor.source, getattr(predictor, "backend", None))
+    rescorer_id = None if rescorer is None else model_identity(getattr(rescorer, "source", None))
+    light = Lane("light", limits.light_workers, limits.max_queue)
+    heavy = Lane("heavy", limits.heavy_workers, limits.max_queue)
+    can_reload = bool(predictor.source) and getattr(predictor, "backend", None) in ("torch", "onnx") and \
+        (rescorer is None or bool(getattr(rescorer, "source", None)))
+    in_process = can_reload if field_in_process is None else field_in_process
+    if in_process and not can_reload:
+        raise ValueError("field_in_process=True needs a predictor (and rescorer) loadable from its source path")
+    fields = FieldWorkers(WorkerSpec(model=str(predictor.source) if in_process else "", backend=getattr(predictor, "backend", ""),
+                                     rescorer=str(rescorer.source) if in_process and rescorer is not None else None,
+                                     max_pixels=limits.max_pixels, cpu_s=limits.max_request_cpu_s,
+                                     memory_bytes=limits.max_field_memory_bytes),
+                          limits.field_workers, limits.max_queue, limits.field_jobs_per_worker) if in_process else None
+    field_lane = None if in_process else Lane("field", limits.field_workers, limits.max_queue)
+    try:
+        import malaria_screen.smear.screen  # noqa: F401
+
+        smear_error = None
+    except ImportError as exc:
+        smear_error = str(exc)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if fields is not None and smear_error is None:
+            fields.start()
+        try:
+            yield
+        finally:
+            if fields is not None:
+                fields.close()
+            light.close()
+            heavy.close()
+            if field_lane is not None:
+                field_lane.close()
+
+    from fastapi_offline import FastAPIOffline
+
+    app = FastAPIOffline(
+        title="malaria-screen API", version=malaria_screen.__version__, lifespan=lifespan, redoc_url=None,
+        static_url="/docs/static",
+        description="Classify Giemsa-stained thin-smear red blood cell images as Parasitized / Uninfected, and screen "
+                    "whole fields. Research use only; not a medical device.",
     )
-    app.state.predictor, app.state.limits, app.state.rescorer = predictor, limits, rescorer
+    app.state.predictor, app.state.limits, app.state.rescorer, app.state.security = predictor, limits, rescorer, security
+    app.state.field_workers = fields
+    # outermost first on the way in: Host check, CORS, then keys and rate limit
+    app.add_middleware(AccessControl, security=security)
+    app.add_middleware(CORSMiddleware, allow_origins=list(security.cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "X-API-Key", "Content-Type"], allow_credentials=False, max_age=600)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(security.allowed_hosts))
     size = predictor.input_size
 
-    def _classify(parts: list[_Part]) -> list[ItemResult]:
+    def _busy(exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": f"server busy: {exc}"}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
+    def _classify(cancel, parts: list[Part]) -> list[ItemResult]:
+        """On a lane thread: decode within the request's pixel and CPU budgets, then classify."""
         cells, errors = [], []
+        t_cpu = time.thread_time()
+        budget = {"px": 0}
+
+        def on_size(w: int, h: int) -> None:
+            budget["px"] += w * h
+            if budget["px"] > limits.max_request_pixels:
+                raise ImageDecodeError(f"not decoded: the request's pixel budget ({limits.max_request_pixels:,} px in all "
+                                       f"images) is spent")
+
         for p in parts:
+            cells.append(None)
+            if cancel.is_set():  # the client left: nobody reads the rest
+                errors.append("cancelled")
+                continue
             if p.too_large:
                 errors.append(f"file too large: {p.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
-                cells.append(None)
+                continue
+            if time.thread_time() - t_cpu > limits.max_request_cpu_s:
+                errors.append(f"not decoded: the request's CPU budget ({limits.max_request_cpu_s:g} s) is spent")
                 continue
             try:
-                cells.append(letterbox(check_colour(check_cell_size(decode_image(bytes(p.data), max_pixels=limits.max_pixels))), size))
+                rgb = decode_image(bytes(p.data), max_pixels=limits.max_pixels, on_size=on_size)
+                cells[-1] = letterbox(check_colour(check_cell_size(rgb)), size)
                 errors.append(None)
             except ImageDecodeError as exc:
-                cells.append(None)
                 errors.append(str(exc))
             except Exception as exc:  # noqa: BLE001 - a bad image never fails the request
-                cells.append(None)
                 errors.append(f"{type(exc).__name__}: {exc}")
         ok = [i for i, c in enumerate(cells) if c is not None]
-        probs = predictor.predict_proba_prepared(np.stack([cells[i] for i in ok])) if ok else None
-        labels = predictor.label_of(probs) if ok else []
+        probs = predictor.predict_proba_prepared(np.stack([cells[i] for i in ok])) if ok and not cancel.is_set() else None
+        labels = predictor.label_of(probs) if probs is not None else []
         out = [ItemResult(filename=p.filename, error=errors[i]) for i, p in enumerate(parts)]
-        for k, i in enumerate(ok):
+        for k, i in enumerate(ok if probs is not None else []):
             pp = None if predictor.positive_index is None else round(float(probs[k, predictor.positive_index]), 6)
             out[i] = ItemResult(filename=parts[i].filename, label=labels[k], p_parasitized=pp)
         return out
 
-    def _field(part: _Part, overlay: bool) -> dict:
-        from malaria_screen.smear.report import overlay_image
-        from malaria_screen.smear.screen import screen_field
+    def _peek(cancel, parts: list[Part]) -> int:
+        return sum(_header_pixels(bytes(p.data)) for p in parts if not p.too_large)
 
-        if part.too_large:
-            raise HTTPException(413, f"file too large: {part.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
+    def _field_in_thread(cancel, data: bytes, name: str, overlay: bool) -> dict:
+        from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
+
         try:
-            rgb = check_colour(decode_image(bytes(part.data), max_pixels=limits.max_pixels))
-        except ImageDecodeError as exc:
-            raise HTTPException(422, f"cannot read the field image: {exc}") from exc
-        try:
-            res = screen_field(rgb, predictor, image_name=part.filename or "field", rescorer=rescorer)
-        except ValueError as exc:  # a decoded image that cannot be screened, e.g. smaller than 8x8 px
-            raise HTTPException(422, f"cannot screen the field image ({rgb.shape[1]}x{rgb.shape[0]} px): {exc}") from exc
-        out = res.to_json()
-        if overlay:
-            import base64
-            import io as _io
-
-            from PIL import Image
-
-            buf = _io.BytesIO()
-            Image.fromarray(overlay_image(rgb, res)).save(buf, format="PNG")
-            out["overlay_png_base64"] = base64.b64encode(buf.getvalue()).decode("ascii")
-        return out
+            return screen_field_bytes(data, predictor, name=name, max_pixels=limits.max_pixels, overlay=overlay,
+                                      rescorer=rescorer)
+        except FieldRefused as exc:
+            raise JobFailed(exc.status, exc.detail) from None
 
     @app.get("/healthz", summary="Liveness check")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/model", summary="Model configuration, shipped metrics and server limits")
-    def model_info() -> dict:
-        return {"source": predictor.source, "backend": getattr(predictor, "backend", None),
+    @app.get("/readyz", summary="Readiness: model loaded, field workers up, queues not full",
+             responses={503: {"description": "Not ready (reasons in `reasons`)"}})
+    async def readyz() -> JSONResponse:
+        queues = {"light": light.pending, "heavy": heavy.pending,
+                  "field": fields.pending if fields is not None else field_lane.pending}
+        reasons = [f"the {n} queue is full" for n, lane in (("light", light), ("heavy", heavy)) if lane.full]
+        if fields is not None and smear_error is None:
+            fields.start()
+            if fields.ready == 0:
+                reasons.append("no field worker is up yet" + (f" ({fields.last_error})" if fields.last_error else ""))
+            if fields.full:
+                reasons.append("the field queue is full")
+        body = {"status": "not ready" if reasons else "ready", "reasons": reasons, "pending": queues,
+                "field_workers": fields.ready if fields is not None else None}
+        return JSONResponse(body, status_code=503 if reasons else 200)
+
+    @app.get("/v1/model", summary="Model (name and hash), configuration, shipped metrics and server limits")
+    async def model_info() -> dict:
+        return {"model": model, "backend": model["backend"],
                 "precision": getattr(predictor, "precision", None), "config": predictor.config.to_dict(),
-                "metrics": predictor.metrics, "limits": dataclasses.asdict(limits),
-                "rescorer": None if rescorer is None else dataclasses.asdict(rescorer.config) | {"source": rescorer.source}}
+                "metrics": predictor.metrics, "limits": dataclasses.asdict(limits), "security": security.public(),
+                "field_workers": "process" if in_process else "thread",
+                "rescorer": None if rescorer is None else dataclasses.asdict(rescorer.config) | {"model": rescorer_id}}
 
     @app.post(
         "/v1/classify", response_model=ClassifyResponse, summary="Classify one or more cell images",
-        responses={413: {"description": "Request too large or too many images"},
-                   415: {"description": "Not multipart/form-data"}, 422: {"description": "Malformed or no image"}},
+        responses={401: {"description": "Missing or invalid API key"}, 408: {"description": "Body too slow"},
+                   413: {"description": "Request too large or too many images"},
+                   415: {"description": "Not multipart/form-data"}, 422: {"description": "Malformed or no image"},
+                   429: {"description": "Rate limit"}, 503: {"description": "Queue full; see Retry-After"}},
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["files"],
             "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
                                      "description": f"Cell images (PNG, JPEG, WebP, TIFF, BMP, GIF); at most "
                                                     f"{limits.max_images} per request, {limits.max_file_bytes:,} bytes "
-                                                    f"and {limits.max_pixels:,} pixels each"}}}}}}},
+                                                    f"and {limits.max_pixels:,} pixels each, "
+                                                    f"{limits.max_request_pixels:,} pixels in all"}}}}}}},
     )
-    async def classify(request: Request) -> ClassifyResponse:
-        parts = await _read_parts(request, limits)
-        # decoding a large image takes up to seconds: never on the event loop, so /healthz and
-        # other requests keep answering meanwhile
-        results = await run_in_threadpool(_classify, parts)
+    async def classify(request: Request):
+        parts = await read_file_parts(request, limits)
+        try:
+            # decoding is never on the event loop; light requests never wait behind heavy ones
+            px = await light.run(_peek, parts, receive=request.receive)
+            lane = light if px <= limits.light_request_pixels else heavy
+            results = await lane.run(_classify, parts, receive=request.receive)
+        except QueueFull as exc:
+            return _busy(exc)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
         pos = None if predictor.positive_index is None else predictor.class_names[predictor.positive_index]
         n_par = sum(1 for r in results if pos is not None and r.label == pos)
-        return ClassifyResponse(model=predictor.source, threshold=predictor.threshold, n_images=len(results),
+        return ClassifyResponse(model=ModelInfo(**model), threshold=predictor.threshold, n_images=len(results),
                                 n_parasitized=n_par, n_failed=sum(1 for r in results if r.error), results=results)
 
     @app.post(
         "/v1/field", summary="Screen one whole thin-smear field: cells, labels, parasitemia",
-        responses={413: {"description": "Request or file too large"}, 415: {"description": "Not multipart/form-data"},
-                   422: {"description": "Malformed, no image, or an image that cannot be read or screened"},
-                   501: {"description": "Whole-field screening not installed (malaria-screen[smear])"}},
+        responses={401: {"description": "Missing or invalid API key"}, 408: {"description": "Body too slow"},
+                   413: {"description": "Request, file or image too large"}, 415: {"description": "Not multipart/form-data"},
+                   422: {"description": "Malformed, no image, or an image that cannot be read or screened within "
+                                        "the per-request CPU and memory budget"},
+                   429: {"description": "Rate limit"},
+                   501: {"description": "Whole-field screening not installed (malaria-screen[smear])"},
+                   503: {"description": "Queue full; see Retry-After"}},
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],
             "properties": {"file": {"type": "string", "format": "binary",
-                                    "description": f"One field image, at most {limits.max_pixels:,} pixels"}}}}}}},
+                                    "description": f"One field image, at most {limits.max_file_bytes:,} bytes and "
+                                                   f"{limits.max_pixels:,} pixels"}}}}}}},
     )
-    async def field(request: Request, overlay: bool = False) -> dict:
+    async def field(request: Request, overlay: bool = False):
         """The field's result as written by `malaria-screen smear` to `<stem>.json`: `image`, `width`,
         `height` (pixels), `n_rbc`, `n_infected`, `parasitemia` (fraction 0..1), `parasitemia_ci95`
         (Wilson 95 % interval), `rbc_diameter_px`, `n_wbc`, `classified`, `seconds` (per stage) and
         `cells` (`id`, `bbox` [x, y, w, h] in pixels from the top-left, `area_px`, `p_parasitized`,
-        `label`, ...); with `?overlay=true` also `overlay_png_base64`, the overlay image as a
-        base64 PNG."""
-        try:
-            import malaria_screen.smear.screen  # noqa: F401
-        except ImportError as exc:
-            raise HTTPException(501, f"whole-field screening needs malaria-screen[smear]: {exc}") from exc
-        parts = await _read_parts(request, limits)
+        `label`, ...), and `model` (name and SHA-256); with `?overlay=true` also
+        `overlay_png_base64`, the overlay image as a base64 PNG."""
+        if smear_error is not None:
+            raise HTTPException(501, f"whole-field screening needs malaria-screen[smear]: {smear_error}")
+        parts = await read_file_parts(request, limits)
         if len(parts) != 1:
             raise HTTPException(422, f"send exactly one field image, got {len(parts)}")
-        return await run_in_threadpool(_field, parts[0], overlay)
+        part = parts[0]
+        if part.too_large:
+            raise HTTPException(413, f"file too large: {part.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
+        data, name = bytes(part.data), part.filename or "field"
+        part.data = bytearray()
+        try:
+            if fields is not None:
+                out = await fields.run(data, name, overlay, receive=request.receive)
+            else:
+                out = await field_lane.run(_field_in_thread, data, name, overlay, receive=request.receive)
+        except QueueFull as exc:
+            return _busy(exc)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        except JobFailed as exc:
+            raise HTTPException(exc.status, exc.detail) from None
+        return out | {"model": model}
 
     return app

@@ -1,0 +1,469 @@
+"""Bounded job queues of the REST API: thread lanes for cell images, worker processes for fields.
+
+Every decode or screening job enters a queue with a fixed number of workers and a fixed number
+of waiting places; a job that finds them all taken is refused at once with :class:`QueueFull`
+(503 with ``Retry-After``), so hostile load can fill a queue but never the server's memory, and
+never the event loop, which keeps answering ``/healthz`` and ``/readyz``.
+
+:class:`Lane`
+    A thread pool with a bounded queue. The job gets a :class:`threading.Event` that is set when
+    the client leaves; jobs check it between images.
+:class:`FieldWorkers`
+    Worker processes (``spawn``), each with the model loaded once, for ``/v1/field``. A job's CPU
+    seconds are bounded by ``RLIMIT_CPU`` (the kernel ends the worker with ``SIGXCPU`` when they
+    are spent) and its memory by ``RLIMIT_AS`` (a ``MemoryError`` in the worker); a job whose
+    client leaves, or that overruns its wall-clock time, is ended by killing its worker. A dead
+    or worn worker (``field_jobs_per_worker`` jobs) is replaced, so the server's memory cannot
+    creep under field load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import resource
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+__all__ = ["ClientGone", "FieldWorkers", "JobFailed", "Lane", "QueueFull", "WorkerSpec", "until_disconnect"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """All workers and waiting places of a queue are taken; ``retry_after`` in seconds."""
+
+    def __init__(self, name: str, retry_after: int) -> None:
+        super().__init__(f"the {name} queue is full; retry in {retry_after} s")
+        self.name, self.retry_after = name, retry_after
+
+
+class ClientGone(Exception):
+    """The client disconnected before its job finished; the job was dropped or ended."""
+
+
+class JobFailed(Exception):
+    """A job that ended without a result; ``status`` (HTTP) and ``detail`` say why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+async def until_disconnect(receive: Callable) -> None:
+    """Return when the client has gone (``http.disconnect``), after its body was read.
+
+    Parameters
+    ----------
+    receive : ASGI receive callable
+        The request's (``request.receive``); once the body is consumed, the server answers it
+        only when the client disconnects or the response is complete.
+    """
+    while True:
+        msg = await receive()
+        if msg.get("type") == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # a server that repeats empty body messages must not spin the loop
+
+
+async def _race(work: "asyncio.Future", receive: Optional[Callable], timeout: Optional[float]):
+    """Await ``work``; raise :class:`ClientGone` if the client leaves first,
+    :class:`TimeoutError` if ``timeout`` passes first."""
+    watch = asyncio.ensure_future(until_disconnect(receive)) if receive is not None else None
+    try:
+        done, _ = await asyncio.wait({work} | ({watch} if watch else set()), timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        if watch is not None and watch in done:
+            raise ClientGone
+        raise TimeoutError
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
+class Lane:
+    """A bounded job queue on its own threads.
+
+    Parameters
+    ----------
+    name : str
+        Named in the 503 message.
+    workers : int
+        Threads running jobs.
+    max_queue : int
+        Jobs that may wait for a thread; one more raises :class:`QueueFull`.
+    """
+
+    def __init__(self, name: str, workers: int, max_queue: int) -> None:
+        self.name, self.workers, self.max_queue = name, workers, max_queue
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"malaria-screen-{name}")
+        self._pending = 0
+        self._seconds = 1.0  # running mean job time, for Retry-After
+
+    @property
+    def pending(self) -> int:
+        """Jobs running or waiting."""
+        return self._pending
+
+    @property
+    def full(self) -> bool:
+        return self._pending >= self.workers + self.max_queue
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._seconds * (1 + self._pending / self.workers)))
+
+    async def run(self, fn: Callable[..., Any], *args, receive: Optional[Callable] = None) -> Any:
+        """Run ``fn(cancel, *args)`` on a lane thread; ``cancel`` is set when the client leaves.
+
+        Raises
+        ------
+        QueueFull
+            If all threads and waiting places are taken.
+        ClientGone
+            If the client disconnected (``receive`` given); a job not started is dropped.
+        """
+        if self.full:
+            raise QueueFull(self.name, self.retry_after())
+        self._pending += 1
+        cancel = threading.Event()
+        t0 = time.monotonic()
+        fut = asyncio.wrap_future(self._pool.submit(fn, cancel, *args))
+        try:
+            return await _race(fut, receive, None)
+        except BaseException:
+            cancel.set()
+            fut.cancel()
+            raise
+        finally:
+            self._pending -= 1
+            self._seconds = 0.8 * self._seconds + 0.2 * (time.monotonic() - t0)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a field worker process loads: the cell model (and rescorer) by path.
+
+    Attributes
+    ----------
+    model : str
+        Run folder or ``.onnx`` file (the predictor's ``source``).
+    backend : str
+        ``"torch"`` or ``"onnx"``, as in the server.
+    rescorer : str, optional
+        Rescorer file (``CellRescorer.load``).
+    max_pixels : int
+    cpu_s : float
+        CPU seconds per job.
+    memory_bytes : int
+        Address space a job may add to the loaded worker (``RLIMIT_AS``); 0: no limit.
+    """
+
+    model: str
+    backend: str
+    rescorer: Optional[str]
+    max_pixels: int
+    cpu_s: float
+    memory_bytes: int
+
+
+def _vm_size() -> int:
+    """This process's virtual memory size, bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _worker_main(conn, spec: WorkerSpec) -> None:
+    """Field worker process: load the model once, then screen jobs until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which ends us
+    try:
+        from malaria_screen.inference import load_model
+        from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
+
+        kw = {"num_threads": 1} if spec.backend == "onnx" else {}
+        if spec.backend != "onnx":
+            import torch
+
+            torch.set_num_threads(1)
+        predictor = load_model(spec.model, backend=spec.backend, **kw)
+        rescorer = None
+        if spec.rescorer:
+            from malaria_screen.smear.rescore import CellRescorer
+
+            rescorer = CellRescorer.load(spec.rescorer)
+        import malaria_screen.smear.report  # noqa: F401 - loaded now, not in the first job's budget
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    if spec.memory_bytes and hasattr(resource, "RLIMIT_AS"):
+        limit = _vm_size() + spec.memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        data, name, overlay = job
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        spent = used.ru_utime + used.ru_stime
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        soft = math.ceil(spent + spec.cpu_s)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+        try:
+            out = ("ok", screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, overlay=overlay,
+                                            rescorer=rescorer))
+        except FieldRefused as exc:
+            out = ("refused", exc.status, exc.detail, False)
+        except MemoryError:
+            del data, job
+            conn.send(("refused", 422, f"screening this field needs more memory than the per-request limit "
+                                       f"({spec.memory_bytes:,} bytes of address space)", True))
+            return  # a fresh worker replaces this one
+        except Exception as exc:  # noqa: BLE001 - a bug: reported as 500, the worker carries on
+            out = ("error", f"{type(exc).__name__}: {exc}")
+        del data, job
+        conn.send(out)
+
+
+class _Worker:
+    __slots__ = ("proc", "conn", "jobs")
+
+    def __init__(self, proc, conn) -> None:
+        self.proc, self.conn, self.jobs = proc, conn, 0
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+        self.conn.close()
+
+
+class FieldWorkers:
+    """Worker processes for ``/v1/field`` with a bounded queue and per-job CPU/memory budgets.
+
+    All waiting happens on this object's own I/O threads (never on the event loop, and with no
+    asyncio object bound to one loop), one per pending job, so the number of threads is bounded
+    by ``workers + max_queue``.
+
+    Parameters
+    ----------
+    spec : WorkerSpec
+    workers : int
+        Worker processes.
+    max_queue : int
+        Jobs that may wait for a worker; one more raises :class:`QueueFull`.
+    jobs_per_worker : int
+        A worker is replaced after this many jobs.
+    """
+
+    def __init__(self, spec: WorkerSpec, workers: int, max_queue: int, jobs_per_worker: int) -> None:
+        self.spec, self.workers, self.max_queue, self.jobs_per_worker = spec, workers, max_queue, jobs_per_worker
+        self._ctx = mp.get_context("spawn")
+        self._io = ThreadPoolExecutor(workers + max_queue + workers + 1, thread_name_prefix="malaria-screen-field")
+        self._idle: "queue.Queue[_Worker]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._all: set[_Worker] = set()
+        self._pending = 0
+        self._starting = 0
+        self._started = False
+        self._closed = False
+        self._seconds = 2.0
+        self.last_error: Optional[str] = None
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def _spawn(self) -> None:
+        """Start one worker and wait for its model to load (blocking; on an I/O thread)."""
+        try:
+            parent, child = self._ctx.Pipe()
+            proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True, name="malaria-screen-field")
+            proc.start()
+            child.close()
+            w = _Worker(proc, parent)
+            try:
+                msg = parent.recv() if parent.poll(300) else ("error", "the worker did not load the model in 300 s")
+            except (EOFError, OSError):
+                msg = ("error", f"the worker exited while loading the model (exit code {proc.exitcode})")
+            if msg[0] != "ready":
+                self.last_error = msg[1]
+                log.error("field worker failed to start: %s", msg[1])
+                w.kill()
+                return
+            with self._lock:
+                if self._closed:
+                    w.kill()
+                    return
+                self._all.add(w)
+            self._idle.put(w)
+        finally:
+            with self._lock:
+                self._starting -= 1
+
+    def _add_worker(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._starting += 1
+        self._io.submit(self._spawn)
+
+    def start(self) -> None:
+        """Start the workers in the background (they load the model in parallel); idempotent."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        for _ in range(self.workers):
+            self._add_worker()
+
+    def _retire(self, w: _Worker, kill: bool) -> None:
+        with self._lock:
+            self._all.discard(w)
+        if not kill:
+            try:
+                w.conn.send(None)
+                w.proc.join(timeout=2)
+            except OSError:
+                pass
+        w.kill()
+        self._add_worker()
+
+    def close(self) -> None:
+        """Stop every worker."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._all)
+            self._all.clear()
+        for w in workers:
+            w.kill()
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> int:
+        """Workers up (idle or busy)."""
+        with self._lock:
+            return len(self._all)
+
+    @property
+    def pending(self) -> int:
+        """Jobs running or waiting."""
+        return self._pending
+
+    @property
+    def full(self) -> bool:
+        return self._pending >= self.workers + self.max_queue
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._seconds * (1 + self._pending / self.workers)))
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def _job(self, cancel: threading.Event, job: tuple) -> tuple:
+        """Wait for a worker, send it the job, wait for the answer; on ``cancel`` or overrun,
+        kill the worker. Runs on an I/O thread."""
+        w = None
+        while w is None:
+            if cancel.is_set():
+                return ("cancelled",)
+            try:
+                w = self._idle.get(timeout=0.1)
+            except queue.Empty:
+                with self._lock:
+                    if not self._all and self._starting == 0:
+                        return ("unavailable",)
+                continue
+            if not w.proc.is_alive():  # died while idle
+                self._retire(w, kill=True)
+                w = None
+        wall = 4 * self.spec.cpu_s + 30  # the CPU budget, with room for a busy machine's waiting
+        t_end = time.monotonic() + wall
+        try:
+            w.conn.send(job)
+            while not w.conn.poll(0.1):
+                if cancel.is_set():
+                    self._retire(w, kill=True)
+                    return ("cancelled",)
+                if time.monotonic() > t_end:
+                    self._retire(w, kill=True)
+                    return ("timeout", wall)
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            w.proc.join(timeout=5)
+            code = w.proc.exitcode
+            self._retire(w, kill=True)
+            return ("died", code)
+        w.jobs += 1
+        if msg[0] == "refused" and msg[3]:  # the worker has exited (out of memory)
+            self._retire(w, kill=True)
+        elif w.jobs >= self.jobs_per_worker:
+            self._retire(w, kill=False)
+        else:
+            self._idle.put(w)
+        return msg
+
+    async def run(self, data: bytes, name: str, overlay: bool, receive: Optional[Callable] = None) -> dict:
+        """Screen one field in a worker; the field's JSON.
+
+        Raises
+        ------
+        QueueFull
+            All workers busy and ``max_queue`` jobs waiting, or no worker could start.
+        JobFailed
+            413/422 for a refused field (incl. over the CPU or memory budget), 500 for a bug,
+            504 when the job overran its wall-clock time.
+        ClientGone
+            The client left; its job was dropped or its worker killed (and replaced).
+        """
+        self.start()
+        if self.full:
+            raise QueueFull("field", self.retry_after())
+        self._pending += 1
+        t0 = time.monotonic()
+        cancel = threading.Event()
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self._io, self._job, cancel, (data, name, overlay))
+            try:
+                msg = await _race(fut, receive, None)
+            except BaseException:
+                cancel.set()
+                raise
+        finally:
+            self._pending -= 1
+            self._seconds = 0.8 * self._seconds + 0.2 * (time.monotonic() - t0)
+        kind = msg[0]
+        if kind == "ok":
+            return msg[1]
+        if kind == "refused":
+            raise JobFailed(msg[1], msg[2])
+        if kind == "unavailable":
+            raise QueueFull(f"field (no worker running: {self.last_error or 'not started'})", 10)
+        if kind == "cancelled":
+            raise ClientGone
+        if kind == "timeout":
+            raise JobFailed(504, f"screening this field took more than {msg[1]:.0f} s of wall-clock time")
+        if kind == "died":
+            if msg[1] == -getattr(signal, "SIGXCPU", 24):
+                raise JobFailed(422, f"screening this field needs more than the per-request CPU budget "
+                                     f"({self.spec.cpu_s:g} CPU seconds)")
+            raise JobFailed(500, f"the field worker ended unexpectedly (exit code {msg[1]})")
+        log.error("field job failed: %s", msg[1])
+        raise JobFailed(500, f"field screening failed: {msg[1]}")
