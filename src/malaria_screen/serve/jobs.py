@@ -191,6 +191,12 @@ def _vm_size() -> int:
     return 0
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (Python's, OpenCV's or C++'s) under ``RLIMIT_AS``."""
+    msg = str(exc)
+    return isinstance(exc, MemoryError) or "Insufficient memory" in msg or "bad_alloc" in msg or "Cannot allocate" in msg
+
+
 def _worker_main(conn, spec: WorkerSpec) -> None:
     """Field worker process: load the model once, then screen jobs until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which ends us
@@ -214,8 +220,9 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     if spec.memory_bytes and hasattr(resource, "RLIMIT_AS"):
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
         limit = _vm_size() + spec.memory_bytes
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -235,13 +242,16 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
                                             rescorer=rescorer))
         except FieldRefused as exc:
             out = ("refused", exc.status, exc.detail, False)
-        except MemoryError:
+        except Exception as exc:  # noqa: BLE001 - a bug: reported as 500, the worker carries on
+            if not _out_of_memory(exc):
+                out = ("error", f"{type(exc).__name__}: {exc}")
+                del data, job
+                conn.send(out)
+                continue
             del data, job
             conn.send(("refused", 422, f"screening this field needs more memory than the per-request limit "
                                        f"({spec.memory_bytes:,} bytes of address space)", True))
             return  # a fresh worker replaces this one
-        except Exception as exc:  # noqa: BLE001 - a bug: reported as 500, the worker carries on
-            out = ("error", f"{type(exc).__name__}: {exc}")
         del data, job
         conn.send(out)
 
