@@ -153,3 +153,28 @@ def test_whole_field_tab_in_headless_chromium(playwright_api, random_run, demo_f
             browser.close()
     finally:
         demo.close()
+
+
+def test_app_limits_match_rest(onnx_fp32, sample_pngs, tmp_path):
+    """Issue 23: 25 Mpx per image (was 100), 50 Mpx per click, the field tab decoding its file within
+    the limit, uploads capped and deleted, a bounded queue."""
+    from PIL import Image
+
+    from malaria_screen.app import AppLimits, build_app, classify_files, screen_field_image
+    from malaria_screen.inference import OnnxPredictor
+
+    pred = OnnxPredictor.from_file(onnx_fp32)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (5001, 5000), (200, 120, 150)).save(big)  # 25.005 Mpx, a small file
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (5000, 5000), (200, 120, 150)).save(ok)
+    files = [str(big), str(ok), str(ok), str(ok), str(sample_pngs[0])]
+    _, _, table, _ = classify_files(pred, files, out_dir=tmp_path / "o")
+    assert "too large" in table[0][3] and "25,000,000" in table[0][3]
+    assert table[1][3] is None and table[2][3] is None  # 2 x 25 Mpx: the whole 50 Mpx budget
+    assert "pixel budget" in table[3][3] and "pixel budget" in table[4][3]
+    summary, overlay = screen_field_image(pred, str(big))
+    assert "too large" in summary and overlay is None
+    demo = build_app(pred, limits=AppLimits(max_queue=3), work_dir=tmp_path / "w")
+    assert demo.app_limits.max_file_bytes == 8 * 1024 * 1024 and demo._queue.max_size == 3
+    assert demo.delete_cache == (900, 900)

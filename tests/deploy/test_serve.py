@@ -20,12 +20,25 @@ def predictor(onnx_fp32):
     return OnnxPredictor.from_file(onnx_fp32)
 
 
+_APPS: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_field_workers():
+    """Apps made without a lifespan (TestClient outside ``with``) start field workers on demand: stop them."""
+    yield
+    for app in _APPS:
+        if app.state.field_workers is not None:
+            app.state.field_workers.close()
+
+
 def _client(predictor, **limits):
     from fastapi.testclient import TestClient
 
     from malaria_screen.serve import ServeLimits, create_app
 
-    return TestClient(create_app(predictor, ServeLimits(**limits)), base_url="http://localhost")
+    _APPS.append(create_app(predictor, ServeLimits(**limits)))
+    return TestClient(_APPS[-1], base_url="http://localhost")  # the Host allow-list admits loopback names
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -11,6 +11,15 @@ outlined, parasitemia with its 95 % interval (:mod:`malaria_screen.smear`, when 
 One predictor is built at start-up and shared by all sessions. With the PyTorch back-end each
 result shows the cell beside its Grad-CAM overlay (:func:`malaria_screen.inference.gradcam.explain`);
 with an ONNX model (no gradients) the cell alone.
+
+Limits (issue 23), the same as the REST API's (:class:`AppLimits`): uploads of at most
+``max_file_bytes`` each (Gradio's ``max_file_size``: larger files are refused before they are
+stored); at most 25 Mpx per image, checked from the header before decoding, and 50 Mpx per
+request in all; the whole-field tab receives the file, not a decoded array, so its pixels are
+decoded within the same limit; a bounded queue (``max_queue`` waiting events, then Gradio's
+"queue full") with ``cell_concurrency`` / ``field_concurrency`` events at once; uploaded files
+and result CSVs are deleted ``cache_ttl_s`` after they were made (Gradio's ``delete_cache``),
+and a session's CSV folder when its tab closes.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from typing import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from malaria_screen.data.io import check_cell_size, check_colour, decode_image  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from malaria_screen.data.io import ImageDecodeError, check_cell_size, check_colour, decode_image  # noqa: E402
 from malaria_screen.data.preprocess import letterbox  # noqa: E402
 from malaria_screen.fileio import atomic_write_text  # noqa: E402
 
-__all__ = ["build_app", "classify_files", "launch", "sample_files", "screen_field_image"]
+__all__ = ["AppLimits", "build_app", "classify_files", "launch", "sample_files", "screen_field_image"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,51 @@ _DISCLAIMER = ("Upload Giemsa-stained thin-smear **single-cell** images (PNG, JP
                "the model found its evidence. *Research use only; not a medical device.*")
 _CSV_COLUMNS = ["file", "label", "p_parasitized", "error"]
 _TILE_PX = 160
+
+
+@dataclass(frozen=True)
+class AppLimits:
+    """Limits of the web app, the same as the REST API's defaults.
+
+    Attributes
+    ----------
+    max_file_bytes : int, default=8 MiB
+        Largest upload, bytes (Gradio refuses larger files before storing them).
+    max_pixels : int, default=25,000,000
+        Largest image, width x height (cells and fields), checked from the header.
+    max_request_pixels : int, default=50,000,000
+        Pixels decoded for one click, all images together; later images get an error unread.
+    max_files : int, default=256
+        Files classified per click; more get an error.
+    cell_concurrency, field_concurrency : int, default=2, 1
+        Events of each tab run at once; the others wait in the queue.
+    max_queue : int, default=16
+        Events that may wait; more are refused ("queue full").
+    cache_ttl_s : int, default=900
+        Uploads and result files are deleted this long after they were made (checked as often).
+
+    Raises
+    ------
+    ValueError
+        If a limit is < 1.
+    """
+
+    max_file_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 25_000_000
+    max_request_pixels: int = 50_000_000
+    max_files: int = 256
+    cell_concurrency: int = 2
+    field_concurrency: int = 1
+    max_queue: int = 16
+    cache_ttl_s: int = 900
+
+    def __post_init__(self) -> None:
+        import dataclasses
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f.name} must be an int >= 1, got {v!r}")
 
 
 def sample_files() -> list[str]:
@@ -67,7 +123,8 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, explain: bool = True, max_files: int = 500):
+def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, explain: bool = True, max_files: int = 256,
+                   max_pixels: int = 25_000_000, max_request_pixels: int = 50_000_000):
     """Classify uploaded files and build what the page shows; the app's one handler.
 
     Parameters
@@ -79,8 +136,12 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
         Folder for the results CSV (written atomically).
     explain : bool, default=True
         Grad-CAM overlays (PyTorch back-end only; ignored otherwise).
-    max_files : int, default=500
+    max_files : int, default=256
         Files beyond this are reported as errors, not processed.
+    max_pixels : int, default=25,000,000
+        Largest image (width x height), checked from the header before decoding.
+    max_request_pixels : int, default=50,000,000
+        Pixels decoded in all; files after the budget is spent get an error unread.
 
     Returns
     -------
@@ -99,6 +160,13 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
     can_explain = explain and hasattr(predictor, "net") and hasattr(getattr(predictor, "net"), "forward_features")
     rows, gallery = [], []
     pos = None if predictor.positive_index is None else predictor.class_names[predictor.positive_index]
+    spent = {"px": 0}
+
+    def on_size(w: int, h: int) -> None:
+        spent["px"] += w * h
+        if spent["px"] > max_request_pixels:
+            raise ImageDecodeError(f"not decoded: this upload's pixel budget ({max_request_pixels:,} px in all images) is spent")
+
     for i, p in enumerate(paths):
         name = Path(p).name
         row = {"file": name, "label": None, "p_parasitized": None, "error": None}
@@ -107,7 +175,7 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
             row["error"] = f"not processed: more than {max_files} files in one upload"
             continue
         try:
-            rgb = check_colour(check_cell_size(decode_image(p)))
+            rgb = check_colour(check_cell_size(decode_image(p, max_pixels=max_pixels, on_size=on_size)))
             if can_explain:
                 (ex,) = run_explain(predictor, [rgb])
                 label, pp, ov = ex.label, ex.p_parasitized, ex.overlay
@@ -135,15 +203,18 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
     return summary, gallery, table, csv_path
 
 
-def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field", rescorer=None):
+def screen_field_image(predictor, rgb, *, name: str = "field", rescorer=None, max_pixels: int = 25_000_000):
     """Screen one whole thin-smear field for the app (issue 5).
 
     Parameters
     ----------
     predictor : CellClassifierBase
-    rgb : (H, W, 3) ndarray of uint8 or None
+    rgb : path, bytes or (H, W, 3) ndarray of uint8, or None
+        The field: the uploaded file (decoded here, within ``max_pixels``) or an array.
     rescorer : CellRescorer, optional
         Second stage (:func:`malaria_screen.smear.screen.screen_field`).
+    max_pixels : int, default=25,000,000
+        Largest field (width x height), checked from the file's header before decoding.
 
     Returns
     -------
@@ -159,7 +230,9 @@ def screen_field_image(predictor, rgb: np.ndarray | None, *, name: str = "field"
     if rgb is None:
         return "No field uploaded.", None
     try:
-        rgb = check_colour(decode_image(rgb))
+        if isinstance(rgb, (str, os.PathLike)) and name == "field":
+            name = Path(rgb).name
+        rgb = check_colour(decode_image(rgb, max_pixels=max_pixels))
         res = screen_field(rgb, predictor, image_name=name, rescorer=rescorer)
     except (OSError, ValueError) as exc:  # bad input (undecodable, too small, too large): the user's, not ours
         log.warning("field screening refused: %s", exc)
@@ -185,7 +258,8 @@ def _smear_available() -> bool:
     return True
 
 
-def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str | Path | None = None, rescorer=None):
+def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str | Path | None = None, rescorer=None,
+              limits: AppLimits | None = None):
     """Build the Gradio app around one predictor.
 
     Parameters
@@ -198,13 +272,19 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
         Folder for result CSVs; default a new temporary folder.
     rescorer : CellRescorer, optional
         Second stage for the "Whole field" tab (fitted with this cell model).
+    limits : AppLimits, optional
+        Default :class:`AppLimits()`.
 
     Returns
     -------
     gradio.Blocks
-        Launch with :func:`launch` (which sets the offline options).
+        Launch with :func:`launch` (which sets the offline options and ``max_file_size``).
     """
+    import shutil
+
     import gradio as gr
+
+    limits = limits or AppLimits()
 
     examples = list(sample_files() if examples is None else examples)
     demo_dir = Path(str(resources.files("malaria_screen") / "assets" / "demo_field"))
@@ -212,6 +292,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="malaria-screen-app-"))
     metrics = predictor.metrics or {}
     model_line = f"Model: `{Path(predictor.source).name if predictor.source else '?'}` ({getattr(predictor, 'backend', '?')})"
+    model_line += (f"; limits: {limits.max_file_bytes / 2**20:g} MiB and {limits.max_pixels / 1e6:g} Mpx per image, "
+                   f"{limits.max_files} files per click")
     if "accuracy" in metrics and "roc_auc" in metrics:
         model_line += f"; test patients: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}"
     if rescorer is not None:
@@ -221,10 +303,22 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     def run(files, request: gr.Request | None = None):
         paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
         sess = work / (getattr(request, "session_hash", None) or "session")
-        summary, gallery, table, csv_path = classify_files(predictor, paths, out_dir=sess)
+        summary, gallery, table, csv_path = classify_files(predictor, paths, out_dir=sess, max_files=limits.max_files,
+                                                           max_pixels=limits.max_pixels,
+                                                           max_request_pixels=limits.max_request_pixels)
         return summary, gallery, table, csv_path
 
-    with gr.Blocks(title="malaria-screen", analytics_enabled=False) as demo:
+    def forget(request: gr.Request | None = None):
+        """A closed tab: delete its session's result folder."""
+        h = getattr(request, "session_hash", None)
+        if h and "/" not in h and h not in (".", ".."):
+            shutil.rmtree(work / h, ignore_errors=True)
+
+    def field(path):
+        return screen_field_image(predictor, path, rescorer=rescorer, max_pixels=limits.max_pixels)
+
+    with gr.Blocks(title="malaria-screen", analytics_enabled=False,
+                   delete_cache=(limits.cache_ttl_s, limits.cache_ttl_s)) as demo:
         gr.Markdown(f"# {_TITLE}\n{_DISCLAIMER}\n\n{model_line}")
         with gr.Tab("Cells"), gr.Row():
             with gr.Column(scale=1):
@@ -239,19 +333,24 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
                 table = gr.Dataframe(headers=_CSV_COLUMNS, label="Results", elem_id="results", interactive=False)
                 csv_file = gr.File(label="Results (CSV)", elem_id="csv")
         outs = [summary, gallery, table, csv_file]
-        btn.click(run, inputs=[files], outputs=outs)
-        files.upload(run, inputs=[files], outputs=outs)
+        btn.click(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
+        files.upload(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
+        demo.unload(forget)
         if _smear_available():
             with gr.Tab("Whole field"), gr.Row():
                 with gr.Column(scale=1):
-                    field_in = gr.Image(label="Thin-smear field image", type="numpy", elem_id="field-in")
+                    # the file, not a decoded array: decoded here within max_pixels
+                    field_in = gr.Image(label="Thin-smear field image", type="filepath", elem_id="field-in")
                     field_btn = gr.Button("Screen field", variant="primary", elem_id="field-btn")
                     if demo_field:
                         gr.Examples(examples=[[demo_field]], inputs=[field_in], label="Example (Chula-RBC-12, MIT)")
                 with gr.Column(scale=2):
                     field_summary = gr.Markdown(elem_id="field-summary")
                     field_out = gr.Image(label="Cells: red = Parasitized, green = Uninfected", elem_id="field-out")
-            field_btn.click(lambda im: screen_field_image(predictor, im, rescorer=rescorer), inputs=[field_in], outputs=[field_summary, field_out])
+            field_btn.click(field, inputs=[field_in], outputs=[field_summary, field_out],
+                            concurrency_limit=limits.field_concurrency, concurrency_id="field")
+    demo.queue(max_size=limits.max_queue)
+    demo.app_limits = limits
     return demo
 
 
@@ -278,6 +377,7 @@ def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thre
 
     demo = build_app(predictor, **kwargs)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False, show_error=True,
+                max_file_size=demo.app_limits.max_file_bytes,
                 prevent_thread_lock=prevent_thread_lock, quiet=True, footer_links=["api", "settings"],
                 theme=gr.themes.Default(), pwa=False, mcp_server=False, enable_monitoring=False)
     return demo

@@ -106,7 +106,7 @@ class Lane:
 
     def __init__(self, name: str, workers: int, max_queue: int) -> None:
         self.name, self.workers, self.max_queue = name, workers, max_queue
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"malaria-screen-{name}")
+        self._pool: Optional[ThreadPoolExecutor] = None  # made on first use; again after close()
         self._pending = 0
         self._seconds = 1.0  # running mean job time, for Retry-After
 
@@ -137,6 +137,8 @@ class Lane:
         self._pending += 1
         cancel = threading.Event()
         t0 = time.monotonic()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"malaria-screen-{self.name}")
         fut = asyncio.wrap_future(self._pool.submit(fn, cancel, *args))
         try:
             return await _race(fut, receive, None)
@@ -149,7 +151,10 @@ class Lane:
             self._seconds = 0.8 * self._seconds + 0.2 * (time.monotonic() - t0)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the threads once their jobs end; a later :meth:`run` starts new ones."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -290,7 +295,7 @@ class FieldWorkers:
     def __init__(self, spec: WorkerSpec, workers: int, max_queue: int, jobs_per_worker: int) -> None:
         self.spec, self.workers, self.max_queue, self.jobs_per_worker = spec, workers, max_queue, jobs_per_worker
         self._ctx = mp.get_context("spawn")
-        self._io = ThreadPoolExecutor(workers + max_queue + workers + 1, thread_name_prefix="malaria-screen-field")
+        self._io = self._new_io()
         self._idle: "queue.Queue[_Worker]" = queue.Queue()
         self._lock = threading.Lock()
         self._all: set[_Worker] = set()
@@ -302,6 +307,10 @@ class FieldWorkers:
         self.last_error: Optional[str] = None
 
     # -- life cycle -------------------------------------------------------------------------------
+    def _new_io(self) -> ThreadPoolExecutor:
+        # one thread per pending job, one per worker being started
+        return ThreadPoolExecutor(2 * self.workers + self.max_queue + 1, thread_name_prefix="malaria-screen-field")
+
     def _spawn(self) -> None:
         """Start one worker and wait for its model to load (blocking; on an I/O thread)."""
         try:
@@ -337,10 +346,14 @@ class FieldWorkers:
         self._io.submit(self._spawn)
 
     def start(self) -> None:
-        """Start the workers in the background (they load the model in parallel); idempotent."""
+        """Start the workers in the background (they load the model in parallel); idempotent.
+        After :meth:`close`, starts afresh (an app's lifespan may run more than once)."""
         with self._lock:
-            if self._started:
+            if self._started and not self._closed:
                 return
+            if self._closed:
+                self._closed, self._io = False, self._new_io()
+                self._idle = queue.Queue()
             self._started = True
         for _ in range(self.workers):
             self._add_worker()
