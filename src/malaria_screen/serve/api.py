@@ -139,17 +139,26 @@ def model_identity(source: Optional[str], backend: Optional[str] = None) -> dict
     return {"name": p.name, "sha256": _sha256_files(files), "backend": backend}
 
 
-def _header_pixels(data: bytes) -> int:
-    """Width x height from an image's header (no pixel decoded); 0 when it cannot be read."""
+#: Bytes of a file read to learn its size for the light/heavy choice (on the event loop).
+PEEK_BYTES = 64 * 1024
+
+
+def _header_pixels(data: bytes) -> int | None:
+    """Width x height from the header in an image's first :data:`PEEK_BYTES` bytes (no pixel
+    decoded); None when the size is not there (then the request counts as heavy).
+
+    Cheap enough for the event loop: Pillow parses at most 64 KB of headers (a PNG with many
+    chunks before its data, or a JPEG with a large ICC profile, simply gives None).
+    """
     import io
 
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(bytes(data[:PEEK_BYTES]))) as im:
             return im.size[0] * im.size[1]
-    except Exception:  # noqa: BLE001 - the decode reports the real error
-        return 0
+    except Exception:  # noqa: BLE001 - unknown size: heavy; the decode reports the real error
+        return None
 
 
 def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, security: ServeSecurity | None = None,
@@ -195,7 +204,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
     model = model_identity(predictor.source, getattr(predictor, "backend", None))
     rescorer_id = None if rescorer is None else model_identity(getattr(rescorer, "source", None))
     light = Lane("light", limits.light_workers, limits.max_queue)
-    heavy = Lane("heavy", limits.heavy_workers, limits.max_queue)
+    heavy = Lane("heavy", limits.heavy_workers, limits.max_queue, nice=10)  # normal cells win the CPU
     can_reload = bool(predictor.source) and getattr(predictor, "backend", None) in ("torch", "onnx") and \
         (rescorer is None or bool(getattr(rescorer, "source", None)))
     in_process = can_reload if field_in_process is None else field_in_process
@@ -288,8 +297,18 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
             out[i] = ItemResult(filename=parts[i].filename, label=labels[k], p_parasitized=pp)
         return out
 
-    def _peek(cancel, parts: list[Part]) -> int:
-        return sum(_header_pixels(bytes(p.data)) for p in parts if not p.too_large)
+    def _light(parts: list[Part]) -> bool:
+        total = 0
+        for p in parts:
+            if p.too_large:
+                continue
+            px = _header_pixels(p.data)
+            if px is None:
+                return False
+            total += px
+            if total > limits.light_request_pixels:
+                return False
+        return True
 
     def _field_in_thread(cancel, data: bytes, name: str, overlay: bool) -> dict:
         from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
@@ -346,8 +365,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
         parts = await read_file_parts(request, limits)
         try:
             # decoding is never on the event loop; light requests never wait behind heavy ones
-            px = await light.run(_peek, parts, receive=request.receive)
-            lane = light if px <= limits.light_request_pixels else heavy
+            lane = light if _light(parts) else heavy
             results = await lane.run(_classify, parts, receive=request.receive)
         except QueueFull as exc:
             return _busy(exc)

@@ -91,6 +91,16 @@ async def _race(work: "asyncio.Future", receive: Optional[Callable], timeout: Op
             watch.cancel()
 
 
+def _renice(nice: int) -> None:
+    """Lower the calling thread's priority by ``nice`` (Linux: threads have their own)."""
+    if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError:
+            pass
+
+
 class Lane:
     """A bounded job queue on its own threads.
 
@@ -102,10 +112,13 @@ class Lane:
         Threads running jobs.
     max_queue : int
         Jobs that may wait for a thread; one more raises :class:`QueueFull`.
+    nice : int, default=0
+        Added to the threads' scheduling niceness (Linux: per thread), so that a lane of
+        heavy jobs yields the CPU to the others.
     """
 
-    def __init__(self, name: str, workers: int, max_queue: int) -> None:
-        self.name, self.workers, self.max_queue = name, workers, max_queue
+    def __init__(self, name: str, workers: int, max_queue: int, *, nice: int = 0) -> None:
+        self.name, self.workers, self.max_queue, self.nice = name, workers, max_queue, nice
         self._pool: Optional[ThreadPoolExecutor] = None  # made on first use; again after close()
         self._pending = 0
         self._seconds = 1.0  # running mean job time, for Retry-After
@@ -138,7 +151,8 @@ class Lane:
         cancel = threading.Event()
         t0 = time.monotonic()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"malaria-screen-{self.name}")
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"malaria-screen-{self.name}",
+                                            initializer=_renice, initargs=(self.nice,))
         fut = asyncio.wrap_future(self._pool.submit(fn, cancel, *args))
         try:
             return await _race(fut, receive, None)
@@ -205,6 +219,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _worker_main(conn, spec: WorkerSpec) -> None:
     """Field worker process: load the model once, then screen jobs until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which ends us
+    _renice(10)  # fields are the heavy work: cell requests and the probes win the CPU
     try:
         from malaria_screen.inference import load_model
         from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
