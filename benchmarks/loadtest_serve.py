@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> dict:
             server.kill()
     ms = np.asarray(lat) * 1000.0
     res = {
-        "model": model.get("source"), "backend": model.get("backend"), "precision": model.get("precision"),
+        "model": (model.get("model") or {}).get("name", model.get("source")), "backend": model.get("backend"), "precision": model.get("precision"),
         "clients": args.clients, "requests_per_client": args.requests, "images_per_request": args.images,
         "requests_ok": int(len(lat) + len(first)), "first_request_p50_ms": float(np.median(first) * 1000) if first else None,
         "errors": len(errors), "error_examples": errors[:5], "wall_s": wall,

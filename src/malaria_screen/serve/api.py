@@ -203,7 +203,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
     security = security or ServeSecurity()
     model = model_identity(predictor.source, getattr(predictor, "backend", None))
     rescorer_id = None if rescorer is None else model_identity(getattr(rescorer, "source", None))
-    light = Lane("light", limits.light_workers, limits.max_queue)
+    light = Lane("light", limits.light_workers, limits.max_light_queue)
     heavy = Lane("heavy", limits.heavy_workers, limits.max_queue, nice=10)  # normal cells win the CPU
     can_reload = bool(predictor.source) and getattr(predictor, "backend", None) in ("torch", "onnx") and \
         (rescorer is None or bool(getattr(rescorer, "source", None)))

@@ -54,16 +54,18 @@ class ServeLimits:
 
     Queues
     ------
-    light_workers : int, default=1
-        Threads classifying light requests (at most ``light_request_pixels`` pixels in all),
-        so that normal cell requests never wait behind large images.
+    light_workers : int, default=2
+        Threads classifying light requests (at most ``light_request_pixels`` pixels in all,
+        read from the headers), so that normal cell requests never wait behind large images.
     heavy_workers : int, default=1
         Threads decoding heavier ``/v1/classify`` requests.
     field_workers : int, default=1
         Worker processes screening ``/v1/field`` images (each loads the model once).
     max_queue : int, default=8
-        Jobs that may wait per queue (light, heavy, field); one more gets 503 with
+        Jobs that may wait in the heavy and in the field queue; one more gets 503 with
         ``Retry-After``.
+    max_light_queue : int, default=128
+        Jobs that may wait in the light queue (each takes milliseconds).
     light_request_pixels : int, default=2,000,000
         Largest request (sum of image pixels) handled by the light queue.
     field_jobs_per_worker : int, default=200
@@ -85,10 +87,11 @@ class ServeLimits:
     max_field_memory_bytes: int = 4 * 1024**3
     body_timeout_s: float = 60.0
     header_timeout_s: float = 10.0
-    light_workers: int = 1
+    light_workers: int = 2
     heavy_workers: int = 1
     field_workers: int = 1
     max_queue: int = 8
+    max_light_queue: int = 128
     light_request_pixels: int = 2_000_000
     field_jobs_per_worker: int = 200
 
