@@ -74,7 +74,7 @@ def iml_cells(model, model_dir: Path, iml: Path, cache: Path) -> dict:
     border flags and p_parasitized, and the field's shape; ``{"fields": {name: {...}}, "failed": {...}}``.
     Resumable: fields already in the cache are kept."""
     from malaria_screen.data.io import check_colour, decode_image
-    from malaria_screen.smear.evaluate import load_iml_annotations
+    from malaria_screen.smear.labels import load_iml_annotations
     from malaria_screen.smear.screen import screen_field
 
     sha = weights_sha256(model_dir)

@@ -56,7 +56,7 @@ _FOLD_KEYS = ("infected_sensitivity", "infected_ppv", "parasitemia_mae_pp", "par
 def _fold_metrics(matches) -> dict:
     """Metrics of one test block: :func:`summarize_iml` keys + parasitemia pooled over the block
     (~ one slide's worth of fields, as a clinician reports it)."""
-    from malaria_screen.smear.evaluate import summarize_iml
+    from malaria_screen.smear.scoring import summarize_iml
 
     m = summarize_iml(matches)
     return {"pooled_parasitemia_pred": sum(mm.inf_pred for mm in matches) / max(1, sum(mm.n_pred for mm in matches)),
@@ -69,7 +69,7 @@ def _pooled_results(all_matches, folds: list[dict]) -> tuple[dict, dict]:
     the bootstrap CI of the per-field error, the block-pooled error and every field's counts."""
     import numpy as np
 
-    from malaria_screen.smear.evaluate import summarize_iml
+    from malaria_screen.smear.scoring import summarize_iml
 
     tot = summarize_iml(all_matches)
     err = [abs(mm.parasitemia_pred - mm.parasitemia_true) * 100 for mm in all_matches]
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import EnsemblePredictor, load_model
     from malaria_screen.inference.base import default_model_dir
-    from malaria_screen.smear.crops import export_detection_crops
-    from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields
+    from malaria_screen.smear.crop_export import export_detection_crops
+    from malaria_screen.smear.evaluate import match_iml_fields
+    from malaria_screen.smear.labels import load_iml_annotations
     from malaria_screen.training.run import train
 
     root = Path(args.data or os.environ.get("MALARIA_SCREEN_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")

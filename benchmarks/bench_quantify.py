@@ -119,7 +119,7 @@ def run_nih(args, np, q, nih: dict, threshold: float) -> dict:
 
 
 def _field_truth(np, cells: dict, ann: dict, names: list[str]):
-    from malaria_screen.smear.evaluate import evaluate_iml_field
+    from malaria_screen.smear.scoring import evaluate_iml_field
 
     out = {}
     for n in names:
@@ -131,7 +131,7 @@ def _field_truth(np, cells: dict, ann: dict, names: list[str]):
 
 def _apply(np, method, names, cells, ann, truth) -> dict:
     """Per-field and per-cell results of one estimator on ``names``."""
-    from malaria_screen.smear.evaluate import evaluate_iml_field
+    from malaria_screen.smear.scoring import evaluate_iml_field
 
     est, tru, tp, called, gt = [], [], 0, 0, 0
     for n in names:
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             write_record("bench_quantify", fig, notes=notes, uses_bundled_model=True)
 
     if args.part in ("all", "iml"):
-        from malaria_screen.smear.evaluate import load_iml_annotations
+        from malaria_screen.smear.labels import load_iml_annotations
 
         iml_dir = root / "iml_malaria_dev"
         if not (iml_dir / "annotations.json").is_file():

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import load_model
-    from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields
+    from malaria_screen.smear.evaluate import match_iml_fields
+    from malaria_screen.smear.labels import load_iml_annotations
     from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data
 
     root = Path(args.data or os.environ.get("MALARIA_SCREEN_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")

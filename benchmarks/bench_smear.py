@@ -35,13 +35,17 @@ def _box_convention(iml: Path, pixel_size_um: float | None, f) -> None:
     """
     import numpy as np
 
-    from malaria_screen.smear.evaluate import load_iml_annotations, match_iml_fields, summarize_iml
+    from malaria_screen.smear.evaluate import match_iml_fields
+    from malaria_screen.smear.labels import load_iml_annotations
+    from malaria_screen.smear.scoring import summarize_iml
+    from malaria_screen.smear.segment import SegmentConfig
 
     ann = load_iml_annotations(iml / "annotations.json")
     names = sorted(ann)
-    strict, _ = match_iml_fields(iml / "images", ann, None, names=names[:40], pixel_size_um=pixel_size_um)
+    strict, _ = match_iml_fields(iml / "images", ann, None, names=names[:40], segment_config=SegmentConfig(pixel_size_um=pixel_size_um))
     scale = float(np.median([r for m in strict for r in m.extra["size_ratio"]]))
-    conv, _ = match_iml_fields(iml / "images", ann, None, names=names, pixel_size_um=pixel_size_um, box_scale=scale)
+    conv, _ = match_iml_fields(iml / "images", ann, None, names=names, segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
+                              box_scale=scale)
     a, b = summarize_iml(conv), summarize_iml(conv[40:])
     print(f"  boxes scaled x{scale:.3f} to IML's convention (median annotated/detected size, fields 1-40):")
     print(f"    all fields   P {f(a['rbc_precision'])}  R {f(a['rbc_recall'])}  F1 {f(a['rbc_f1'])}")
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
 
     from malaria_screen.smear.evaluate import evaluate_chula, evaluate_dataset
+    from malaria_screen.smear.segment import SegmentConfig
 
     root = Path(args.data or os.environ.get("MALARIA_SCREEN_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
     iml = root / "iml_malaria_dev"
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     t0 = time.perf_counter()
-    m = evaluate_dataset(iml / "images", iml / "annotations.json", model, pixel_size_um=args.pixel_size_um,
+    m = evaluate_dataset(iml / "images", iml / "annotations.json", model, segment_config=SegmentConfig(pixel_size_um=args.pixel_size_um),
                          stain=args.stain, limit=args.limit)
     wall = time.perf_counter() - t0
 
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         _box_convention(iml, args.pixel_size_um, f)
 
     if (chula / "images").is_dir():
-        c = evaluate_chula(chula, pixel_size_um=args.pixel_size_um)
+        c = evaluate_chula(chula, segment_config=SegmentConfig(pixel_size_um=args.pixel_size_um))
         import numpy as np
 
         rel = [r["abs_rel_count_error"] for r in c["fields"]]

@@ -212,7 +212,7 @@ def test_smear_quiet_silences_library_warnings_and_errors_print_once(tmp_path, m
 def test_interrupted_smear_and_crops_exit_130(tmp_path, monkeypatch):
     """Ctrl-C: smear keeps both files of each finished field and neither of the field in progress;
     crops writes groups.csv for the fields finished and removes the crops of the one in progress."""
-    import malaria_screen.smear.crops as crops_mod
+    import malaria_screen.smear.crop_export as crop_export
     import malaria_screen.smear.report as report
 
     img, _ = synthetic_field()
@@ -234,7 +234,7 @@ def test_interrupted_smear_and_crops_exit_130(tmp_path, monkeypatch):
     boxes = [{"type": t, "bbox": {"x": "200", "y": y, "w": "40", "h": "40"}} for t, y in (("red blood cell", "50"), ("ring", "210"))]
     (tmp_path / "ann.json").write_text(json.dumps([{"image_name": n, "objects": boxes} for n in ("f1.png", "f2.png")]))
     calls = []
-    real_mask = crops_mod.box_cell_mask
+    real_mask = crop_export.box_cell_mask
 
     def mask(crop):  # interrupted on the second box of f2, after its first crop was written
         calls.append(1)
@@ -242,7 +242,7 @@ def test_interrupted_smear_and_crops_exit_130(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_mask(crop)
 
-    monkeypatch.setattr(crops_mod, "box_cell_mask", mask)
+    monkeypatch.setattr(crop_export, "box_cell_mask", mask)
     r = CliRunner().invoke(_app(), ["crops", str(tmp_path / "in"), "-a", str(tmp_path / "ann.json"), "--out", str(tmp_path / "c")])
     assert r.exit_code == 130 and "interrupted after 1 of 2 field(s)" in r.output, r.output
     rows = (tmp_path / "c" / "groups.csv").read_text().splitlines()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria_screen.smear.crops import box_cell_mask, export_annotation_crops
-from malaria_screen.smear.evaluate import load_iml_annotations
+from malaria_screen.smear.crop_export import export_annotation_crops
+from malaria_screen.smear.crops import box_cell_mask
+from malaria_screen.smear.labels import load_iml_annotations
 
 
 def test_box_cell_mask_isolates_disc():
@@ -81,8 +82,9 @@ def test_export_skips_difficult_and_reports_bad_field(tmp_path):
 def test_detection_crops_are_the_screening_crops(tmp_path, iml_dir):
     """--source detections: each crop is the segmented cell as `smear` cuts it, labelled by its box."""
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.crops import cell_crops, export_detection_crops
-    from malaria_screen.smear.evaluate import match_boxes
+    from malaria_screen.smear.boxes import match_boxes
+    from malaria_screen.smear.crop_export import export_detection_crops
+    from malaria_screen.smear.crops import cell_crops
     from malaria_screen.smear.segment import segment_field
 
     ann = load_iml_annotations(iml_dir / "annotations.json")
@@ -113,8 +115,8 @@ def test_unmatched_detections_become_negatives_except_near_infected_boxes(tmp_pa
     """--unmatched uninfected: unboxed detections (debris, fragments, marks) are written as
     Uninfected unless they overlap an infected box; matched crops are unchanged."""
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.crops import export_detection_crops
-    from malaria_screen.smear.evaluate import match_boxes
+    from malaria_screen.smear.boxes import match_boxes
+    from malaria_screen.smear.crop_export import export_detection_crops
     from malaria_screen.smear.segment import segment_field
 
     ann = load_iml_annotations(iml_dir / "annotations.json")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from malaria_screen.smear.evaluate import load_iml_annotations
+from malaria_screen.smear.labels import load_iml_annotations
 
 TRAIN = slice(0, 24)  # contiguous frames (blocks of neighbouring fields), 38 infected boxes
 HELD_OUT = slice(24, 36)  # the next 12 fields, 18 infected boxes
@@ -98,12 +98,12 @@ def test_rescorer_beats_the_nih_model_on_held_out_fields(iml):
     assert 0.4 * te.y.sum() <= called <= 2.5 * te.y.sum()  # count-matched threshold: about as many calls as infected
 
 
-def test_flat_trees_equal_sklearn_and_survive_save_load(iml, tmp_path):
+def test_rescorer_equals_sklearn_and_survives_save_load(iml, tmp_path):
     from malaria_screen.smear.rescore import CellRescorer, is_rescorer_dir
 
     tr, te = iml["train"], iml["test"]
     r = CellRescorer(max_iter=60).fit(tr.X, tr.y, tr.groups)
-    ref = r._estimator().fit(tr.X, tr.y).predict_proba(te.X)[:, 1]  # deterministic: same trees
+    ref = r.new_estimator().fit(tr.X, tr.y).predict_proba(te.X)[:, 1]  # deterministic: same trees
     np.testing.assert_allclose(r.predict_proba(te.X), ref, rtol=0, atol=1e-12)
     r.save(tmp_path / "r")
     assert is_rescorer_dir(tmp_path / "r") and not is_rescorer_dir(tmp_path)
@@ -112,11 +112,36 @@ def test_flat_trees_equal_sklearn_and_survive_save_load(iml, tmp_path):
     np.testing.assert_array_equal(r2.predict_proba(te.X), r.predict_proba(te.X))
     with pytest.raises(ValueError, match="rescorer inputs"):
         r2.predict_proba(te.X[:, :-1])
-    (tmp_path / "r" / "rescorer.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(Exception):
+    (tmp_path / "r" / "rescorer.skops").write_bytes(b"not skops")
+    with pytest.raises(ValueError, match="not a readable rescorer"):
         CellRescorer.load(tmp_path / "r")
     with pytest.raises(FileNotFoundError):
         CellRescorer.load(tmp_path)
+
+
+def test_rescorer_json_shares_segment_config_and_old_files_fail_clearly(iml, tmp_path):
+    """rescorer.json holds the SegmentConfig of the training fields; the plain ``segment_kwargs``
+    dict of older files reads into the same SegmentConfig; a folder of the old flat-tree format
+    (rescorer.safetensors) is refused with a message that says to refit."""
+    from malaria_screen.smear.rescore import CellRescorer, RescorerConfig
+    from malaria_screen.smear.segment import SegmentConfig
+
+    tr = iml["train"]
+    r = CellRescorer(max_iter=20).fit(tr.X, tr.y, tr.groups, segment_config=SegmentConfig(pixel_size_um=0.1))
+    r.save(tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "rescorer.json").read_text())
+    assert cfg["segment"] == SegmentConfig(pixel_size_um=0.1).to_dict()
+    assert CellRescorer.load(tmp_path / "r").config.segment == SegmentConfig(pixel_size_um=0.1)
+    old = {k: v for k, v in cfg.items() if k != "segment"} | {"segment_kwargs": {"pixel_size_um": 0.1}}
+    assert RescorerConfig.from_dict(old).segment == SegmentConfig(pixel_size_um=0.1)
+    assert RescorerConfig.from_dict(old | {"segment_kwargs": {}}).segment == SegmentConfig()
+    with pytest.raises(ValueError, match="unknown segmentation setting"):
+        RescorerConfig.from_dict(old | {"segment_kwargs": {"pixel_size": 0.1}})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "rescorer.json").write_text(json.dumps(old))
+    (tmp_path / "old" / "rescorer.safetensors").write_bytes(b"flat trees")
+    with pytest.raises(ValueError, match="older malaria-screen.*fit it again"):
+        CellRescorer.load(tmp_path / "old")
 
 
 def test_rescorer_of_absolute_inputs_still_loads_and_screens(iml, iml_dir, tmp_path):

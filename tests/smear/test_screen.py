@@ -120,7 +120,8 @@ def test_binomial_ci_known_values():
 
 def test_box_scale_matches_annotators_box_convention():
     """IML-style boxes with a margin: tight detections match once scaled by the convention."""
-    from malaria_screen.smear.evaluate import GroundTruthBox, evaluate_iml_field
+    from malaria_screen.smear.labels import GroundTruthBox
+    from malaria_screen.smear.scoring import evaluate_iml_field
 
     gt = [GroundTruthBox((100.0, 100.0, 90.0, 90.0), "red blood cell"), GroundTruthBox((300.0, 100.0, 90.0, 90.0), "ring")]
     tight = np.array([[115.0, 115.0, 60.0, 60.0], [315.0, 115.0, 60.0, 60.0]])  # IoU (60/90)^2 = 0.44
@@ -136,7 +137,8 @@ def test_box_scale_matches_annotators_box_convention():
 def test_perfect_classifier_floor_counts_matched_infected_boxes():
     """The detection floor: a ring cell that was detected counts, a missed gametocyte does not,
     whatever the classifier said."""
-    from malaria_screen.smear.evaluate import GroundTruthBox, evaluate_iml_field, summarize_iml
+    from malaria_screen.smear.labels import GroundTruthBox
+    from malaria_screen.smear.scoring import evaluate_iml_field, summarize_iml
 
     gt = [GroundTruthBox((0.0, 0.0, 50.0, 50.0), "red blood cell"), GroundTruthBox((100.0, 0.0, 50.0, 50.0), "ring"),
           GroundTruthBox((200.0, 0.0, 50.0, 50.0), "gametocyte"), GroundTruthBox((300.0, 0.0, 50.0, 50.0), "red blood cell")]

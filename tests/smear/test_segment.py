@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from smear_synth import synthetic_field
-from malaria_screen.smear.segment import cell_properties, estimate_rbc_diameter_px, segment_cells, segment_field
+from malaria_screen.smear.segment import SegmentConfig, cell_properties, estimate_rbc_diameter_px, segment_cells, segment_field
 
 
 def _label_at(labels, x, y):
@@ -37,7 +37,7 @@ def test_wbc_excluded_and_reported():
 
 def test_wbc_kept_when_exclusion_disabled():
     img, c = synthetic_field()
-    labels = segment_cells(img, exclude_wbc=False)
+    labels = segment_cells(img, SegmentConfig(exclude_wbc=False))
     x, y = c["wbc"][0]
     assert _label_at(labels, x, y) > 0
 
@@ -59,12 +59,12 @@ def test_border_sliver_dropped_mostly_visible_cut_cell_kept():
     assert _label_at(labels, sx, 296) == 0  # 34 % of a cell visible: not countable
     assert _label_at(labels, bx, by) > 0  # 95 % visible: counted
     # the policy is a parameter: with no minimum the sliver is a (flagged) cell again
-    assert _label_at(segment_cells(img, border_min_area_frac=0.0), sx, 296) > 0
+    assert _label_at(segment_cells(img, SegmentConfig(border_min_area_frac=0.0)), sx, 296) > 0
 
 
 def test_cell_properties_bbox_and_area():
     img, c = synthetic_field()
-    labels = segment_cells(img, rbc_diameter_px=40)
+    labels = segment_cells(img, SegmentConfig(rbc_diameter_px=40))
     for p in cell_properties(labels):
         if p.border:
             continue
@@ -77,7 +77,7 @@ def test_diameter_estimate_and_pixel_size():
     img, _ = synthetic_field()
     d = estimate_rbc_diameter_px(img)
     assert 34 <= d <= 46
-    seg = segment_field(img, pixel_size_um=7.5 / 40)
+    seg = segment_field(img, SegmentConfig(pixel_size_um=7.5 / 40))
     assert seg.rbc_diameter_px == pytest.approx(40.0)
     assert not seg.diameter_estimated
 
@@ -91,7 +91,7 @@ def test_bad_shape_raises_naming_shape(shape):
 def test_bad_pixel_size_raises():
     img, _ = synthetic_field()
     with pytest.raises(ValueError, match="pixel_size_um"):
-        segment_cells(img, pixel_size_um=0)
+        segment_cells(img, SegmentConfig(pixel_size_um=0))
 
 
 def test_float_input_warns_and_matches_uint8():
@@ -123,7 +123,8 @@ F1_BORDER_IGNORED_FLOOR = 0.83
 
 def test_iml_detection_f1_floor(iml_dir):
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.evaluate import evaluate_iml_field, load_iml_annotations, summarize_iml
+    from malaria_screen.smear.labels import load_iml_annotations
+    from malaria_screen.smear.scoring import evaluate_iml_field, summarize_iml
 
     ann = load_iml_annotations(iml_dir / "annotations.json")
     matches = []
@@ -146,7 +147,8 @@ CHULA_FIELDS = ["1.jpg", "5.jpg", "15.jpg"]  # fields whose labels cover every c
 
 def test_chula_count_error_bounded(chula_dir):
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.evaluate import load_chula_points, match_points
+    from malaria_screen.smear.labels import load_chula_points
+    from malaria_screen.smear.scoring import match_points
 
     for name in CHULA_FIELDS:
         seg = segment_field(decode_image(chula_dir / "images" / name))
@@ -195,20 +197,21 @@ def test_split_cells_keep_disc_boxes_through_segment_field():
         disc(img, cx, 100.0, 20, RBC)
     disc(img, 210.0, 100.0, 20, RBC)
     one_marker = dict(rbc_diameter_px=40, min_marker_distance_frac=3.0)
-    seg = segment_field(img, **one_marker)
+    seg = segment_field(img, SegmentConfig(**one_marker))
     ids = {_label_at(seg.labels, x, 100) for x in (80, 128)}
     assert len(ids) == 2 and 0 not in ids
     cells = {c.id: c for c in seg.cells()}
     for i in ids:
         assert 36 <= cells[i].bbox[2] <= 44 and 36 <= cells[i].bbox[3] <= 44, cells[i]
     assert seg.n_cells == 3
-    assert segment_field(img, split_clumps=False, **one_marker).n_cells == 2  # the pair merged
+    assert segment_field(img, SegmentConfig(split_clumps=False, **one_marker)).n_cells == 2  # the pair merged
 
 
 def test_dense_field_scale_estimate(iml_dir):
     """A packed field (most of the image is cells): filling 'holes' would join the whole field."""
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.evaluate import evaluate_iml_field, load_iml_annotations
+    from malaria_screen.smear.labels import load_iml_annotations
+    from malaria_screen.smear.scoring import evaluate_iml_field
     from malaria_screen.smear.segment import estimate_rbc_diameter_px
 
     name = "PA171750.JPG"  # dense field; IML boxes 54 of its cells (median box 80 px, margin included)
@@ -237,7 +240,7 @@ def test_pale_wbc_nucleus_excluded_on_pink_field(iml_dir):
     seg = segment_field(rgb)
     for x, y in points:
         assert seg.labels[y, x] == 0 and in_wbc(seg, x, y), (x, y)
-    old = segment_field(rgb, wbc_green_od_margin=0.8)  # the failure it guards against
+    old = segment_field(rgb, SegmentConfig(wbc_green_od_margin=0.8))  # the failure it guards against
     assert all(old.labels[y, x] > 0 and not in_wbc(old, x, y) for x, y in points)
 
 
@@ -305,11 +308,11 @@ def test_cells_under_the_burned_in_scale_bar_are_excluded(iml_dir):
     import cv2
 
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.segment import foreground_signal
+    from malaria_screen.smear.density import optical_density
 
     for name in ("PA171692.JPG", "PA171880.JPG"):
         rgb = decode_image(iml_dir / "images" / name)
-        mark = foreground_signal(rgb)[..., 0] > 1.5
+        mark = optical_density(rgb)[..., 0] > 1.5
         ys, xs = np.nonzero(mark)
         assert 1100 < xs.min() and xs.max() < 1250 and 800 < ys.min() and ys.max() < 950  # only the scale bar
 
@@ -319,7 +322,7 @@ def test_cells_under_the_burned_in_scale_bar_are_excluded(iml_dir):
             return np.asarray([(near.astype(bool) & (seg.labels == c.id)).sum() / (seg.labels == c.id).sum()
                                for c in seg.cells()])
 
-        old, new = segment_field(rgb, mark_max_frac=None), segment_field(rgb)
+        old, new = segment_field(rgb, SegmentConfig(mark_max_frac=None)), segment_field(rgb)
         assert under_mark(old).max() > 0.2
         assert under_mark(new).max() < 0.15
         assert old.n_cells - new.n_cells == 1, name
@@ -331,7 +334,8 @@ def test_pale_enlarged_cells_recovered_on_magenta_field(iml_dir):
     not segmented and one only in part (IoU 0.06 / 0.31 with their boxes); with it both are
     matched at IoU >= 0.5, and no other cell is added."""
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.evaluate import box_iou, load_iml_annotations
+    from malaria_screen.smear.boxes import box_iou
+    from malaria_screen.smear.labels import load_iml_annotations
 
     name = "PA171891.JPG"
     rgb = decode_image(iml_dir / "images" / name)
@@ -342,7 +346,7 @@ def test_pale_enlarged_cells_recovered_on_magenta_field(iml_dir):
     def best_iou(seg):
         return box_iou(pale, np.array([c.bbox for c in seg.cells()], float)).max(1)
 
-    off, on = segment_field(rgb, pale_cell_factor=None), segment_field(rgb)
+    off, on = segment_field(rgb, SegmentConfig(pale_cell_factor=None)), segment_field(rgb)
     assert (best_iou(off) < 0.5).all(), best_iou(off)
     assert (best_iou(on) >= 0.5).all(), best_iou(on)
     assert on.n_cells - off.n_cells <= 2, (off.n_cells, on.n_cells)
@@ -354,7 +358,8 @@ def test_enlarged_pale_cells_above_two_cell_areas_recovered(iml_dir):
     diameter). The pale-cell step takes them (size bound 3 areas); with a bound of 2 neither
     was detected (IoU < 0.1 with its box)."""
     from malaria_screen.data.io import decode_image
-    from malaria_screen.smear.evaluate import box_iou, load_iml_annotations
+    from malaria_screen.smear.boxes import box_iou
+    from malaria_screen.smear.labels import load_iml_annotations
 
     name = "PA171842.JPG"
     rgb = decode_image(iml_dir / "images" / name)
@@ -379,9 +384,9 @@ def test_pale_cell_step_adds_nothing_without_pale_cells(iml_dir):
     from malaria_screen.data.io import decode_image
 
     rgb = decode_image(iml_dir / "images" / "PA171782.JPG")
-    assert segment_field(rgb).n_cells == segment_field(rgb, pale_cell_factor=None).n_cells
+    assert segment_field(rgb).n_cells == segment_field(rgb, SegmentConfig(pale_cell_factor=None)).n_cells
     img, _ = synthetic_field()
-    assert np.array_equal(segment_field(img).labels, segment_field(img, pale_cell_factor=None).labels)
+    assert np.array_equal(segment_field(img).labels, segment_field(img, SegmentConfig(pale_cell_factor=None)).labels)
 
 
 def test_pale_disc_among_dark_discs_is_segmented():
@@ -396,8 +401,8 @@ def test_pale_disc_among_dark_discs_is_segmented():
         disc(img, cx, cy, 22, dark)
     disc(img, 220, 180, 24, pale)
     img = np.clip(img + np.random.default_rng(0).normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)
-    off = segment_field(img, rbc_diameter_px=44, pale_cell_factor=None)
-    on = segment_field(img, rbc_diameter_px=44)
+    off = segment_field(img, SegmentConfig(rbc_diameter_px=44, pale_cell_factor=None))
+    on = segment_field(img, SegmentConfig(rbc_diameter_px=44))
     assert off.labels[180, 220] == 0 and off.n_cells == 4
     assert on.labels[180, 220] > 0 and on.n_cells == 5
     x, y, w, h = next(c.bbox for c in on.cells() if c.id == on.labels[180, 220])

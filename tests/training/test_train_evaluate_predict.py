@@ -144,8 +144,8 @@ def test_adaptation_path_nih_plus_field_crops(data_dir, nih_dir, tmp_path, make_
     import re
 
     from malaria_screen.data.patients import read_groups_csv
-    from malaria_screen.smear.crops import export_detection_crops
-    from malaria_screen.smear.evaluate import load_iml_annotations
+    from malaria_screen.smear.crop_export import export_detection_crops
+    from malaria_screen.smear.labels import load_iml_annotations
 
     iml = data_dir / "iml_malaria_dev"
     ann = load_iml_annotations(iml / "annotations.json")

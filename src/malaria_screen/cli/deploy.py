@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from malaria_screen.cli.core import _echo_table, check_out_dir, check_out_file, list_inputs, listed_in_groups
-from malaria_screen.cli.smear import _RESCORER_HELP, _load_rescorer
+from malaria_screen.cli.smear import RESCORER_HELP, load_rescorer
 
 __all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
 
@@ -213,7 +213,7 @@ def app_cmd(
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only)"),
     port: int = typer.Option(7860, help="TCP port"),
-    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
 ) -> None:
     """Start the offline web app (Gradio): upload cell images, see label, p_parasitized and Grad-CAM."""
     from malaria_screen.app import launch
@@ -223,7 +223,7 @@ def app_cmd(
         pred = load_model(model)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    launch(pred, host=host, port=port, rescorer=_load_rescorer(rescorer, pred))
+    launch(pred, host=host, port=port, rescorer=load_rescorer(rescorer, pred))
 
 
 def serve(
@@ -254,7 +254,7 @@ def serve(
     threads: int = typer.Option(1, min=1, help="Inference threads per call (torch / ONNX Runtime). Concurrency comes from "
                                            "requests; 1 measured fastest and fairest under load on 2 cores"),
     log_level: str = typer.Option("warning", help="uvicorn log level"),
-    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
 ) -> None:
     """Start the REST API (FastAPI): POST /v1/classify, POST /v1/field, GET /v1/model, /healthz, /readyz, /docs."""
     from malaria_screen.inference import load_model
@@ -284,7 +284,7 @@ def serve(
     if host not in ("127.0.0.1", "::1", "localhost") and not security.api_keys:
         typer.echo(f"warning: serving on {host} without API keys: anyone who reaches it can use it "
                    f"(see docs/deployment-security.md)", err=True)
-    app = create_app(pred, limits, rescorer=_load_rescorer(rescorer, pred), security=security)
+    app = create_app(pred, limits, rescorer=load_rescorer(rescorer, pred), security=security)
     run(app, host=host, port=port, log_level=log_level, header_timeout_s=header_timeout)
 
 

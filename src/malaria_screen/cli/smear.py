@@ -14,7 +14,7 @@ import typer
 
 from malaria_screen.cli.core import check_out_dir
 
-__all__ = ["crops", "fit_rescorer", "register", "smear", "smear_eval"]
+__all__ = ["RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
 
 
 def _load_model(model: Optional[str], no_classify: bool):
@@ -29,7 +29,14 @@ def _load_model(model: Optional[str], no_classify: bool):
         raise typer.Exit(2) from exc
 
 
-def _load_rescorer(path: Optional[Path], predictor):
+def load_rescorer(path: Optional[Path], predictor):
+    """The ``--rescorer`` folder's :class:`~malaria_screen.smear.rescore.CellRescorer` (None without one).
+
+    Raises
+    ------
+    typer.Exit
+        With status 2 if it cannot be loaded, or is given without a cell model.
+    """
     if path is None:
         return None
     from malaria_screen.smear.rescore import CellRescorer
@@ -56,14 +63,14 @@ def _check_stain(stain: str) -> None:
 
 
 def _load_annotations(path: Path) -> dict:
-    """:func:`~malaria_screen.smear.evaluate.load_iml_annotations`, with a bad file as a usage error.
+    """:func:`~malaria_screen.smear.labels.load_iml_annotations`, with a bad file as a usage error.
 
     Raises
     ------
     typer.BadParameter
         If ``path`` cannot be read or is not an IML ``annotations.json`` (names the cause).
     """
-    from malaria_screen.smear.evaluate import load_iml_annotations
+    from malaria_screen.smear.labels import load_iml_annotations
 
     try:
         return load_iml_annotations(path)
@@ -95,7 +102,7 @@ def _present_fields(field_dir: Path, ann: dict) -> list[str]:
     return present
 
 
-_RESCORER_HELP = ("Rescorer folder from `malaria-screen rescorer` (second stage fitted on annotated fields); "
+RESCORER_HELP = ("Rescorer folder from `malaria-screen rescorer` (second stage fitted on annotated fields); "
                   "use it with the --model it was fitted with.")
 
 
@@ -114,7 +121,7 @@ def smear(
     count_border: bool = typer.Option(True, "--count-border/--no-count-border", help="Count cells cut by the image border in the parasitemia."),
     ci: str = typer.Option("wilson", "--ci", help="Binomial 95% interval: wilson | exact (Clopper-Pearson)."),
     no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
-    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line and its warnings."),
 ) -> None:
     """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia.
@@ -125,13 +132,14 @@ def smear(
     other fields, summary.json and report.html are written either way.
     """
     from malaria_screen.smear.report import run_smear
+    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     _check_stain(stain)
     if ci not in ("wilson", "exact"):
         raise typer.BadParameter(f"--ci must be wilson or exact, got {ci!r}")
     predictor = _load_model(model, no_classify)
-    second = _load_rescorer(rescorer, predictor)
+    second = load_rescorer(rescorer, predictor)
 
     done: list[str] = []
 
@@ -155,7 +163,7 @@ def smear(
             fields,
             out,
             predictor,
-            pixel_size_um=pixel_size_um,
+            segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
             stain=stain,
             scale_to_nih=scale_to_nih,
             count_border_cells=count_border,
@@ -200,7 +208,7 @@ def smear_eval(
     box_scale: float = typer.Option(
         1.0, "--box-scale", min=0.1, help="Scale detection boxes about their centres before matching (the annotators' "
         "box convention: IML boxes are ~1.15x the cell); 1 = tight boxes, the strict figure."),
-    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=_RESCORER_HELP),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
 ) -> None:
     """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field.
 
@@ -211,19 +219,20 @@ def smear_eval(
     """
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.smear.evaluate import evaluate_dataset
+    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     _check_stain(stain)
     ann = _load_annotations(annotations)
     names = _present_fields(field_dir, ann)
     predictor = _load_model(model, no_classify)
-    second = _load_rescorer(rescorer, predictor)
+    second = load_rescorer(rescorer, predictor)
     metrics = evaluate_dataset(
         field_dir,
         ann,
         predictor,
         out_dir=out,
-        pixel_size_um=pixel_size_um,
+        segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
         stain=stain,
         iou_threshold=iou,
         chula_dir=chula_dir,
@@ -262,8 +271,9 @@ def crops(
     and the others go on; the exit status is then 1. On Ctrl-C, groups.csv is written for the
     fields finished and the exit status is 130.
     """
-    from malaria_screen.smear.crops import ExportInterrupted, export_annotation_crops, export_detection_crops
+    from malaria_screen.smear.crop_export import ExportInterrupted, export_annotation_crops, export_detection_crops
     from malaria_screen.smear.report import IMAGE_SUFFIXES
+    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     n_old = sum(1 for cls in ("Parasitized", "Uninfected") if (out / cls).is_dir() for q in (out / cls).iterdir()
@@ -285,7 +295,8 @@ def crops(
         if source == "boxes":
             s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
         else:
-            s = export_detection_crops(field_dir, ann, out, stain=stain, unmatched=unmatched, pixel_size_um=pixel_size_um)
+            s = export_detection_crops(field_dir, ann, out, stain=stain, unmatched=unmatched,
+                                       segment_config=SegmentConfig(pixel_size_um=pixel_size_um))
     except ExportInterrupted as exc:
         s = exc.summary
     for name, err in s.errors.items():
@@ -305,7 +316,7 @@ def crops(
 def fit_rescorer(
     field_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of annotated field images."),
     annotations: Path = typer.Option(..., "--annotations", "-a", exists=True, dir_okay=False, help="IML annotations.json (boxes, px)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: rescorer.json + rescorer.safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: rescorer.json + rescorer.skops."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Cell model whose logit is an input; default: the bundled model."),
     no_model_logit: bool = typer.Option(False, "--no-model-logit", help="Colour/shape features only (no cell model)."),
     fields: Optional[Path] = typer.Option(
@@ -318,6 +329,7 @@ def fit_rescorer(
 ) -> None:
     """Fit a second-stage cell rescorer on annotated fields (gradient-boosted trees; seconds on a CPU)."""
     from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data
+    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     if unmatched not in ("skip", "uninfected"):
@@ -335,13 +347,14 @@ def fit_rescorer(
     if names is None:
         names = _present_fields(field_dir, ann)
     predictor = None if no_model_logit else _load_model(model, False)
-    seg_kwargs = {} if pixel_size_um is None else {"pixel_size_um": pixel_size_um}
-    data = collect_rescorer_data(field_dir, ann, predictor, names=names, unmatched=unmatched, **seg_kwargs)
+    segment_config = SegmentConfig(pixel_size_um=pixel_size_um)
+    data = collect_rescorer_data(field_dir, ann, predictor, names=names, unmatched=unmatched,
+                                 segment_config=segment_config)
     for name, err in data.errors.items():
         typer.echo(f"{name}: ERROR {err}", err=True)
     try:
         r = CellRescorer(use_model_logit=predictor is not None, relative=data.relative).fit(
-            data.X, data.y, data.groups, model=model or "default", segment_kwargs=seg_kwargs)
+            data.X, data.y, data.groups, model=model or "default", segment_config=segment_config)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

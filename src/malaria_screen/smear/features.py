@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from malaria_screen.smear.density import optical_density_log10
 from malaria_screen.smear.segment import CellProps
 
 __all__ = ["FEATURE_NAMES", "cell_features"]
@@ -45,7 +46,7 @@ def cell_features(rgb: np.ndarray, labels: np.ndarray, cells: list[CellProps]) -
     """Colour, texture and shape features of each segmented cell of one field.
 
     Optical density ``OD = -log10((I + 1) / (background + 1))`` per channel, background = the
-    field's 97th percentile per channel, smoothed with a Gaussian of σ = 1 px. ``ex`` = OD minus
+    field's 97th percentile per channel (:func:`~malaria_screen.smear.density.optical_density_log10`), smoothed with a Gaussian of σ = 1 px. ``ex`` = OD minus
     the cell's median OD, divided by the field's median green OD of all cell pixels (the stain
     strength). Per cell (see :data:`FEATURE_NAMES`): percentiles 50-100 of ``ex`` in R, G, B over
     the whole cell mask and over its interior (eroded by 6 % of the typical diameter, so the dark
@@ -86,10 +87,7 @@ def cell_features(rgb: np.ndarray, labels: np.ndarray, cells: list[CellProps]) -
     nf = len(FEATURE_NAMES)
     if not cells:
         return np.zeros((0, nf), np.float32)
-    f = rgb.astype(np.float32)
-    bg = np.percentile(f.reshape(-1, 3), 97, axis=0)
-    od = np.clip(-np.log10((f + 1) / (bg + 1)), 0, None)
-    od = ndi.gaussian_filter(od, (1, 1, 0))
+    od = ndi.gaussian_filter(optical_density_log10(rgb), (1, 1, 0))
     lab = labels.astype(np.int32, copy=False)
     objs = ndi.find_objects(lab)
     cellpix = od[lab > 0]

@@ -24,8 +24,12 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from malaria_screen.smear.evaluate import _error_text
+from malaria_screen.errors import error_text
+from malaria_screen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from malaria_screen.smear.fields import decode_field
 from malaria_screen.smear.screen import FieldResult, binomial_ci, screen_field
+from malaria_screen.smear.segment import SegmentConfig
+from malaria_screen.smear.stain import check_stain_method
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +205,6 @@ def write_field_outputs(out_dir: Path, stem: str, rgb: np.ndarray, result: Field
     Each is first written atomically under a hidden temporary name, then both are renamed, so an
     interrupt leaves no result file without its overlay (or the reverse).
     """
-    from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
-
     ov = overlay_image(rgb, result)
     jp, op = out_dir / f"{stem}.json", out_dir / f"{stem}_overlay.png"
     parts = [out_dir / f".{stem[:40]}.json.part", out_dir / f".{stem[:40]}.png.part"]
@@ -237,14 +239,13 @@ def run_smear(
     out_dir: str | Path,
     model: Any,
     *,
-    pixel_size_um: float | None = None,
+    segment_config: SegmentConfig | None = None,
     stain: str = "none",
     scale_to_nih: bool = False,
     count_border_cells: bool = True,
     ci_method: str = "wilson",
     progress: Callable[[str, dict], None] | None = None,
     rescorer: Any | None = None,
-    **segment_kwargs,
 ) -> dict:
     """Screen the fields of one slide and write all outputs to ``out_dir``.
 
@@ -258,8 +259,9 @@ def run_smear(
     model : CellModel or None
         Cell classifier (see :func:`~malaria_screen.smear.screen.screen_field`); None =
         segmentation/counting only.
-    pixel_size_um, stain, scale_to_nih, count_border_cells, ci_method, **segment_kwargs
-        Passed to :func:`~malaria_screen.smear.screen.screen_field`.
+    segment_config, stain, scale_to_nih, count_border_cells, ci_method
+        Passed to :func:`~malaria_screen.smear.screen.screen_field`; ``summary.json`` records
+        ``segment_config.pixel_size_um`` among its settings.
     progress : callable, optional
         Called as ``progress(name, entry)`` after each field (entry has an ``error`` key on
         failure).
@@ -286,10 +288,6 @@ def run_smear(
         Passed on (not recorded as a field error), after ``summary.json`` and ``report.html``
         have been written for the fields done so far (``"interrupted": true``).
     """
-    from malaria_screen.data.io import check_colour, decode_image
-    from malaria_screen.fileio import atomic_write_json, atomic_write_text
-    from malaria_screen.smear.stain import check_stain_method
-
     # checked up front: inside the loop a ValueError is one field's error
     check_stain_method(stain)
     if ci_method not in ("wilson", "exact"):
@@ -308,23 +306,22 @@ def run_smear(
         for path, stem in zip(paths, stems):
             try:
                 _check_regular_file(path)
-                rgb = check_colour(decode_image(path))
+                rgb = decode_field(path)
                 res = screen_field(
                     rgb,
                     model,
                     image_name=path.name,
-                    pixel_size_um=pixel_size_um,
+                    segment_config=segment_config,
                     stain=stain,
                     scale_to_nih=scale_to_nih,
                     count_border_cells=count_border_cells,
                     ci_method=ci_method,
                     rescorer=rescorer,
-                    **segment_kwargs,
                 )
                 jp, op, ov = write_field_outputs(out, stem, rgb, res)
                 thumb = _thumb_b64(ov)
             except Exception as exc:  # noqa: BLE001 - one bad field (MemoryError, cv2.error, ...) never costs the others
-                entry = {"image": path.name, "path": str(path), "error": _error_text(exc)}
+                entry = {"image": path.name, "path": str(path), "error": error_text(exc)}
                 errors.append(entry)
                 # the progress callback shows it; logged at WARNING too it would be printed twice
                 logger.log(logging.INFO if progress else logging.WARNING, "field %s failed: %s", path, entry["error"],
@@ -359,7 +356,7 @@ def run_smear(
             notes.append(f"{out} holds {len(stale)} per-field result file(s) that this run did not write (e.g. "
                          f"{stale[0]}): left from an earlier run, they are not in this summary. Use an empty --out.")
         summary = _summary(fields, errors, model, rescorer, settings={
-            "pixel_size_um": pixel_size_um, "stain": stain, "scale_to_nih": scale_to_nih,
+            "pixel_size_um": (segment_config or SegmentConfig()).pixel_size_um, "stain": stain, "scale_to_nih": scale_to_nih,
             "count_border_cells": count_border_cells}, ci_method=ci_method, seconds=time.perf_counter() - t_start,
             interrupted=None if finished else len(paths), notes=notes)
         atomic_write_json(out / "summary.json", summary)

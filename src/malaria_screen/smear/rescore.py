@@ -6,7 +6,7 @@ microscopist also weighs. :class:`CellRescorer` is a gradient-boosted tree model
 (scikit-learn's ``HistGradientBoostingClassifier``, Friedman 2001 / Ke et al. 2017) over
 :func:`~malaria_screen.smear.features.cell_features` plus the cell model's logit, fitted on the
 segmented cells of annotated fields (labels from the boxes they match,
-:func:`~malaria_screen.smear.crops.label_detections`, negatives mined from unmatched
+:func:`~malaria_screen.smear.labels.label_detections`, negatives mined from unmatched
 detections). Its decision threshold is count-matched
 (:func:`~malaria_screen.evaluation.metrics.count_matched_threshold`) on out-of-fold
 probabilities of a field-grouped 5-fold split of the training fields, so that it calls as many
@@ -17,13 +17,15 @@ range, so that a cell is judged against its own field's stain and size, as a mic
 fields a fit takes seconds on 2 CPU cores (``benchmarks/bench_rescore.py`` measures it leak-free,
 by field block).
 
-Saved as ``rescorer.json`` (:class:`RescorerConfig`) + ``rescorer.safetensors`` (the trees as
-flat arrays; no pickle): :meth:`CellRescorer.predict_proba` walks those arrays, so a fitted and
-a loaded rescorer give the same numbers.
+Saved as ``rescorer.json`` (:class:`RescorerConfig`, with the :class:`SegmentConfig` of the
+training fields) + ``rescorer.skops`` (the fitted scikit-learn estimator in the skops format:
+no pickle, only the estimator's own types are loaded). Scoring goes through the estimator's
+public ``decision_function``, so a fitted and a loaded rescorer give the same numbers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +34,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from malaria_screen.errors import error_text
+from malaria_screen.evaluation.metrics import count_matched_threshold
+from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
+from malaria_screen.smear.crops import cell_crops
 from malaria_screen.smear.features import FEATURE_NAMES, cell_features
-from malaria_screen.smear.segment import CellProps, Segmentation
+from malaria_screen.smear.fields import decoded_fields, record_error
+from malaria_screen.smear.labels import label_detections
+from malaria_screen.smear.screen import CellModel, predict_batched
+from malaria_screen.smear.segment import CellProps, Segmentation, SegmentConfig, segment_field
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +50,12 @@ __all__ = ["CellRescorer", "RescorerConfig", "RescorerData", "collect_rescorer_d
            "is_rescorer_dir", "rescorer_inputs"]
 
 CONFIG_NAME = "rescorer.json"
-WEIGHTS_NAME = "rescorer.safetensors"
-_TREE_KEYS = ("feature", "threshold", "missing_left", "left", "right", "is_leaf", "value", "tree_start")
+#: The fitted estimator, in the skops format.
+WEIGHTS_NAME = "rescorer.skops"
+#: Where rescorers written before the skops format kept their trees (flat arrays).
+OLD_WEIGHTS_NAME = "rescorer.safetensors"
+#: The only types a rescorer file may hold besides the skops defaults (numpy, builtins, sklearn estimators).
+TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
 
 
 @dataclass
@@ -66,8 +79,9 @@ class RescorerConfig:
         Hyper-parameters of the gradient-boosted trees.
     n_fields, n_cells, n_parasitized : int
         Training data.
-    segment_kwargs : dict
-        Segmentation options used for the training fields (use the same for screening).
+    segment : SegmentConfig
+        Segmentation settings of the training fields (use the same for screening); saved as a
+        JSON object (older files hold a plain ``segment_kwargs`` dict, read the same way).
     fit_seconds : float
     """
 
@@ -84,8 +98,25 @@ class RescorerConfig:
     n_fields: int = 0
     n_cells: int = 0
     n_parasitized: int = 0
-    segment_kwargs: dict = field(default_factory=dict)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     fit_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RescorerConfig":
+        """Read a ``rescorer.json`` document (unknown keys are ignored; an old plain
+        ``segment_kwargs`` dict becomes :attr:`segment`).
+
+        Raises
+        ------
+        ValueError
+            If the segmentation settings name an unknown option or ``values`` is not a dict.
+        """
+        if not isinstance(values, dict):
+            raise ValueError(f"{CONFIG_NAME} must hold a JSON object, got {type(values).__name__}")
+        known = cls.__dataclass_fields__
+        kw = {k: v for k, v in values.items() if k in known and k != "segment"}
+        kw["segment"] = SegmentConfig.from_dict(values.get("segment", values.get("segment_kwargs")))
+        return cls(**kw)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -202,7 +233,7 @@ class RescorerData:
 def collect_rescorer_data(
     field_dir: str | Path,
     annotations: dict,
-    model: Any | None,
+    model: CellModel | None,
     *,
     names: list[str] | None = None,
     iou_threshold: float = 0.5,
@@ -210,11 +241,11 @@ def collect_rescorer_data(
     relative: bool = True,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
-    **segment_kwargs,
+    segment_config: SegmentConfig | None = None,
 ) -> RescorerData:
     """Segment annotated fields, label their cells from the boxes, compute the rescorer inputs.
 
-    Cells are labelled by :func:`~malaria_screen.smear.crops.label_detections` (IoU ≥
+    Cells are labelled by :func:`~malaria_screen.smear.labels.label_detections` (IoU ≥
     ``iou_threshold``; ``unmatched="uninfected"`` mines negatives from detections no box
     matches: use it on exhaustively annotated fields). Crops are cut and classified as in
     :func:`~malaria_screen.smear.screen.screen_field` (no stain normalisation).
@@ -224,7 +255,7 @@ def collect_rescorer_data(
     field_dir : str or Path
         Folder of field images.
     annotations : dict
-        Image name -> list of GroundTruthBox (:func:`~malaria_screen.smear.evaluate.load_iml_annotations`).
+        Image name -> list of GroundTruthBox (:func:`~malaria_screen.smear.labels.load_iml_annotations`).
     model : CellModel or None
         Cell model whose logit becomes an input; None = features only.
     names : list of str, optional
@@ -234,8 +265,8 @@ def collect_rescorer_data(
         field before the labelled ones are kept.
     progress : callable, optional
         Called with each field name.
-    **segment_kwargs
-        Passed to :func:`~malaria_screen.smear.segment.segment_field`.
+    segment_config : SegmentConfig, optional
+        Segmentation settings; default ``SegmentConfig()``.
 
     Returns
     -------
@@ -248,20 +279,16 @@ def collect_rescorer_data(
     ValueError
         If ``unmatched`` is not "skip" or "uninfected".
     """
-    from malaria_screen.smear.crops import _decoded_fields, _record_error, cell_crops, label_detections
-    from malaria_screen.smear.screen import _predict_batched
-    from malaria_screen.smear.segment import segment_field
-
     if unmatched not in ("skip", "uninfected"):  # checked here: a ValueError in the loop is a field's error
         raise ValueError(f"unmatched must be 'skip' or 'uninfected', got {unmatched!r}")
     names = sorted(annotations) if names is None else list(names)
     errors: dict[str, str] = {}
     xs, ys, gs, used = [], [], [], []
-    for name, rgb in _decoded_fields(Path(field_dir), names, errors):
+    for name, rgb in decoded_fields(Path(field_dir), names, errors):
         if progress:
             progress(name)
         try:
-            seg = segment_field(rgb, **segment_kwargs)
+            seg = segment_field(rgb, segment_config)
             cells = seg.cells()
             if not cells:
                 continue
@@ -269,10 +296,10 @@ def collect_rescorer_data(
             lab = label_detections(boxes, annotations[name], iou_threshold=iou_threshold, unmatched=unmatched)
             if not lab:
                 continue
-            p = _predict_batched(model, cell_crops(rgb, seg.labels, cells), batch_size) if model is not None else None
+            p = predict_batched(model, cell_crops(rgb, seg.labels, cells), batch_size) if model is not None else None
             x = rescorer_inputs(rgb, seg, cells, p, relative=relative)
         except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
-            _record_error(errors, name, exc)
+            record_error(errors, name, exc)
             continue
         idx = np.asarray([i for i, _, _ in lab])
         xs.append(x[idx])
@@ -313,8 +340,7 @@ class CellRescorer:
             use_model_logit=use_model_logit, field_relative=relative, max_iter=max_iter, learning_rate=learning_rate, max_depth=max_depth,
             min_samples_leaf=min_samples_leaf, l2_regularization=l2_regularization,
         )
-        self._trees: dict[str, np.ndarray] | None = None
-        self._baseline = 0.0
+        self.estimator: Any | None = None  # the fitted HistGradientBoostingClassifier
         self.source: str | None = None  # the folder it was loaded from
 
     @property
@@ -322,7 +348,8 @@ class CellRescorer:
         """Decision threshold on :meth:`predict_proba` (count-matched at fit time)."""
         return self.config.threshold
 
-    def _estimator(self):
+    def new_estimator(self):
+        """An unfitted ``HistGradientBoostingClassifier`` with this rescorer's hyper-parameters."""
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         c = self.config
@@ -339,7 +366,7 @@ class CellRescorer:
         return X
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_splits: int = 5, model: str = "default",
-            segment_kwargs: dict | None = None) -> "CellRescorer":
+            segment_config: SegmentConfig | None = None) -> "CellRescorer":
         """Fit the trees on all cells and set the count-matched threshold.
 
         The threshold is set on out-of-fold probabilities of a ``GroupKFold`` over ``groups``
@@ -355,8 +382,8 @@ class CellRescorer:
             ``(N,)`` field id of each cell.
         n_splits : int
             Folds for the threshold (fewer when there are fewer fields).
-        model, segment_kwargs
-            Recorded in the config.
+        model, segment_config
+            Recorded in the config (``segment_config`` default ``SegmentConfig()``).
 
         Returns
         -------
@@ -369,8 +396,6 @@ class CellRescorer:
             On shape mismatches, fewer than 2 fields, or a class missing.
         """
         from sklearn.model_selection import GroupKFold
-
-        from malaria_screen.evaluation.metrics import count_matched_threshold
 
         t0 = time.perf_counter()
         X = self._check_X(X)
@@ -385,65 +410,20 @@ class CellRescorer:
             raise ValueError("need cells of at least 2 fields (the threshold is set on held-out fields)")
         oof = np.zeros(len(y))
         for tr, te in GroupKFold(n_splits=min(n_splits, n_groups)).split(X, y, groups):
-            est = self._estimator()
             if len(set(y[tr].tolist())) < 2:
                 oof[te] = y[tr].mean()
                 continue
-            oof[te] = est.fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
-        est = self._estimator().fit(X, y)
-        self._from_sklearn(est)
+            oof[te] = self.new_estimator().fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
+        self.estimator = self.new_estimator().fit(X, y)
         c = self.config
         c.threshold = float(count_matched_threshold(y.astype(bool), oof))
-        c.model, c.segment_kwargs = model, dict(segment_kwargs or {})
+        c.model, c.segment = model, segment_config or SegmentConfig()
         c.n_fields, c.n_cells, c.n_parasitized = n_groups, len(y), int(y.sum())
         c.fit_seconds = time.perf_counter() - t0
         return self
 
-    def _from_sklearn(self, est) -> None:
-        """Flatten a fitted binary ``HistGradientBoostingClassifier``'s trees into arrays."""
-        trees = [pred[0] for pred in est._predictors]
-        start, parts = [], {k: [] for k in _TREE_KEYS[:-1]}
-        off = 0
-        for t in trees:
-            nd = t.nodes
-            if np.any(nd["is_categorical"]):
-                raise ValueError("categorical splits are not supported")
-            start.append(off)
-            parts["feature"].append(nd["feature_idx"].astype(np.int64))
-            parts["threshold"].append(nd["num_threshold"].astype(np.float64))
-            parts["missing_left"].append(nd["missing_go_to_left"].astype(np.uint8))
-            parts["left"].append(nd["left"].astype(np.int64) + off)
-            parts["right"].append(nd["right"].astype(np.int64) + off)
-            parts["is_leaf"].append(nd["is_leaf"].astype(np.uint8))
-            parts["value"].append(nd["value"].astype(np.float64))
-            off += len(nd)
-        self._trees = {k: np.concatenate(v) for k, v in parts.items()} | {"tree_start": np.asarray(start, np.int64)}
-        self._baseline = float(np.asarray(est._baseline_prediction).reshape(-1)[0])
-
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Raw score (log-odds of Parasitized), ``(N,)`` float64, from the flat trees."""
-        if self._trees is None:
-            raise RuntimeError("the rescorer is not fitted")
-        X = self._check_X(X)
-        t = self._trees
-        raw = np.full(len(X), self._baseline)
-        rows = np.arange(len(X))
-        for s in t["tree_start"]:
-            node = np.full(len(X), s, np.int64)
-            active = ~t["is_leaf"][node].astype(bool)
-            for _ in range(len(t["value"])):  # a path visits each node at most once
-                if not active.any():
-                    break
-                nd = node[active]
-                x = X[rows[active], t["feature"][nd]]
-                go_left = np.where(np.isnan(x), t["missing_left"][nd].astype(bool), x <= t["threshold"][nd])
-                node[active] = np.where(go_left, t["left"][nd], t["right"][nd])
-                active = ~t["is_leaf"][node].astype(bool)
-            raw += t["value"][node]
-        return raw
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """``(N,)`` float64 probability of Parasitized for ``(N, F)`` inputs.
+        """Raw score (log-odds of Parasitized), ``(N,)`` float64: the estimator's ``decision_function``.
 
         Raises
         ------
@@ -452,6 +432,16 @@ class CellRescorer:
         RuntimeError
             If the rescorer is not fitted.
         """
+        if self.estimator is None:
+            raise RuntimeError("the rescorer is not fitted")
+        X = self._check_X(X)
+        if len(X) == 0:
+            return np.zeros(0)
+        return np.asarray(self.estimator.decision_function(X), np.float64).reshape(-1)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """``(N,)`` float64 probability of Parasitized for ``(N, F)`` inputs: the logistic of
+        :meth:`decision_function` (which says what it raises)."""
         return 1.0 / (1.0 + np.exp(-self.decision_function(X)))
 
     def rescore_field(self, rgb: np.ndarray, seg: Segmentation, cells: list[CellProps], p_model: np.ndarray | None) -> np.ndarray:
@@ -471,23 +461,25 @@ class CellRescorer:
                                                   relative=c.field_relative))
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``rescorer.json`` and ``rescorer.safetensors`` into ``out_dir`` (atomically).
+        """Write ``rescorer.json`` and ``rescorer.skops`` into ``out_dir`` (atomically).
 
         Returns
         -------
         Path
             ``out_dir``.
+
+        Raises
+        ------
+        RuntimeError
+            If the rescorer is not fitted.
         """
-        from safetensors.numpy import save
+        import skops.io
 
-        from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
-
-        if self._trees is None:
+        if self.estimator is None:
             raise RuntimeError("the rescorer is not fitted")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        arrays = dict(self._trees) | {"baseline": np.asarray([self._baseline])}
-        atomic_write_bytes(out / WEIGHTS_NAME, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+        atomic_write_bytes(out / WEIGHTS_NAME, skops.io.dumps(self.estimator))
         atomic_write_json(out / CONFIG_NAME, asdict(self.config))
         return out
 
@@ -498,34 +490,41 @@ class CellRescorer:
         Raises
         ------
         FileNotFoundError
-            If ``rescorer.json`` or ``rescorer.safetensors`` is missing.
+            If ``rescorer.json`` or ``rescorer.skops`` is missing.
         ValueError
-            If the files do not describe a valid rescorer.
+            If the files do not describe a valid rescorer (including a folder written before the
+            skops format, whose trees sit in ``rescorer.safetensors``: refit it), or the skops
+            file holds types other than the estimator's own.
         """
-        import json
-
-        from safetensors.numpy import load_file
+        import skops.io
 
         p = Path(path)
-        if not (p / CONFIG_NAME).is_file() or not (p / WEIGHTS_NAME).is_file():
+        if not (p / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{p} is not a rescorer folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        cfg = json.loads((p / CONFIG_NAME).read_text())
-        known = RescorerConfig.__dataclass_fields__
+        if not (p / WEIGHTS_NAME).is_file():
+            if (p / OLD_WEIGHTS_NAME).is_file():
+                raise ValueError(f"{p} holds a rescorer written by an older malaria-screen ({OLD_WEIGHTS_NAME}, "
+                                 f"trees as flat arrays), which this version no longer reads: fit it again with "
+                                 f"`malaria-screen rescorer` on the same fields")
+            raise FileNotFoundError(f"{p} is not a rescorer folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         r = cls.__new__(cls)
-        r.config = RescorerConfig(**{k: v for k, v in cfg.items() if k in known})
-        arrays = load_file(str(p / WEIGHTS_NAME))
-        missing = [k for k in (*_TREE_KEYS, "baseline") if k not in arrays]
-        if missing:
-            raise ValueError(f"{p / WEIGHTS_NAME} lacks {missing}")
-        r._trees = {k: arrays[k] for k in _TREE_KEYS}
-        r._baseline = float(arrays["baseline"].reshape(-1)[0])
+        r.config = RescorerConfig.from_dict(json.loads((p / CONFIG_NAME).read_text(encoding="utf-8")))
+        data = (p / WEIGHTS_NAME).read_bytes()
+        try:
+            untrusted = set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES)
+            if untrusted:
+                raise ValueError(f"{p / WEIGHTS_NAME} holds types a rescorer never has: {sorted(untrusted)}")
+            r.estimator = skops.io.loads(data, trusted=list(TRUSTED_TYPES))
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt zip, a file of another scikit-learn version, ...
+            raise ValueError(f"{p / WEIGHTS_NAME} is not a readable rescorer ({error_text(exc)}); "
+                             "fit it again with `malaria-screen rescorer`") from exc
+        n_in = getattr(r.estimator, "n_features_in_", None)
+        if n_in != len(r.config.feature_names):
+            raise ValueError(f"{p / WEIGHTS_NAME} takes {n_in} inputs but {CONFIG_NAME} names "
+                             f"{len(r.config.feature_names)}")
         r.source = str(p)
-        n_nodes, nf = len(r._trees["value"]), len(r.config.feature_names)
-        t = r._trees
-        inner = ~t["is_leaf"].astype(bool)
-        if (np.any(t["left"][inner] >= n_nodes) or np.any(t["right"][inner] >= n_nodes)
-                or np.any(t["feature"][inner] >= nf) or np.any(t["feature"][inner] < 0)):
-            raise ValueError(f"{p / WEIGHTS_NAME} has node or feature indices out of range")
         return r
 
 

@@ -21,11 +21,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from malaria_screen.smear.segment import CellProps, Segmentation, segment_field
+from malaria_screen.smear.crops import cell_crops
+from malaria_screen.smear.segment import CellProps, Segmentation, SegmentConfig, segment_field
+from malaria_screen.smear.stain import check_stain_method, normalize_stain, rescale, scale_factor_to_nih
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellModel", "CellResult", "FieldResult", "binomial_ci", "screen_field"]
+__all__ = ["CellModel", "CellResult", "FieldResult", "binomial_ci", "predict_batched", "screen_field"]
 
 
 class CellModel(Protocol):
@@ -147,7 +149,28 @@ def binomial_ci(k: int, n: int, *, confidence: float = 0.95, method: str = "wils
     return (float(max(0.0, ci.low)), float(min(1.0, ci.high)))
 
 
-def _predict_batched(model: Any, crops: list[np.ndarray], batch_size: int) -> np.ndarray:
+def predict_batched(model: CellModel, crops: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """``model.predict`` over ``crops`` in batches of ``batch_size``.
+
+    Parameters
+    ----------
+    model : CellModel
+        ``predict(list of (h, w, 3) uint8) -> (N,) p_parasitized``.
+    crops : list of (h, w, 3) uint8 ndarray
+        Cell crops.
+    batch_size : int
+        Crops per call.
+
+    Returns
+    -------
+    (N,) float64 ndarray
+        p_parasitized per crop, in order (empty for no crops).
+
+    Raises
+    ------
+    ValueError
+        If the model returns a different number of probabilities than it was given crops.
+    """
     out = []
     for s in range(0, len(crops), batch_size):
         p = np.asarray(model.predict(crops[s : s + batch_size]), dtype=np.float64).reshape(-1)
@@ -162,7 +185,7 @@ def screen_field(
     model: CellModel | None,
     *,
     image_name: str = "field",
-    pixel_size_um: float | None = None,
+    segment_config: SegmentConfig | None = None,
     stain: str = "none",
     scale_to_nih: bool = False,
     count_border_cells: bool = True,
@@ -170,7 +193,6 @@ def screen_field(
     ci_method: str = "wilson",
     segmentation: Segmentation | None = None,
     rescorer: Any | None = None,
-    **segment_kwargs,
 ) -> FieldResult:
     """Screen one thin-smear field.
 
@@ -183,8 +205,9 @@ def screen_field(
         ``threshold``. None = segmentation only (no labels, parasitemia None).
     image_name : str
         Name recorded in the result.
-    pixel_size_um : float, optional
-        µm per px; if None the RBC scale is estimated from the image.
+    segment_config : SegmentConfig, optional
+        Segmentation settings (e.g. ``pixel_size_um``; by default the RBC scale is estimated
+        from the image); default ``SegmentConfig()``.
     stain : {"none", "reinhard", "macenko"}
         Stain normalisation of the cell pixels towards the NIH training crops.
     scale_to_nih : bool
@@ -197,14 +220,12 @@ def screen_field(
     ci_method : {"wilson", "exact"}
         Binomial interval for the parasitemia.
     segmentation : Segmentation, optional
-        Precomputed segmentation (skips segmentation).
+        Precomputed segmentation (skips segmentation; ``segment_config`` is then unused).
     rescorer : CellRescorer, optional
         Second stage (:class:`~malaria_screen.smear.rescore.CellRescorer`): each cell's
         ``p_parasitized`` becomes the rescorer's probability from the cell's colour/shape
         features and the model's logit, labelled with the rescorer's threshold. Used only when
         ``model`` is given.
-    **segment_kwargs
-        Passed to :func:`~malaria_screen.smear.segment.segment_field`.
 
     Returns
     -------
@@ -216,11 +237,8 @@ def screen_field(
         If ``rgb`` is not ``(H, W, 3)``, ``stain`` is unknown, or the model returns the wrong
         number of probabilities.
     """
-    from malaria_screen.smear.crops import cell_crops
-    from malaria_screen.smear.stain import check_stain_method, normalize_stain, rescale, scale_factor_to_nih
-
     t0 = time.perf_counter()
-    seg = segmentation or segment_field(rgb, pixel_size_um=pixel_size_um, **segment_kwargs)
+    seg = segmentation or segment_field(rgb, segment_config)
     props: list[CellProps] = seg.cells()
     t1 = time.perf_counter()
     h, w = rgb.shape[:2]
@@ -232,7 +250,7 @@ def screen_field(
             f = scale_factor_to_nih(seg.rbc_diameter_px)
             crops = [rescale(c, f) for c in crops]
         t2 = time.perf_counter()
-        probs = _predict_batched(model, crops, batch_size)
+        probs = predict_batched(model, crops, batch_size)
         if rescorer is not None:
             probs = rescorer.rescore_field(rgb, seg, props, probs)
     else:

@@ -6,7 +6,8 @@ Algorithm
 ---------
 1. **Stain-robust foreground signal.** The background (plasma-free glass) colour is estimated
    from the brightest pixels of the field and every pixel is converted to optical density
-   ``OD_c = -log((I_c + 1) / (B_c + 1))`` per channel ``c`` (Beer-Lambert). Haemoglobin and the
+   ``OD_c = -log((I_c + 1) / (B_c + 1))`` per channel ``c`` (Beer-Lambert,
+   :func:`~malaria_screen.smear.density.optical_density`). Haemoglobin and the
    eosin component of Giemsa absorb mostly green light, so the green-channel OD separates red
    cells from background for pale-grey, pink and deep-magenta stains alike; it is insensitive to
    the illumination colour because it is relative to the field's own background.
@@ -53,9 +54,12 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
+
+from malaria_screen.smear.density import check_field_rgb, optical_density
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +69,134 @@ RBC_DIAMETER_UM = 7.5
 __all__ = [
     "RBC_DIAMETER_UM",
     "CellProps",
+    "SegmentConfig",
     "Segmentation",
     "cell_properties",
     "estimate_rbc_diameter_px",
-    "foreground_signal",
     "segment_cells",
     "segment_field",
 ]
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Settings of :func:`segment_field`; the CLI, the REST API, the rescorer and ``rescorer.json`` share it.
+
+    The defaults are the shipped method, chosen on the IML_Malaria dev fields (the measurements
+    behind each are in ``docs/experiments/segmentation-history.md``). Sizes are fractions of a
+    typical cell, so the same defaults work at any magnification.
+
+    Attributes
+    ----------
+    pixel_size_um : float, optional
+        Pixel size at the specimen in µm/px. If given, the RBC diameter is
+        ``rbc_diameter_um / pixel_size_um`` px; otherwise it is estimated from the image.
+    rbc_diameter_um : float, default=7.5
+        Typical RBC diameter in µm, used with ``pixel_size_um``.
+    rbc_diameter_px : float, optional
+        Typical RBC diameter in px; overrides both of the above.
+    work_diameter_px : float, default=30
+        Cells are processed at a resolution where they are this many px across (speed).
+    min_area_frac, max_area_frac : float, default=0.3, 2.6
+        Segments with area outside ``[min, max] x`` the area of a typical cell are excluded.
+    border_min_area_frac : float, default=0.85
+        Cells cut by the image border are kept only if at least this fraction of a typical
+        cell's area is visible: a sliver of a cell cannot be classified (its parasite may lie
+        outside the field) and is not counted, as a microscopist counting in a field ignores
+        cells mostly outside it. IML_Malaria's annotators box border cells the same way.
+    min_marker_distance_frac : float, default=0.36
+        Minimum distance between two watershed markers, as a fraction of the RBC diameter.
+    max_hole_frac : float, default=0.4
+        Holes in the foreground up to this fraction of a cell area are filled (central pallor);
+        larger ones are gaps between cells and stay background.
+    threshold_factor : float, default=1.0
+        The foreground threshold is this factor times Otsu's threshold of the green OD.
+    split_clumps : bool, default=True
+        Split segments larger than ``clump_area_frac`` typical cells (overlapping cells the
+        watershed could not separate) by a greedy cover with cell-sized discs
+        (:func:`_split_clumps`); split cells get the box of their disc (``Segmentation.boxes``).
+        Unsplit segments above ``max_area_frac`` are dropped.
+    clump_area_frac : float, default=1.5
+        See ``split_clumps``.
+    complete_boxes : bool, default=True
+        Give each cell that touches other cells the box of the whole cell, fitted to the part
+        of its outline that borders background (:func:`_complete_boxes`), instead of the box
+        of its share of the touching group.
+    exclude_wbc : bool, default=True
+        Detect and exclude white blood cells by their dark nuclei.
+    wbc_nucleus_min_frac : float, default=0.2
+        Minimum area of a nucleus blob, as a fraction of a typical cell area.
+    wbc_red_od_margin : float, default=0.15
+        Red-channel OD margin above the 99th percentile of the field's cells that marks a
+        nucleus pixel.
+    wbc_green_od_margin : float, default=0.7
+        Green-channel OD margin above the median of the field's cells that marks a nucleus pixel.
+    mark_max_frac : float or None, default=0.15
+        Cells under a neutral black mark burned into the image (scale bar, text: red-channel
+        OD > 1.5, i.e. under 3 % transmitted red light, which stained cells and nuclei never
+        reach) are excluded when more than this fraction of the cell lies within ``d / 12`` of
+        the mark: they cannot be classified. None keeps them.
+    pale_cell_factor : float or None, default=0.5
+        Recover pale cells (:func:`_pale_cells`): cell-sized, convex regions whose green OD is
+        above this factor times the foreground threshold but which the threshold left out.
+        None turns the step off.
+
+    Raises
+    ------
+    ValueError
+        If ``pixel_size_um`` or ``rbc_diameter_px`` is given and not > 0.
+    """
+
+    pixel_size_um: float | None = None
+    rbc_diameter_um: float = RBC_DIAMETER_UM
+    rbc_diameter_px: float | None = None
+    work_diameter_px: float = 30.0
+    min_area_frac: float = 0.3
+    max_area_frac: float = 2.6
+    border_min_area_frac: float = 0.85
+    min_marker_distance_frac: float = 0.36
+    max_hole_frac: float = 0.4
+    threshold_factor: float = 1.0
+    split_clumps: bool = True
+    clump_area_frac: float = 1.5
+    complete_boxes: bool = True
+    exclude_wbc: bool = True
+    wbc_nucleus_min_frac: float = 0.2
+    wbc_red_od_margin: float = 0.15
+    wbc_green_od_margin: float = 0.7
+    mark_max_frac: float | None = 0.15
+    pale_cell_factor: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        if self.pixel_size_um is not None and not self.pixel_size_um > 0:
+            raise ValueError(f"pixel_size_um must be > 0, got {self.pixel_size_um}")
+        if self.rbc_diameter_px is not None and not self.rbc_diameter_px > 0:
+            raise ValueError(f"rbc_diameter_px must be > 0, got {self.rbc_diameter_px}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings as a JSON-ready dict (``asdict``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "SegmentConfig":
+        """Settings from a dict of some or all fields (the rest keep their defaults).
+
+        Reads :meth:`to_dict` output and the plain ``segment_kwargs`` dicts of older
+        ``rescorer.json`` files (e.g. ``{}`` or ``{"pixel_size_um": 0.1}``).
+
+        Raises
+        ------
+        ValueError
+            If ``values`` is not a dict or names a setting that does not exist.
+        """
+        values = {} if values is None else values
+        if not isinstance(values, dict):
+            raise ValueError(f"segmentation settings must be a JSON object, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown segmentation setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -142,65 +267,6 @@ class Segmentation:
         return cell_properties(self.labels, border_margin_px=border_margin_px, boxes=self.boxes)
 
 
-def _check_rgb(rgb: np.ndarray) -> np.ndarray:
-    if not isinstance(rgb, np.ndarray):
-        raise TypeError(f"rgb must be a numpy array, got {type(rgb).__name__}")
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb must have shape (H, W, 3), got {rgb.shape}")
-    if rgb.shape[0] < 8 or rgb.shape[1] < 8:
-        raise ValueError(f"rgb image too small: shape {rgb.shape}, need at least 8x8 px")
-    if rgb.dtype != np.uint8:
-        if np.issubdtype(rgb.dtype, np.floating) and rgb.size and float(np.nanmax(rgb)) <= 1.0:
-            warnings.warn("float image in [0, 1] given; scaling to 0..255", stacklevel=3)
-            rgb = np.clip(rgb * 255.0, 0, 255)
-        elif rgb.dtype == np.uint16:
-            warnings.warn("uint16 image given; scaling to 8 bit", stacklevel=3)
-            rgb = rgb / 257.0
-        else:
-            warnings.warn(f"non-uint8 image (dtype {rgb.dtype}); clipping to 0..255", stacklevel=3)
-            rgb = np.clip(rgb, 0, 255)
-        rgb = rgb.astype(np.uint8)
-    return rgb
-
-
-def foreground_signal(rgb: np.ndarray, *, bg_percentile: float = 97.0) -> np.ndarray:
-    """Per-channel optical density relative to the field background.
-
-    Parameters
-    ----------
-    rgb : np.ndarray
-        ``(H, W, 3)`` uint8 RGB field.
-    bg_percentile : float
-        Pixels brighter than this percentile of the grey level define the background colour.
-
-    Returns
-    -------
-    np.ndarray
-        ``(H, W, 3)`` float32 optical density (≥ 0, unitless); background ≈ 0.
-
-    Raises
-    ------
-    ValueError
-        If ``rgb`` is not ``(H, W, 3)``.
-    """
-    rgb = _check_rgb(rgb)
-    # Background colour from the brightest pixels of a coarse copy (speed); median per channel.
-    h, w = rgb.shape[:2]
-    step = max(1, int(max(h, w) // 400))
-    sub = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
-    grey = sub.mean(axis=1)
-    bright = sub[grey >= np.percentile(grey, bg_percentile)]
-    bg = np.median(bright, axis=0) if len(bright) else sub.max(axis=0)
-    bg = np.maximum(bg, 1.0)
-    # OD via a lookup table per channel (fast on uint8).
-    od = np.empty(rgb.shape, np.float32)
-    levels = np.arange(256, dtype=np.float32)
-    for c in range(3):
-        lut = np.clip(-np.log((levels + 1.0) / (bg[c] + 1.0)), 0.0, None).astype(np.float32)
-        od[..., c] = lut[rgb[..., c]]
-    return od
-
-
 def _otsu(values: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
@@ -228,24 +294,26 @@ def _fill_small_holes(mask: np.ndarray, max_hole_px: float | None) -> np.ndarray
     return mask | fill[holes]
 
 
-def _fg_mask(
+def _foreground_mask(
     signal: np.ndarray, min_object_px: int, max_hole_px: float | None = None, factor: float = 1.0
 ) -> tuple[np.ndarray, float]:
+    """Otsu foreground of ``signal`` (x ``factor``, at least 0.08 OD), holes filled, specks removed;
+    returns ``(mask, threshold)``."""
     from scipy import ndimage as ndi
 
-    thr = factor * _otsu(signal[:: max(1, signal.shape[0] // 300), :: max(1, signal.shape[1] // 300)])
+    threshold = factor * _otsu(signal[:: max(1, signal.shape[0] // 300), :: max(1, signal.shape[1] // 300)])
     # Guard against fields with no cells: the threshold must be a real contrast.
-    thr = max(thr, 0.08)
-    mask = signal > thr
+    threshold = max(threshold, 0.08)
+    mask = signal > threshold
     mask = _fill_small_holes(mask, max_hole_px)
     if min_object_px > 1:
-        lab, n = ndi.label(mask)
+        objects, n = ndi.label(mask)
         if n:
-            sizes = np.bincount(lab.ravel())
+            sizes = np.bincount(objects.ravel())
             keep = sizes >= min_object_px
             keep[0] = False
-            mask = keep[lab]
-    return mask, thr
+            mask = keep[objects]
+    return mask, threshold
 
 
 def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None, dense_coverage: float = 0.75) -> float:
@@ -256,23 +324,21 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None, d
     median of the per-object maxima (objects with tiny maxima, i.e. specks, ignored) is taken.
     Holes (the pale centre of a cell) are filled first, except in a dense field: when the filled
     foreground covers more than ``dense_coverage`` of the field, the "holes" were the background
-    between packed cells (filling them made one field-sized object, and a 5-10x too large
-    estimate on 2 of the 120 IML dev fields), so the unfilled foreground is used.
+    between packed cells (filling them made one field-sized object), so the unfilled foreground
+    is used.
 
     The field is analysed at 480 px on its longer side. In a field larger than 1,280 px (a
     stitched scan, a high-resolution camera) small cells would then be a few pixels across and
     merge, so the estimate is also taken on its central 1,280 x 1,280 px (at the same 480 px);
     that one is used when it finds at least 10 cells and a diameter under 0.9 x the whole-field
-    estimate. (Tilings of the 640 x 480 px Chula demo field, 36 px cells: 4 x 4 tiles 44 px
-    and 8 x 8 tiles 390 px from the whole field alone; 38 px with the crop.) Fields of up to
-    1,280 px, such as all of IML's and Chula's, are unaffected.
+    estimate. Fields of up to 1,280 px, such as all of IML's and Chula's, are unaffected.
 
     Parameters
     ----------
     rgb : np.ndarray
         ``(H, W, 3)`` uint8 RGB field.
     od : np.ndarray, optional
-        Precomputed :func:`foreground_signal` of ``rgb``.
+        Precomputed :func:`~malaria_screen.smear.density.optical_density` of ``rgb``.
     dense_coverage : float, default=0.75
         Foreground share (0..1) above which holes are not filled. Thin-smear monolayers in the
         IML and Chula fields cover at most ~0.58 once filled.
@@ -283,9 +349,9 @@ def estimate_rbc_diameter_px(rgb: np.ndarray, *, od: np.ndarray | None = None, d
         Estimated RBC diameter in px (full resolution). Returns NaN if no cell-like object is
         found.
     """
-    rgb = _check_rgb(rgb)
+    rgb = check_field_rgb(rgb)
     if od is None:
-        od = foreground_signal(rgb)
+        od = optical_density(rgb)
     g = od[..., 1]
     diam, _ = _diameter_of(g, dense_coverage)
     h, w = g.shape
@@ -311,9 +377,9 @@ def _diameter_of(g: np.ndarray, dense_coverage: float) -> tuple[float, int]:
     if s < 1.0:
         g = cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
     g = cv2.GaussianBlur(g, (0, 0), 1.0)
-    mask, _ = _fg_mask(g, min_object_px=12)
+    mask, _ = _foreground_mask(g, min_object_px=12)
     if mask.mean() > dense_coverage:
-        mask, _ = _fg_mask(g, min_object_px=12, max_hole_px=0)
+        mask, _ = _foreground_mask(g, min_object_px=12, max_hole_px=0)
     if not mask.any():
         return float("nan"), 0
     dt = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
@@ -329,97 +395,31 @@ def _diameter_of(g: np.ndarray, dense_coverage: float) -> tuple[float, int]:
     return (2.0 * radius + 1.0) / s, int(maxima.size)
 
 
-def segment_field(
-    rgb: np.ndarray,
-    *,
-    pixel_size_um: float | None = None,
-    rbc_diameter_um: float = RBC_DIAMETER_UM,
-    rbc_diameter_px: float | None = None,
-    work_diameter_px: float = 30.0,
-    min_area_frac: float = 0.3,
-    max_area_frac: float = 2.6,
-    border_min_area_frac: float = 0.85,
-    min_marker_distance_frac: float = 0.36,
-    max_hole_frac: float = 0.4,
-    threshold_factor: float = 1.0,
-    split_clumps: bool = True,
-    clump_area_frac: float = 1.5,
-    complete_boxes: bool = True,
-    exclude_wbc: bool = True,
-    wbc_nucleus_min_frac: float = 0.2,
-    wbc_red_od_margin: float = 0.15,
-    wbc_green_od_margin: float = 0.7,
-    mark_max_frac: float | None = 0.15,
-    pale_cell_factor: float | None = 0.5,
-) -> Segmentation:
-    """Segment the red blood cells of one thin-smear field.
+@dataclass(frozen=True)
+class _WorkScale:
+    """The working resolution: full-resolution ``diameter_px``, resize ``factor`` and output
+    ``size`` ``(w, h)``, per-axis factors ``fx``/``fy``, and a typical cell's ``diameter``,
+    ``radius`` and ``cell_area`` at working resolution (px)."""
+
+    diameter_px: float
+    factor: float
+    size: tuple[int, int]
+    fx: float
+    fy: float
+    diameter: float
+    radius: float
+    cell_area: float
+
+
+def segment_field(rgb: np.ndarray, config: SegmentConfig | None = None) -> Segmentation:
+    """Segment the red blood cells of one thin-smear field (algorithm: module docstring).
 
     Parameters
     ----------
     rgb : np.ndarray
         ``(H, W, 3)`` uint8 RGB field, any size.
-    pixel_size_um : float, optional
-        Pixel size at the specimen in µm/px. If given, the RBC diameter is
-        ``rbc_diameter_um / pixel_size_um`` px; otherwise it is estimated from the image.
-    rbc_diameter_um : float
-        Typical RBC diameter in µm (default 7.5), used with ``pixel_size_um``.
-    rbc_diameter_px : float, optional
-        Typical RBC diameter in px; overrides both of the above.
-    work_diameter_px : float
-        Cells are processed at a resolution where they are this many px across (speed).
-    min_area_frac, max_area_frac : float
-        Segments with area outside ``[min, max] x`` the area of a typical cell are excluded.
-    border_min_area_frac : float
-        Cells cut by the image border are kept only if at least this fraction of a typical
-        cell's area is visible (default 0.85): a sliver of a cell cannot be classified (its
-        parasite may lie outside the field) and is not counted, as a microscopist counting in
-        a field ignores cells mostly outside it. IML_Malaria's annotators box border cells the
-        same way (measured on 40 fields: no cut cell below 0.5 of a cell area is boxed, most
-        above 0.9 are).
-    min_marker_distance_frac : float
-        Minimum distance between two watershed markers, as a fraction of the RBC diameter.
-    threshold_factor : float
-        The foreground threshold is this factor times Otsu's threshold of the green OD.
-    max_hole_frac : float
-        Holes in the foreground up to this fraction of a cell area are filled (central pallor);
-        larger ones are gaps between cells and stay background.
-    split_clumps : bool
-        Split segments larger than ``clump_area_frac`` typical cells (overlapping cells the
-        watershed could not separate) by a greedy cover with cell-sized discs
-        (:func:`_split_clumps`); split cells get the box of their disc (``Segmentation.boxes``).
-        Unsplit segments above ``max_area_frac`` are dropped.
-    clump_area_frac : float
-        See ``split_clumps``.
-    complete_boxes : bool
-        Give each cell that touches other cells the box of the whole cell, fitted to the part
-        of its outline that borders background (:func:`_complete_boxes`), instead of the box
-        of its share of the touching group.
-    exclude_wbc : bool
-        Detect and exclude white blood cells by their dark nuclei.
-    wbc_nucleus_min_frac : float
-        Minimum area of a nucleus blob, as a fraction of a typical cell area.
-    wbc_red_od_margin : float
-        Red-channel OD margin above the 99th percentile of the field's cells that marks a
-        nucleus pixel.
-    wbc_green_od_margin : float
-        Green-channel OD margin above the median of the field's cells that marks a nucleus
-        pixel. 0.7 on the IML dev fields: 0.8 missed the paler nuclei of pink-stained
-        fields, whose fragments were then called Parasitized; 0.6 also takes large
-        gametocytes for nuclei (5 fewer infected boxes matched).
-    mark_max_frac : float or None
-        Cells under a neutral black mark burned into the image (scale bar, text: red-channel
-        OD > 1.5, i.e. under 3 % transmitted red light, which stained cells and nuclei never
-        reach) are excluded when more than this fraction of the cell lies within ``d / 12`` of
-        the mark: they cannot be classified (the classifier took the black strokes for
-        chromatin). None keeps them.
-    pale_cell_factor : float or None
-        Recover pale cells (:func:`_pale_cells`): cell-sized, convex regions whose green OD is
-        above this factor times the foreground threshold but which the threshold left out.
-        None turns the step off. On the 120 IML dev fields (default 0.5, chosen among 0.3-0.6:
-        153/156/159/158 matched) it adds 17 cells in 13 fields, 8 of them infected cells
-        (pale *P. vivax* cells of the deep-magenta fields), and raises the infected boxes
-        matched at IoU >= 0.5 from 153 to 159 of 185; RBC F1 0.9027 -> 0.9029; the Chula
-        fields are unchanged.
+    config : SegmentConfig, optional
+        Settings; default ``SegmentConfig()``.
 
     Returns
     -------
@@ -429,181 +429,236 @@ def segment_field(
     Raises
     ------
     ValueError
-        If ``rgb`` is not ``(H, W, 3)``, or a size parameter is not positive.
+        If ``rgb`` is not ``(H, W, 3)`` or smaller than 8 x 8 px.
     """
+    cfg = config or SegmentConfig()
+    rgb = check_field_rgb(rgb)
+    height, width = rgb.shape[:2]
+    od = optical_density(rgb)
+    diameter_px, estimated = _rbc_diameter(rgb, od, cfg)
+    if not np.isfinite(diameter_px):
+        logger.info("no cell-like objects found; empty segmentation")
+        return Segmentation(np.zeros((height, width), np.int32), float("nan"), True, 1.0)
+    ws = _work_scale(diameter_px, height, width, cfg.work_diameter_px)
+    od_work = _resize(od, ws)
+    green, foreground, threshold, mark = _foreground(od, od_work, ws, cfg)
+    unsplit = _watershed_cells(foreground, ws, cfg.min_marker_distance_frac)
+    segments, disc_boxes = unsplit, {}
+    if cfg.split_clumps:
+        segments, disc_boxes = _split_clumps(unsplit, ws.cell_area, cfg.clump_area_frac)
+    areas = np.bincount(segments.ravel(), minlength=int(segments.max()) + 1).astype(np.float64)
+    keep = _size_filter(segments, areas, ws, cfg)
+    if cfg.mark_max_frac is not None and mark.any():
+        keep &= ~_under_mark(segments, areas, mark, ws, cfg.mark_max_frac)
+    wbc, wbc_boxes, n_wbc_segments = None, [], 0
+    if cfg.exclude_wbc and keep.any():
+        wbc, wbc_boxes, n_wbc_segments = _white_cells(od_work, segments, unsplit, keep, areas, ws, cfg)
+    if cfg.pale_cell_factor is not None:
+        segments, keep = _pale_cells(green, foreground, threshold, cfg.pale_cell_factor, segments, keep,
+                                     ws.cell_area, ws.diameter, blocked=wbc, mark=mark)
+    n_excluded = int((~keep[1:]).sum()) - n_wbc_segments
+    labels_work, boxes_work = _relabel(segments, keep, disc_boxes)
+    if cfg.complete_boxes:
+        boxes_work = _complete_boxes(labels_work, ws.diameter, boxes_work)
+    labels, boxes = _to_full_resolution(labels_work, boxes_work, ws, height, width)
+    logger.debug(
+        "segment_field: %dx%d, diameter %.1f px (%s), %d cells, %d WBC, %d excluded, otsu %.3f",
+        width, height, diameter_px, "estimated" if estimated else "given", int(keep.sum()), len(wbc_boxes),
+        n_excluded, threshold,
+    )
+    return Segmentation(labels, diameter_px, estimated, float(ws.factor), wbc_boxes, max(0, n_excluded), boxes)
+
+
+def _rbc_diameter(rgb: np.ndarray, od: np.ndarray, cfg: SegmentConfig) -> tuple[float, bool]:
+    """``(typical RBC diameter px, estimated?)``: given in px, from the pixel size, or estimated
+    (NaN when the field has no cell-like object); warns when it is implausible for the image."""
+    if cfg.rbc_diameter_px is not None:
+        diameter, estimated = float(cfg.rbc_diameter_px), False
+    elif cfg.pixel_size_um is not None:
+        diameter, estimated = float(cfg.rbc_diameter_um) / float(cfg.pixel_size_um), False
+    else:
+        diameter, estimated = estimate_rbc_diameter_px(rgb, od=od), True
+        if not np.isfinite(diameter):
+            return diameter, estimated
+    h, w = rgb.shape[:2]
+    if diameter < 6:
+        warnings.warn(f"RBC diameter {diameter:.1f} px is very small; segmentation unreliable", stacklevel=3)
+    if diameter > max(h, w):
+        warnings.warn(f"RBC diameter {diameter:.1f} px exceeds the image size {w}x{h}", stacklevel=3)
+    return diameter, estimated
+
+
+def _work_scale(diameter_px: float, height: int, width: int, work_diameter_px: float) -> _WorkScale:
+    """The resolution at which a cell is ``work_diameter_px`` across (at most 2x the original)."""
+    factor = min(2.0, work_diameter_px / diameter_px)
+    size = (max(8, round(width * factor)), max(8, round(height * factor)))
+    diameter = diameter_px * factor
+    radius = diameter / 2.0
+    return _WorkScale(diameter_px, factor, size, size[0] / width, size[1] / height, diameter, radius,
+                      np.pi * radius * radius)
+
+
+def _resize(od: np.ndarray, ws: _WorkScale) -> np.ndarray:
+    """``od`` at the working resolution (area interpolation when shrinking)."""
+    import cv2
+
+    return cv2.resize(od, ws.size, interpolation=cv2.INTER_AREA if ws.factor < 1 else cv2.INTER_LINEAR)
+
+
+def _foreground(od: np.ndarray, od_work: np.ndarray, ws: _WorkScale, cfg: SegmentConfig):
+    """Smoothed green OD, foreground mask, its threshold, and the burned-in mark mask (working resolution).
+
+    Foreground: Otsu threshold of the smoothed green OD, central-pallor holes filled, specks
+    removed, minus neutral black marks (scale bar, text: every channel absorbs, red OD > 1.5),
+    then opened by a disc of ``d / 12`` to cut thin bridges between cells.
+    """
+    import cv2
+
+    green = cv2.GaussianBlur(od_work[..., 1], (0, 0), max(0.5, ws.diameter / 30.0))
+    foreground, threshold = _foreground_mask(
+        green, min_object_px=max(4, int(0.5 * cfg.min_area_frac * ws.cell_area)),
+        max_hole_px=cfg.max_hole_frac * ws.cell_area, factor=cfg.threshold_factor,
+    )
+    mark = cv2.resize(od[..., 0], ws.size, interpolation=cv2.INTER_NEAREST) > 1.5
+    foreground &= ~mark
+    opening = _disc(_bridge_radius(ws))
+    foreground = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, opening).astype(bool)
+    return green, foreground, threshold, mark
+
+
+def _bridge_radius(ws: _WorkScale) -> int:
+    """Radius (px, working resolution) of the opening that cuts bridges: a twelfth of a cell."""
+    return max(1, int(round(ws.diameter / 12)))
+
+
+def _watershed_cells(foreground: np.ndarray, ws: _WorkScale, min_marker_distance_frac: float) -> np.ndarray:
+    """Marker-controlled watershed of the smoothed distance transform: ``(H, W)`` int32 segments."""
     import cv2
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
-    rgb = _check_rgb(rgb)
-    h, w = rgb.shape[:2]
-    if pixel_size_um is not None and not pixel_size_um > 0:
-        raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
-    if rbc_diameter_px is not None and not rbc_diameter_px > 0:
-        raise ValueError(f"rbc_diameter_px must be > 0, got {rbc_diameter_px}")
-    od = foreground_signal(rgb)
-
-    estimated = False
-    if rbc_diameter_px is not None:
-        diam = float(rbc_diameter_px)
-    elif pixel_size_um is not None:
-        diam = float(rbc_diameter_um) / float(pixel_size_um)
-    else:
-        diam = estimate_rbc_diameter_px(rgb, od=od)
-        estimated = True
-        if not np.isfinite(diam):
-            logger.info("no cell-like objects found; empty segmentation")
-            return Segmentation(np.zeros((h, w), np.int32), float("nan"), True, 1.0)
-    if diam < 6:
-        warnings.warn(f"RBC diameter {diam:.1f} px is very small; segmentation unreliable", stacklevel=2)
-    if diam > max(h, w):
-        warnings.warn(f"RBC diameter {diam:.1f} px exceeds the image size {w}x{h}", stacklevel=2)
-
-    scale = min(2.0, work_diameter_px / diam)
-    wh = (max(8, round(w * scale)), max(8, round(h * scale)))
-    scale_x, scale_y = wh[0] / w, wh[1] / h
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    odw = cv2.resize(od, wh, interpolation=interp)
-    d = diam * scale  # diameter at working resolution
-    r = d / 2.0
-    cell_area = np.pi * r * r
-
-    g = cv2.GaussianBlur(odw[..., 1], (0, 0), max(0.5, d / 30.0))
-    fg, thr = _fg_mask(
-        g, min_object_px=max(4, int(0.5 * min_area_frac * cell_area)), max_hole_px=max_hole_frac * cell_area,
-        factor=threshold_factor,
-    )
-    # Neutral black marks burned into the image (scale bar, text) are not cells: every channel
-    # absorbs strongly there, whereas stained cells and nuclei transmit most red light.
-    mark = cv2.resize(od[..., 0], wh, interpolation=cv2.INTER_NEAREST) > 1.5
-    fg &= ~mark
-    # Cut thin bridges between cells.
-    k = max(1, int(round(d / 12)))
-    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, _disc(k)).astype(bool)
-
-    dt = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
-    dts = cv2.GaussianBlur(dt, (0, 0), max(0.5, d / 20.0))
-    comp, ncomp = ndi.label(fg)
+    distance = cv2.distanceTransform(foreground.astype(np.uint8), cv2.DIST_L2, 5)
+    smooth = cv2.GaussianBlur(distance, (0, 0), max(0.5, ws.diameter / 20.0))
+    components, _ = ndi.label(foreground)
     peaks = peak_local_max(
-        dts,
-        min_distance=max(2, int(round(min_marker_distance_frac * d))),
-        threshold_abs=0.3 * r,
-        labels=comp,
+        smooth,
+        min_distance=max(2, int(round(min_marker_distance_frac * ws.diameter))),
+        threshold_abs=0.3 * ws.radius,
+        labels=components,
         exclude_border=False,
     )
-    markers = np.zeros(fg.shape, np.int32)
+    markers = np.zeros(foreground.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    seg = watershed(-dts, markers, mask=fg).astype(np.int32)
+    return watershed(-smooth, markers, mask=foreground).astype(np.int32)
 
-    seg0 = seg  # before splitting: the WBC exclusion below follows unsplit segments
-    boxes_w: dict[int, tuple[int, int, int, int]] = {}
-    if split_clumps:
-        seg, boxes_w = _split_clumps(seg, cell_area, clump_area_frac)
 
-    # --- per-segment filtering -------------------------------------------------------------
-    n = int(seg.max())
-    areas = np.bincount(seg.ravel(), minlength=n + 1).astype(np.float64)
+def _size_filter(segments: np.ndarray, areas: np.ndarray, ws: _WorkScale, cfg: SegmentConfig) -> np.ndarray:
+    """``(n + 1,)`` bool: segments of a cell's size (a larger minimum for those cut by the border)."""
+    from scipy import ndimage as ndi
+
+    n = len(areas) - 1
     keep = np.ones(n + 1, bool)
     keep[0] = False
-    objs = ndi.find_objects(seg)
     border = np.zeros(n + 1, bool)
-    for i, sl in enumerate(objs, start=1):
+    for i, sl in enumerate(ndi.find_objects(segments), start=1):
         if sl is None:
             keep[i] = False
             continue
-        border[i] = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop >= fg.shape[0] or sl[1].stop >= fg.shape[1]
-    min_a = min_area_frac * cell_area
-    too_small = areas < np.where(border, max(min_a, border_min_area_frac * cell_area), min_a)
-    too_big = areas > max_area_frac * cell_area
+        border[i] = (sl[0].start == 0 or sl[1].start == 0 or sl[0].stop >= segments.shape[0]
+                     or sl[1].stop >= segments.shape[1])
+    min_area = cfg.min_area_frac * ws.cell_area
+    too_small = areas < np.where(border, max(min_area, cfg.border_min_area_frac * ws.cell_area), min_area)
+    too_big = areas > cfg.max_area_frac * ws.cell_area
     keep &= ~too_small & ~too_big
+    return keep
 
-    if mark_max_frac is not None and mark.any():
-        near = _dilate(mark, k)
-        keep &= ~(np.bincount(seg[near].ravel(), minlength=n + 1) > mark_max_frac * np.maximum(areas, 1))
 
-    wbc_boxes: list[tuple[int, int, int, int]] = []
-    n_wbc_segments = 0
-    wbc = None
-    if exclude_wbc and keep.any():
-        sig = max(0.5, d / 30.0)
-        red = cv2.GaussianBlur(odw[..., 0], (0, 0), sig)
-        green = cv2.GaussianBlur(odw[..., 1], (0, 0), sig)
-        inside = keep[seg]
-        ref_red = float(np.percentile(red[inside], 99)) if inside.any() else 0.5
-        ref_green = float(np.median(green[inside])) if inside.any() else 0.5
-        # Nuclei: far more green absorption than a red cell of this field (grey/pink stains),
-        # or more red absorption (deep-magenta stains, where red cells already absorb most
-        # green light). Purple chromatin absorbs green more than red; neutral black marks
-        # (scale bars, text burned into the image) absorb both equally and are not nuclei.
-        nuc = ((green > ref_green + wbc_green_od_margin) | (red > ref_red + wbc_red_od_margin)) & (
-            green > 1.25 * red
-        )
-        nuc = cv2.morphologyEx(nuc.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-        nlab, nn = ndi.label(nuc)
-        if nn:
-            nsz = np.bincount(nlab.ravel())
-            big = nsz >= wbc_nucleus_min_frac * cell_area
-            big[0] = False
-            if big.any():
-                # Group nucleus lobes of one WBC; dilate to cover the cytoplasm.
-                kk = max(1, int(round(0.3 * d)))
-                wbc = _dilate(big[nlab], kk)
-                overlap = np.bincount(seg[wbc].ravel(), minlength=n + 1)
-                hit = overlap >= 0.2 * np.maximum(areas, 1)
-                # A split cell whose unsplit segment met the WBC goes with it (WBC cytoplasm
-                # merged with red cells is not a clump of red cells).
-                n0 = int(seg0.max())
-                hit0 = np.bincount(seg0[wbc].ravel(), minlength=n0 + 1) >= 0.2 * np.maximum(
-                    np.bincount(seg0.ravel(), minlength=n0 + 1), 1)
-                parent = np.zeros(n + 1, np.int64)
-                parent[seg.ravel()] = seg0.ravel()
-                hit |= hit0[parent]
-                hit[0] = False
-                n_wbc_segments = int((hit & keep).sum())
-                keep &= ~hit
-                wl, nw = ndi.label(wbc)
-                for sl in ndi.find_objects(wl):
-                    if sl is None:
-                        continue
-                    y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-                    wbc_boxes.append(
-                        (
-                            int(x0 / scale_x),
-                            int(y0 / scale_y),
-                            int(round((x1 - x0) / scale_x)),
-                            int(round((y1 - y0) / scale_y)),
-                        )
-                    )
+def _under_mark(segments: np.ndarray, areas: np.ndarray, mark: np.ndarray, ws: _WorkScale,
+                max_frac: float) -> np.ndarray:
+    """``(n + 1,)`` bool: segments with more than ``max_frac`` of their area near a burned-in mark."""
+    near = _dilate(mark, _bridge_radius(ws))
+    return np.bincount(segments[near].ravel(), minlength=len(areas)) > max_frac * np.maximum(areas, 1)
 
-    if pale_cell_factor is not None:
-        seg, keep = _pale_cells(g, fg, thr, pale_cell_factor, seg, keep, cell_area, d, blocked=wbc, mark=mark)
-        n = len(keep) - 1
-    n_excluded = int((~keep[1:]).sum()) - n_wbc_segments
-    relabel = np.zeros(n + 1, np.int32)
-    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    segk = relabel[seg]
-    boxes_k = {int(relabel[i]): b for i, b in boxes_w.items() if keep[i]}
-    if complete_boxes:
-        boxes_k = _complete_boxes(segk, d, boxes_k)
 
-    # --- back to full resolution -----------------------------------------------------------
-    if segk.shape != (h, w):
-        lab_full = cv2.resize(segk, (w, h), interpolation=cv2.INTER_NEAREST)
-        fgf = cv2.resize((segk > 0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
-        lab_full = np.where(fgf, lab_full, 0).astype(np.int32)
-    else:
-        lab_full = segk
-    logger.debug(
-        "segment_field: %dx%d, diameter %.1f px (%s), %d cells, %d WBC, %d excluded, otsu %.3f",
-        w, h, diam, "estimated" if estimated else "given", int(keep.sum()), len(wbc_boxes), n_excluded, thr,
+def _white_cells(od_work: np.ndarray, segments: np.ndarray, unsplit: np.ndarray, keep: np.ndarray,
+                 areas: np.ndarray, ws: _WorkScale, cfg: SegmentConfig):
+    """Exclude white blood cells, in place in ``keep``: ``(WBC mask or None, WBC boxes px, segments excluded)``.
+
+    Nucleus pixels absorb far more green light than the field's red cells (grey/pink stains) or
+    more red light (deep-magenta stains, where red cells already absorb most green light), and
+    more green than red (purple chromatin; neutral black marks absorb both equally). Nucleus
+    blobs of at least ``wbc_nucleus_min_frac`` of a cell, dilated by 0.3 cell diameters to cover
+    the cytoplasm, mark a WBC; segments with ≥ 20 % of their area on it, or whose unsplit
+    segment has, are excluded.
+    """
+    import cv2
+    from scipy import ndimage as ndi
+
+    sigma = max(0.5, ws.diameter / 30.0)
+    red = cv2.GaussianBlur(od_work[..., 0], (0, 0), sigma)
+    green = cv2.GaussianBlur(od_work[..., 1], (0, 0), sigma)
+    inside = keep[segments]
+    ref_red = float(np.percentile(red[inside], 99)) if inside.any() else 0.5
+    ref_green = float(np.median(green[inside])) if inside.any() else 0.5
+    nucleus = ((green > ref_green + cfg.wbc_green_od_margin) | (red > ref_red + cfg.wbc_red_od_margin)) & (
+        green > 1.25 * red
     )
-    boxes = {}
-    for i, (bx, by, bw, bh) in boxes_k.items():
-        x0, y0 = max(0, int(bx / scale_x)), max(0, int(by / scale_y))
-        x1, y1 = min(w, int(np.ceil((bx + bw) / scale_x))), min(h, int(np.ceil((by + bh) / scale_y)))
-        boxes[i] = (x0, y0, x1 - x0, y1 - y0)
-    return Segmentation(lab_full, diam, estimated, float(scale), wbc_boxes, max(0, n_excluded), boxes)
+    nucleus = cv2.morphologyEx(nucleus.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    blobs, n_blobs = ndi.label(nucleus)
+    if not n_blobs:
+        return None, [], 0
+    large = np.bincount(blobs.ravel()) >= cfg.wbc_nucleus_min_frac * ws.cell_area
+    large[0] = False
+    if not large.any():
+        return None, [], 0
+    wbc = _dilate(large[blobs], max(1, int(round(0.3 * ws.diameter))))  # lobes of one WBC grouped
+    n = len(areas) - 1
+    hit = np.bincount(segments[wbc].ravel(), minlength=n + 1) >= 0.2 * np.maximum(areas, 1)
+    # A split cell whose unsplit segment met the WBC goes with it (WBC cytoplasm merged with
+    # red cells is not a clump of red cells).
+    n_unsplit = int(unsplit.max())
+    hit_unsplit = np.bincount(unsplit[wbc].ravel(), minlength=n_unsplit + 1) >= 0.2 * np.maximum(
+        np.bincount(unsplit.ravel(), minlength=n_unsplit + 1), 1)
+    parent = np.zeros(n + 1, np.int64)
+    parent[segments.ravel()] = unsplit.ravel()
+    hit |= hit_unsplit[parent]
+    hit[0] = False
+    n_excluded = int((hit & keep).sum())
+    keep &= ~hit
+    wbc_labels, _ = ndi.label(wbc)
+    boxes = [
+        (int(sl[1].start / ws.fx), int(sl[0].start / ws.fy), int(round((sl[1].stop - sl[1].start) / ws.fx)),
+         int(round((sl[0].stop - sl[0].start) / ws.fy)))
+        for sl in ndi.find_objects(wbc_labels) if sl is not None
+    ]
+    return wbc, boxes, n_excluded
+
+
+def _relabel(segments: np.ndarray, keep: np.ndarray, disc_boxes: dict[int, tuple[int, int, int, int]]):
+    """Kept segments renumbered 1..N (int32), and their disc boxes under the new numbers."""
+    relabel = np.zeros(len(keep), np.int32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return relabel[segments], {int(relabel[i]): b for i, b in disc_boxes.items() if keep[i]}
+
+
+def _to_full_resolution(labels: np.ndarray, boxes: dict[int, tuple[int, int, int, int]], ws: _WorkScale,
+                        height: int, width: int):
+    """Labels (nearest neighbour, within the linearly resized foreground) and boxes at full resolution."""
+    import cv2
+
+    if labels.shape != (height, width):
+        full = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+        inside = cv2.resize((labels > 0).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) > 0.5
+        full = np.where(inside, full, 0).astype(np.int32)
+    else:
+        full = labels
+    full_boxes = {}
+    for i, (bx, by, bw, bh) in boxes.items():
+        x0, y0 = max(0, int(bx / ws.fx)), max(0, int(by / ws.fy))
+        x1, y1 = min(width, int(np.ceil((bx + bw) / ws.fx))), min(height, int(np.ceil((by + bh) / ws.fy)))
+        full_boxes[i] = (x0, y0, x1 - x0, y1 - y0)
+    return full, full_boxes
 
 
 def _disc_centres(
@@ -666,10 +721,7 @@ def _complete_boxes(
     the image). Cells that share less than ``min_shared_frac`` of their outline with other
     cells, with fewer than ``min_points`` outline points on background (points on the image
     edge do not count), or whose circle radius is outside ``radius_range`` x the typical
-    diameter keep their box. On the IML_Malaria dev fields this raised the number of cells
-    matched at IoU ≥ 0.5 by 34 on fields 1-40 (where it was designed; RBC F1 0.897 → 0.904)
-    and by 111 on fields 41-120 (0.888 → 0.900); the thresholds matter little (F1 within
-    0.002 for ``min_shared_frac`` 0-0.15 and ``radius_range`` (0.3, 0.8) or (0.4, 0.65)).
+    diameter keep their box (measurements: ``docs/experiments/segmentation-history.md``).
 
     Parameters
     ----------
@@ -774,8 +826,7 @@ def _pale_cells(
     those cells) and each cell-sized (``[min_area_frac, max_area_frac]`` typical cells),
     convex (solidity >= ``min_solidity``) component becomes a cell. The upper bound allows for
     the enlargement: a P. vivax-infected cell reaches 1.5-2x the diameter of an uninfected
-    one (CDC DPDx, *Malaria*), i.e. 2.3-4 cell areas. With 3 instead of 2, 4 more infected
-    cells of the IML dev fields are detected and no other detection changes (README). Kept segments smaller than
+    one (CDC DPDx, *Malaria*), i.e. 2.3-4 cell areas. Kept segments smaller than
     ``absorb_frac`` cell areas count as free space (the dark part of a pale cell) and are
     replaced by the pale cell that covers most of them. Components cut by the image border,
     or with more than ``max_dark_frac`` of their pixels above ``thr`` (not pale), are skipped;
@@ -783,8 +834,8 @@ def _pale_cells(
     :func:`_complete_boxes` fits its real outline. The low threshold is
     ``max(0.08, factor * thr, bg_margin * P95(background))``, the background being the pixels a
     quarter cell away from ``fg``; where that comes within 10 % of ``thr`` (pale-stained fields
-    with a tinted background) the step does nothing. Ours (malaria-screen), measured in
-    :func:`segment_field` (``pale_cell_factor``).
+    with a tinted background) the step does nothing. Ours (malaria-screen); measurements in
+    ``docs/experiments/segmentation-history.md``.
 
     Parameters
     ----------
@@ -905,9 +956,7 @@ def _split_clumps(
     left whole: no second disc gains enough, or the segment is convex (solidity = area / convex
     hull area ≥ ``max_solidity``; overlapping cells leave notches, an enlarged *P. vivax*-
     infected cell or gametocyte does not; two unit discs overlapping with centres 1.4 radii apart
-    have solidity ~0.93). On the 120 IML dev fields the solidity rule (0.95, chosen among 0.93-0.99)
-    kept 7 more infected cells whole (matched at IoU ≥ 0.5: 147 of 185) and raised RBC F1 by 0.002
-    on fields 1-40 and 0.003 on fields 41-120.
+    have solidity ~0.93; measurements in ``docs/experiments/segmentation-history.md``).
 
     Parameters
     ----------
@@ -964,22 +1013,15 @@ def _split_clumps(
     return seg, boxes
 
 
-def segment_cells(
-    rgb: np.ndarray,
-    *,
-    pixel_size_um: float | None = None,
-    **kwargs,
-) -> np.ndarray:
+def segment_cells(rgb: np.ndarray, config: SegmentConfig | None = None) -> np.ndarray:
     """Segment red blood cells; label image only (see :func:`segment_field`).
 
     Parameters
     ----------
     rgb : np.ndarray
         ``(H, W, 3)`` uint8 RGB field.
-    pixel_size_um : float, optional
-        µm per px at the specimen; estimated from the RBC size if not given.
-    **kwargs
-        Passed to :func:`segment_field`.
+    config : SegmentConfig, optional
+        Settings; default ``SegmentConfig()``.
 
     Returns
     -------
@@ -991,7 +1033,7 @@ def segment_cells(
     ValueError
         If ``rgb`` is not ``(H, W, 3)``.
     """
-    return segment_field(rgb, pixel_size_um=pixel_size_um, **kwargs).labels
+    return segment_field(rgb, config).labels
 
 
 def cell_properties(
