@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from smear_synth import FakeModel, WBC_NUCLEUS, disc, synthetic_field
-from malaria_screen.smear.screen import binomial_ci, screen_field
+from malaria_screen.smear.parasitemia import binomial_ci
+from malaria_screen.smear.screen import screen_field
 
 
 def _field_with_parasite():

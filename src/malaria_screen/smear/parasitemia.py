@@ -38,10 +38,42 @@ from malaria_screen.evaluation.quantify import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FIELD_METHODS", "field_quantifier", "estimate_parasitemia"]
+__all__ = ["FIELD_METHODS", "binomial_ci", "field_quantifier", "estimate_parasitemia"]
 
 #: Accepted values of ``method`` (``smear --parasitemia-method``).
 FIELD_METHODS: tuple[str, ...] = tuple(METHODS)
+
+
+def binomial_ci(k: int, n: int, *, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """Confidence interval of a binomial proportion ``k / n``.
+
+    Parameters
+    ----------
+    k, n : int
+        Successes (infected cells) and trials (red cells), ``0 <= k <= n``.
+    confidence : float
+        Confidence level (default 0.95).
+    method : {"wilson", "exact"}
+        Wilson score interval or Clopper-Pearson ("exact").
+
+    Returns
+    -------
+    (float, float)
+        ``(lo, hi)`` fractions in [0, 1]; ``(0.0, 1.0)`` when ``n == 0``.
+
+    Raises
+    ------
+    ValueError
+        If ``k`` is not within ``[0, n]``.
+    """
+    from scipy.stats import binomtest
+
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return (0.0, 1.0)
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method=method)
+    return (float(max(0.0, ci.low)), float(min(1.0, ci.high)))
 
 
 def field_quantifier(model: Any, *, rescorer: Any | None = None, method: str | None = None,
@@ -109,8 +141,6 @@ def estimate_parasitemia(quantifier: Quantifier, p: np.ndarray, *, groups: Seque
     -------
     PrevalenceEstimate
     """
-    from malaria_screen.smear.screen import binomial_ci
-
     p = np.asarray(p, np.float64).reshape(-1)
     n_groups = 0 if groups is None else len(set(np.asarray(groups).tolist()))
     if isinstance(quantifier, (ClassifyAndCount, PriorCorrected)) and n_groups < 2:

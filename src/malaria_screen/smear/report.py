@@ -27,7 +27,8 @@ import numpy as np
 from malaria_screen.errors import error_text
 from malaria_screen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from malaria_screen.smear.fields import decode_field
-from malaria_screen.smear.screen import FieldResult, binomial_ci, screen_field
+from malaria_screen.smear.parasitemia import binomial_ci
+from malaria_screen.smear.screen import FieldResult, screen_field
 from malaria_screen.smear.segment import SegmentConfig
 from malaria_screen.smear.stain import check_stain_method
 

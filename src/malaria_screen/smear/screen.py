@@ -22,12 +22,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from malaria_screen.smear.crops import cell_crops
+from malaria_screen.smear.parasitemia import binomial_ci
 from malaria_screen.smear.segment import CellProps, Segmentation, SegmentConfig, segment_field
 from malaria_screen.smear.stain import check_stain_method, normalize_stain, rescale, scale_factor_to_nih
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellModel", "CellResult", "FieldResult", "binomial_ci", "predict_batched", "screen_field"]
+__all__ = ["CellModel", "CellResult", "FieldResult", "predict_batched", "screen_field"]
 
 
 class CellModel(Protocol):
@@ -115,38 +116,6 @@ class FieldResult:
             "cells": [asdict(c) for c in self.cells],
         }
         return d
-
-
-def binomial_ci(k: int, n: int, *, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
-    """Confidence interval of a binomial proportion ``k / n``.
-
-    Parameters
-    ----------
-    k, n : int
-        Successes (infected cells) and trials (red cells), ``0 <= k <= n``.
-    confidence : float
-        Confidence level (default 0.95).
-    method : {"wilson", "exact"}
-        Wilson score interval or Clopper-Pearson ("exact").
-
-    Returns
-    -------
-    (float, float)
-        ``(lo, hi)`` fractions in [0, 1]; ``(0.0, 1.0)`` when ``n == 0``.
-
-    Raises
-    ------
-    ValueError
-        If ``k`` is not within ``[0, n]``.
-    """
-    from scipy.stats import binomtest
-
-    if n < 0 or k < 0 or k > n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return (0.0, 1.0)
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method=method)
-    return (float(max(0.0, ci.low)), float(min(1.0, ci.high)))
 
 
 def predict_batched(model: CellModel, crops: list[np.ndarray], batch_size: int) -> np.ndarray:
