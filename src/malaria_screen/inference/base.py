@@ -203,6 +203,17 @@ class CellClassifierBase:
         self.source = source
         self._pixel_budget = PixelBudget()  # memory of predict_files' decoding threads (prepare_file)
 
+    def __getstate__(self) -> dict:
+        """Pickled without the pixel budget (a lock; each process has its own), so that worker
+        processes (``smear --workers``) and Ray actors can receive the model."""
+        state = self.__dict__.copy()
+        state.pop("_pixel_budget", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pixel_budget = PixelBudget()
+
     # -- properties ---------------------------------------------------------------------------
     @property
     def input_size(self) -> int:

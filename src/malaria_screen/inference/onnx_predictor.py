@@ -77,8 +77,22 @@ class OnnxPredictor(CellClassifierBase):
         self.session = session
         self.precision = precision
         self.seen_patients = seen_patients or {}
+        self.num_threads: int | None = None  # intra-op threads asked of from_file (None: ONNX Runtime's)
         self._input = session.get_inputs()[0].name
         self._output = session.get_outputs()[0].name
+
+    def __reduce__(self):
+        """Pickled as its file (an ONNX Runtime session cannot be pickled): unpickling loads
+        :attr:`source` again, with the same batch size and threads.
+
+        Raises
+        ------
+        TypeError
+            If the predictor was not loaded from a file (``source`` is None).
+        """
+        if not self.source:
+            raise TypeError("cannot pickle an OnnxPredictor that was not loaded from a file")
+        return (_reload, (self.source, self.batch_size, self.num_threads))
 
     @classmethod
     def from_file(cls, path: str | Path, *, batch_size: int = 256, num_threads: int | None = None,
@@ -138,9 +152,11 @@ class OnnxPredictor(CellClassifierBase):
         if inp.type != "tensor(uint8)" or len(inp.shape) != 4:
             raise ValueError(f"{path}: input must be (N, S, S, 3) uint8, got {inp.shape} {inp.type}")
         metrics = json.loads(meta.get(_META_METRICS) or "{}")
-        return cls(session, cfg, metrics=metrics, batch_size=batch_size, source=str(path),
+        pred = cls(session, cfg, metrics=metrics, batch_size=batch_size, source=str(path),
                    precision=meta.get("malaria_screen.precision"),
                    seen_patients=json.loads(meta.get("malaria_screen.seen_patients") or "{}"))
+        pred.num_threads = num_threads
+        return pred
 
     def predict_proba_prepared(self, cells: np.ndarray) -> np.ndarray:
         """Class probabilities of letterboxed cells.
@@ -167,3 +183,8 @@ class OnnxPredictor(CellClassifierBase):
             x = np.ascontiguousarray(cells[s : s + self.batch_size])
             out[s : s + len(x)] = self.session.run([self._output], {self._input: x})[0]
         return out
+
+
+def _reload(source: str, batch_size: int, num_threads: int | None) -> OnnxPredictor:
+    """Unpickle an :class:`OnnxPredictor`: load its file again."""
+    return OnnxPredictor.from_file(source, batch_size=batch_size, num_threads=num_threads)

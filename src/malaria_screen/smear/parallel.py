@@ -1,0 +1,108 @@
+"""Screen fields in parallel: worker processes on this machine, or Ray actors on a cluster.
+
+A field's screening (decode, segment, classify, write its JSON and overlay) does not depend on
+any other field, so ``smear --workers N`` hands whole fields to ``N`` worker processes and
+``smear --ray ADDRESS`` to Ray actors (:mod:`malaria_screen.data.ray_map`); the driver gets the
+results back in input order and writes ``summary.json`` and ``report.html`` as a one-worker run
+does, so the outputs are the same (tested). Each worker receives the cell model and rescorer once
+(pickled: an ONNX model is reloaded from its file), runs torch and OpenCV on one thread, and
+ignores SIGINT (Ctrl-C stops the driver, which shuts the workers down).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from malaria_screen.data.parallel import init_worker, process_context
+
+__all__ = ["map_fields"]
+
+#: ``(item, model, rescorer) -> result``: the per-field job, a module-level function.
+FieldJob = Callable[[Any, Any, Any], Any]
+
+_STATE: dict[str, Any] = {}
+
+
+def _one_thread() -> None:
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _init(model: Any, rescorer: Any) -> None:
+    init_worker()
+    _one_thread()
+    _STATE["model"], _STATE["rescorer"] = model, rescorer
+
+
+def _run(job: FieldJob, item: Any) -> Any:
+    return job(item, _STATE["model"], _STATE["rescorer"])
+
+
+def _actor_setup(model: Any, rescorer: Any) -> tuple[Any, Any]:
+    _one_thread()
+    return model, rescorer
+
+
+def _actor_run(state: tuple[Any, Any], chunk: tuple[FieldJob, list]) -> list:
+    job, items = chunk
+    return [job(item, *state) for item in items]
+
+
+def map_fields(job: FieldJob, items: Sequence[Any], *, model: Any, rescorer: Any = None, workers: int = 1,
+               ray: Optional[str] = None, ray_chunk: int = 4) -> Iterator[Any]:
+    """``job(item, model, rescorer)`` for every field, in order: here, in processes, or on Ray.
+
+    Parameters
+    ----------
+    job : callable
+        Module-level function (worker processes import it by name); it should catch a field's
+        errors and return them as its result, so that one field never stops the others.
+    items : sequence
+        One picklable item per field.
+    model, rescorer : objects, optional
+        Passed to every call; pickled once per worker.
+    workers : int, default=1
+        1: run here, one field after another. More: that many worker processes.
+    ray : str, optional
+        A Ray address (:func:`malaria_screen.data.ray_map.connect`, called by the caller): run on
+        Ray actors (one CPU each), ``ray_chunk`` fields per task; ``workers`` is then ignored.
+    ray_chunk : int, default=4
+
+    Yields
+    ------
+    result
+        ``job``'s result for each item, in order.
+
+    Raises
+    ------
+    ValueError
+        If ``workers < 1``.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if ray is not None:
+        from malaria_screen.data.ray_map import ray_map
+
+        chunks = [(job, list(items[i : i + ray_chunk])) for i in range(0, len(items), ray_chunk)]
+        for results in ray_map(_actor_run, chunks, setup=_actor_setup, setup_args=(model, rescorer)):
+            yield from results
+        return
+    if workers == 1 or len(items) <= 1:
+        for item in items:
+            yield job(item, model, rescorer)
+        return
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=process_context(), initializer=_init,
+                               initargs=(model, rescorer))
+    try:
+        ahead = 2 * workers
+        futures: dict[int, Future] = {i: pool.submit(_run, job, items[i]) for i in range(min(ahead, len(items)))}
+        for i in range(len(items)):
+            result = futures.pop(i).result()
+            if i + ahead < len(items):
+                futures[i + ahead] = pool.submit(_run, job, items[i + ahead])
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
