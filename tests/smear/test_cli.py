@@ -199,12 +199,14 @@ def test_smear_quiet_silences_library_warnings_and_errors_print_once(tmp_path, m
     Image.fromarray(synthetic_field()[0]).save(tmp_path / "in" / "f.png")
     (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
     with caplog.at_level(logging.WARNING):
-        r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify"])
+        r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify",
+                                        "--workers", "1"])  # the monkeypatch lives in this process
     assert r.exit_code == 1 and r.output.count("bad.png") == 1, r.output
     assert [rec.getMessage() for rec in caplog.records] == ["a library warning"]  # the field error is not logged too
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify", "-q"])
+        r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify", "-q",
+                                        "--workers", "1"])
     assert r.exit_code == 1 and "bad.png" not in r.output and "2 field(s): 1 screened, 1 failed" in r.output
     assert not caplog.records
 
@@ -227,7 +229,8 @@ def test_interrupted_smear_and_crops_exit_130(tmp_path, monkeypatch):
         return real_png(rgb)
 
     monkeypatch.setattr(report, "_png_bytes", png)
-    r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify"])
+    r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify",
+                                    "--workers", "1"])  # the monkeypatch lives in this process
     assert r.exit_code == 130 and "interrupted after 1 field(s)" in r.output, r.output
     assert sorted(q.name for q in (tmp_path / "o").iterdir()) == ["f1.json", "f1_overlay.png", "report.html", "summary.json"]
 

@@ -311,7 +311,7 @@ RAY_HELP = ("Run the per-file work on a Ray cluster: 'local' (a runtime on this 
             "Needs malaria-screen[ray]")
 
 
-def _connect_ray(address: str) -> None:
+def connect_ray(address: str) -> None:
     """Start or join the Ray runtime for ``--ray``; a usage error if Ray is missing or unreachable."""
     from malaria_screen.data.ray_map import RayUnavailableError, connect
 
@@ -375,7 +375,7 @@ def evaluate(
     if ray:
         from malaria_screen.inference.distributed import load_cell_probs_ray
 
-        _connect_ray(ray)
+        connect_ray(ray)
         cells = load_cell_probs_ray(data_dir, None if model is None else str(model), backend=backend, groups_csv=groups,
                                     group_per_image=group_per_image)
     else:
@@ -443,7 +443,7 @@ def predict(
     if ray:
         from malaria_screen.inference.distributed import predict_files_ray
 
-        _connect_ray(ray)
+        connect_ray(ray)
         results = predict_files_ray(None if model is None else str(model), files, backend=backend, batch_size=batch_size)
     else:
         results = pred.predict_files(files, workers=workers)

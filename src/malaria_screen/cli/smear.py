@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from malaria_screen.cli.core import check_out_dir
+from malaria_screen.cli.core import RAY_HELP, check_out_dir, connect_ray
 
 __all__ = ["RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
 
@@ -123,6 +123,11 @@ def smear(
     no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line and its warnings."),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write <stem>_overlay.png (about a fifth of a "
+                                  "field's CPU time); the report keeps its thumbnails either way."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fields screened at once, in worker processes "
+                                          "(same outputs as 1). Default: the usable CPU cores."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ) -> None:
     """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia.
 
@@ -131,6 +136,7 @@ def smear(
     if any field failed (or none was given), 130 if interrupted, 0 otherwise. The outputs of the
     other fields, summary.json and report.html are written either way.
     """
+    from malaria_screen.data.parallel import default_workers
     from malaria_screen.smear.report import run_smear
     from malaria_screen.smear.segment import SegmentConfig
 
@@ -140,6 +146,8 @@ def smear(
         raise typer.BadParameter(f"--ci must be wilson or exact, got {ci!r}")
     predictor = _load_model(model, no_classify)
     second = load_rescorer(rescorer, predictor)
+    if ray:
+        connect_ray(ray)
 
     done: list[str] = []
 
@@ -170,6 +178,9 @@ def smear(
             ci_method=ci,
             progress=progress,
             rescorer=second,
+            overlays=overlays,
+            workers=workers or default_workers(),
+            ray=ray,
         )
     except KeyboardInterrupt:
         typer.echo(f"interrupted after {len(done)} field(s): {Path(out) / 'summary.json'} and report.html cover them",

@@ -6,11 +6,14 @@ any other field, so ``smear --workers N`` hands whole fields to ``N`` worker pro
 results back in input order and writes ``summary.json`` and ``report.html`` as a one-worker run
 does, so the outputs are the same (tested). Each worker receives the cell model and rescorer once
 (pickled: an ONNX model is reloaded from its file), runs torch and OpenCV on one thread, and
-ignores SIGINT (Ctrl-C stops the driver, which shuts the workers down).
+ignores SIGINT (Ctrl-C stops the driver, which shuts the workers down). A worker's log records
+(WARNING and up) travel back with its result and are emitted by the driver's loggers, so
+``--quiet`` and log levels act on them as on a one-worker run.
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -37,8 +40,39 @@ def _init(model: Any, rescorer: Any) -> None:
     _STATE["model"], _STATE["rescorer"] = model, rescorer
 
 
-def _run(job: FieldJob, item: Any) -> Any:
-    return job(item, _STATE["model"], _STATE["rescorer"])
+class _Collect(logging.Handler):
+    """Keeps a worker's log records (WARNING and up) so the driver can emit them as its own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None  # picklable: the message, formatted
+        record.exc_info = record.exc_text = None
+        self.records.append(record)
+
+
+def _logged(job: FieldJob, item: Any, model: Any, rescorer: Any) -> tuple[Any, list[logging.LogRecord]]:
+    handler = _Collect()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        return job(item, model, rescorer), handler.records
+    finally:
+        root.removeHandler(handler)
+
+
+def _replay(records: list[logging.LogRecord]) -> None:
+    """Emit a worker's records through this process's loggers (their levels and handlers: ``-q`` holds)."""
+    for record in records:
+        log = logging.getLogger(record.name)
+        if log.isEnabledFor(record.levelno):
+            log.handle(record)
+
+
+def _run(job: FieldJob, item: Any) -> tuple[Any, list[logging.LogRecord]]:
+    return _logged(job, item, _STATE["model"], _STATE["rescorer"])
 
 
 def _actor_setup(model: Any, rescorer: Any) -> tuple[Any, Any]:
@@ -48,7 +82,7 @@ def _actor_setup(model: Any, rescorer: Any) -> tuple[Any, Any]:
 
 def _actor_run(state: tuple[Any, Any], chunk: tuple[FieldJob, list]) -> list:
     job, items = chunk
-    return [job(item, *state) for item in items]
+    return [_logged(job, item, *state) for item in items]
 
 
 def map_fields(job: FieldJob, items: Sequence[Any], *, model: Any, rescorer: Any = None, workers: int = 1,
@@ -88,7 +122,9 @@ def map_fields(job: FieldJob, items: Sequence[Any], *, model: Any, rescorer: Any
 
         chunks = [(job, list(items[i : i + ray_chunk])) for i in range(0, len(items), ray_chunk)]
         for results in ray_map(_actor_run, chunks, setup=_actor_setup, setup_args=(model, rescorer)):
-            yield from results
+            for result, records in results:
+                _replay(records)
+                yield result
         return
     if workers == 1 or len(items) <= 1:
         for item in items:
@@ -96,13 +132,28 @@ def map_fields(job: FieldJob, items: Sequence[Any], *, model: Any, rescorer: Any
         return
     pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=process_context(), initializer=_init,
                                initargs=(model, rescorer))
+    finished = False
     try:
         ahead = 2 * workers
         futures: dict[int, Future] = {i: pool.submit(_run, job, items[i]) for i in range(min(ahead, len(items)))}
         for i in range(len(items)):
-            result = futures.pop(i).result()
+            result, records = futures.pop(i).result()
             if i + ahead < len(items):
                 futures[i + ahead] = pool.submit(_run, job, items[i + ahead])
+            _replay(records)
             yield result
+        finished = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if not finished:  # interrupted, or the caller stopped early: fields in progress are abandoned
+            _kill_workers(pool)
+        pool.shutdown(wait=finished, cancel_futures=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's worker processes now (they ignore SIGINT, and a field takes seconds)."""
+    kill = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if kill is not None:
+        kill()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
