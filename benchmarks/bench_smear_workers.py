@@ -1,0 +1,107 @@
+"""Benchmark: ``smear`` seconds per field with 1 and N worker processes, with and without overlays.
+
+Screens the same IML fields (every k-th of ``iml_malaria_dev/images``) with the bundled model:
+one worker, ``--workers`` workers, and ``--workers`` workers without overlay PNGs; checks that
+the outputs equal the one-worker run's (timings aside); prints seconds per field (wall) and the
+per-stage CPU seconds of a field (segmentation, crops, classification, from the per-field JSON);
+optionally runs the same fields through an older checkout's ``run_smear`` (``--before-src``).
+
+Usage::
+
+    python benchmarks/bench_smear_workers.py DATA_DIR [--n 24] [--workers N] [--before-src OLD/src]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+_BEFORE = """
+import sys, time
+import malaria_screen
+from malaria_screen.smear.report import run_smear
+files = sys.argv[2:]
+m = malaria_screen.load_model()
+run_smear(files[:1], sys.argv[1] + "/warm", m)
+t = time.perf_counter()
+s = run_smear(files, sys.argv[1] + "/run", m)
+print((time.perf_counter() - t) / len(files), s["n_rbc"], s["n_infected"])
+"""
+
+
+def _untimed(x):
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if not k.startswith("seconds")}
+    if isinstance(x, list):
+        return [_untimed(v) for v in x]
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data_dir", help="the shared data folder (iml_malaria_dev/ inside)")
+    ap.add_argument("--n", type=int, default=24, help="fields")
+    ap.add_argument("--workers", type=int, default=None, help="default: usable cores")
+    ap.add_argument("--before-src", default=None, help="src/ of an older checkout, timed on the same fields")
+    ap.add_argument("--notes", default="")
+    args = ap.parse_args()
+
+    import malaria_screen
+    from malaria_screen.data.parallel import default_workers
+    from malaria_screen.smear.report import run_smear
+    from records import write_record
+
+    workers = args.workers or default_workers()
+    imgs = sorted((Path(args.data_dir) / "iml_malaria_dev" / "images").iterdir())
+    files = [str(p) for p in imgs[:: max(1, len(imgs) // args.n)][: args.n]]
+    model = malaria_screen.load_model()
+    figures: dict[str, float | int | str] = {"n_fields": len(files), "workers": workers}
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="bench_smear_") as tmp:
+        run_smear(files[:1], Path(tmp) / "warm", model, workers=1)
+        runs = {}
+        for name, kw in (("w1", {"workers": 1}), (f"w{workers}", {"workers": workers}),
+                         (f"w{workers}_no_overlays", {"workers": workers, "overlays": False})):
+            t = time.perf_counter()
+            s = run_smear(files, Path(tmp) / name, model, **kw)
+            figures[f"{name}.s_per_field"] = round((time.perf_counter() - t) / len(files), 4)
+            load.append(os.getloadavg()[0])
+            runs[name] = s
+            print(f"{name}: {figures[f'{name}.s_per_field']:.3f} s per field (wall)")
+        ref = _untimed(runs["w1"])
+        same = _untimed(runs[f"w{workers}"]) == ref
+        figures["same_outputs"] = int(same)
+        stages: dict[str, float] = {}
+        for f in runs["w1"]["fields"]:
+            for k, v in json.loads((Path(tmp) / "w1" / f["json"]).read_text()).get("seconds", {}).items():
+                stages[k] = stages.get(k, 0.0) + v / len(runs["w1"]["fields"])
+        figures.update({f"w1.stage_{k}_s": round(v, 4) for k, v in stages.items()})
+        figures["speedup"] = round(figures["w1.s_per_field"] / figures[f"w{workers}.s_per_field"], 2)
+        figures["n_rbc"], figures["n_infected"] = runs["w1"]["n_rbc"], runs["w1"]["n_infected"]
+        if args.before_src:
+            out = subprocess.run([sys.executable, "-c", _BEFORE, tmp + "/before", *files], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": args.before_src}, check=True, timeout=3600).stdout.split()
+            figures["before.s_per_field"] = round(float(out[0]), 4)
+            load.append(os.getloadavg()[0])
+            print(f"before ({args.before_src}): {float(out[0]):.3f} s per field; {out[1]} RBC, {out[2]} infected")
+    figures["load_avg_max"] = round(max(load), 2)
+    print(f"stages of one field, 1 worker: {', '.join(f'{k} {v:.3f} s' for k, v in stages.items())}; "
+          f"speed-up {figures['speedup']}x; outputs equal: {same}; load average up to {max(load):.1f}")
+    shared = max(load) > 0.5 * workers
+    write_record("bench_smear_workers", figures, uses_bundled_model=True, notes=(
+        f"{len(files)} IML dev fields (every k-th of 120, 1280x960; speed only, no accuracy claimed), bundled model "
+        f"(torch), {workers} worker processes. Seconds per field are wall time of run_smear (decode, segment, classify, "
+        f"JSON, overlay, report); stage seconds are per field from the one-worker run. Load average up to {max(load):.1f}: "
+        + ("machine SHARED with other jobs, wall times pessimistic. " if shared else "machine quiet. ") + args.notes))
+
+
+if __name__ == "__main__":
+    main()
