@@ -119,13 +119,78 @@ async def _raw(port: int, payload: bytes, hold: float) -> str:
         writer.close()
 
 
+async def _normal_and_probe(url: str, cells: list, normal: int, normal_requests: int, deadline: float) -> dict:
+    """Normal cell clients and the /healthz prober (run in their own process: the hostile clients'
+    body building must not delay their measurements)."""
+    import httpx
+
+    t_end = time.monotonic() + deadline
+    normal_lat, normal_err, hz_lat = [], [], []
+
+    async def normal_client(ci: int, http: httpx.AsyncClient) -> None:
+        await asyncio.sleep(5.0)  # let the hostile load build up first
+        for k in range(normal_requests):
+            if time.monotonic() > t_end:
+                return
+            name, data = cells[(ci * normal_requests + k) % len(cells)]
+            t0 = time.monotonic()
+            try:
+                r = await http.post(url + "/v1/classify", files=[("files", (name, data, "image/png"))], timeout=60)
+                dt = time.monotonic() - t0
+                if r.status_code == 200 and r.json()["n_failed"] == 0:
+                    normal_lat.append(dt)
+                else:
+                    normal_err.append(f"{r.status_code}: {r.text[:120]}")
+            except Exception as exc:  # noqa: BLE001 - counted
+                normal_err.append(f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.5)
+
+    async def prober(http: httpx.AsyncClient, done: asyncio.Event) -> None:
+        while not done.is_set() and time.monotonic() < t_end:
+            t0 = time.monotonic()
+            try:
+                r = await http.get(url + "/healthz", timeout=30)
+                hz_lat.append(time.monotonic() - t0 if r.status_code == 200 else 99.0)
+            except Exception:  # noqa: BLE001
+                hz_lat.append(99.0)
+            await asyncio.sleep(0.2)
+
+    async with httpx.AsyncClient() as normal_http, httpx.AsyncClient() as probe_http:
+        done = asyncio.Event()
+        probe = asyncio.ensure_future(prober(probe_http, done))
+        await asyncio.gather(*(normal_client(i, normal_http) for i in range(normal)))
+        done.set()
+        await probe
+    ms = np.asarray(normal_lat) * 1000
+    hz = np.asarray(hz_lat) * 1000
+    return {
+        "normal_ok": len(normal_lat), "normal_errors": len(normal_err), "normal_error_examples": normal_err[:3],
+        "normal_p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+        "normal_p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+        "normal_max_ms": float(ms.max()) if len(ms) else None,
+        "healthz_n": len(hz), "healthz_p50_ms": float(np.percentile(hz, 50)) if len(hz) else None,
+        "healthz_p99_ms": float(np.percentile(hz, 99)) if len(hz) else None,
+        "healthz_max_ms": float(hz.max()) if len(hz) else None,
+        "healthz_over_100ms": int((hz > 100).sum()),
+    }
+
+
+def _normal_process(url: str, cells: list, normal: int, normal_requests: int, deadline: float, out) -> None:
+    out.put(asyncio.run(_normal_and_probe(url, cells, normal, normal_requests, deadline)))
+
+
 async def phase1(url: str, port: int, args, cells: list[tuple[str, bytes]]) -> dict:
+    import multiprocessing as mp
+
     import httpx
 
     noise, black, gif = noise_jpeg(5000, quality=30), black_png(5000), gif_frames(550_000)
     open_body, ctype = multipart([("files", "cell.png", cells[0][1])], close=False)
     t_end = time.monotonic() + args.deadline
-    normal_lat, normal_err, hz_lat, hostile = [], [], [], Counter()
+    hostile = Counter()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    normal = ctx.Process(target=_normal_process, args=(url, cells, args.normal, args.normal_requests, args.deadline, q))
 
     async def hostile_client(ci: int, http: httpx.AsyncClient) -> None:
         kind = ci % 6
@@ -156,56 +221,16 @@ async def phase1(url: str, port: int, args, cells: list[tuple[str, bytes]]) -> d
             except Exception as exc:  # noqa: BLE001 - counted
                 hostile[f"kind{kind} {type(exc).__name__}"] += 1
 
-    async def normal_client(ci: int, http: httpx.AsyncClient) -> None:
-        await asyncio.sleep(2.0)  # let the hostile load build up first
-        for k in range(args.normal_requests):
-            if time.monotonic() > t_end:
-                return
-            name, data = cells[(ci * args.normal_requests + k) % len(cells)]
-            t0 = time.monotonic()
-            try:
-                r = await http.post(url + "/v1/classify", files=[("files", (name, data, "image/png"))], timeout=60)
-                dt = time.monotonic() - t0
-                if r.status_code == 200 and r.json()["n_failed"] == 0:
-                    normal_lat.append(dt)
-                else:
-                    normal_err.append(f"{r.status_code}: {r.text[:120]}")
-            except Exception as exc:  # noqa: BLE001 - counted
-                normal_err.append(f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(0.2)
-
-    async def prober(http: httpx.AsyncClient, done: asyncio.Event) -> None:
-        while not done.is_set() and time.monotonic() < t_end:
-            t0 = time.monotonic()
-            try:
-                r = await http.get(url + "/healthz", timeout=30)
-                hz_lat.append(time.monotonic() - t0 if r.status_code == 200 else 99.0)
-            except Exception:  # noqa: BLE001
-                hz_lat.append(99.0)
-            await asyncio.sleep(0.2)
-
-    limits = httpx.Limits(max_connections=args.hostile + args.normal + 2, max_keepalive_connections=args.hostile + args.normal + 2)
-    async with httpx.AsyncClient(limits=limits) as hostile_http, httpx.AsyncClient() as normal_http, \
-            httpx.AsyncClient() as probe_http:
-        done = asyncio.Event()
-        probe = asyncio.ensure_future(prober(probe_http, done))
+    limits = httpx.Limits(max_connections=args.hostile + 2, max_keepalive_connections=args.hostile + 2)
+    normal.start()
+    async with httpx.AsyncClient(limits=limits) as hostile_http:
         t0 = time.monotonic()
-        await asyncio.gather(*(hostile_client(i, hostile_http) for i in range(args.hostile)),
-                             *(normal_client(i, normal_http) for i in range(args.normal)))
+        await asyncio.gather(*(hostile_client(i, hostile_http) for i in range(args.hostile)))
         wall = time.monotonic() - t0
-        done.set()
-        await probe
-    ms = np.asarray(normal_lat) * 1000
-    hz = np.asarray(hz_lat) * 1000
-    return {
-        "normal_ok": len(normal_lat), "normal_errors": len(normal_err), "normal_error_examples": normal_err[:3],
-        "normal_p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-        "normal_p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
-        "normal_max_ms": float(ms.max()) if len(ms) else None,
-        "healthz_n": len(hz), "healthz_p99_ms": float(np.percentile(hz, 99)) if len(hz) else None,
-        "healthz_max_ms": float(hz.max()) if len(hz) else None,
-        "hostile": dict(sorted(hostile.items())), "phase1_wall_s": wall,
-    }
+    res = await asyncio.get_running_loop().run_in_executor(None, q.get, True, args.deadline + 120)
+    normal.join(timeout=30)
+    res.update(hostile=dict(sorted(hostile.items())), phase1_wall_s=wall)
+    return res
 
 
 async def phase2(url: str, pid: int, args) -> dict:

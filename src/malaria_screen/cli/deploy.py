@@ -238,7 +238,8 @@ def serve(
     max_pixels: int = typer.Option(25_000_000, help="Largest accepted image, width x height pixels"),
     max_request_pixels: int = typer.Option(50_000_000, help="Pixels decoded per request, all images together"),
     max_request_cpu_s: float = typer.Option(20.0, help="CPU seconds per request (hard for /v1/field)"),
-    max_field_memory: int = typer.Option(4 * 1024**3, help="Memory one field job may add to its worker, bytes (0: no limit)"),
+    max_field_memory: int = typer.Option(3 * 1024**3 // 2, help="Address space one field job may add to its worker, bytes "
+                                                               "(0: no limit); a 19.7 Mpx field needs about 1.65 GB"),
     field_workers: int = typer.Option(1, min=1, help="Worker processes screening /v1/field images"),
     max_queue: int = typer.Option(8, min=1, help="Jobs waiting per queue before 503 + Retry-After"),
     body_timeout: float = typer.Option(60.0, help="Seconds to send a request body (408 after)"),
