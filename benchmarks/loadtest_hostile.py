@@ -251,6 +251,8 @@ async def phase2(url: str, pid: int, args) -> dict:
             codes[r.status_code] += 1
             if i == args.warmup:
                 rss["after_warmup"] = _tree_rss(pid)
+            elif i > args.warmup:
+                rss["max"] = max(rss.get("max", 0), _tree_rss(pid))
 
     t0 = time.monotonic()
     async with httpx.AsyncClient() as http:
@@ -260,6 +262,7 @@ async def phase2(url: str, pid: int, args) -> dict:
     return {"field_requests_done": done, "field_requests_after_warmup": max(0, done - args.warmup),
             "field_codes": {str(k): v for k, v in codes.items()}, "field_wall_s": time.monotonic() - t0,
             "rss_after_warmup_mb": rss.get("after_warmup", 0) / 1e6, "rss_end_mb": rss["end"] / 1e6,
+            "rss_max_after_warmup_mb": rss.get("max", 0) / 1e6,
             "rss_growth_mb": (rss["end"] - rss.get("after_warmup", rss["end"])) / 1e6}
 
 

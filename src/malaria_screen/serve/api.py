@@ -310,11 +310,11 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
                 return False
         return True
 
-    def _field_in_thread(cancel, data: bytes, name: str, overlay: bool) -> dict:
+    def _field_in_thread(cancel, data: bytes, name: str, options: dict) -> dict:
         from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
 
         try:
-            return screen_field_bytes(data, predictor, name=name, max_pixels=limits.max_pixels, overlay=overlay,
+            return screen_field_bytes(data, predictor, name=name, max_pixels=limits.max_pixels, **options,
                                       rescorer=rescorer)
         except FieldRefused as exc:
             raise JobFailed(exc.status, exc.detail) from None
@@ -408,11 +408,12 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
             raise HTTPException(413, f"file too large: {part.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
         data, name = bytes(part.data), part.filename or "field"
         part.data = bytearray()
+        options = {"overlay": overlay}  # keyword arguments of fieldjob.screen_field_bytes
         try:
             if fields is not None:
-                out = await fields.run(data, name, overlay, receive=request.receive)
+                out = await fields.run(data, name, options, receive=request.receive)
             else:
-                out = await field_lane.run(_field_in_thread, data, name, overlay, receive=request.receive)
+                out = await field_lane.run(_field_in_thread, data, name, options, receive=request.receive)
         except QueueFull as exc:
             return _busy(exc)
         except ClientGone:

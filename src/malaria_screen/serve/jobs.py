@@ -251,14 +251,14 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
             return
         if job is None:
             return
-        data, name, overlay = job
+        data, name, options = job
         used = resource.getrusage(resource.RUSAGE_SELF)
         spent = used.ru_utime + used.ru_stime
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         soft = math.ceil(spent + spec.cpu_s)
         resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
         try:
-            out = ("ok", screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, overlay=overlay,
+            out = ("ok", screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, **options,
                                             rescorer=rescorer))
         except FieldRefused as exc:
             out = ("refused", exc.status, exc.detail, False)
@@ -374,6 +374,7 @@ class FieldWorkers:
             self._add_worker()
 
     def _retire(self, w: _Worker, kill: bool) -> None:
+        self._add_worker()  # counted as starting before the old one leaves: no moment without either
         with self._lock:
             self._all.discard(w)
         if not kill:
@@ -383,7 +384,6 @@ class FieldWorkers:
             except OSError:
                 pass
         w.kill()
-        self._add_worker()
 
     def close(self) -> None:
         """Stop every worker."""
@@ -458,8 +458,12 @@ class FieldWorkers:
             self._idle.put(w)
         return msg
 
-    async def run(self, data: bytes, name: str, overlay: bool, receive: Optional[Callable] = None) -> dict:
+    async def run(self, data: bytes, name: str, options: dict, receive: Optional[Callable] = None) -> dict:
         """Screen one field in a worker; the field's JSON.
+
+        ``options`` (picklable keyword arguments of
+        :func:`~malaria_screen.serve.fieldjob.screen_field_bytes`, e.g. ``{"overlay": True}``)
+        are passed to the job as they are.
 
         Raises
         ------
@@ -478,7 +482,7 @@ class FieldWorkers:
         t0 = time.monotonic()
         cancel = threading.Event()
         try:
-            fut = asyncio.get_running_loop().run_in_executor(self._io, self._job, cancel, (data, name, overlay))
+            fut = asyncio.get_running_loop().run_in_executor(self._io, self._job, cancel, (data, name, dict(options)))
             try:
                 msg = await _race(fut, receive, None)
             except BaseException:
