@@ -124,7 +124,7 @@ def model_identity(source: Optional[str], backend: Optional[str] = None) -> dict
     -------
     dict
         ``{"name", "sha256", "backend"}``: the folder's or file's name; the SHA-256 of the file,
-        or of a folder's weights and settings (``*.safetensors``, ``*.onnx``, ``*.json``, names
+        or of a folder's weights and settings (``*.safetensors``, ``*.onnx``, ``*.skops``, ``*.json``, names
         included, in sorted order); None where there is no file.
     """
     if not source:
@@ -133,7 +133,7 @@ def model_identity(source: Optional[str], backend: Optional[str] = None) -> dict
     if p.is_file():
         files = [p]
     elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx", ".json"))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx", ".skops", ".json"))
     else:
         files = []
     return {"name": p.name, "sha256": _sha256_files(files), "backend": backend}
