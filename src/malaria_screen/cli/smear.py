@@ -203,6 +203,58 @@ def smear(
         raise typer.Exit(1)
 
 
+def smear_slides(
+    slides: List[Path] = typer.Argument(..., exists=True, file_okay=False,
+                                        help="One folder of field images per slide (the slide is named after its folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one sub-folder per slide (as `smear` writes it), "
+                             "slides.csv and slides.json."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model run folder; default: the bundled default model."),
+    pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-4, help="µm/px; default: estimated per image."),
+    no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
+    rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write each field's overlay PNG."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fields screened at once. Default: the usable CPU cores."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Cluster-bootstrap replicates over fields for each slide's CI."),
+) -> None:
+    """Screen several slides, one folder each, and write a slide table.
+
+    Each slide is screened as `smear` screens one (outputs in OUT/<slide>/); slides.csv gives per
+    slide the fields, red cells, estimated infected cells, parasitemia and a 95 % interval from a
+    cluster bootstrap over its fields (cells of one field are not independent). Exit status 1 if
+    any field failed.
+    """
+    from malaria_screen.data.parallel import default_workers
+    from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
+    from malaria_screen.smear.report import run_smear
+    from malaria_screen.smear.segment import SegmentConfig
+    from malaria_screen.smear.slides import slide_table
+
+    check_out_dir(out)
+    names = [p.resolve().name or "slide" for p in slides]
+    if len(set(names)) != len(names):
+        raise typer.BadParameter(f"slide folders must have different names, got {names}", param_hint="SLIDES")
+    predictor = _load_model(model, no_classify)
+    second = load_rescorer(rescorer, predictor)
+    if ray:
+        connect_ray(ray)
+    summaries = {}
+    for name, folder in zip(names, slides):
+        summaries[name] = run_smear([folder], out / name, predictor, segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
+                                    rescorer=second, overlays=overlays, workers=workers or default_workers(), ray=ray)
+        typer.echo(f"{name}: {summaries[name]['n_fields']} field(s), {summaries[name]['n_failed']} failed")
+    rows = slide_table(summaries, n_boot=n_boot)
+    cols = ["slide", "n_fields", "n_failed", "n_rbc", "infected_estimate", "parasitemia", "ci95_low", "ci95_high"]
+    atomic_write_text(out / "slides.csv", rows_to_csv(rows, cols))
+    atomic_write_json(out / "slides.json", {"slides": rows})
+    for r in rows:
+        p = "n/a" if r["parasitemia"] is None else f"{100 * r['parasitemia']:.3f}% (95% CI {100 * r['ci95_low']:.3f}-{100 * r['ci95_high']:.3f}%)"
+        typer.echo(f"{r['slide']}: {r['n_rbc']} RBC in {r['n_fields']} field(s), parasitemia {p}")
+    typer.echo(f"slide table: {out / 'slides.csv'}")
+    if any(r["n_failed"] for r in rows):
+        raise typer.Exit(1)
+
+
 def smear_eval(
     field_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of annotated field images (IML_Malaria layout)."),
     annotations: Path = typer.Option(..., "--annotations", "-a", exists=True, dir_okay=False, help="IML annotations.json (boxes, px)."),
@@ -376,8 +428,9 @@ def fit_rescorer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``smear``, ``smear-eval``, ``crops`` and ``rescorer`` to the main Typer app."""
+    """Add ``smear``, ``smear-slides``, ``smear-eval``, ``crops`` and ``rescorer`` to the main Typer app."""
     app.command("smear")(smear)
+    app.command("smear-slides")(smear_slides)
     app.command("smear-eval")(smear_eval)
     app.command("crops")(crops)
     app.command("rescorer")(fit_rescorer)

@@ -1,0 +1,57 @@
+"""The slide table: ratio estimate per slide, cluster bootstrap over fields, and `smear-slides`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from malaria_screen.smear.parasitemia import binomial_ci
+from malaria_screen.smear.slides import slide_row
+
+
+def test_slide_row_pools_fields_and_its_interval_widens_when_fields_disagree():
+    same = [{"n_rbc": 200, "n_infected": 4, "parasitemia": 0.02}] * 6
+    mixed = [{"n_rbc": 200, "n_infected": k, "parasitemia": k / 200} for k in (0, 0, 0, 0, 4, 20)]
+    a, b = slide_row("a", same), slide_row("b", mixed)
+    assert a["parasitemia"] == pytest.approx(0.02) and b["parasitemia"] == pytest.approx(24 / 1200)
+    assert a["ci95_low"] == a["ci95_high"] == pytest.approx(0.02)  # identical fields: no between-field spread
+    lo, hi = binomial_ci(24, 1200)
+    assert b["ci95_low"] < lo and b["ci95_high"] > hi  # clustered: wider than the pooled binomial interval
+    assert b == slide_row("b", mixed)  # seeded
+
+
+def test_slide_row_uses_each_fields_own_estimate():
+    """A field's estimate (parasitemia x RBC) is what enters, not its raw count, so other
+    per-field estimators plug in; a field without one enters with its count."""
+    fields = [{"n_rbc": 100, "n_infected": 9, "parasitemia": 0.01}, {"n_rbc": 300, "n_infected": 3, "parasitemia": None}]
+    r = slide_row("s", fields)
+    assert r["infected_estimate"] == pytest.approx(4.0) and r["parasitemia"] == pytest.approx(4 / 400)
+    empty = slide_row("e", [{"n_rbc": 0, "n_infected": 0, "parasitemia": None}], n_failed=2)
+    assert empty["parasitemia"] is None and (empty["ci95_low"], empty["ci95_high"]) == (0.0, 1.0) and empty["n_failed"] == 2
+
+
+def test_smear_slides_writes_one_folder_and_one_row_per_slide(data_dir, tmp_path):
+    from malaria_screen.cli import app
+
+    fields = sorted((data_dir / "iml_malaria_dev" / "images").iterdir())[:4]
+    for i, name in enumerate(("slideA", "slideB")):
+        (tmp_path / name).mkdir()
+        for f in fields[2 * i : 2 * i + 2]:
+            (tmp_path / name / f.name).symlink_to(f)
+    r = CliRunner().invoke(app, ["smear-slides", str(tmp_path / "slideA"), str(tmp_path / "slideB"), "--out",
+                                 str(tmp_path / "out"), "--no-overlays", "--workers", "2", "--n-boot", "500"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((tmp_path / "out" / "slides.csv").open()))
+    assert [x["slide"] for x in rows] == ["slideA", "slideB"]
+    for x in rows:
+        s = json.loads((tmp_path / "out" / x["slide"] / "summary.json").read_text())
+        assert int(x["n_fields"]) == s["n_fields"] == 2 and int(x["n_rbc"]) == s["n_rbc"] > 100
+        est = sum(f["parasitemia"] * f["n_rbc"] for f in s["fields"])
+        assert float(x["parasitemia"]) == pytest.approx(est / s["n_rbc"], abs=1e-9)
+        assert float(x["ci95_low"]) <= float(x["parasitemia"]) <= float(x["ci95_high"])
+    assert json.loads((tmp_path / "out" / "slides.json").read_text())["slides"][0]["slide"] == "slideA"
+    assert np.isfinite(float(rows[1]["parasitemia"]))
