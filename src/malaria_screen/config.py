@@ -14,7 +14,7 @@ from typing import Any
 
 #: Colour augmentation recipes of training (``TrainConfig.color_augment``,
 #: :func:`malaria_screen.data.transforms.train_transform`).
-COLOR_AUGMENTS = ("jitter", "stain")
+COLOR_AUGMENTS = ("jitter", "stain", "hed")
 
 __all__ = ["TrainConfig"]
 
@@ -57,7 +57,27 @@ class TrainConfig:
     color_augment : {"jitter", "stain"}
         ``"jitter"``: the colour jitter above. ``"stain"``: strong stain augmentation for
         training across microscopes and stains (``color_jitter`` is then unused; see
-        :func:`~malaria_screen.data.transforms.train_transform`).
+        :func:`~malaria_screen.data.transforms.train_transform`). ``"hed"``: stain augmentation
+        in haematoxylin-eosin-DAB optical-density space (Tellez et al. 2019; strength
+        ``hed_sigma``) plus brightness/contrast jitter ± ``color_jitter``, applied to whole
+        uint8 batches (:class:`~malaria_screen.data.transforms.BatchAugment`).
+    hed_sigma : float
+        ``color_augment="hed"``: each stain channel's optical density is scaled by
+        α ~ U(1 - σ, 1 + σ) and shifted by β ~ U(-σ, σ) per cell (Tellez et al. 2019: 0.05
+        "HED-light", 0.2 "HED-strong").
+    test_patients : tuple of str
+        Patients forced into the test split (e.g. those of the bundled sample images, so that
+        the demo runs on held-out patients); the rest is split as usual, with the test share
+        reduced so that about ``test_fraction`` of all patients is tested. Recorded in
+        ``split.json`` (``forced_test_patients``).
+    extra_negatives : str or None
+        A Chula-RBC-12-layout folder (``images/N.jpg``, ``labels/N.txt`` with a point per red
+        cell) of fields without malaria: one crop per point is added to the TRAINING split
+        only, as Uninfected, one group per field (they are never in val/test). See
+        :func:`malaria_screen.data.extra_negatives.point_cell_set`.
+    extra_negative_fields : tuple of str
+        Field stems of ``extra_negatives`` to use (empty: all); the others stay unseen, e.g.
+        to measure specificity on that site.
     early_stopping_patience : int
         Epochs without val-loss improvement before stopping; 0 disables.
     val_fraction, test_fraction : float
@@ -107,6 +127,10 @@ class TrainConfig:
     augment: bool = True
     color_jitter: float = 0.1
     color_augment: str = "jitter"
+    hed_sigma: float = 0.05
+    test_patients: tuple[str, ...] = ()
+    extra_negatives: str | None = None
+    extra_negative_fields: tuple[str, ...] = ()
     early_stopping_patience: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -133,6 +157,10 @@ class TrainConfig:
             raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
         if self.color_augment not in COLOR_AUGMENTS:
             raise ValueError(f"color_augment must be one of {COLOR_AUGMENTS}, got {self.color_augment!r}")
+        if not 0.0 <= self.hed_sigma < 1.0:
+            raise ValueError(f"hed_sigma must be in [0, 1), got {self.hed_sigma}")
+        if self.extra_negative_fields and self.extra_negatives is None:
+            raise ValueError("extra_negative_fields needs extra_negatives (the folder they come from)")
         if not self.backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if self.unfreeze_at_epoch is not None and (not self.freeze_backbone or self.unfreeze_at_epoch < 1):

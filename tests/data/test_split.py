@@ -95,3 +95,21 @@ def test_leak_check_uses_the_groups_csv_rule():
     with pytest.raises(ValueError, match="no patient id"):
         check_leak_free(m)
     check_leak_free({"splits": {k: {"patients": v["files"], "files": v["files"]} for k, v in m["splits"].items()}}, per_image=True)
+
+
+def test_forced_test_patients_all_land_in_test_and_about_20_percent_are_tested(nih_index, samples_dir):
+    relpaths, labels, classes, patients = nih_index
+    names = [p.name for p in sorted(samples_dir.glob("*/*.png"))]
+    forced = sorted(set(patient_ids_from_names(names)))
+    assert len(forced) == 21  # the 24 bundled samples come from 21 patients
+    s = patient_split(labels, patients, seed=0, force_test=forced)
+    m = split_manifest(s, patients=patients, relpaths=relpaths, labels=labels, class_names=classes, seed=0,
+                       forced_test_patients=forced)
+    check_leak_free(m)
+    assert set(forced) <= set(m["splits"]["test"]["patients"])
+    assert m["forced_test_patients"] == forced
+    n = {k: v["n_patients"] for k, v in m["splits"].items()}
+    assert sum(n.values()) == 160 and len(s.train) + len(s.val) + len(s.test) == len(labels)
+    assert 0.15 <= n["test"] / 160 <= 0.25 and 0.05 <= n["val"] / 160 <= 0.15
+    with pytest.raises(ValueError, match="not in the data"):
+        patient_split(labels, patients, force_test=["P99999"])

@@ -151,7 +151,19 @@ def train(
         "(0.3 imitates slide-to-slide stain differences when adapting to another microscope)"),
     color_augment: str = typer.Option(
         "jitter", help="jitter (the colour jitter above) | stain (strong stain augmentation for training across "
-        "microscopes and stains: brightness/contrast/hue jitter, saturation x1/5..5, a tenth of cells in grey)"),
+        "microscopes and stains: brightness/contrast/hue jitter, saturation x1/5..5, a tenth of cells in grey) | hed "
+        "(Tellez et al. 2019 HED stain augmentation, --hed-sigma, plus brightness/contrast +- --color-jitter; batched)"),
+    hed_sigma: float = typer.Option(
+        0.05, min=0.0, max=0.99, help="--color-augment hed: stain scale U(1-s,1+s) and shift U(-s,s) per HED channel "
+        "(Tellez et al. 2019: 0.05 light, 0.2 strong)"),
+    test_patients: Optional[str] = typer.Option(
+        None, help="Patients forced into the TEST split: comma-separated ids, or a folder whose image file names give "
+        "them (e.g. the bundled samples, so that the demo runs on held-out patients)"),
+    extra_negatives: Optional[Path] = typer.Option(
+        None, exists=True, file_okay=False, help="Folder of fields without malaria in Chula-RBC-12 layout (images/N.jpg, "
+        "labels/N.txt, a point per red cell): its cells join the TRAINING split as Uninfected, one group per field"),
+    extra_negative_fields: Optional[str] = typer.Option(
+        None, help="Comma-separated field stems of --extra-negatives to use (default all); the rest stay unseen"),
     early_stopping: int = typer.Option(0, help="Stop after N epochs without val-loss improvement; 0 disables"),
     val_fraction: float = typer.Option(0.1, help="Share of PATIENTS for validation"),
     test_fraction: float = typer.Option(0.2, help="Share of PATIENTS for test"),
@@ -196,7 +208,10 @@ def train(
         cfg = TrainConfig(
             model=model, input_size=input_size or default_input_size(model), epochs=epochs, batch_size=batch_size,
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, grad_clip=grad_clip, augment=augment,
-            color_jitter=color_jitter, color_augment=color_augment,
+            color_jitter=color_jitter, color_augment=color_augment, hed_sigma=hed_sigma,
+            test_patients=_patient_list(test_patients),
+            extra_negatives=str(extra_negatives) if extra_negatives is not None else None,
+            extra_negative_fields=tuple(f.strip() for f in extra_negative_fields.split(",") if f.strip()) if extra_negative_fields else (),
             early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,
@@ -238,6 +253,24 @@ def train(
         _calibrate_count_threshold(out, res.cells, res.split.val, groups_csv=groups)
     m = _evaluate_split(out, res.cells, res.split.test, split_name="test")
     _print_metrics(m)
+
+
+def _patient_list(spec: Optional[str]) -> tuple[str, ...]:
+    """Patient ids from ``--test-patients``: a folder (ids parsed from its image file names) or a comma list."""
+    if not spec:
+        return ()
+    if Path(spec).is_dir():
+        from malaria_screen.data.dataset import list_image_files
+        from malaria_screen.data.patients import patient_ids_from_names
+
+        names = [p.name for p in list_image_files([Path(spec)])]
+        if not names:
+            raise typer.BadParameter(f"--test-patients: no images in {spec}")
+        try:
+            return tuple(sorted(set(patient_ids_from_names(names))))
+        except ValueError as exc:
+            raise typer.BadParameter(f"--test-patients: {exc}") from exc
+    return tuple(sorted({p.strip() for p in spec.split(",") if p.strip()}))
 
 
 def listed_in_groups(cells, groups_csv: Path):
@@ -459,16 +492,25 @@ def predict(
     summary = bag_summary([r["label"] for r in rows], [r["p_parasitized"] for r in rows], pred)
     atomic_write_json(out.with_name(out.stem + ".summary.json"), {"model": pred.source, **summary})
     n_bad = sum(1 for r in rows if r["error"])
+    from malaria_screen.inference.known_labels import folder_labels, score_line, seen_flags
+
+    truth = folder_labels([r["path"] for r in rows], pred.class_names)
+    has_truth = any(t is not None for t in truth)
     if not quiet:
-        table = [[Path(r["path"]).name[:48], r["label"] or "-", "-" if r["p_parasitized"] is None else f"{r['p_parasitized']:.3f}",
-                  (r["error"] or "")[:60]] for r in rows]
-        _echo_table(table, ["file", "label", "p_parasitized", "error"])
+        table = [[Path(r["path"]).name[:48], *([t or "-"] if has_truth else []), r["label"] or "-",
+                  "-" if r["p_parasitized"] is None else f"{r['p_parasitized']:.3f}", (r["error"] or "")[:60]]
+                 for r, t in zip(rows, truth)]
+        _echo_table(table, ["file", *(["true (folder)"] if has_truth else []), "label", "p_parasitized", "error"])
     per_class = ", ".join(f"{sum(1 for r in rows if r['label'] == c)} {c}" for c in pred.class_names)
     typer.echo(f"\n{len(rows)} files: {per_class}, {n_bad} failed -> {out}")
     if summary["prevalence"] is not None:
         lo, hi = summary["prevalence_ci95"]
         typer.echo(f"prevalence of Parasitized: {100 * summary['prevalence']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}%, "
                    f"{summary['method']}) -> {out.stem}.summary.json")
+    if has_truth:
+        line = score_line(truth, [r["label"] for r in rows], seen_flags(pred, [r["path"] for r in rows]))
+        if line:
+            typer.echo(line)
     if n_bad:
         raise typer.Exit(1)
 

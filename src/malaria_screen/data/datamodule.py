@@ -8,13 +8,13 @@ from typing import Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from malaria_screen.data.dataset import CellSet
 from malaria_screen.data.split import SplitIndices
-from malaria_screen.data.transforms import eval_transform, train_transform
+from malaria_screen.data.transforms import BatchAugment, eval_transform, train_transform
 
-__all__ = ["CellDataset", "CellDataModule", "channel_stats"]
+__all__ = ["BatchCellDataset", "CellDataset", "CellDataModule", "channel_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,33 @@ class CellDataset(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
+class BatchCellDataset(Dataset):
+    """Cells served a whole batch at a time: ``ds[list_of_indices]`` → ``(x, y)``.
+
+    ``x`` is ``batch_transform`` applied to the ``(B, 3, S, S) uint8`` batch (one vectorised pass,
+    e.g. :class:`~malaria_screen.data.transforms.BatchAugment`), ``y`` the ``(B,)`` int64 labels.
+    Used with a :class:`~torch.utils.data.BatchSampler` and ``batch_size=None``.
+
+    Parameters
+    ----------
+    images : (N, S, S, 3) ndarray of uint8
+    labels : (N,) ndarray of int
+    batch_transform : callable
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_transform) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.batch_transform = batch_transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return self.batch_transform(self.images[idx].contiguous()), self.labels[idx]
+
+
 class CellDataModule(L.LightningDataModule):
     """Train/val/test loaders of one patient-level split.
 
@@ -71,8 +98,11 @@ class CellDataModule(L.LightningDataModule):
     augment : bool, default=True
     color_jitter : float, default=0.1
         Colour jitter strength of the training augmentation (:func:`~.transforms.train_transform`).
-    color_augment : {"jitter", "stain"}, default="jitter"
-        Colour augmentation recipe (:func:`~.transforms.train_transform`).
+    color_augment : {"jitter", "stain", "hed"}, default="jitter"
+        Colour augmentation recipe (:func:`~.transforms.train_transform`); ``"hed"`` augments
+        whole uint8 batches (:class:`~.transforms.BatchAugment`, with ``hed_sigma`` and
+        ``color_jitter``) and serves every split in batches.
+    hed_sigma : float, default=0.05
     num_workers : int, default=0
     seed : int, default=0
         Seeds the training shuffle.
@@ -89,6 +119,7 @@ class CellDataModule(L.LightningDataModule):
         augment: bool = True,
         color_jitter: float = 0.1,
         color_augment: str = "jitter",
+        hed_sigma: float = 0.05,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -96,17 +127,31 @@ class CellDataModule(L.LightningDataModule):
         self.cells, self.split = cells, split
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.augment, self.num_workers, self.seed = batch_size, augment, num_workers, seed
-        self.color_jitter, self.color_augment = color_jitter, color_augment
+        self.color_jitter, self.color_augment, self.hed_sigma = color_jitter, color_augment, hed_sigma
+        self.batched = color_augment == "hed"
 
     def setup(self, stage: str | None = None) -> None:
         size = self.cells.size_px
+        c = self.cells
+        if self.batched:
+            ev = eval_transform(self.mean, self.std)
+            tr = (BatchAugment(size, self.mean, self.std, hed_sigma=self.hed_sigma, jitter=self.color_jitter, seed=self.seed)
+                  if self.augment else ev)
+            self.train_set = BatchCellDataset(c.images[self.split.train], c.labels[self.split.train], tr)
+            self.val_set = BatchCellDataset(c.images[self.split.val], c.labels[self.split.val], ev)
+            self.test_set = BatchCellDataset(c.images[self.split.test], c.labels[self.split.test], ev)
+            self._log_split()
+            return
         tr = train_transform(size, self.mean, self.std, augment=self.augment, color_jitter=self.color_jitter,
                              color_augment=self.color_augment)
         ev = eval_transform(self.mean, self.std)
-        c = self.cells
         self.train_set = CellDataset(c.images[self.split.train], c.labels[self.split.train], tr)
         self.val_set = CellDataset(c.images[self.split.val], c.labels[self.split.val], ev)
         self.test_set = CellDataset(c.images[self.split.test], c.labels[self.split.test], ev)
+        self._log_split()
+
+    def _log_split(self) -> None:
+        c = self.cells
         for name, idx in self.split.as_dict().items():
             pats = {c.patients[i] for i in idx}
             per_class = np.bincount(c.labels[idx], minlength=len(c.class_names)) if len(idx) else []
@@ -114,6 +159,10 @@ class CellDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
+        if self.batched:
+            sampler = RandomSampler(ds, generator=g) if shuffle else SequentialSampler(ds)
+            return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, self.batch_size, drop_last=False),
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         return DataLoader(
             ds,
             batch_size=self.batch_size,

@@ -24,6 +24,9 @@ __all__ = ["parse_nih_patient_id", "patient_ids_from_names", "read_groups_csv", 
 log = logging.getLogger(__name__)
 
 _NIH_PATIENT = re.compile(r"^C\d+[A-Za-z]*?P(\d+)")
+#: Cells cut around the annotated points of a field (:mod:`malaria_screen.data.extra_negatives`):
+#: ``<folder>/images/<stem>.<ext>#<k>``, grouped by field as ``<folder>:<stem>``.
+_POINT_CELL = re.compile(r"^(?P<folder>[^/#]+)/images/(?P<stem>[^/#]+)\.[A-Za-z0-9]+#\d+$")
 _NIH_CONTROL = re.compile(r"^(C\d+[A-Za-z_]*?)(?:_IMG|_original|IMG_)", re.IGNORECASE)
 
 
@@ -100,7 +103,9 @@ def patient_ids_from_names(
     groups: dict[str, str] | None = None,
     per_image: bool = False,
 ) -> list[str]:
-    """Patient id of each image, by the first rule that applies.
+    """Patient id of each image, by the first rule that applies: ``groups``, then a point-cut cell
+    of another site's field (``<folder>/images/<stem>.<ext>#<k>`` → ``<folder>:<stem>``, as
+    :mod:`malaria_screen.data.extra_negatives` names them), then the NIH file-name pattern.
 
     Parameters
     ----------
@@ -140,6 +145,10 @@ def patient_ids_from_names(
             if g is not None:
                 out.append(g)
                 continue
+        m = _POINT_CELL.match(rp)
+        if m:  # a cell cut around an annotated point (extra negatives): one group per field
+            out.append(f"{m['folder']}:{m['stem']}")
+            continue
         try:
             out.append(parse_nih_patient_id(rp))
         except ValueError:

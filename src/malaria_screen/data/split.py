@@ -77,8 +77,14 @@ def patient_split(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    force_test: Sequence[str] = (),
 ) -> SplitIndices:
     """Split cells into train/val/test by patient (default 70/10/20 of patients).
+
+    ``force_test`` patients all go to the test split (e.g. the patients of a demo's sample
+    images, so that the demo shows held-out patients). The other patients are split as below with
+    the test share lowered to ``(test_fraction * n - n_forced) / (n - n_forced)``, so that about
+    ``test_fraction`` of all patients are tested (never less than what ``force_test`` holds).
 
     The test set is one fold of a ``round(1 / test_fraction)``-fold
     :class:`~sklearn.model_selection.StratifiedGroupKFold`; the validation set is one fold of a
@@ -91,6 +97,8 @@ def patient_split(
     val_fraction, test_fraction : float, default=0.1, 0.2
         Share of patients in validation and test; ``val_fraction=0`` gives an empty val set.
     seed : int, default=0
+    force_test : sequence of str, optional
+        Patient ids put in the test split; every one must occur in ``patients``.
 
     Returns
     -------
@@ -100,11 +108,34 @@ def patient_split(
     ------
     ValueError
         If fractions are out of range or there are too few patients (at least 3 are needed,
-        2 with ``val_fraction=0``).
+        2 with ``val_fraction=0``); if a ``force_test`` patient is unknown.
     """
     labels, groups = _validate(labels, patients)
     if not (0 < test_fraction < 1) or not (0 <= val_fraction < 1) or val_fraction + test_fraction >= 1:
         raise ValueError(f"bad fractions: val={val_fraction}, test={test_fraction}")
+    if len(force_test):
+        forced = set(force_test)
+        unknown = sorted(forced - set(groups.tolist()))
+        if unknown:
+            raise ValueError(f"force_test patients not in the data: {unknown[:5]}")
+        in_forced = np.isin(groups, sorted(forced))
+        rest = np.flatnonzero(~in_forced)
+        n_all, n_forced = len(np.unique(groups)), len(forced)
+        n_rest = n_all - n_forced
+        want = test_fraction * n_all - n_forced
+        if want < 1:  # the forced patients already fill the test share: the rest is train/val only
+            rest_val = min(val_fraction / (1 - test_fraction), 0.5)
+            if rest_val == 0:
+                part = SplitIndices(train=np.arange(len(rest)), val=np.zeros(0, np.int64), test=np.zeros(0, np.int64))
+            else:
+                tr_i, va_i = next(iter(patient_folds(labels[rest], groups[rest], n_splits=max(2, round(1 / rest_val)), seed=seed + 1)))
+                part = SplitIndices(train=tr_i, val=va_i, test=np.zeros(0, np.int64))
+        else:
+            t = want / n_rest
+            v = min(val_fraction * n_all / n_rest, 0.98 - t)
+            part = patient_split(labels[rest], groups[rest], val_fraction=v, test_fraction=t, seed=seed)
+        return SplitIndices(train=np.sort(rest[part.train]), val=np.sort(rest[part.val]),
+                            test=np.sort(np.concatenate([rest[part.test], np.flatnonzero(in_forced)])))
     n_test_folds = max(2, round(1 / test_fraction))
     tr_all, te = next(iter(patient_folds(labels, groups, n_splits=min(n_test_folds, len(np.unique(groups))), seed=seed)))
     if val_fraction == 0:
@@ -120,7 +151,8 @@ def patient_split(
 
 
 def split_manifest(
-    split: SplitIndices, *, patients: Sequence[str], relpaths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], seed: int
+    split: SplitIndices, *, patients: Sequence[str], relpaths: Sequence[str], labels: np.ndarray, class_names: Sequence[str], seed: int,
+    forced_test_patients: Sequence[str] = (),
 ) -> dict:
     """JSON-ready record of a split: patients, files and counts per split.
 
@@ -128,9 +160,11 @@ def split_manifest(
     -------
     manifest : dict
         ``{"seed", "class_names", "splits": {name: {"patients", "files", "n_cells",
-        "n_patients", "n_per_class"}}}``.
+        "n_patients", "n_per_class"}}}``, plus ``"forced_test_patients"`` (sorted) when given.
     """
     out: dict = {"seed": seed, "class_names": list(class_names), "splits": {}}
+    if len(forced_test_patients):
+        out["forced_test_patients"] = sorted(forced_test_patients)
     for name, idx in split.as_dict().items():
         pats = sorted({patients[i] for i in idx})
         counts = np.bincount(np.asarray(labels)[idx], minlength=len(class_names)) if len(idx) else np.zeros(len(class_names), int)

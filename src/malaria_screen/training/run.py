@@ -33,7 +33,7 @@ from malaria_screen.fileio import atomic_write_json
 from malaria_screen.models.registry import build_model
 from malaria_screen.plotting import save_cell_grid, save_training_curves
 
-__all__ = ["train", "TrainResult", "save_weights", "load_weights", "split_from_manifest"]
+__all__ = ["train", "TrainResult", "save_weights", "load_weights", "split_from_manifest", "concat_cell_sets"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ def train(
         if cells is None:
             cells = load_cell_set(data_dir, size_px=cfg.input_size, cache_dir=cache_dir, groups_csv=groups_csv,
                                   group_per_image=group_per_image, progress=progress)
+        cells, _ = _with_extra_negatives(cells, cfg)
         split = split_from_manifest(manifest, cells.relpaths)
         log.info("resuming %s from %s", out, last_ckpt)
     else:
@@ -231,9 +232,19 @@ def train(
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if split is None:
             split = patient_split(cells.labels, cells.patients, val_fraction=cfg.val_fraction,
-                                  test_fraction=cfg.test_fraction, seed=cfg.seed)
+                                  test_fraction=cfg.test_fraction, seed=cfg.seed, force_test=cfg.test_patients)
+        elif cfg.test_patients:
+            in_test = {cells.patients[i] for i in split.test}
+            if not set(cfg.test_patients) <= in_test:
+                raise ValueError(f"the given split leaves test_patients out of test: {sorted(set(cfg.test_patients) - in_test)[:5]}")
+        cells, extra_idx = _with_extra_negatives(cells, cfg)
+        if len(extra_idx):
+            split = SplitIndices(train=np.concatenate([split.train, extra_idx]), val=split.val, test=split.test)
         manifest = split_manifest(split, patients=cells.patients, relpaths=cells.relpaths, labels=cells.labels,
-                                  class_names=cells.class_names, seed=cfg.seed)
+                                  class_names=cells.class_names, seed=cfg.seed, forced_test_patients=cfg.test_patients)
+        if len(extra_idx):
+            manifest["extra_negatives"] = {"folder": cfg.extra_negatives, "split": "train", "n_cells": int(len(extra_idx)),
+                                           "n_fields": len({cells.patients[i] for i in extra_idx})}
         check_leak_free(manifest, groups=_read_groups(groups_csv), per_image=group_per_image)
         mean, std = channel_stats(cells.images[split.train])
         cfg = cfg.replace(class_names=tuple(cells.class_names), mean=mean, std=std)
@@ -260,7 +271,7 @@ def train(
         cfg.to_json(out / "config.json")
         _save_sample_grid(cells, split, out / "samples_grid.png", seed=cfg.seed)
     dm = CellDataModule(cells, split, cfg.mean, cfg.std, batch_size=cfg.batch_size, augment=cfg.augment,
-                        color_jitter=cfg.color_jitter, color_augment=cfg.color_augment,
+                        color_jitter=cfg.color_jitter, color_augment=cfg.color_augment, hed_sigma=cfg.hed_sigma,
                         num_workers=cfg.num_workers, seed=cfg.seed)
 
     has_val = len(split.val) > 0
@@ -321,6 +332,34 @@ def _read_groups(groups_csv: str | Path | None) -> dict[str, str] | None:
     from malaria_screen.data.patients import read_groups_csv
 
     return read_groups_csv(groups_csv) if groups_csv is not None else None
+
+
+def concat_cell_sets(a: CellSet, b: CellSet) -> CellSet:
+    """The cells of ``a`` followed by those of ``b`` (same size and classes; ``a``'s root).
+
+    Raises
+    ------
+    ValueError
+        If sizes or class names differ.
+    """
+    if a.size_px != b.size_px or list(a.class_names) != list(b.class_names):
+        raise ValueError(f"cannot join cell sets: {a.size_px} px {a.class_names} vs {b.size_px} px {b.class_names}")
+    return CellSet(images=np.concatenate([a.images, b.images]), labels=np.concatenate([a.labels, b.labels]),
+                   patients=list(a.patients) + list(b.patients), relpaths=list(a.relpaths) + list(b.relpaths),
+                   class_names=list(a.class_names), root=a.root, size_px=a.size_px, errors={**a.errors, **b.errors})
+
+
+def _with_extra_negatives(cells: CellSet, cfg: TrainConfig) -> tuple[CellSet, np.ndarray]:
+    """``cells`` plus ``cfg.extra_negatives``' cells (Uninfected), and the indices of the added cells."""
+    if cfg.extra_negatives is None:
+        return cells, np.zeros(0, np.int64)
+    from malaria_screen.data.extra_negatives import point_cell_set
+
+    extra = point_cell_set(cfg.extra_negatives, size_px=cells.size_px, class_names=cells.class_names,
+                           fields=cfg.extra_negative_fields)
+    log.info("extra negatives: %d cells of %d fields from %s (training split only)", len(extra),
+             len(set(extra.patients)), cfg.extra_negatives)
+    return concat_cell_sets(cells, extra), np.arange(len(cells), len(cells) + len(extra), dtype=np.int64)
 
 
 def _init_run_dir(init_from: str | Path) -> Path:

@@ -1,0 +1,78 @@
+"""HED stain augmentation (Tellez et al. 2019) on uint8 batches, checked against scikit-image."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import hed_from_rgb, rgb_from_hed
+
+from malaria_screen.data.transforms import BatchAugment, hed_augment
+
+
+def _cells(n: int = 6, s: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(40, 250, (n, 3, s, s), generator=g, dtype=torch.uint8)
+    x[:, :, :4, :] = 0  # black letterbox rows
+    return x
+
+
+def test_identity_stain_change_gives_the_input_back():
+    x = _cells()
+    out = hed_augment(x, torch.ones(6, 3), torch.zeros(6, 3))
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    np.testing.assert_allclose(out.numpy() * 255, x.numpy().astype(np.float32), atol=0.05)
+
+
+def test_matches_the_ruifrok_transform_with_scikit_image_matrices():
+    # rgb2hed in scikit-image clips negative stain amounts (not invertible); the transform itself is
+    # od = -ln(I); stains = od @ hed_from_rgb; od' = (alpha * stains + beta) @ rgb_from_hed; I' = exp(-od')
+    x = _cells(2)
+    alpha = torch.tensor([[1.1, 0.9, 1.0], [0.8, 1.2, 1.05]])
+    beta = torch.tensor([[0.05, -0.05, 0.0], [-0.1, 0.1, 0.02]])
+    ours = hed_augment(x, alpha, beta).numpy()
+    for b in range(2):
+        rgb = x[b].permute(1, 2, 0).numpy().astype(np.float64)
+        stains = -np.log(np.maximum(rgb, 1) / 255.0) @ hed_from_rgb
+        ref = np.clip(np.exp(-((stains * alpha[b].numpy() + beta[b].numpy()) @ rgb_from_hed)), 0, 1)
+        ref[(rgb == 0).all(-1)] = 0
+        np.testing.assert_allclose(ours[b].transpose(1, 2, 0), ref, atol=1e-4)
+
+
+def test_more_haematoxylin_darkens_and_black_stays_black():
+    x = _cells()
+    base = hed_augment(x, torch.ones(6, 3), torch.zeros(6, 3))
+    dark = hed_augment(x, torch.ones(6, 3), torch.tensor([[0.2, 0.0, 0.0]] * 6))
+    assert (dark[:, :, 4:] <= base[:, :, 4:] + 1e-6).all() and dark[:, :, 4:].mean() < base[:, :, 4:].mean() - 0.02
+    assert (dark[:, :, :4] == 0).all()
+
+
+def test_batch_augment_is_seeded_varies_per_cell_and_keeps_a_uniform_cell_uniform():
+    img = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    img[:, 0], img[:, 1], img[:, 2] = 170, 120, 150
+    a = BatchAugment(32, (0.5,) * 3, (0.25,) * 3, hed_sigma=0.2, jitter=0.1, seed=3)(img)
+    b = BatchAugment(32, (0.5,) * 3, (0.25,) * 3, hed_sigma=0.2, jitter=0.1, seed=3)(img)
+    assert a.shape == (8, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    centre = a[:, :, 16, 16]
+    assert centre.std(0).min() > 0.01  # every channel varies across cells
+    none = BatchAugment(32, (0.5,) * 3, (0.25,) * 3, hed_sigma=0.0, jitter=0.0, seed=3)(img)
+    assert torch.allclose(none[:, :, 16, 16], ((torch.tensor([170, 120, 150]) / 255 - 0.5) / 0.25).expand(8, 3), atol=1e-5)
+
+
+def test_batch_augment_geometry_is_a_dihedral_map_plus_shift():
+    x = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
+    x[:, :, 2, 3] = 255  # one bright pixel
+    aug = BatchAugment(16, (0.0,) * 3, (1.0,) * 3, hed_sigma=0.0, jitter=0.0, seed=0)
+    y = aug.geometric(x)
+    assert y.shape == x.shape
+    assert ((y > 0).sum(dim=(1, 2, 3)) <= 3).all()  # the pixel moves or is cropped off, never copied
+    moved = {tuple(torch.nonzero(y[i, 0])[0].tolist()) for i in range(64) if y[i].any()}
+    assert len(moved) > 4
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError):
+        hed_augment(torch.zeros(2, 3, 4, 4), torch.ones(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError):
+        hed_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.ones(3, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError):
+        BatchAugment(16, (0.5,) * 3, (0.25,) * 3, hed_sigma=1.5)
