@@ -9,6 +9,8 @@ from PIL import Image
 import malaria_screen
 from malaria_screen.inference import default_model_dir
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def _samples(samples_dir: Path):
     files, truth = [], []
@@ -30,15 +32,49 @@ def test_bundled_model_folder_is_complete():
     assert (d / "weights.safetensors").stat().st_size < 400_000
 
 
-def test_bundled_model_labels_the_samples(samples_dir):
+def _model_card_record() -> dict:
+    """The bundled model's benchmark record (benchmarks/bench_model_card.py), checked to be made with these weights."""
+    import hashlib
+
+    rec = json.loads((REPO / "benchmarks" / "results" / "model_card.json").read_text())
+    sha = hashlib.sha256((default_model_dir() / "weights.safetensors").read_bytes()).hexdigest()
+    assert rec["bundled_model_sha256"] == sha, "model_card.json was made with other weights: rerun bench_model_card.py"
+    return rec["figures"]
+
+
+def test_samples_come_from_held_out_test_patients(samples_dir):
+    from malaria_screen.data.patients import parse_nih_patient_id
+
+    files, truth = _samples(samples_dir)
+    patients = {parse_nih_patient_id(f.name) for f in files}
+    split = json.loads((default_model_dir() / "split.json").read_text())
+    assert patients <= set(split["splits"]["test"]["patients"])
+    assert not patients & (set(split["splits"]["train"]["patients"]) | set(split["splits"]["val"]["patients"]))
+    assert set(split["forced_test_patients"]) == patients
+    assert len(patients) >= 8 and set(truth) == {"Parasitized", "Uninfected"}
+
+
+def test_bundled_model_labels_the_samples_as_recorded(samples_dir):
     files, truth = _samples(samples_dir)
     assert len(files) == 24
     model = malaria_screen.load_model()
     p = model.predict(files)
     assert p.shape == (24,) and p.dtype == np.float32 and ((p >= 0) & (p <= 1)).all()
     pred = np.where(p >= model.threshold, "Parasitized", "Uninfected")
-    correct = (pred == np.asarray(truth)).sum()
-    assert correct >= 21, list(zip([f.name for f in files], p.round(3), truth))
+    correct = int((pred == np.asarray(truth)).sum())
+    assert correct == _model_card_record()["samples.k_right"], list(zip([f.name for f in files], p.round(3), truth))
+
+
+def test_demo_table_shows_truth_and_ends_with_the_held_out_score(samples_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from malaria_screen.cli import app
+
+    res = CliRunner().invoke(app, ["predict", str(samples_dir), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    assert "true (folder)" in res.output
+    k = _model_card_record()["samples.k_right"]
+    assert res.output.rstrip().splitlines()[-1] == f"{k} of 24 right, held-out patients"
 
 
 def test_api_accepts_paths_pil_and_arrays(samples_dir):
