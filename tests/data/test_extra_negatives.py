@@ -40,3 +40,15 @@ def test_fields_with_too_few_points_are_reported_and_unknown_fields_raise(chula_
         point_cell_set(chula_dir, size_px=32, class_names=["Parasitized", "Uninfected"], fields=["nope"])
     with pytest.raises(ValueError, match="label"):
         point_cell_set(chula_dir, size_px=32, class_names=["A", "B"])
+
+
+def test_point_cells_are_grouped_by_field_by_the_leak_check():
+    from malaria_screen.data.patients import patient_ids_from_names
+    from malaria_screen.data.split import check_leak_free
+
+    files = ["chula_rbc/images/1.jpg#0", "chula_rbc/images/1.jpg#7", "chula_rbc/images/12.jpg#3"]
+    assert patient_ids_from_names(files) == ["chula_rbc:1", "chula_rbc:1", "chula_rbc:12"]
+    train = {"patients": ["chula_rbc:1", "chula_rbc:12"], "files": files}
+    check_leak_free({"splits": {"train": train, "test": {"patients": ["P4"], "files": ["Parasitized/C39P4thinF_x_cell_1.png"]}}})
+    with pytest.raises(ValueError, match="patient leakage"):
+        check_leak_free({"splits": {"train": train, "test": {"patients": ["chula_rbc:1"], "files": ["chula_rbc/images/1.jpg#9"]}}})
