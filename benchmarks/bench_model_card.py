@@ -123,6 +123,28 @@ def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None
     return fig
 
 
+def model_figures(model_dir: Path) -> dict:
+    """Parameters, split counts (NIH patients/cells per split, Chula cells/fields in training) and training time."""
+    from malaria_screen.config import TrainConfig
+    from malaria_screen.models import build_model, count_parameters
+
+    cfg = TrainConfig.from_json(model_dir / "config.json")
+    out: dict = {"params": count_parameters(build_model(cfg.model, input_size=cfg.input_size)), "baseline.roc_auc": 0.5}
+    splits = json.loads((model_dir / "split.json").read_text())["splits"]
+    for name, part in splits.items():
+        extra = [f for f in part["files"] if "#" in f]
+        nih_pats = [pt for pt in part["patients"] if ":" not in pt]
+        key = "train_nih" if name == "train" else name
+        out[f"split.{key}_patients"], out[f"split.{key}_cells"] = len(nih_pats), part["n_cells"] - len(extra)
+        if name == "train":
+            out["split.chula_train_cells"] = len(extra)
+            out["split.chula_train_fields"] = len([pt for pt in part["patients"] if ":" in pt])
+    info = json.loads((model_dir / "train_info.json").read_text())
+    if "seconds_per_epoch" in info:
+        out["train.seconds_per_epoch"] = info["seconds_per_epoch"]
+    return out
+
+
 def sample_score() -> dict:
     """The demo's count on the bundled samples with the bundled model (as ``make demo`` loads it)."""
     import malaria_screen
@@ -175,6 +197,7 @@ def main() -> None:
     model = default_model_dir() if bundled else Path(args.model)
     iml = load_iml_crops(data, args.iml_crops, 64) if (data / "iml_malaria_dev").is_dir() else None
     figures = evaluate_model(model, data, iml, args.cache_dir)
+    figures.update(model_figures(model))
     if bundled:
         figures.update(sample_score())
     for spec in args.compare:
