@@ -68,11 +68,24 @@ def sens_at_spec(y: np.ndarray, p: np.ndarray, spec: float = 0.95) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None) -> dict:
-    """All figures of one model folder (see the module docstring)."""
+def heldout_chula_fields(model_dir: Path, chula: Path) -> list[str]:
+    """Chula fields a model was not trained on (all, for a model trained without them)."""
+    from malaria_screen.config import TrainConfig
+    from malaria_screen.data.extra_negatives import list_point_fields
+
+    cfg = TrainConfig.from_json(model_dir / "config.json")
+    used = set(cfg.extra_negative_fields) if cfg.extra_negatives else set()
+    if cfg.extra_negatives and not used:
+        used = set(list_point_fields(chula))
+    return [s for s in list_point_fields(chula) if s not in used]
+
+
+def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None, chula_fields: list[str] | None = None) -> dict:
+    """All figures of one model folder (see the module docstring); Chula on ``chula_fields``
+    (default: the fields it was not trained on)."""
     from malaria_screen.config import TrainConfig
     from malaria_screen.data.dataset import load_cell_set
-    from malaria_screen.data.extra_negatives import list_point_fields, point_cell_set
+    from malaria_screen.data.extra_negatives import point_cell_set
     from malaria_screen.evaluation.metrics import evaluate_predictions
     from malaria_screen.inference import Predictor
     from malaria_screen.training.run import split_from_manifest
@@ -96,10 +109,9 @@ def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None
         fig[f"nih_{name}.n_patients"], fig[f"nih_{name}.n_cells"] = m["n_patients"], m["n_cells"]
         fig[f"nih_{name}.majority_accuracy"] = max(y.mean(), 1 - y.mean())
     chula = data / "chula_rbc"
-    used = set(cfg.extra_negative_fields) if cfg.extra_negatives else set()
-    if cfg.extra_negatives and not used:
-        used = set(list_point_fields(chula))
-    held = [s for s in list_point_fields(chula) if s not in used]
+    held = chula_fields if chula_fields is not None else heldout_chula_fields(model_dir, chula)
+    if set(held) - set(heldout_chula_fields(model_dir, chula)):
+        raise ValueError(f"{model_dir} was trained on some of the Chula fields to evaluate")
     cs = point_cell_set(chula, size_px=cfg.input_size, class_names=pred.class_names, fields=held)
     if len(cs):
         p = pred.predict_proba_prepared(cs.images)[:, pos]
@@ -202,7 +214,8 @@ def main() -> None:
         figures.update(sample_score())
     for spec in args.compare:
         name, _, path = spec.partition("=")
-        for k, v in evaluate_model(Path(path), data, iml, args.cache_dir).items():
+        fields = heldout_chula_fields(model, data / "chula_rbc")
+        for k, v in evaluate_model(Path(path), data, iml, args.cache_dir, chula_fields=fields).items():
             figures[f"{name}.{k}"] = v
     for k, v in figures.items():
         print(f"{k:48s} {v:.4f}" if isinstance(v, float) else f"{k:48s} {v}")
