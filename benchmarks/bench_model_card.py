@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--iml-crops", default=None)
     ap.add_argument("--record", default=None, help="Record name to write (default: none)")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--json", default=None, help="Also write the figures to this JSON file")
     args = ap.parse_args()
     import torch
 
@@ -219,6 +220,8 @@ def main() -> None:
             figures[f"{name}.{k}"] = v
     for k, v in figures.items():
         print(f"{k:48s} {v:.4f}" if isinstance(v, float) else f"{k:48s} {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
     if args.record:
         notes = ("NIH: the model's own split.json (patient-level); val patients chose the recipe, test patients did not; "
                  "95% CIs: percentile bootstrap over patients (NIH) or fields (Chula, IML), 1000 replicates, seed 0. "
