@@ -86,14 +86,9 @@ export-default: $(STAMP)
 	$(BIN)/malaria-screen export --out src/malaria_screen/assets/default_model/model.onnx
 	$(BIN)/malaria-screen export --int8 --out src/malaria_screen/assets/default_model/model.int8.onnx
 
-# Re-train the bundled default model (the recipe: docs/model-card.md, docs/training.md): HED stain augmentation, Chula red
-# cells (fields whose number is not a multiple of 5; the others measure specificity) as extra training
-# negatives, and the bundled samples' patients forced into the test split.
-CHULA_TRAIN_FIELDS := 1,2,3,4,6,7,8,9,11,12,13,14,16,17,19,21,22,23,24,26,27,28,29,31,32,33,34,36,37,38,39,41,42,43,44,46,48,49,51,52,53,54,56,57
+# Re-train the bundled default model (the recipe: docs/training.md).
 train-default: $(STAMP)
-	$(BIN)/malaria-screen train $(MALARIA_SCREEN_DATA)/nih_cell_images --model cellnet --out runs/default \
-	  --epochs 10 --color-augment hed --hed-sigma 0.1 --test-patients src/malaria_screen/assets/samples \
-	  --extra-negatives $(MALARIA_SCREEN_DATA)/chula_rbc --extra-negative-fields $(CHULA_TRAIN_FIELDS)
+	$(BIN)/malaria-screen train $(MALARIA_SCREEN_DATA)/nih_cell_images --model cellnet --out runs/default
 
 clean:
 	rm -rf $(VENV) demo_out bench_out site
