@@ -26,7 +26,12 @@ def test_validation():
     with pytest.raises(ValueError, match="color_jitter"):
         TrainConfig(color_jitter=1.2)
     with pytest.raises(ValueError, match="color_augment"):
-        TrainConfig(color_augment="hed")
+        TrainConfig(color_augment="hsv")
+    assert TrainConfig(color_augment="hed", hed_sigma=0.2).hed_sigma == 0.2
+    with pytest.raises(ValueError, match="hed_sigma"):
+        TrainConfig(hed_sigma=1.0)
+    with pytest.raises(ValueError, match="extra_negatives"):
+        TrainConfig(extra_negative_fields=("1",))
 
 
 def test_config_without_new_keys_loads_with_defaults(tmp_path):
