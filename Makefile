@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MALARIA_SCREEN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test docs bench-records venv bench-data bench-train bench-predict bench-infer bench-smear bench-adapt bench-rescore bench-compare loadtest train-default export-default browser-deps clean
+.PHONY: demo test docs bench-records venv bench-data bench-train bench-predict bench-smear-workers bench-ray bench-infer bench-smear bench-adapt bench-rescore bench-compare loadtest train-default export-default browser-deps clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,12 @@ bench-train: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(BIN)/python benchmarks/bench_predict.py $(MALARIA_SCREEN_DATA)/nih_cell_images
+
+bench-smear-workers: $(STAMP)
+	$(BIN)/python benchmarks/bench_smear_workers.py $(MALARIA_SCREEN_DATA)
+
+bench-ray: $(STAMP)
+	$(BIN)/python benchmarks/bench_ray.py $(MALARIA_SCREEN_DATA)/nih_cell_images
 
 bench-infer: $(STAMP)
 	$(BIN)/python benchmarks/bench_infer.py $(MALARIA_SCREEN_DATA)/nih_cell_images
