@@ -50,6 +50,28 @@ def samples_dir() -> Path:
     return REPO / "src" / "malaria_screen" / "assets" / "samples"
 
 
+TORCH_THREADS = 2
+
+
+@pytest.fixture(scope="module")
+def deterministic_torch():
+    """Fixed intra-op threads (2) and deterministic algorithms for a module's training tests.
+
+    With the seed fixing split, initialisation and data order (``CellDataModule`` shuffles with a
+    seeded generator), a run is then reproducible: the tiny training run of tests/training gave
+    the same ROC-AUC to the last digit twice. A different thread count changes the order of
+    floating-point reductions, hence the weights after an epoch (torch's default is one thread
+    per core, and an in-process ``serve``/``bench`` call sets it to its ``--threads``)."""
+    import torch
+
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(TORCH_THREADS)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Cell stores go to a per-session temp folder, never the user's cache."""

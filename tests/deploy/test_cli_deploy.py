@@ -32,8 +32,10 @@ def test_export_int8_prints_side_by_side_and_writes_report(cli, random_run, nih_
     rep = json.loads((tmp_path / "m.int8.report.json").read_text())
     assert rep["precision"] == "int8-qdq" and rep["parity"]["max_abs_diff"] <= 1e-4
     assert rep["calibration"]["n_patients"] == 6 and rep["test_set"]["n_patients"] == 3
-    assert cli("export", "--model", random_run, "--format", "tflite", "--out", out).exit_code != 0
-    assert cli("export", "--model", random_run, "--out", tmp_path / "m.pt").exit_code != 0
+    bad = cli("export", "--model", random_run, "--format", "tflite", "--out", out)
+    assert bad.exit_code == 2 and "--format must be onnx" in bad.output, bad.output
+    bad = cli("export", "--model", random_run, "--out", tmp_path / "m.pt")
+    assert bad.exit_code == 2 and "must end in .onnx" in bad.output, bad.output
 
 
 def test_predict_and_evaluate_with_onnx_backend(cli, random_run, onnx_fp32, sample_pngs, nih_dir, tmp_path):
@@ -44,7 +46,8 @@ def test_predict_and_evaluate_with_onnx_backend(cli, random_run, onnx_fp32, samp
     r = cli("predict", *sample_pngs[:6], "--model", random_run, "--backend", "torch", "--out", tmp_path / "t.csv", "--quiet")
     rows_torch = list(csv.DictReader((tmp_path / "t.csv").open()))
     assert [x["label"] for x in rows_onnx] == [x["label"] for x in rows_torch]
-    assert cli("predict", sample_pngs[0], "--model", onnx_fp32, "--backend", "torch", "--out", out).exit_code != 0
+    bad = cli("predict", sample_pngs[0], "--model", onnx_fp32, "--backend", "torch", "--out", out)
+    assert bad.exit_code == 2 and "is an ONNX" in bad.output, bad.output
     # evaluate: a tiny NIH-layout folder with 2 training and 2 test patients' cells; the ONNX
     # model carries its split's patients and leaves the training ones out
     split = json.loads((random_run / "split.json").read_text())["splits"]
@@ -75,7 +78,8 @@ def test_explain_writes_overlays_and_survives_bad_files(cli, random_run, sample_
 
     ov = Image.open(out / rows[0]["overlay"])
     assert ov.size[::-1] == decode_image(sample_pngs[0]).shape[:2]
-    assert cli("explain", sample_pngs[0], "--model", random_run, "--out", out, "--class", "Nope").exit_code != 0
+    bad = cli("explain", sample_pngs[0], "--model", random_run, "--out", out, "--class", "Nope")
+    assert bad.exit_code == 2 and "--class must be one of" in bad.output, bad.output
 
 
 def test_unwritable_outputs_are_refused_up_front_or_reported_per_file(cli, random_run, sample_pngs, tmp_path):

@@ -26,7 +26,8 @@ def test_bundled_model_folder_is_complete():
     for name in ("config.json", "weights.safetensors", "metrics.json", "split.json"):
         assert (d / name).exists(), name
     m = json.loads((d / "metrics.json").read_text())
-    assert m["split"] == "test" and m["n_patients"] >= 20
+    test = json.loads((d / "split.json").read_text())["splits"]["test"]
+    assert m["split"] == "test" and m["n_patients"] == len(test["patients"]) and m["n_cells"] == test["n_cells"]
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model"] == "cellnet"
     assert (d / "weights.safetensors").stat().st_size < 400_000

@@ -14,6 +14,7 @@ from malaria_screen.cli import app
 from malaria_screen.research.multiclass import multiclass_metrics
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("deterministic_torch")  # fixed threads, deterministic algorithms
 
 
 @pytest.fixture(scope="module")

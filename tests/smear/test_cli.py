@@ -34,8 +34,16 @@ def test_smear_no_classify(tmp_path):
 
 
 def test_smear_rejects_bad_stain(tmp_path):
-    r = CliRunner().invoke(_app(), ["smear", str(tmp_path), "--out", str(tmp_path / "o"), "--no-classify", "--stain", "x"])
-    assert r.exit_code != 0
+    """A field that screens fine (exit 0 with ``--stain none``) is refused with an unknown stain: a
+    usage error naming ``--stain``, before any output is written."""
+    img, _ = synthetic_field()
+    (tmp_path / "in").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "f.png")
+    ok = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "ok"), "--no-classify", "--stain", "none"])
+    assert ok.exit_code == 0, ok.output
+    r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-classify", "--stain", "x"])
+    assert r.exit_code == 2 and "--stain" in r.output, r.output
+    assert not (tmp_path / "o" / "summary.json").exists()
 
 
 def test_help_lists_units():
@@ -51,7 +59,9 @@ def test_smear_eval_no_classify(tmp_path, iml_dir):
     )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert m["n_fields"] == 2 and 0.6 <= m["rbc_f1"] <= 1.0
+    # Measured on these 2 fields (302 boxes): strict F1 0.9385 (290 matched, 26 extra, 12 missed); the
+    # segmentation is deterministic, the floor leaves 0.04 for changes elsewhere (about 12 more misses).
+    assert m["n_fields"] == 2 and m["n_gt_rbc"] == 302 and 0.90 <= m["rbc_f1"] <= 1.0, m
     assert (tmp_path / "e" / "per_field.csv").is_file()
     # The annotators' box convention (IML boxes carry a margin) recovers near-misses, never loses matches here.
     r2 = CliRunner().invoke(
@@ -75,7 +85,7 @@ def test_crops_cli_detections(tmp_path, iml_dir):
     assert n > 50 and f"{n - len(list((tmp_path / 'c' / 'Parasitized').glob('*.png')))} Uninfected" in r.output
     bad = CliRunner().invoke(_app(), ["crops", str(iml_dir / "images"), "--annotations", str(tmp_path / "a.json"),
                                       "--out", str(tmp_path / "d"), "--source", "nope"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2 and "--source must be boxes or detections" in bad.output, bad.output
 
 
 def test_smear_exits_1_when_a_field_fails_and_keeps_the_others(tmp_path):

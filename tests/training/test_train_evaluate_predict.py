@@ -13,6 +13,7 @@ from malaria_screen.data.split import check_leak_free
 PATIENTS = ["P1", "P3", "P4", "P5", "P6", "P7", "C1_thinF", "C3thin", "C4thin", "C2NThinF"]
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("deterministic_torch")  # fixed threads, deterministic algorithms
 
 
 @pytest.fixture(scope="module")
