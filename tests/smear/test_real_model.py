@@ -34,7 +34,8 @@ PARASITEMIA_MAE_CEILING_PP = 25.0  # 21.0 measured; a constant parasitemia per f
 
 def test_bundled_model_on_real_fields(iml_dir):
     from malaria_screen.inference import load_model
-    from malaria_screen.smear.evaluate import evaluate_dataset, load_iml_annotations
+    from malaria_screen.smear.evaluate import evaluate_dataset
+    from malaria_screen.smear.labels import load_iml_annotations
 
     ann = load_iml_annotations(iml_dir / "annotations.json")
     assert set(FIELDS) <= set(ann)
