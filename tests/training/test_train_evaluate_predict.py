@@ -49,8 +49,13 @@ def test_run_folder_is_complete(tiny_run):
         assert lo <= hi
     assert m["n_patients"] == manifest["splits"]["test"]["n_patients"]
     assert m["n_cells"] == manifest["splits"]["test"]["n_cells"]
-    # one real epoch on ~1,500 cells already separates the classes
-    assert m["roc_auc"] > 0.75
+    # Two epochs on ~1,600 cells already separate the classes. With threads and algorithms fixed
+    # (conftest: deterministic_torch) seed 0 gives the same ROC-AUC every run on a machine (0.7698
+    # twice here). Other seeds, same split (test patients P1, P4, P5; 865 cells): seed 0 0.7698,
+    # seed 1 0.7551, seed 6 0.7981 (3 seeds only, not the 10 wanted: each run took ~35 min on the
+    # shared 2-core machine). Bound: their minimum 0.755 less a 0.05 margin (the old 0.75 sat within
+    # 0.005 of seed 1, and a full `make test` once gave 0.735 with torch left at another thread count).
+    assert m["roc_auc"] > 0.70
     assert "test:" in output and "accuracy" in output
 
 
