@@ -170,8 +170,10 @@ def sample_score() -> dict:
     calls = np.where(p >= model.threshold, "Parasitized", "Uninfected")
     truth = np.asarray([f.parent.name for f in files])
     seen = seen_patients(model)
-    n_seen = sum(parse_nih_patient_id(f.name) in (seen["train"] | seen["val"]) for f in files)
-    return {"samples.k_right": int((calls == truth).sum()), "samples.n": len(files), "samples.n_from_seen_patients": int(n_seen),
+    held = np.asarray([parse_nih_patient_id(f.name) not in (seen["train"] | seen["val"]) for f in files])
+    return {"samples.k_right_held_out": int((calls == truth)[held].sum()), "samples.n_held_out": int(held.sum()),
+            "samples.n": len(files), "samples.n_from_seen_patients": int((~held).sum()),
+            "samples.n_held_out_patients": len({parse_nih_patient_id(f.name) for f, h in zip(files, held) if h}),
             "samples.n_patients": len({parse_nih_patient_id(f.name) for f in files})}
 
 

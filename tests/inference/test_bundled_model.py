@@ -43,29 +43,37 @@ def _model_card_record() -> dict:
     return rec["figures"]
 
 
-def test_samples_come_from_held_out_test_patients(samples_dir):
+def _held_out(files) -> np.ndarray:
     from malaria_screen.data.patients import parse_nih_patient_id
 
-    files, truth = _samples(samples_dir)
-    patients = {parse_nih_patient_id(f.name) for f in files}
-    split = json.loads((default_model_dir() / "split.json").read_text())
-    assert patients <= set(split["splits"]["test"]["patients"])
-    assert not patients & (set(split["splits"]["train"]["patients"]) | set(split["splits"]["val"]["patients"]))
-    assert len(patients) >= 8 and set(truth) == {"Parasitized", "Uninfected"}
+    split = json.loads((default_model_dir() / "split.json").read_text())["splits"]
+    seen = set(split["train"]["patients"]) | set(split["val"]["patients"])
+    return np.asarray([parse_nih_patient_id(f.name) not in seen for f in files])
 
 
-def test_bundled_model_labels_the_samples_as_recorded(samples_dir):
+def test_samples_are_the_original_pngs_and_the_held_out_ones_span_both_classes(samples_dir, data_dir):
+    # Only the 24 original PNGs may be bundled (../shared/data/README.md): byte-identical copies.
     files, truth = _samples(samples_dir)
     assert len(files) == 24
+    for f in files:
+        assert f.read_bytes() == (data_dir / "nih_samples_png" / f.parent.name / f.name).read_bytes(), f.name
+    held = _held_out(files)
+    rec = _model_card_record()
+    assert int(held.sum()) == rec["samples.n_held_out"] and {t for t, h in zip(truth, held) if h} == {"Parasitized", "Uninfected"}
+
+
+def test_bundled_model_labels_the_held_out_samples_as_recorded(samples_dir):
+    files, truth = _samples(samples_dir)
     model = malaria_screen.load_model()
     p = model.predict(files)
     assert p.shape == (24,) and p.dtype == np.float32 and ((p >= 0) & (p <= 1)).all()
     pred = np.where(p >= model.threshold, "Parasitized", "Uninfected")
-    correct = int((pred == np.asarray(truth)).sum())
-    assert correct == _model_card_record()["samples.k_right"], list(zip([f.name for f in files], p.round(3), truth))
+    held = _held_out(files)
+    correct = int((pred == np.asarray(truth))[held].sum())
+    assert correct == _model_card_record()["samples.k_right_held_out"], list(zip([f.name for f in files], p.round(3), truth))
 
 
-def test_demo_table_shows_truth_and_ends_with_the_held_out_score(samples_dir, tmp_path):
+def test_demo_table_shows_truth_and_scores_only_held_out_samples(samples_dir, tmp_path):
     from typer.testing import CliRunner
 
     from malaria_screen.cli import app
@@ -73,8 +81,10 @@ def test_demo_table_shows_truth_and_ends_with_the_held_out_score(samples_dir, tm
     res = CliRunner().invoke(app, ["predict", str(samples_dir), "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 0, res.output
     assert "true (folder)" in res.output
-    k = _model_card_record()["samples.k_right"]
-    assert res.output.rstrip().splitlines()[-1] == f"{k} of 24 right, held-out patients"
+    rec = _model_card_record()
+    k, h = rec["samples.k_right_held_out"], rec["samples.n_held_out"]
+    assert res.output.rstrip().splitlines()[-1] == (
+        f"{k} of {h} right, held-out patients; not scored: {24 - h} cells of the model's training/validation patients")
 
 
 def test_api_accepts_paths_pil_and_arrays(samples_dir):

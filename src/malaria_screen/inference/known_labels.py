@@ -46,24 +46,27 @@ def seen_flags(model, paths: Sequence[str | Path]) -> list[bool | None]:
 
 
 def score_line(truth: Sequence[str | None], labels: Sequence[str | None], seen: Sequence[bool | None]) -> str | None:
-    """``"k of n right, held-out patients"`` over the files with a known true label and a call.
+    """``"k of h right, held-out patients"``: the demo scores itself only on cells the model never saw.
 
-    The suffix says where the patients come from: ``held-out patients`` when no file's patient
-    was a training or validation patient of the model (``seen`` from :func:`seen_flags`), else how
-    many files come from its training/validation patients or from patients that cannot be told.
-    None when no file has both a true label and a call.
+    Only files with a true label, a call and a patient that was neither a training nor a
+    validation patient of the model (``seen`` False, from :func:`seen_flags`) are scored. Files
+    of the model's training/validation patients, or of patients its split cannot tell, are
+    counted and named after a semicolon, never scored. None when no file has both a true label
+    and a call.
+
+    Example: ``"5 of 5 right, held-out patients; not scored: 19 cells of the model's
+    training/validation patients"``.
     """
     pairs = [(t, lab, s) for t, lab, s in zip(truth, labels, seen) if t is not None and lab is not None]
     if not pairs:
         return None
-    k = sum(t == lab for t, lab, _ in pairs)
-    n = len(pairs)
+    held = [(t, lab) for t, lab, s in pairs if s is False]
     seen_n = sum(s is True for _, _, s in pairs)
     unknown = sum(s is None for _, _, s in pairs)
-    if seen_n == 0 and unknown == 0:
-        where = "held-out patients"
-    else:
-        parts = [f"{seen_n} from the model's training/validation patients"] if seen_n else []
-        parts += [f"{unknown} of patients not known to the model's split"] if unknown else []
-        where = ", ".join(parts)
-    return f"{k} of {n} right, {where}"
+    k = sum(t == lab for t, lab in held)
+    line = f"{k} of {len(held)} right, held-out patients"
+    skipped = [f"{seen_n} cells of the model's training/validation patients"] if seen_n else []
+    skipped += [f"{unknown} cells of patients not known to the model's split"] if unknown else []
+    if skipped:
+        line += "; not scored: " + ", ".join(skipped)
+    return line
