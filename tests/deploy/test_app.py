@@ -91,6 +91,7 @@ def test_upload_in_headless_chromium_shows_result_offline(playwright_api, random
                     if urlparse(req.url).hostname not in ("127.0.0.1", "localhost", None) and not req.url.startswith(("data:", "blob:"))
                     else None)
             page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle", timeout=60_000)
+            page.get_by_role("tab", name="Cells").click()  # the app opens on the whole-field tab
             page.locator("#cell-files input[type=file]").set_input_files(str(sample))
             summary = page.locator("#summary")
             summary.get_by_text("cells classified").wait_for(timeout=60_000)
@@ -121,19 +122,47 @@ def test_whole_field_tab_handler(onnx_fp32, demo_field):
     assert "no colour (grayscale)" in summary and overlay is None
 
 
+def test_slide_handler_totals_flags_and_gallery(demo_field, tmp_path):
+    """Several fields of one slide: a photo is refused with its reason, the rest are screened, the
+    slide total is the sum over counted fields, and the gallery holds the cells called Parasitized."""
+    pytest.importorskip("skimage")
+    import skimage.data
+    from PIL import Image
+
+    from malaria_screen.app import screen_slide_files
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.inference import load_model
+    from malaria_screen.smear.domain import load_reference
+    from malaria_screen.smear.screen import screen_field
+
+    model = load_model(backend="torch")
+    ref = load_reference(model)
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "coffee.png")
+    summary, overlays, table, cells = screen_slide_files(model, [demo_field, str(tmp_path / "coffee.png")],
+                                                         domain_reference=ref)
+    res = screen_field(decode_image(demo_field), model, domain_reference=ref)
+    assert f"Parasitized of {res.n_rbc} red cells in 1 field(s)" in summary
+    assert "coffee.png" in summary and "not a blood smear field" in summary
+    assert len(overlays) == 1 and overlays[0][0].shape == decode_image(demo_field).shape
+    assert table[0][:3] == [Path(demo_field).name, res.n_rbc, res.n_infected] and table[0][4] is True
+    assert table[1][0] == "coffee.png" and "not Giemsa-coloured" in table[1][6]
+    n_pos = sum(c.label == "Parasitized" for c in res.cells)
+    assert sum("(Parasitized)" in cap for _, cap in cells) == min(n_pos, 60)
+    assert screen_slide_files(model, []) == ("No field uploaded.", [], [], [])
+
+
 @pytest.mark.browser
 def test_whole_field_tab_in_headless_chromium(playwright_api, random_run, demo_field, tmp_path):
-    """Upload a field in the 'Whole field' tab: the page shows the same cell count and
-    parasitemia as the Python API, and the overlay image."""
+    """The app opens on the 'Whole field' tab; clicking the example thumbnail screens it: the page
+    shows the same slide count as the Python API, the flags table and the overlay."""
     pytest.importorskip("skimage")
     sync_api = playwright_api
-    from malaria_screen.app import launch, screen_field_image
-    from malaria_screen.data.io import decode_image
+    from malaria_screen.app import launch, screen_slide_files
     from malaria_screen.inference import Predictor
 
     pt = Predictor.from_dir(random_run)
-    expected, _ = screen_field_image(pt, decode_image(demo_field))
-    n_rbc = expected.split(" red cells")[0].strip("*")
+    expected, _, table, _ = screen_slide_files(pt, [demo_field])
+    n_rbc = table[0][1]
     port = _free_port()
     demo = launch(pt, host="127.0.0.1", port=port, prevent_thread_lock=True, work_dir=tmp_path / "work")
     try:
@@ -141,15 +170,14 @@ def test_whole_field_tab_in_headless_chromium(playwright_api, random_run, demo_f
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle", timeout=60_000)
-            page.get_by_role("tab", name="Whole field").click()
-            page.locator("#field-in input[type=file]").set_input_files(str(demo_field))
-            page.locator("#field-in img").first.wait_for(timeout=60_000)  # upload shown
-            page.locator("#field-btn").click()
+            assert page.locator("#field-examples img").count() >= 1  # opens on the whole-field tab, thumbnails shown
+            page.locator("#field-examples img").first.click()
             summary = page.locator("#field-summary")
-            summary.get_by_text("parasitemia").wait_for(timeout=120_000)
+            summary.get_by_text("Slide parasitemia").wait_for(timeout=120_000)
             text = summary.inner_text()
-            assert f"{n_rbc} red cells" in text and "Parasitized" in text, (text, expected)
+            assert f"of {n_rbc} red cells in 1 field(s)" in text, (text, expected)
             assert page.locator("#field-out img").count() >= 1
+            assert page.locator("#field-table").get_by_text(Path(demo_field).name).count() >= 1
             browser.close()
     finally:
         demo.close()

@@ -182,3 +182,23 @@ def test_classify_decodes_off_the_event_loop(predictor, sample_pngs, monkeypatch
     r = c.post("/v1/classify", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in sample_pngs[:2]])
     assert r.status_code == 200 and r.json()["n_failed"] == 0
     assert where == ["worker thread", "worker thread"]
+
+
+def test_field_self_check(demo_field):
+    """Self-check: a photo or noise is 422 with the reason (never a parasitemia); the demo field, with the
+    bundled PyTorch model and its reference, is screened and in the model's domain."""
+    pytest.importorskip("skimage")
+    import skimage.data
+
+    from malaria_screen.inference import load_model
+
+    c = _client(load_model(backend="torch"))
+    for name, img in (("chelsea.png", skimage.data.chelsea()),
+                      ("noise.png", np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))):
+        r = c.post("/v1/field", files=[("file", (name, _png(img), "image/png"))])
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith("not a blood smear field: ")
+    r = c.post("/v1/field", files=[("file", (demo_field.name, demo_field.read_bytes(), "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["in_domain"] is True and body["domain_score"] <= body["domain_threshold"] and body["domain_note"] is None

@@ -5,8 +5,10 @@ The page is served entirely from this machine: Gradio's own bundled scripts and 
 no server-side rendering, no share link. A browser test checks that the page requests nothing
 off-host.
 
-A second tab screens a whole thin-smear field (issue 5): cells segmented, classified and
-outlined, parasitemia with its 95 % interval (:mod:`malaria_screen.smear`, when installed).
+The app opens on the "Whole field" tab (:mod:`malaria_screen.smear`, when installed): several
+fields of one slide give the slide's parasitemia with its 95 % interval, the self-check's flags
+(fields that are not blood smears, fields outside the model's domain, left out of the total) and a
+gallery of the cells to confirm by eye; the bundled example fields are shown as thumbnails.
 
 One predictor is built at start-up and shared by all sessions. With the PyTorch back-end each
 result shows the cell beside its Grad-CAM overlay (:func:`malaria_screen.inference.gradcam.explain`);
@@ -42,7 +44,8 @@ from malaria_screen.data.io import ImageDecodeError, check_cell_size, check_colo
 from malaria_screen.data.preprocess import letterbox  # noqa: E402
 from malaria_screen.fileio import atomic_write_text  # noqa: E402
 
-__all__ = ["AppLimits", "build_app", "classify_files", "launch", "sample_files", "screen_field_image"]
+__all__ = ["AppLimits", "build_app", "classify_files", "example_fields", "launch", "sample_files", "screen_field_image",
+           "screen_slide_files"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,14 @@ def sample_files() -> list[str]:
     """Bundled example cells (``malaria_screen/assets/samples/<Class>/*.png``), sorted; [] if absent."""
     root = Path(str(resources.files("malaria_screen") / "assets" / "samples"))
     return sorted(str(p) for p in root.glob("*/*.png")) if root.is_dir() else []
+
+
+def example_fields() -> list[str]:
+    """Bundled, redistributable example fields (``malaria_screen/assets/demo_field/*``: Chula-RBC-12,
+    MIT licence), sorted; [] if absent."""
+    root = Path(str(resources.files("malaria_screen") / "assets" / "demo_field"))
+    exts = {".jpg", ".jpeg", ".png"}
+    return sorted(str(p) for p in root.iterdir() if p.suffix.lower() in exts) if root.is_dir() else []
 
 
 def _tile(rgb: np.ndarray, overlay: np.ndarray | None) -> np.ndarray:
@@ -249,6 +260,86 @@ def screen_field_image(predictor, rgb, *, name: str = "field", rescorer=None, ma
     return summary, overlay_image(rgb, res)
 
 
+def screen_slide_files(predictor, paths: Sequence[str] | None, *, rescorer=None, domain_reference=None,
+                       include_out_of_domain: bool = False, max_pixels: int = 25_000_000,
+                       max_request_pixels: int = 50_000_000, max_files: int = 256):
+    """Screen several fields of one slide for the app's whole-field tab.
+
+    Each file is decoded within ``max_pixels`` (checked from its header) and refused when
+    grayscale; once ``max_request_pixels`` are decoded, or after ``max_files`` files, the rest get
+    an error unread. A field that is not a blood smear, or cannot be screened, is listed with its
+    reason and the others go on (:func:`malaria_screen.smear.slide.screen_slide`).
+
+    Parameters
+    ----------
+    predictor : CellClassifierBase
+    paths : sequence of str or None
+        Field image files.
+    rescorer : CellRescorer, optional
+    domain_reference : DomainReference, optional
+        The model's self-check reference (:func:`malaria_screen.smear.domain.load_reference`).
+    include_out_of_domain : bool
+        Count fields outside the model's domain in the slide total.
+    max_pixels, max_request_pixels, max_files : int
+        Limits (:class:`AppLimits`).
+
+    Returns
+    -------
+    summary : str
+        Markdown: the slide's parasitemia and 95 % interval, the flags (fields outside the
+        domain, with what to do; fields refused, with the reason).
+    overlays : list of (ndarray, str)
+        Per screened field its outlined overlay and a caption.
+    table : list of list
+        ``[field, red cells, Parasitized, parasitemia %, in domain, domain score, note]`` per field.
+    cells : list of (ndarray, str)
+        The gallery: cells called Parasitized, then the least certain ones, with captions.
+    """
+    from malaria_screen.smear.report import overlay_image
+    from malaria_screen.smear.slide import screen_slide
+
+    paths = [str(p) if isinstance(p, (str, os.PathLike)) else getattr(p, "name", str(p)) for p in (paths or [])]
+    if not paths:
+        return "No field uploaded.", [], [], []
+    decoded, refused, spent = [], [], 0
+    for i, p in enumerate(paths):
+        if i >= max_files or spent > max_request_pixels:
+            refused.append((Path(p).name, f"not read: over the limit of {max_files} files or "
+                                          f"{max_request_pixels:,} pixels per click"))
+            continue
+        try:
+            rgb = check_colour(decode_image(p, max_pixels=max_pixels))
+        except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
+            refused.append((Path(p).name, str(exc)))
+            continue
+        spent += rgb.shape[0] * rgb.shape[1]
+        decoded.append((Path(p).name, rgb))
+    slide = screen_slide(decoded, predictor, rescorer=rescorer, domain_reference=domain_reference,
+                         include_out_of_domain=include_out_of_domain)
+    refused += slide.errors
+    rgb_of = dict(decoded)
+    overlays = [(overlay_image(rgb_of[r.image], r), f"{r.image}: {r.n_infected}/{r.n_rbc}"
+                 + (" (outside the model's domain)" if r.in_domain is False else "")) for r in slide.fields]
+    table = [[r.image, r.n_rbc, r.n_infected, None if r.parasitemia is None else round(100 * r.parasitemia, 2),
+              r.in_domain, None if r.domain_score is None else round(r.domain_score, 2), ""] for r in slide.fields]
+    table += [[name, None, None, None, None, None, reason] for name, reason in refused]
+    if slide.parasitemia is None:
+        head = f"**No parasitemia**: no red cells counted in {len(slide.fields)} screened field(s)."
+    else:
+        lo, hi = slide.parasitemia_ci95
+        n_counted = len(slide.fields) - (0 if slide.included_out_of_domain else len(slide.out_of_domain))
+        head = (f"**Slide parasitemia {100 * slide.parasitemia:.2f} % (95 % CI {100 * lo:.2f} to {100 * hi:.2f} %)**: "
+                f"{slide.n_infected} Parasitized of {slide.n_rbc} red cells in {n_counted} field(s).")
+    lines = [head] + [f"⚠️ {w}" for w in slide.warnings]
+    lines += [f"⛔ **{name}**: {reason}" for name, reason in refused]
+    pos, unc, n_pos = slide.gallery
+    if predictor is not None:
+        lines.append(f"Gallery: {len(pos)} of {n_pos} cell(s) called Parasitized, then {len(unc)} least certain: "
+                     "confirm them by eye. *Research use only; not a medical device.*")
+    cells = [(c.thumb, f"{c.caption()} (Parasitized)") for c in pos] + [(c.thumb, f"{c.caption()} (uncertain)") for c in unc]
+    return "\n\n".join(lines), overlays, table, cells
+
+
 def _smear_available() -> bool:
     try:
         import malaria_screen.smear.report  # noqa: F401
@@ -287,8 +378,6 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     limits = limits or AppLimits()
 
     examples = list(sample_files() if examples is None else examples)
-    demo_dir = Path(str(resources.files("malaria_screen") / "assets" / "demo_field"))
-    demo_field = next((str(p) for p in sorted(demo_dir.glob("*.jpg"))), None) if demo_dir.is_dir() else None
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="malaria-screen-app-"))
     metrics = predictor.metrics or {}
     model_line = f"Model: `{Path(predictor.source).name if predictor.source else '?'}` ({getattr(predictor, 'backend', '?')})"
@@ -314,44 +403,79 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
         if h and "/" not in h and h not in (".", ".."):
             shutil.rmtree(work / h, ignore_errors=True)
 
-    def field(path):
-        return screen_field_image(predictor, path, rescorer=rescorer, max_pixels=limits.max_pixels)
-
     with gr.Blocks(title="malaria-screen", analytics_enabled=False,
                    delete_cache=(limits.cache_ttl_s, limits.cache_ttl_s)) as demo:
         gr.Markdown(f"# {_TITLE}\n{_DISCLAIMER}\n\n{model_line}")
-        with gr.Tab("Cells"), gr.Row():
-            with gr.Column(scale=1):
-                files = gr.File(label="Cell images", file_count="multiple", file_types=["image"], elem_id="cell-files")
-                btn = gr.Button("Classify", variant="primary", elem_id="classify-btn")
-                if examples:
-                    gr.Examples(examples=[[[p]] for p in examples[:8]] + [[examples]], inputs=[files],
-                                label="Examples (bundled NIH cells; last row: all)", examples_per_page=9)
-            with gr.Column(scale=2):
-                summary = gr.Markdown(elem_id="summary")
-                gallery = gr.Gallery(label="Cell | Grad-CAM", columns=4, height="auto", elem_id="gallery")
-                table = gr.Dataframe(headers=_CSV_COLUMNS, label="Results", elem_id="results", interactive=False)
-                csv_file = gr.File(label="Results (CSV)", elem_id="csv")
+        with gr.Tabs(selected="field" if _smear_available() else "cells"):
+            if _smear_available():
+                _field_tab(gr, predictor, rescorer, limits)
+            with gr.Tab("Cells", id="cells"), gr.Row():
+                with gr.Column(scale=1):
+                    files = gr.File(label="Cell images", file_count="multiple", file_types=["image"], elem_id="cell-files")
+                    btn = gr.Button("Classify", variant="primary", elem_id="classify-btn")
+                    if examples:
+                        gr.Examples(examples=[[[p]] for p in examples[:8]] + [[examples]], inputs=[files],
+                                    label="Examples (bundled NIH cells; last row: all)", examples_per_page=9)
+                with gr.Column(scale=2):
+                    summary = gr.Markdown(elem_id="summary")
+                    gallery = gr.Gallery(label="Cell | Grad-CAM", columns=4, height="auto", elem_id="gallery")
+                    table = gr.Dataframe(headers=_CSV_COLUMNS, label="Results", elem_id="results", interactive=False)
+                    csv_file = gr.File(label="Results (CSV)", elem_id="csv")
         outs = [summary, gallery, table, csv_file]
         btn.click(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
         files.upload(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
         demo.unload(forget)
-        if _smear_available():
-            with gr.Tab("Whole field"), gr.Row():
-                with gr.Column(scale=1):
-                    # the file, not a decoded array: decoded here within max_pixels
-                    field_in = gr.Image(label="Thin-smear field image", type="filepath", elem_id="field-in")
-                    field_btn = gr.Button("Screen field", variant="primary", elem_id="field-btn")
-                    if demo_field:
-                        gr.Examples(examples=[[demo_field]], inputs=[field_in], label="Example (Chula-RBC-12, MIT)")
-                with gr.Column(scale=2):
-                    field_summary = gr.Markdown(elem_id="field-summary")
-                    field_out = gr.Image(label="Cells: red = Parasitized, green = Uninfected", elem_id="field-out")
-            field_btn.click(field, inputs=[field_in], outputs=[field_summary, field_out],
-                            concurrency_limit=limits.field_concurrency, concurrency_id="field")
     demo.queue(max_size=limits.max_queue)
     demo.app_limits = limits
     return demo
+
+
+_FIELD_COLUMNS = ["field", "red cells", "Parasitized", "parasitemia %", "in domain", "domain score", "note"]
+
+
+def _field_tab(gr, predictor, rescorer, limits: AppLimits) -> None:
+    """The "Whole field" tab (opened first): several fields of one slide -> the slide's
+    parasitemia, the self-check's flags, per-field overlays and the gallery of cells to confirm."""
+    from malaria_screen.smear.domain import load_reference
+
+    reference = load_reference(predictor)
+    fields = example_fields()
+    with gr.Tab("Whole field", id="field"), gr.Row():
+        with gr.Column(scale=1):
+            # files, not decoded arrays: decoded in screen_slide_files within the limits
+            field_in = gr.File(label="Field images of one slide", file_count="multiple", file_types=["image"],
+                               elem_id="field-in")
+            include = gr.Checkbox(False, label="Count fields outside the model's domain in the slide total",
+                                  elem_id="field-include")
+            field_btn = gr.Button("Screen fields", variant="primary", elem_id="field-btn")
+            if fields:
+                ex = gr.Gallery(value=[(p, Path(p).name) for p in fields], label="Example fields (click one to screen it)",
+                                columns=3, height="auto", allow_preview=False, elem_id="field-examples")
+        with gr.Column(scale=2):
+            field_summary = gr.Markdown(elem_id="field-summary")
+            cells = gr.Gallery(label="Cells to confirm: called Parasitized, then the least certain", columns=6,
+                               height="auto", elem_id="field-cells")
+            field_table = gr.Dataframe(headers=_FIELD_COLUMNS, label="Fields", interactive=False, elem_id="field-table")
+            field_out = gr.Gallery(label="Fields: red = Parasitized, green = Uninfected", columns=2, height="auto",
+                                   elem_id="field-out")
+
+    def run(paths, include_ood):
+        summary, overlays, table, gal = screen_slide_files(
+            predictor, paths, rescorer=rescorer, domain_reference=reference, include_out_of_domain=include_ood,
+            max_pixels=limits.max_pixels, max_request_pixels=limits.max_request_pixels, max_files=limits.max_files)
+        return summary, gal, table, overlays
+
+    outs = [field_summary, cells, field_table, field_out]
+    field_btn.click(run, inputs=[field_in, include], outputs=outs, concurrency_limit=limits.field_concurrency,
+                    concurrency_id="field")
+    if fields:
+        def pick(include_ood, evt):
+            path = fields[evt.index]
+            return ([path], *run([path], include_ood))
+
+        pick.__annotations__["evt"] = gr.SelectData  # Gradio injects the event by this type (no postponed string)
+        ex.select(pick, inputs=[include], outputs=[field_in, *outs], concurrency_limit=limits.field_concurrency,
+                  concurrency_id="field")
 
 
 def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False, **kwargs):

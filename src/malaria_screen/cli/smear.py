@@ -122,6 +122,9 @@ def smear(
     ci: str = typer.Option("wilson", "--ci", help="Binomial 95% interval: wilson | exact (Clopper-Pearson)."),
     no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
+    include_out_of_domain: bool = typer.Option(
+        False, "--include-out-of-domain", help="Count fields the self-check finds outside the model's domain in the "
+        "slide total (default: left out and named; see docs/self-check.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line and its warnings."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write <stem>_overlay.png (about a fifth of a "
                                   "field's CPU time); the report keeps its thumbnails either way."),
@@ -131,12 +134,17 @@ def smear(
 ) -> None:
     """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia.
 
+    Self-check: an image that is not a blood smear field (noise, blank, a photo, text) is a
+    field error; a field whose cells lie outside the model's training cells is flagged
+    ("in_domain": false), left out of the slide total and named with what to do.
+
     A field that cannot be screened (missing, not a regular file, unreadable, grayscale, too
     small, ...) gets an entry in summary.json "errors" and the others go on; the exit status is 1
     if any field failed (or none was given), 130 if interrupted, 0 otherwise. The outputs of the
     other fields, summary.json and report.html are written either way.
     """
     from malaria_screen.data.parallel import default_workers
+    from malaria_screen.smear.domain import load_reference
     from malaria_screen.smear.report import run_smear
     from malaria_screen.smear.segment import SegmentConfig
 
@@ -160,7 +168,9 @@ def smear(
         else:
             p = entry["parasitemia"]
             ptxt = "n/a" if p is None else f"{100 * p:.2f}%"
-            typer.echo(f"{name}: {entry['n_rbc']} RBC, {entry['n_infected']} infected, parasitemia {ptxt} ({entry['seconds']:.2f} s)")
+            flag = " [OUTSIDE the model's domain]" if entry.get("in_domain") is False else ""
+            typer.echo(f"{name}: {entry['n_rbc']} RBC, {entry['n_infected']} infected, parasitemia {ptxt} "
+                       f"({entry['seconds']:.2f} s){flag}")
 
     log = logging.getLogger("malaria_screen")
     level = log.level
@@ -181,6 +191,8 @@ def smear(
             overlays=overlays,
             workers=workers or default_workers(),
             ray=ray,
+            domain_reference=load_reference(predictor) if predictor is not None else None,
+            include_out_of_domain=include_out_of_domain,
         )
     except KeyboardInterrupt:
         typer.echo(f"interrupted after {len(done)} field(s): {Path(out) / 'summary.json'} and report.html cover them",
@@ -192,7 +204,10 @@ def smear(
     lo, hi = s["parasitemia_ci95"]
     ptxt = "n/a" if p is None else f"{100 * p:.3f}% (95% CI {100 * lo:.3f}-{100 * hi:.3f}%)"
     typer.echo(
-        f"{s['n_fields'] + s['n_failed']} field(s): {s['n_fields']} screened, {s['n_failed']} failed: {s['n_rbc']} RBC, "
+        f"{s['n_fields'] + s['n_failed']} field(s): {s['n_fields']} screened, {s['n_failed']} failed"
+        + (f", {len(s['out_of_domain'])} outside the model's domain" + ("" if include_out_of_domain else " (not counted)")
+           if s.get("out_of_domain") else "")
+        + f": {s['n_rbc']} RBC, "
         f"{s['n_infected']} infected, parasitemia {ptxt}. Report: {Path(out) / 'report.html'}"
     )
     for w in s.get("warnings", []):

@@ -98,3 +98,40 @@ class Predictor(CellClassifierBase):
             x = (x.permute(0, 3, 1, 2).float() - self._mean) * self._inv_std
             out[s : s + len(x)] = self.net(x).softmax(-1).float().cpu().numpy()
         return out
+
+    @torch.inference_mode()
+    def predict_with_features(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Probability of Parasitized and the penultimate features of each image, in one pass.
+
+        The features are the input of the network's last ``nn.Linear`` (the classifier head:
+        pooled features after the backbone), captured with a forward pre-hook; the self-check
+        (:mod:`malaria_screen.smear.domain`) measures distances to the training cells there.
+
+        Parameters
+        ----------
+        images : one image, or a sequence of images
+            As :meth:`predict` reads them.
+
+        Returns
+        -------
+        p_parasitized : (N,) ndarray of float32
+        features : (N, D) ndarray of float32
+
+        Raises
+        ------
+        ValueError
+            As :meth:`predict`; also if the network has no ``nn.Linear`` layer.
+        """
+        if self.positive_index is None:
+            raise ValueError(f"model classes {self.class_names} have no {self.config.positive_class!r}")
+        heads = [m for m in self.net.modules() if isinstance(m, torch.nn.Linear)]
+        if not heads:
+            raise ValueError(f"{type(self.net).__name__} has no nn.Linear head to read features from")
+        captured: list[np.ndarray] = []
+        hook = heads[-1].register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].float().cpu().numpy()))
+        try:
+            p = self.predict(images)
+        finally:
+            hook.remove()
+        feats = np.concatenate(captured).astype(np.float32) if captured else np.zeros((0, heads[-1].in_features), np.float32)
+        return p, feats.reshape(len(p), -1)

@@ -14,8 +14,11 @@ Endpoints
     segmented and classified by :func:`malaria_screen.smear.screen.screen_field` in a worker
     process with a CPU-seconds and memory budget; returns the field JSON (``n_rbc``,
     ``n_infected``, ``parasitemia`` with its 95 % interval, per-cell boxes and labels) and, with
-    ``?overlay=true``, the outlined field as a base64 PNG. Needs the ``smear`` extra (501
-    without it).
+    ``?overlay=true``, the outlined field as a base64 PNG. Self-check
+    (:mod:`malaria_screen.smear.domain`): an image that is not a blood smear field (noise,
+    blank, a photo, text) is 422 with the reason; a field whose cells lie outside the model's
+    training cells has ``"in_domain": false``, its ``domain_score`` and a ``domain_note`` saying
+    what to do. Needs the ``smear`` extra (501 without it).
 ``GET /v1/model``
     The model (name and SHA-256, never its path), config, shipped metrics, back-end, the
     server's limits and access settings, and the rescorer's config.
@@ -31,7 +34,7 @@ Errors (JSON ``{"detail": "<what and the limit>"}``): 400 bad ``Host``; 401 miss
 key; 408 body too slow; 413 body over ``max_request_bytes``, more than ``max_images`` images,
 (``/v1/field``) a field over ``max_pixels``; 415 not ``multipart/form-data``; 422 malformed
 (also: no closing boundary, a text part where a file belongs), no image, or a field that cannot
-be read or screened within the CPU/memory budget; 429 over the rate limit; 503 a full queue,
+be read or screened within the CPU/memory budget or is not a blood smear field; 429 over the rate limit; 503 a full queue,
 both with ``Retry-After``.
 
 How the server stays up: the event loop only streams and parses bodies and answers the probes;
@@ -312,10 +315,13 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
 
     def _field_in_thread(cancel, data: bytes, name: str, options: dict) -> dict:
         from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
+        from malaria_screen.smear.domain import load_reference
 
+        if not hasattr(app.state, "domain_reference"):  # the self-check's reference, read once
+            app.state.domain_reference = load_reference(predictor)
         try:
             return screen_field_bytes(data, predictor, name=name, max_pixels=limits.max_pixels, **options,
-                                      rescorer=rescorer)
+                                      rescorer=rescorer, domain_reference=app.state.domain_reference)
         except FieldRefused as exc:
             raise JobFailed(exc.status, exc.detail) from None
 

@@ -26,7 +26,7 @@ class FieldRefused(Exception):
 
 
 def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixels: int, overlay: bool = False,
-                       rescorer=None) -> dict:
+                       rescorer=None, domain_reference=None) -> dict:
     """Decode, check and screen one whole thin-smear field.
 
     Parameters
@@ -41,6 +41,10 @@ def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixel
     overlay : bool, default=False
         Add ``overlay_png_base64``, the outlined field as a base64 PNG.
     rescorer : CellRescorer, optional
+    domain_reference : DomainReference, optional
+        The model's self-check reference (:func:`malaria_screen.smear.domain.load_reference`):
+        the field JSON gets ``in_domain``, ``domain_score`` and, outside the domain, a
+        ``domain_note`` saying what to do.
 
     Returns
     -------
@@ -50,9 +54,12 @@ def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixel
     Raises
     ------
     FieldRefused
-        413 for an image over ``max_pixels``; 422 for an unreadable, grayscale or unscreenable one.
+        413 for an image over ``max_pixels``; 422 for an unreadable, grayscale or unscreenable one,
+        or one that is not a blood smear field (noise, blank, a photo, text: the reason, checked on a
+        downsampled copy before segmentation).
     """
     from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
+    from malaria_screen.smear.domain import NotASmearError
     from malaria_screen.smear.screen import screen_field
 
     try:
@@ -64,7 +71,9 @@ def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixel
     except ImageDecodeError as exc:
         raise FieldRefused(422, f"cannot read the field image: {exc}") from exc
     try:
-        res = screen_field(rgb, predictor, image_name=name, rescorer=rescorer)
+        res = screen_field(rgb, predictor, image_name=name, rescorer=rescorer, domain_reference=domain_reference)
+    except NotASmearError as exc:  # noise, blank, a photo, text: the reason, never a parasitemia
+        raise FieldRefused(422, str(exc)) from exc
     except ValueError as exc:  # a decoded image that cannot be screened, e.g. smaller than 8x8 px
         raise FieldRefused(422, f"cannot screen the field image ({rgb.shape[1]}x{rgb.shape[0]} px): {exc}") from exc
     out = res.to_json()

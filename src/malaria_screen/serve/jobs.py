@@ -236,6 +236,9 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
 
             rescorer = CellRescorer.load(spec.rescorer)
         import malaria_screen.smear.report  # noqa: F401 - loaded now, not in the first job's budget
+        from malaria_screen.smear.domain import load_reference
+
+        reference = load_reference(predictor)  # the self-check's reference beside the model (or None)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -259,7 +262,7 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
         try:
             out = ("ok", screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, **options,
-                                            rescorer=rescorer))
+                                            rescorer=rescorer, domain_reference=reference))
         except FieldRefused as exc:
             out = ("refused", exc.status, exc.detail, False)
         except Exception as exc:  # noqa: BLE001 - a bug: reported as 500, the worker carries on

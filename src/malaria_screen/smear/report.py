@@ -27,10 +27,12 @@ import numpy as np
 from malaria_screen.errors import error_text
 from malaria_screen.fileio import atomic_write, atomic_write_bytes, atomic_write_json
 from malaria_screen.smear.fields import decode_field
+from malaria_screen.smear.gallery import gallery_cells, gallery_html, select_gallery
 from malaria_screen.smear.parallel import map_fields
 from malaria_screen.smear.parasitemia import binomial_ci
 from malaria_screen.smear.screen import FieldResult, screen_field
 from malaria_screen.smear.segment import SegmentConfig
+from malaria_screen.smear.slide import counted_fields, out_of_domain_warning
 from malaria_screen.smear.stain import check_stain_method
 
 logger = logging.getLogger(__name__)
@@ -256,6 +258,8 @@ def run_smear(
     overlays: bool = True,
     workers: int = 1,
     ray: str | None = None,
+    domain_reference: Any | None = None,
+    include_out_of_domain: bool = False,
 ) -> dict:
     """Screen the fields of one slide and write all outputs to ``out_dir``.
 
@@ -286,6 +290,13 @@ def run_smear(
         A Ray address already joined (:func:`malaria_screen.data.ray_map.connect`): the fields
         are screened on Ray actors instead (``workers`` ignored); every node must see the inputs
         and ``out_dir`` at the same paths.
+    domain_reference : DomainReference, optional
+        The model's self-check reference (:func:`~malaria_screen.smear.domain.load_reference`):
+        each field gets ``in_domain`` / ``domain_score``; fields outside the domain are left out
+        of the slide totals (unless ``include_out_of_domain``) and named in ``warnings``.
+        Fields that are not blood smears are per-field errors either way.
+    include_out_of_domain : bool
+        Count fields outside the model's domain in the slide totals.
 
     Returns
     -------
@@ -318,8 +329,12 @@ def run_smear(
     earlier = _field_outputs(out)  # per-field files already there; those this run does not rewrite are stale
     fields: list[dict] = []
     errors: list[dict] = []
+    thr = float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else None
     opts = {"segment_config": segment_config, "stain": stain, "scale_to_nih": scale_to_nih,
-            "count_border_cells": count_border_cells, "ci_method": ci_method, "overlays": overlays}
+            "count_border_cells": count_border_cells, "ci_method": ci_method, "overlays": overlays,
+            "domain_reference": domain_reference, "gallery_threshold": thr}
+    candidates: list = []  # gallery: cells to confirm by eye, pruned to the best as fields finish
+    n_positive = 0
     jobs = [(path, stem, out, opts) for path, stem in zip(paths, stems)]
     t_start = time.perf_counter()
     finished = False
@@ -334,7 +349,11 @@ def run_smear(
                 logger.log(logging.INFO if progress else logging.WARNING, "field %s failed: %s", entry["path"], entry["error"])
             else:
                 fields.append(entry)
-                rows.add(_report_row(entry, done["thumb"]))
+                rows.add(_report_row(entry, done["thumb"], include_out_of_domain=include_out_of_domain))
+                new = done.get("cells", [])
+                n_positive += sum(c.kind == "parasitized" for c in new)
+                pos, unc, _ = select_gallery(candidates + new, threshold=thr or 0.5)
+                candidates = pos + unc
             if progress:
                 progress(entry["image"], entry)
         finished = True
@@ -350,9 +369,11 @@ def run_smear(
         summary = _summary(fields, errors, model, rescorer, settings={
             "pixel_size_um": (segment_config or SegmentConfig()).pixel_size_um, "stain": stain, "scale_to_nih": scale_to_nih,
             "count_border_cells": count_border_cells}, ci_method=ci_method, seconds=time.perf_counter() - t_start,
-            interrupted=None if finished else len(paths), notes=notes)
+            interrupted=None if finished else len(paths), notes=notes, include_out_of_domain=include_out_of_domain,
+            domain_reference=domain_reference)
         atomic_write_json(out / "summary.json", summary)
-        rows.write_report(out / "report.html", summary)
+        pos, unc, _ = select_gallery(candidates, threshold=thr or 0.5)
+        rows.write_report(out / "report.html", summary, gallery_html(pos, unc, n_positive) if model is not None else "")
     return summary
 
 
@@ -378,29 +399,33 @@ def screen_field_file(job: tuple[Path, str, Path, dict], model: Any, rescorer: A
     job : (path, stem, out_dir, options)
         The field, its output stem, the output folder and ``run_smear``'s options
         (``segment_config``, ``stain``, ``scale_to_nih``, ``count_border_cells``, ``ci_method``,
-        ``overlays``).
+        ``overlays``, ``domain_reference``, ``gallery_threshold``: the threshold the gallery's
+        candidates are chosen by, None for none).
     model, rescorer
         As :func:`~malaria_screen.smear.screen.screen_field`.
 
     Returns
     -------
     dict
-        ``{"entry": <summary.json field entry>, "thumb": <base64 JPEG>}``, or, if the field
+        ``{"entry": <summary.json field entry>, "thumb": <base64 JPEG>, "cells": <gallery
+        candidates, :func:`~malaria_screen.smear.gallery.gallery_cells`>}``, or, if the field
         failed for any reason (never raised), ``{"entry": {"image", "path", "error"}}``.
     """
     path, stem, out, opts = job
     opts = dict(opts)
     overlays = opts.pop("overlays", True)
+    thr = opts.pop("gallery_threshold", None)
     try:
         _check_regular_file(path)
         rgb = decode_field(path)
         res = screen_field(rgb, model, image_name=path.name, rescorer=rescorer, **opts)
         jp, op, ov = write_field_outputs(out, stem, rgb, res, overlay=overlays)
         thumb = _thumb_b64(ov)
+        cells = gallery_cells(rgb, res, threshold=thr) if thr is not None and model is not None else []
     except Exception as exc:  # noqa: BLE001 - one bad field (MemoryError, cv2.error, ...) never costs the others
         logger.debug("field %s failed", path, exc_info=True)
         return {"entry": {"image": path.name, "path": str(path), "error": error_text(exc)}}
-    return {"thumb": thumb, "entry": {
+    return {"thumb": thumb, "cells": cells, "entry": {
         "image": path.name,
         "path": str(path),
         "json": jp.name,
@@ -413,6 +438,8 @@ def screen_field_file(job: tuple[Path, str, Path, dict], model: Any, rescorer: A
         "parasitemia": res.parasitemia,
         "parasitemia_ci95": res.parasitemia_ci95,
         "rbc_diameter_px": None if not np.isfinite(res.rbc_diameter_px) else round(float(res.rbc_diameter_px), 2),
+        "in_domain": res.in_domain,
+        "domain_score": None if res.domain_score is None else round(float(res.domain_score), 3),
         "seconds": round(res.seconds.get("total", float("nan")), 4),
     }}
 
@@ -432,9 +459,9 @@ class _RowSpool:
     def add(self, row: str) -> None:
         self.fh.write(row + "\n")
 
-    def write_report(self, path: Path, summary: dict) -> None:
+    def write_report(self, path: Path, summary: dict, gallery: str = "") -> None:
         try:
-            head, tail = _report_html(summary, "\0ROWS\0").split("\0ROWS\0")
+            head, tail = _report_html(summary, "\0ROWS\0", gallery).split("\0ROWS\0")
             self.fh.flush()
             self.fh.seek(0)
 
@@ -457,15 +484,21 @@ def _field_outputs(out: Path) -> set[str]:
 
 
 def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, *, settings: dict, ci_method: str,
-             seconds: float, interrupted: int | None, notes: list[str] = ()) -> dict:
+             seconds: float, interrupted: int | None, notes: list[str] = (), include_out_of_domain: bool = False,
+             domain_reference: Any | None = None) -> dict:
     """The ``summary.json`` document; ``interrupted`` = number of fields the run was given if it
     stopped early (a warning then says the totals cover only the fields listed), else None;
-    ``notes`` are more warnings (inputs without fields, duplicates, stale files in the folder)."""
-    n_rbc = sum(f["n_rbc"] for f in fields)
-    n_inf = sum(f["n_infected"] for f in fields)
+    ``notes`` are more warnings (inputs without fields, duplicates, stale files in the folder).
+    Fields with ``in_domain`` False count in the totals only if ``include_out_of_domain``."""
+    counted = [f for f, c in zip(fields, counted_fields([f.get("in_domain") for f in fields],
+                                                          include_out_of_domain=include_out_of_domain)) if c]
+    ood = [f["image"] for f in fields if f.get("in_domain") is False]
+    n_rbc = sum(f["n_rbc"] for f in counted)
+    n_inf = sum(f["n_infected"] for f in counted)
     classified = model is not None
     lo, hi = binomial_ci(n_inf, n_rbc, method=ci_method) if classified else (0.0, 1.0)
-    warnings = (slide_warnings(n_inf, n_rbc) if classified else []) + list(notes)
+    ood_note = out_of_domain_warning(ood, included=include_out_of_domain)
+    warnings = ([ood_note] if ood_note else []) + (slide_warnings(n_inf, n_rbc) if classified else []) + list(notes)
     if interrupted is not None:
         warnings.append(f"The run was interrupted after {len(fields) + len(errors)} of {interrupted} field(s): the "
                         "totals cover only the fields listed here.")
@@ -478,6 +511,11 @@ def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, 
         "parasitemia_ci95": [lo, hi],
         "ci_method": ci_method,
         "classified": classified,
+        "n_fields_counted": len(counted),
+        "out_of_domain": ood,
+        "include_out_of_domain": include_out_of_domain,
+        "self_check": None if domain_reference is None else {
+            "threshold": domain_reference.threshold, "rule": domain_reference.threshold_rule},
         "settings": {
             **settings,
             "model": getattr(model, "source", None) if model is not None else None,
@@ -532,19 +570,25 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:.2f}%"
 
 
-def _report_row(f: dict, img: str) -> str:
-    """One field's table row of ``report.html``, with its base64 JPEG thumbnail ``img``."""
+def _report_row(f: dict, img: str, *, include_out_of_domain: bool = False) -> str:
+    """One field's table row of ``report.html``, with its base64 JPEG thumbnail ``img`` and its
+    self-check flag (in domain, or not and left out of / counted in the total)."""
     e = html.escape
+    dom = f.get("in_domain")
+    flag = ("" if dom is None else "yes" if dom else '<b class="warn">no: counted</b>' if include_out_of_domain
+            else '<b class="warn">no: left out</b>')
+    score = "" if f.get("domain_score") is None else f" ({f['domain_score']:.1f})"
     lo, hi = f["parasitemia_ci95"]
     pic = f'<img alt="overlay of {e(f["image"])}" src="data:image/jpeg;base64,{img}">' if img else ""
     thumb = f'<a href="{e(f["overlay"])}">{pic}</a>' if pic and f.get("overlay") else pic
     return (f"<tr><td>{e(f['image'])}</td><td>{f['n_rbc']}</td><td>{f['n_infected']}</td>"
             f"<td>{_pct(f['parasitemia'])}</td><td>{_pct(lo)} – {_pct(hi)}</td><td>{f['n_wbc']}</td>"
-            f"<td><a href=\"{e(f['json'])}\">json</a></td><td>{thumb}</td></tr>")
+            f"<td>{flag}{score}</td><td><a href=\"{e(f['json'])}\">json</a></td><td>{thumb}</td></tr>")
 
 
-def _report_html(summary: dict, rows: str) -> str:
-    """``report.html`` around the table rows ``rows`` (:func:`_report_row`, one per field)."""
+def _report_html(summary: dict, rows: str, gallery: str = "") -> str:
+    """``report.html`` around the table rows ``rows`` (:func:`_report_row`, one per field), with
+    the gallery of cells to confirm (:func:`~malaria_screen.smear.gallery.gallery_html`) below."""
     e = html.escape
     err_rows = "".join(f"<tr><td>{e(x['image'])}</td><td>{e(x['error'])}</td></tr>" for x in summary["errors"])
     lo, hi = summary["parasitemia_ci95"]
@@ -560,12 +604,13 @@ th{{background:#f2f2f2}}img{{max-width:360px;display:block}}.big{{font-size:1.4e
 <h1>Whole-smear screening report</h1>
 {note}
 <p class="big">Parasitemia: <b>{_pct(summary['parasitemia'])}</b> (95% CI {_pct(lo)} – {_pct(hi)}, {e(summary['ci_method'])})
-&mdash; {summary['n_infected']} infected of {summary['n_rbc']} red cells in {summary['n_fields']} field(s).</p>
+&mdash; {summary['n_infected']} infected of {summary['n_rbc']} red cells in {summary.get('n_fields_counted', summary['n_fields'])} counted field(s).</p>
 <p>Failed fields: {summary['n_failed']}. Research use only; not a diagnostic device. Outlines: green uninfected,
 red infected (numbered by cell id), yellow cut by the border, blue boxes excluded white cells.</p>
-<table><tr><th>Field</th><th>RBC</th><th>Infected</th><th>Parasitemia</th><th>95% CI</th><th>WBC excl.</th><th>Data</th><th>Overlay</th></tr>
+<table><tr><th>Field</th><th>RBC</th><th>Infected</th><th>Parasitemia</th><th>95% CI</th><th>WBC excl.</th><th>In domain (score)</th><th>Data</th><th>Overlay</th></tr>
 {rows}
 </table>
+{gallery}
 {('<h2 class="warn">Errors</h2><table><tr><th>File</th><th>Error</th></tr>' + err_rows + '</table>') if err_rows else ''}
 </body></html>
 """

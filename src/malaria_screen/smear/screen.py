@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from malaria_screen.smear.crops import cell_crops
+from malaria_screen.smear.domain import OUT_OF_DOMAIN_ADVICE, domain_check, model_features, require_smear
 from malaria_screen.smear.parasitemia import binomial_ci
 from malaria_screen.smear.segment import CellProps, Segmentation, SegmentConfig, segment_field
 from malaria_screen.smear.stain import check_stain_method, normalize_stain, rescale, scale_factor_to_nih
@@ -82,6 +83,12 @@ class FieldResult:
         Wall time per stage, s.
     labels : np.ndarray or None
         ``(H, W)`` int32 label image (not serialised).
+    in_domain : bool or None
+        Self-check (:mod:`malaria_screen.smear.domain`): False when the field's cells lie outside
+        the model's training cells (its parasitemia is unreliable); None when not checked (no
+        reference beside the model, a back-end without features, no cell).
+    domain_score, domain_threshold : float or None
+        The field's domain score (median cell distance) and the reference's threshold.
     """
 
     image: str
@@ -98,6 +105,9 @@ class FieldResult:
     seconds: dict[str, float] = field(default_factory=dict)
     labels: np.ndarray | None = field(default=None, repr=False)
     wbc_boxes: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)
+    in_domain: bool | None = None
+    domain_score: float | None = None
+    domain_threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (no NaN: missing values are None)."""
@@ -112,10 +122,21 @@ class FieldResult:
             "rbc_diameter_px": None if not np.isfinite(self.rbc_diameter_px) else round(float(self.rbc_diameter_px), 2),
             "n_wbc": self.n_wbc,
             "classified": self.classified,
+            "in_domain": self.in_domain,
+            "domain_score": None if self.domain_score is None else round(float(self.domain_score), 3),
+            "domain_threshold": None if self.domain_threshold is None else round(float(self.domain_threshold), 3),
+            "domain_note": ("outside the model's domain: " + OUT_OF_DOMAIN_ADVICE) if self.in_domain is False else None,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "cells": [asdict(c) for c in self.cells],
         }
         return d
+
+
+def _checkable(rgb: Any) -> bool:
+    """A uint8 (H, W, 3) image of at least 8 px a side: what the smear check reads (anything else is
+    refused, or converted, by the segmentation with its own message)."""
+    return isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 \
+        and min(rgb.shape[:2]) >= 8
 
 
 def predict_batched(model: CellModel, crops: list[np.ndarray], batch_size: int) -> np.ndarray:
@@ -162,6 +183,8 @@ def screen_field(
     ci_method: str = "wilson",
     segmentation: Segmentation | None = None,
     rescorer: Any | None = None,
+    domain_reference: Any | None = None,
+    smear_check: bool = True,
 ) -> FieldResult:
     """Screen one thin-smear field.
 
@@ -195,6 +218,14 @@ def screen_field(
         ``p_parasitized`` becomes the rescorer's probability from the cell's colour/shape
         features and the model's logit, labelled with the rescorer's threshold. Used only when
         ``model`` is given.
+    domain_reference : DomainReference, optional
+        The model's self-check reference (:func:`~malaria_screen.smear.domain.load_reference`):
+        with a model that gives features (``predict_with_features``) the field gets
+        ``in_domain`` and ``domain_score`` from the same forward pass.
+    smear_check : bool
+        Refuse an image that is not a blood smear field (:func:`~malaria_screen.smear.domain.check_smear`,
+        before segmentation: blank, noise, photos, text). Applies to uint8 images of at least
+        8 x 8 px (what decoding gives); other arrays go straight to the segmentation.
 
     Returns
     -------
@@ -205,13 +236,18 @@ def screen_field(
     ValueError
         If ``rgb`` is not ``(H, W, 3)``, ``stain`` is unknown, or the model returns the wrong
         number of probabilities.
+    NotASmearError
+        (a ValueError) If ``smear_check`` and the image is not a blood smear field; the message
+        is the reason.
     """
     t0 = time.perf_counter()
+    if smear_check and segmentation is None and _checkable(rgb):
+        require_smear(rgb)
     seg = segmentation or segment_field(rgb, segment_config)
     props: list[CellProps] = seg.cells()
     t1 = time.perf_counter()
     h, w = rgb.shape[:2]
-    probs = None
+    probs = feats = None
     if model is not None and props:
         src = normalize_stain(rgb, stain, mask=seg.labels > 0) if stain != "none" else rgb
         crops = cell_crops(src, seg.labels, props)
@@ -219,7 +255,8 @@ def screen_field(
             f = scale_factor_to_nih(seg.rbc_diameter_px)
             crops = [rescale(c, f) for c in crops]
         t2 = time.perf_counter()
-        probs = predict_batched(model, crops, batch_size)
+        both = model_features(model, crops, batch_size=batch_size) if domain_reference is not None else None
+        probs, feats = both if both is not None else (predict_batched(model, crops, batch_size), None)
         if rescorer is not None:
             probs = rescorer.rescore_field(rgb, seg, props, probs)
     else:
@@ -238,6 +275,7 @@ def screen_field(
     classified = model is not None
     par = (k / n) if (n and classified) else None
     ci = binomial_ci(k, n, method=ci_method) if classified else (0.0, 1.0)
+    dom = domain_check(feats, domain_reference)
     return FieldResult(
         image=image_name,
         width=w,
@@ -253,4 +291,7 @@ def screen_field(
         seconds={"segment": t1 - t0, "crops": t2 - t1, "classify": t3 - t2, "total": t3 - t0},
         labels=seg.labels,
         wbc_boxes=list(seg.wbc_boxes),
+        in_domain=dom.in_domain,
+        domain_score=dom.score,
+        domain_threshold=dom.threshold,
     )

@@ -1,0 +1,215 @@
+"""Self-check: "not a blood smear field" and the domain score (malaria_screen.smear.domain)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from malaria_screen.data.io import decode_image
+from malaria_screen.smear.domain import (
+    DOMAIN_FILE,
+    UNCHECKED,
+    DomainReference,
+    NotASmearError,
+    check_smear,
+    domain_check,
+    fit_reference,
+    load_reference,
+    model_features,
+    require_smear,
+)
+
+ASSETS = Path(__file__).resolve().parents[2] / "src" / "malaria_screen" / "assets"
+DEMO_FIELD = ASSETS / "demo_field" / "chula_rbc_1.jpg"
+
+
+def _photos() -> dict[str, np.ndarray]:
+    import skimage.data as sd
+
+    return {"astronaut": sd.astronaut(), "chelsea": sd.chelsea(), "coffee": sd.coffee()}
+
+
+def _text_image() -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (800, 600), (255, 255, 255))
+    dr = ImageDraw.Draw(im)
+    for i in range(20):
+        dr.text((10, 10 + 28 * i), "Giemsa thin smear, field 12, slide 7. " * 3, fill=(0, 0, 0))
+    return np.asarray(im)
+
+
+def _non_smears() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    import skimage.data as sd
+
+    return {
+        "noise": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+        "noise_large": rng.integers(0, 256, (3000, 3000, 3), dtype=np.uint8),
+        "blank": np.full((480, 640, 3), 200, np.uint8),
+        "single_colour": np.full((480, 640, 3), (180, 40, 120), np.uint8),
+        "text": _text_image(),
+        "text_skimage": np.repeat(sd.text()[..., None], 3, axis=2),
+        **_photos(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_non_smears()))
+def test_non_smears_are_refused_with_a_reason(name):
+    img = _non_smears()[name]
+    chk = check_smear(img)
+    assert not chk.ok
+    assert chk.reason.startswith("not a blood smear field: ")
+    with pytest.raises(NotASmearError, match="not a blood smear field"):
+        require_smear(img)
+
+
+def test_reasons_name_the_kind_of_input():
+    imgs = _non_smears()
+    assert "blank or single-colour" in check_smear(imgs["blank"]).reason
+    assert "blank or single-colour" in check_smear(imgs["single_colour"]).reason
+    assert "noise" in check_smear(imgs["noise"]).reason
+    assert "noise" in check_smear(imgs["noise_large"]).reason  # downsampled it is flat grey; the native patch is not
+    for name in ("astronaut", "chelsea", "coffee"):
+        assert "not Giemsa-coloured" in check_smear(imgs[name]).reason
+
+
+def test_bundled_demo_field_is_a_smear():
+    rgb = decode_image(str(DEMO_FIELD))
+    chk = check_smear(rgb)
+    assert chk.ok, chk
+    assert require_smear(rgb) is rgb
+    assert chk.stats["green_share"] > 0.8
+
+
+def test_real_fields_of_two_microscopes_pass(data_dir):
+    chula = sorted((data_dir / "chula_rbc" / "images").iterdir())
+    iml = sorted((data_dir / "iml_malaria_dev" / "images").iterdir())
+    for p in chula[::6] + iml[::12]:  # 9 + 10 fields
+        chk = check_smear(decode_image(str(p)))
+        assert chk.ok, (p.name, chk)
+
+
+def test_check_smear_rejects_wrong_input():
+    with pytest.raises(ValueError, match="uint8"):
+        check_smear(np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        check_smear(np.zeros((10, 10, 3), np.float32))
+
+
+def test_reference_round_trip_and_score(tmp_path):
+    means = np.array([[0.0, 0.0], [4.0, 0.0]])
+    ref = DomainReference(class_means=means, precision=np.diag([1.0, 0.25]), threshold=3.0, threshold_rule="test",
+                          calibration={"n": 1})
+    d = ref.cell_distances(np.array([[0.0, 0.0], [4.0, 2.0], [2.0, 0.0], [-3.0, 0.0]]))
+    np.testing.assert_allclose(d, [0.0, 1.0, 2.0, 3.0])  # nearest class mean; y scaled by 1/2
+    assert ref.score(np.array([[0.0, 0.0], [4.0, 2.0], [2.0, 0.0]])) == pytest.approx(1.0)  # median
+    assert ref.score(np.zeros((0, 2))) is None
+    with pytest.raises(ValueError, match="dimensions"):
+        ref.cell_distances(np.zeros((3, 5)))
+    p = ref.save(tmp_path / DOMAIN_FILE)
+    back = DomainReference.load(p)
+    np.testing.assert_allclose(back.class_means, means)
+    assert back.threshold == 3.0 and back.calibration == {"n": 1} and back.threshold_rule == "test"
+    assert load_reference(tmp_path).threshold == 3.0
+    assert load_reference(tmp_path / "missing") is None
+    (tmp_path / DOMAIN_FILE).write_bytes(b"not safetensors")
+    assert load_reference(tmp_path) is None  # unreadable: no self-check, logged
+    with pytest.raises(ValueError, match="threshold"):
+        DomainReference(class_means=means, precision=np.eye(2), threshold=float("nan"))
+    with pytest.raises(ValueError, match="do not match"):
+        DomainReference(class_means=means, precision=np.eye(3), threshold=1.0)
+
+
+def test_domain_check():
+    ref = DomainReference(class_means=np.zeros((1, 3)), precision=np.eye(3), threshold=2.0)
+    near = domain_check(np.full((5, 3), 0.5), ref)
+    far = domain_check(np.full((5, 3), 3.0), ref)
+    assert near.in_domain is True and near.score == pytest.approx(np.sqrt(0.75)) and near.n_cells == 5
+    assert far.in_domain is False
+    assert far.to_json() == {"in_domain": False, "domain_score": round(3 * np.sqrt(3), 3), "domain_threshold": 2.0}
+    assert domain_check(np.zeros((0, 3)), ref).in_domain is None
+    assert domain_check(None, ref) is UNCHECKED and domain_check(np.zeros((2, 3)), None) is UNCHECKED
+
+
+def _bundled():
+    from malaria_screen.inference import default_model_dir, load_model
+
+    d = default_model_dir()
+    ref = load_reference(d)
+    assert ref is not None, f"{d / DOMAIN_FILE} missing: run `malaria-screen domain-fit --data ../shared/data`"
+    return d, ref, load_model(d, backend="torch")
+
+
+def test_bundled_reference_matches_the_bundled_model():
+    import hashlib
+
+    d, ref, model = _bundled()
+    sha = hashlib.sha256((d / "weights.safetensors").read_bytes()).hexdigest()
+    assert ref.calibration["model_weights_sha256"] == sha, "stale reference: re-run malaria-screen domain-fit"
+    assert ref.calibration["nih_heldout_fields"]["in_domain"] >= 0.98  # the p99 rule (interpolated)
+    assert ref.calibration["chula_fields"]["in_domain"] == 1.0
+
+
+def test_predict_with_features_is_predict_plus_features(samples_dir):
+    _, ref, model = _bundled()
+    files = sorted((samples_dir / "Parasitized").iterdir()) + sorted((samples_dir / "Uninfected").iterdir())
+    imgs = [decode_image(str(p)) for p in files]
+    p, f = model.predict_with_features(imgs)
+    np.testing.assert_allclose(p, model.predict(imgs), atol=1e-6)
+    assert f.shape == (len(imgs), ref.dim) and f.dtype == np.float32
+    out = model_features(model, imgs, batch_size=5)
+    np.testing.assert_allclose(out[0], p, atol=1e-6)
+    np.testing.assert_allclose(out[1], f, atol=1e-5)
+    # the bundled NIH samples are cells of the training domain: all within the field threshold
+    assert np.median(ref.cell_distances(f)) <= ref.threshold
+
+
+def test_demo_field_is_in_domain_and_a_photo_out_of_it():
+    from malaria_screen.smear.crops import cell_crops
+    from malaria_screen.smear.segment import segment_field
+
+    _, ref, model = _bundled()
+    rgb = decode_image(str(DEMO_FIELD))
+    seg = segment_field(rgb)
+    crops = cell_crops(rgb, seg.labels, seg.cells())
+    chk = domain_check(model_features(model, crops)[1], ref)
+    assert chk.in_domain is True  # a Chula field: the threshold was set so that they pass
+    # tiles of a photo as "cells" lie far outside the training cells
+    photo = _photos()["chelsea"]
+    tiles = [photo[y : y + 64, x : x + 64] for y in range(0, 256, 64) for x in range(0, 256, 64)]
+    assert domain_check(model_features(model, tiles)[1], ref).in_domain is False
+
+
+def test_fit_reference_on_a_small_split(tmp_path, nih_dir, data_dir):
+    import shutil
+
+    from malaria_screen.data.patients import parse_nih_patient_id
+    from malaria_screen.inference import default_model_dir
+
+    names = sorted(p.name for p in (nih_dir / "Uninfected").iterdir())
+    patients = sorted({parse_nih_patient_id(n) for n in names})
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        shutil.copy(default_model_dir() / name, model / name)
+    split = {"splits": {"train": {"patients": patients[:6]}, "val": {"patients": patients[6:9]}, "test": {"patients": []}}}
+    (model / "split.json").write_text(json.dumps(split))
+    data = tmp_path / "data"
+    (data / "chula_rbc" / "images").mkdir(parents=True)
+    (data / "nih_cell_images").symlink_to(nih_dir)
+    for p in sorted((data_dir / "chula_rbc" / "images").iterdir())[:2]:
+        (data / "chula_rbc" / "images" / p.name).symlink_to(p)
+    ref = fit_reference(model, data)
+    cal = ref.calibration
+    assert cal["chula_fields"]["n_fields"] == 2 and cal["chula_fields"]["in_domain"] == 1.0
+    assert cal["nih_train_cells"]["n_cells"] >= 50 and cal["nih_heldout_fields"]["n_fields"] >= 1
+    assert ref.threshold == pytest.approx(max(cal["chula_fields"]["max"], cal["nih_heldout_fields"]["q99"]), abs=1e-3)
+    assert len(cal["model_weights_sha256"]) == 64
+    path = ref.save(model / DOMAIN_FILE)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(FileNotFoundError, match="split.json"):
+        fit_reference(tmp_path, data)
