@@ -213,3 +213,35 @@ def test_fit_reference_on_a_small_split(tmp_path, nih_dir, data_dir):
     assert path.stat().st_size < 200_000
     with pytest.raises(FileNotFoundError, match="split.json"):
         fit_reference(tmp_path, data)
+
+
+def test_smear_leaves_out_of_domain_fields_out_of_the_total(tmp_path, data_dir):
+    """A real IML field the bundled model is far off on (bench_domain: outside the domain) is flagged,
+    left out of the slide total and named with the advice; --include-out-of-domain counts it; a photo
+    is a field error; report.html shows the flag column and the gallery."""
+    import shutil
+
+    import skimage.data
+    from PIL import Image
+
+    from malaria_screen.smear.report import run_smear
+
+    _, ref, model = _bundled()
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(DEMO_FIELD, src / DEMO_FIELD.name)
+    shutil.copy(data_dir / "iml_malaria_dev" / "images" / "PA171931.JPG", src / "PA171931.JPG")
+    Image.fromarray(skimage.data.coffee()).save(src / "coffee.png")
+    s = run_smear([src], tmp_path / "a", model, domain_reference=ref)
+    by = {f["image"]: f for f in s["fields"]}
+    assert by["PA171931.JPG"]["in_domain"] is False and by[DEMO_FIELD.name]["in_domain"] is True
+    assert s["out_of_domain"] == ["PA171931.JPG"] and s["n_fields_counted"] == 1
+    assert (s["n_rbc"], s["n_infected"]) == (by[DEMO_FIELD.name]["n_rbc"], by[DEMO_FIELD.name]["n_infected"])
+    assert any("PA171931.JPG" in w and "calibrate the site" in w for w in s["warnings"])
+    assert [e["image"] for e in s["errors"]] == ["coffee.png"] and "not a blood smear field" in s["errors"][0]["error"]
+    field_json = json.loads((tmp_path / "a" / "PA171931.json").read_text())
+    assert field_json["in_domain"] is False and "calibrate the site" in field_json["domain_note"]
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "no: left out" in page and "Cells to confirm by eye" in page
+    s2 = run_smear([src], tmp_path / "b", model, domain_reference=ref, include_out_of_domain=True)
+    assert s2["n_fields_counted"] == 2 and s2["n_rbc"] == by[DEMO_FIELD.name]["n_rbc"] + by["PA171931.JPG"]["n_rbc"]

@@ -350,7 +350,8 @@ def run_smear(
             else:
                 fields.append(entry)
                 rows.add(_report_row(entry, done["thumb"], include_out_of_domain=include_out_of_domain))
-                new = done.get("cells", [])
+                # the gallery shows the cells of the fields the total counts
+                new = done.get("cells", []) if include_out_of_domain or entry.get("in_domain") is not False else []
                 n_positive += sum(c.kind == "parasitized" for c in new)
                 pos, unc, _ = select_gallery(candidates + new, threshold=thr or 0.5)
                 candidates = pos + unc

@@ -118,7 +118,7 @@ def screen_slide(fields: Sequence[tuple[str, np.ndarray]], model: Any, *, domain
             errors.append((name, f"{type(exc).__name__}: {exc}"))
             continue
         results.append(res)
-        if model is not None:
+        if model is not None and (include_out_of_domain or res.in_domain is not False):  # the counted fields' cells
             candidates += gallery_cells(rgb, res, threshold=thr, max_parasitized=max_parasitized, n_uncertain=n_uncertain)
     counted = counted_fields([r.in_domain for r in results], include_out_of_domain=include_out_of_domain)
     n = sum(r.n_rbc for r, c in zip(results, counted) if c)
