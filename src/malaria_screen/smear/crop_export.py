@@ -242,8 +242,15 @@ class _CropWriter:
 
     def finish(self, errors: dict[str, str], *, interrupted: bool = False) -> ExportSummary:
         """Write ``groups.csv`` for the finished fields (the crops of an unfinished one are removed)."""
+        import glob
+
         for rel, _ in self.pending:
-            (self.out_dir / rel).unlink(missing_ok=True)
+            crop = self.out_dir / rel
+            crop.unlink(missing_ok=True)
+            # a Ctrl-C inside atomic_write's set-up (between mkstemp and its clean-up) can leave the
+            # temporary part (`.<first 16 characters>.<random>.tmp`): seen with a real SIGINT
+            for part in crop.parent.glob(f".{glob.escape(crop.name[:16])}.*.tmp"):
+                part.unlink(missing_ok=True)
         self.pending = []
         groups = self.out_dir / "groups.csv"
         atomic_write_text(groups, rows_to_csv([{"path": r, "patient": g} for r, g in self.rows], ["path", "patient"]))
