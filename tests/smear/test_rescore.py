@@ -83,6 +83,7 @@ def test_field_relative_inputs_ignore_a_fields_overall_stain_and_scale(iml_dir):
     assert field_relative(absolute[:1]).tolist() == [[0.0] * absolute.shape[1]]
 
 
+@pytest.mark.slow
 def test_rescorer_beats_the_nih_model_on_held_out_fields(iml):
     """Fitted on 24 fields, it ranks the cells of the next 12 fields better than the NIH-only model's own logit."""
     from malaria_screen.smear.rescore import CellRescorer
@@ -144,6 +145,7 @@ def test_rescorer_json_shares_segment_config_and_old_files_fail_clearly(iml, tmp
         CellRescorer.load(tmp_path / "old")
 
 
+@pytest.mark.slow
 def test_rescorer_of_absolute_inputs_still_loads_and_screens(iml, iml_dir, tmp_path):
     """A rescorer file without ``field_relative`` (written before field-relative inputs) keeps
     its absolute inputs: rescore_field gives what its trees give on absolute inputs."""
@@ -184,6 +186,7 @@ def test_fit_refuses_data_it_cannot_use(iml):
         CellRescorer().fit(tr.X[:, :5], tr.y, tr.groups)
 
 
+@pytest.mark.slow
 def test_cli_fits_a_rescorer_and_smear_uses_it(iml, iml_dir, tmp_path):
     """`rescorer` on a list of fields, then `smear --rescorer` on a held-out field: each cell's
     p_parasitized is the rescorer's, and labels follow the rescorer's threshold."""
@@ -226,6 +229,7 @@ def test_cli_fits_a_rescorer_and_smear_uses_it(iml, iml_dir, tmp_path):
     assert res.exit_code == 2 and "rescorer" in res.output
 
 
+@pytest.mark.slow
 def test_rest_api_and_web_app_screen_fields_with_a_rescorer(iml, iml_dir, tmp_path):
     """`serve --rescorer` / `app --rescorer`: POST /v1/field and the app's field tab give the
     rescorer's probabilities and labels; GET /v1/model names it."""

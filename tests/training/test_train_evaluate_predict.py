@@ -108,6 +108,7 @@ def test_predict_with_bad_files(tiny_run, tmp_path):
     np.testing.assert_allclose(p, [r["p_parasitized"] for r in good], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_init_from_fine_tunes_the_default_model(nih_dir, tmp_path, make_subset):
     """--init-from default: training starts from the bundled model's weights and normalisation."""
     import torch
@@ -144,6 +145,7 @@ def test_init_from_fine_tunes_the_default_model(nih_dir, tmp_path, make_subset):
     assert bad.exit_code != 0 and "model" in bad.output
 
 
+@pytest.mark.slow
 def test_adaptation_path_nih_plus_field_crops(data_dir, nih_dir, tmp_path, make_subset):
     """crops --source detections + NIH cells in one folder, --init-from default, val-count threshold
     calibrated on the listed (field) crops only."""
