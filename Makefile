@@ -75,7 +75,7 @@ bench-rescore: $(STAMP)
 	$(BIN)/python benchmarks/bench_rescore.py --data $(MALARIA_SCREEN_DATA) --out bench_out/rescore
 
 bench-compare: $(STAMP)
-	$(BIN)/python benchmarks/compare.py --out bench_out/compare --epochs 2
+	$(BIN)/python benchmarks/bench_model_zoo.py --out bench_out/compare --epochs 2
 
 loadtest: $(STAMP)
 	$(BIN)/python benchmarks/loadtest_serve.py --clients 50 --requests 20

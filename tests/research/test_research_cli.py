@@ -98,7 +98,7 @@ def test_compare_shares_one_split_and_resumes(tiny_nih, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
 
     # latency re-measured on an idle machine: every row gets a new positive figure, the rest stays
-    from malaria_screen.research.compare import remeasure_latency
+    from malaria_screen.research.model_comparison import remeasure_latency
 
     before = _csv(out / "compare.csv")
     (out / "runs" / "cellnet" / "compare_row.json").write_text(

@@ -67,6 +67,6 @@ def test_finetune_param_groups_and_frozen_modes():
     with pytest.raises(ValueError, match="freeze_backbone"):
         CellClassifier(net, unfreeze_at_epoch=2)
     with pytest.raises(ValueError, match="takes no pretrained weights"):
-        from malaria_screen.training.run import _build_net
+        from malaria_screen.training.run import build_net
 
-        _build_net(TrainConfig(model="cellnet"), "imagenet")
+        build_net(TrainConfig(model="cellnet"), "imagenet")

@@ -242,3 +242,19 @@ def test_one_field_by_two_paths_is_screened_once(tmp_path):
     s = run_smear([src, tmp_path / "in" / ".." / "in" / "a.png", tmp_path / "link.png"], tmp_path / "out", FakeModel())
     assert [f["path"] for f in s["fields"]] == [str(src / "a.png"), str(src / "b.png")] and s["n_rbc"] == 12
     assert s["warnings"] == ["2 input path(s) named a field already given by another path: each field is screened once."]
+
+
+def test_report_template_escapes_every_value():
+    """report.html comes from the autoescaped Jinja2 template: file names, warnings and error texts
+    cannot inject markup."""
+    from malaria_screen.smear.report import render_report, render_report_row
+
+    bad = '<script>alert("x")</script>'
+    field = {"image": bad, "json": "a.json", "overlay": "a_overlay.png", "n_rbc": 10, "n_infected": 1, "n_wbc": 0,
+             "parasitemia": 0.1, "parasitemia_ci95": [0.01, 0.4]}
+    summary = {"classified": True, "warnings": [bad], "parasitemia": 0.1, "parasitemia_ci95": [0.01, 0.4],
+               "ci_method": "wilson", "n_infected": 1, "n_rbc": 10, "n_fields": 1, "n_failed": 1, "fields": [field],
+               "errors": [{"image": bad, "error": bad}]}
+    html = render_report(summary, render_report_row(field, "QUJD"))
+    assert "<script>" not in html and html.count("&lt;script&gt;") == 4
+    assert 'src="data:image/jpeg;base64,QUJD"' in html and "10.00%" in html and html.endswith("</body></html>\n")

@@ -40,8 +40,10 @@ import numpy as np  # noqa: E402
 
 from dataclasses import dataclass  # noqa: E402
 
-from malaria_screen.data.io import ImageDecodeError, check_cell_size, check_colour, decode_image  # noqa: E402
+from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image  # noqa: E402
+from malaria_screen.data.parallel import decode_cell  # noqa: E402
 from malaria_screen.data.preprocess import letterbox  # noqa: E402
+from malaria_screen.errors import error_text  # noqa: E402
 from malaria_screen.fileio import atomic_write_text  # noqa: E402
 
 __all__ = ["AppLimits", "build_app", "classify_files", "example_fields", "launch", "sample_files", "screen_field_image",
@@ -186,17 +188,17 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
             row["error"] = f"not processed: more than {max_files} files in one upload"
             continue
         try:
-            rgb = check_colour(check_cell_size(decode_image(p, max_pixels=max_pixels, on_size=on_size)))
+            rgb = decode_cell(p, max_pixels=max_pixels, on_size=on_size)
             if can_explain:
                 (ex,) = run_explain(predictor, [rgb])
                 label, pp, ov = ex.label, ex.p_parasitized, ex.overlay
             else:
-                probs = predictor.predict_proba_prepared(letterbox(rgb, predictor.input_size)[None])
-                label = predictor.label_of(probs)[0]
-                pp = None if predictor.positive_index is None else float(probs[0, predictor.positive_index])
-                ov = None
+                (res,) = predictor.classify_prepared([name], [(letterbox(rgb, predictor.input_size), None)])
+                if res.error:
+                    raise RuntimeError(res.error)
+                label, pp, ov = res.label, res.p_parasitized, None
         except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
-            row["error"] = str(exc) if type(exc).__name__ == "ImageDecodeError" else f"{type(exc).__name__}: {exc}"
+            row["error"] = error_text(exc, plain=ImageDecodeError)
             continue
         row.update(label=label, p_parasitized=None if pp is None else round(pp, 4))
         gallery.append((_tile(rgb, ov), f"{name}: {label}" + ("" if pp is None else f" (p={pp:.3f})")))
@@ -247,10 +249,10 @@ def screen_field_image(predictor, rgb, *, name: str = "field", rescorer=None, ma
         res = screen_field(rgb, predictor, image_name=name, rescorer=rescorer)
     except (OSError, ValueError) as exc:  # bad input (undecodable, too small, too large): the user's, not ours
         log.warning("field screening refused: %s", exc)
-        return f"Could not screen this image: {type(exc).__name__}: {exc}", None
+        return f"Could not screen this image: {error_text(exc)}", None
     except Exception as exc:  # noqa: BLE001 - shown to the user, not raised; a bug, so logged in full
         log.exception("field screening failed")
-        return f"Could not screen this image: {type(exc).__name__}: {exc}", None
+        return f"Could not screen this image: {error_text(exc)}", None
     if res.parasitemia is None:
         summary = f"**No red cells found** ({res.width}x{res.height} px)."
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,7 +16,8 @@ import typer
 log = logging.getLogger("malaria_screen.cli")
 
 
-def _echo_table(rows: list[list[str]], header: list[str]) -> None:
+def echo_table(rows: list[list[str]], header: list[str]) -> None:
+    """Print ``rows`` under ``header`` as a plain-text table (columns padded, a dashed rule)."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
     typer.echo(line)
@@ -124,6 +126,13 @@ def list_inputs(paths: List[Path]) -> List[Path]:
     return files
 
 
+class ThresholdRule(str, Enum):
+    """``train --threshold-rule``: keep 0.5, or count-match the threshold on the validation cells."""
+
+    fixed = "fixed"
+    val_count = "val-count"
+
+
 def _run_folder(name: Optional[str]) -> Optional[str]:
     """``--init-from``: None, the bundled default model's folder for "default", else the path as given."""
     if name != "default":
@@ -188,8 +197,8 @@ def train(
     init_from: Optional[str] = typer.Option(
         None, help="Fine-tune a trained run folder, or 'default' for the bundled default model (to adapt it to another "
         "microscope's crops): its weights and input normalisation are the start"),
-    threshold_rule: str = typer.Option(
-        "fixed", help="fixed: threshold 0.5 | val-count: the threshold at which as many validation cells are called "
+    threshold_rule: ThresholdRule = typer.Option(
+        ThresholdRule.fixed, help="fixed: threshold 0.5 | val-count: the threshold at which as many validation cells are called "
         "Parasitized as are Parasitized (count calibration for parasitemia on a low-prevalence site; with --groups, "
         "only the validation cells listed there count: the target site's crops, not NIH cells mixed in)"),
     limit_train_batches: Optional[float] = typer.Option(None, help="Batches (>1) or share (<=1) per epoch: smoke runs"),
@@ -219,8 +228,6 @@ def train(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if threshold_rule not in ("fixed", "val-count"):
-        raise typer.BadParameter(f"--threshold-rule must be fixed or val-count, got {threshold_rule!r}")
     dev: int | str = int(devices) if devices.isdigit() else devices
     ltb = None if limit_train_batches is None else (int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
     try:
@@ -233,25 +240,24 @@ def train(
         return
     typer.echo(f"trained {res.config.model} in {res.seconds:.1f} s ({res.epochs_run} epochs); run folder: {out}")
     if res.config.positive_index is None or res.config.num_classes != 2:
-        import numpy as np
+        from malaria_screen.research.multiclass import evaluate_multiclass_split
 
-        from malaria_screen.fileio import atomic_write_json
-        from malaria_screen.inference import Predictor
-        from malaria_screen.research.multiclass import multiclass_metrics
-
-        sub = res.cells.subset(res.split.test)
-        probs = Predictor.from_dir(out).predict_proba_prepared(sub.images)
-        mm = multiclass_metrics(np.asarray(sub.labels), probs, sub.patients, class_names=res.config.class_names)
-        mm.update(split="test", model=res.config.model, data=str(res.cells.root))
-        atomic_write_json(out / "metrics.json", mm)
+        mm = evaluate_multiclass_split(out, res.cells, res.split.test)
         typer.echo(f"\ntest: {mm['n_groups']} groups, {mm['n_cells']} images (95% CI: bootstrap over groups)")
-        _echo_table([[k, f"{mm[k]:.4f}", f"[{mm['ci95'][k][0]:.4f}, {mm['ci95'][k][1]:.4f}]"]
-                     for k in ("accuracy", "macro_f1", "roc_auc_ovr_macro")], ["metric", "value", "95% CI"])
+        echo_table([[k, f"{mm[k]:.4f}", f"[{mm['ci95'][k][0]:.4f}, {mm['ci95'][k][1]:.4f}]"]
+                    for k in ("accuracy", "macro_f1", "roc_auc_ovr_macro")], ["metric", "value", "95% CI"])
         typer.echo(f"chance (commonest class): {mm['chance_accuracy']:.4f}")
         return
-    if threshold_rule == "val-count":
-        _calibrate_count_threshold(out, res.cells, res.split.val, groups_csv=groups)
-    m = _evaluate_split(out, res.cells, res.split.test, split_name="test")
+    from malaria_screen.inference.run_evaluation import calibrate_count_threshold, evaluate_split
+
+    try:
+        if threshold_rule is ThresholdRule.val_count:
+            c = calibrate_count_threshold(out, res.cells, res.split.val, groups_csv=groups)
+            typer.echo(f"threshold {c.threshold:.4f}: {c.n_called} of {c.n_cells} validation cells called Parasitized "
+                       f"({c.n_parasitized} are)")
+        m = evaluate_split(out, res.cells, res.split.test, split_name="test")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     _print_metrics(m)
 
 
@@ -273,70 +279,13 @@ def _patient_list(spec: Optional[str]) -> tuple[str, ...]:
     return tuple(sorted({p.strip() for p in spec.split(",") if p.strip()}))
 
 
-def listed_in_groups(cells, groups_csv: Path):
-    """``(N,)`` bool: which cells of a CellSet ``groups_csv`` lists (looked up as the loader does:
-    by path, then by file name)."""
-    import numpy as np
-
-    from malaria_screen.data.patients import read_groups_csv
-
-    listed = read_groups_csv(groups_csv)
-    names = {Path(k).name for k in listed}
-    return np.asarray([r in listed or Path(r).name in names for r in cells.relpaths], bool)
-
-
-def _calibrate_count_threshold(run_dir: Path, cells, idx, *, groups_csv: Optional[Path] = None) -> None:
-    """Set the run's threshold so the validation cells' Parasitized count is right (config.json).
-
-    With ``groups_csv``, only validation cells listed in it are used (the annotated target-site
-    crops; NIH cells added to the folder for training keep their 50 % prevalence out of it).
-    """
-    import numpy as np
-
-    from malaria_screen.config import TrainConfig
-    from malaria_screen.evaluation.metrics import count_matched_threshold
-    from malaria_screen.inference import Predictor
-
-    if groups_csv is not None:
-        idx = np.asarray(idx, int)[listed_in_groups(cells, groups_csv)[idx]]
-    if len(idx) == 0:
-        raise typer.BadParameter("--threshold-rule val-count needs validation cells (--val-fraction > 0; listed in "
-                                 "--groups when given)")
-    pred = Predictor.from_dir(run_dir)
-    probs = pred.predict_proba_prepared(cells.subset(idx).images)[:, pred.positive_index]
-    y = np.asarray(cells.labels)[idx] == cells.class_names.index(pred.class_names[pred.positive_index])
-    t = count_matched_threshold(y, probs)
-    cfg = TrainConfig.from_json(run_dir / "config.json")
-    cfg.replace(threshold=t).to_json(run_dir / "config.json")
-    typer.echo(f"threshold {t:.4f}: {int((probs >= t).sum())} of {len(y)} validation cells called Parasitized "
-               f"({int(y.sum())} are)")
-
-
-def _evaluate_split(run_dir: Path, cells, idx, *, split_name: str) -> dict:
-    import numpy as np
-
-    from malaria_screen.evaluation.report import write_evaluation
-    from malaria_screen.inference import Predictor
-
-    pred = Predictor.from_dir(run_dir)
-    sub = cells.subset(idx)
-    probs = pred.predict_proba_prepared(sub.images)
-    if pred.positive_index is None:
-        raise typer.BadParameter("evaluation needs a model with a Parasitized class")
-    pos_name = pred.class_names[pred.positive_index]
-    y = (np.asarray([cells.class_names[k] for k in sub.labels]) == pos_name).astype(int)
-    return write_evaluation(run_dir, y_true=y, p_pos=probs[:, pred.positive_index], patients=sub.patients,
-                            relpaths=sub.relpaths, threshold=pred.threshold, split_name=split_name,
-                            extra={"model": pred.config.model, "data": str(cells.root)})
-
-
 def _print_metrics(m: dict) -> None:
     rows = []
     for k in ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc"):
         lo, hi = m["ci95"][k]
         rows.append([k, f"{m[k]:.4f}", f"[{lo:.4f}, {hi:.4f}]"])
     typer.echo(f"\n{m.get('split', '')}: {m['n_patients']} patients, {m['n_cells']} cells (95% CI: bootstrap over patients)")
-    _echo_table(rows, ["metric", "value", "95% CI"])
+    echo_table(rows, ["metric", "value", "95% CI"])
 
 
 RAY_HELP = ("Run the per-file work on a Ray cluster: 'local' (a runtime on this machine), 'auto' (the cluster this "
@@ -500,7 +449,7 @@ def predict(
         table = [[Path(r["path"]).name[:48], *([t or "-"] if has_truth else []), r["label"] or "-",
                   "-" if r["p_parasitized"] is None else f"{r['p_parasitized']:.3f}", (r["error"] or "")[:60]]
                  for r, t in zip(rows, truth)]
-        _echo_table(table, ["file", *(["true (folder)"] if has_truth else []), "label", "p_parasitized", "error"])
+        echo_table(table, ["file", *(["true (folder)"] if has_truth else []), "label", "p_parasitized", "error"])
     per_class = ", ".join(f"{sum(1 for r in rows if r['label'] == c)} {c}" for c in pred.class_names)
     typer.echo(f"\n{len(rows)} files: {per_class}, {n_bad} failed -> {out}")
     if summary["prevalence"] is not None:
@@ -524,7 +473,7 @@ def models() -> None:
         s = default_input_size(name)
         m = build_model(name, input_size=s)
         rows.append([name, str(s), f"{count_parameters(m):,}", f"{count_flops(m, s) / 1e6:.1f}"])
-    _echo_table(rows, ["model", "input px", "parameters", "MFLOPs/cell"])
+    echo_table(rows, ["model", "input px", "parameters", "MFLOPs/cell"])
 
 
 def register(app: typer.Typer) -> None:

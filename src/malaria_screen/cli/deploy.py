@@ -7,13 +7,15 @@ the commands, so ``--help`` is instant and the torch-free runtime install still 
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from malaria_screen.cli.core import _echo_table, check_out_dir, check_out_file, list_inputs, listed_in_groups
+from malaria_screen.cli.core import check_out_dir, check_out_file, echo_table, list_inputs
 from malaria_screen.cli.smear import RESCORER_HELP, load_rescorer
+from malaria_screen.errors import error_text
 
 __all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
 
@@ -30,14 +32,27 @@ def _model_dir(model: Optional[Path]) -> Path:
     return Path(model) if model is not None else default_model_dir()
 
 
+class ExportFormat(str, Enum):
+    """``export --format``."""
+
+    onnx = "onnx"
+
+
+class QuantFormat(str, Enum):
+    """``export --quant-format``: how the int8 graph stores its quantisation."""
+
+    qdq = "qdq"
+    qoperator = "qoperator"
+
+
 def export(
     out: Path = typer.Option(..., "--out", "-o", help="Destination .onnx file (written atomically) + <stem>.report.json"),
     model: Optional[Path] = typer.Option(None, help="Run folder; default: the bundled model"),
-    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)"),
+    fmt: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="Export format"),
     int8: bool = typer.Option(False, "--int8", help="Static int8 quantisation calibrated on TRAINING-patient cells"),
     data: Optional[Path] = typer.Option(None, help="NIH cell folder the run's split.json refers to. Default: $MALARIA_SCREEN_DATA/nih_cell_images"),
     calibration_cells: int = typer.Option(512, min=16, help="Training-patient cells for int8 calibration"),
-    quant_format: str = typer.Option("qdq", help="int8 graph format: qdq | qoperator"),
+    quant_format: QuantFormat = typer.Option(QuantFormat.qdq, help="int8 graph format"),
     check: bool = typer.Option(True, help="Check parity and test-patient accuracy of torch / fp32 / int8"),
     opset: int = typer.Option(17, min=OPSET_RANGE[0], max=OPSET_RANGE[1],
                               help="ONNX opset (13-17 with --int8: quantisation fails on newer ones for CellNet)"),
@@ -52,12 +67,8 @@ def export(
     """
     from malaria_screen.export.pipeline import ExportParityError, export_model, report_path
 
-    if fmt != "onnx":
-        raise typer.BadParameter(f"--format must be onnx, got {fmt!r}")
     if out.suffix.lower() != ".onnx":
         raise typer.BadParameter(f"--out must end in .onnx, got {out.name}")
-    if quant_format not in ("qdq", "qoperator"):
-        raise typer.BadParameter(f"--quant-format must be qdq or qoperator, got {quant_format!r}")
     from malaria_screen.export.onnx import MAX_INT8_OPSET
 
     if int8 and opset > MAX_INT8_OPSET:
@@ -66,7 +77,7 @@ def export(
     check_out_file(out)
     try:
         rep = export_model(_model_dir(model), out, int8=int8, data_dir=data, calibration_cells=calibration_cells,
-                           quant_format=quant_format, check=check, seed=seed, opset=opset)
+                           quant_format=quant_format.value, check=check, seed=seed, opset=opset)
     except (FileNotFoundError, ValueError, ExportParityError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -80,7 +91,7 @@ def export(
     if rep["test"]:
         ts = rep["test_set"]
         typer.echo(f"\ntest patients: {ts['n_patients']} patients, {ts['n_cells']} cells")
-        _echo_table([[r["backend"], "-" if r["size_bytes"] is None else f"{r['size_bytes']:,}", f"{r['accuracy']:.4f}",
+        echo_table([[r["backend"], "-" if r["size_bytes"] is None else f"{r['size_bytes']:,}", f"{r['accuracy']:.4f}",
                  f"{r['accuracy_delta_points']:+.2f}", f"{r['roc_auc']:.4f}", f"{r['max_abs_diff']:.2e}",
                  f"{100 * r['label_agreement']:.2f}"] for r in rep["test"]],
                ["backend", "bytes", "accuracy", "d acc (points)", "ROC-AUC", "max |dp| vs torch", "same label %"])
@@ -105,11 +116,9 @@ def ensemble(
     count-matched on --calibrate cells, or by default the mean of the members' thresholds.
     Calibration cells of groups (patients / fields) any member was trained on are left out.
     """
-    import numpy as np
-
     from malaria_screen.data.dataset import load_cell_set
     from malaria_screen.inference import load_model
-    from malaria_screen.inference.ensemble import EnsemblePredictor, write_ensemble
+    from malaria_screen.inference.ensemble import EnsemblePredictor, calibration_cells, write_ensemble
 
     if threshold is not None and calibrate is not None:
         raise typer.BadParameter("give --threshold or --calibrate, not both")
@@ -121,19 +130,13 @@ def ensemble(
     calib = None
     if calibrate is not None:
         cells = load_cell_set(calibrate, size_px=probe.input_size, groups_csv=groups, progress=False)
-        keep = np.ones(len(cells), bool)
-        if groups is not None:
-            keep &= listed_in_groups(cells, groups)
-        trained = set(probe.seen_patients["train"])
-        leak = np.asarray([g in trained for g in cells.patients], bool) & keep
-        if leak.any():
-            typer.echo(f"left out {int(leak.sum())} calibration cells of groups a member was trained on", err=True)
-        keep &= ~leak
-        positive = probe.class_names[probe.positive_index]
-        if not keep.any() or positive not in cells.class_names:
-            raise typer.BadParameter(f"--calibrate: no usable labelled cells (need a {positive!r} folder and cells no member trained on)")
-        idx = np.nonzero(keep)[0]
-        calib = (cells.images[idx], np.asarray(cells.labels)[idx] == cells.class_names.index(positive))
+        try:
+            chosen = calibration_cells(cells, probe, groups_csv=groups)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        if chosen.n_left_out:
+            typer.echo(f"left out {chosen.n_left_out} calibration cells of groups a member was trained on", err=True)
+        calib = (chosen.images, chosen.parasitized)
     try:
         ens = write_ensemble(out, members, threshold=threshold, calibration=calib, note=note)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
@@ -160,7 +163,8 @@ def explain(
 
     from PIL import Image
 
-    from malaria_screen.data.io import check_colour, decode_image
+    from malaria_screen.data.io import ImageDecodeError
+    from malaria_screen.data.parallel import decode_cell
     from malaria_screen.fileio import atomic_write_bytes, atomic_write_text, rows_to_csv
     from malaria_screen.inference import load_model
     from malaria_screen.inference.gradcam import explain as run_explain
@@ -190,12 +194,12 @@ def explain(
             k += 1
             name = f"{f.stem}_{k}_gradcam.png"
         try:
-            (ex,) = run_explain(pred, [check_colour(decode_image(f))], class_index=cls_idx, alpha=alpha)
+            (ex,) = run_explain(pred, [decode_cell(f)], class_index=cls_idx, alpha=alpha)
             buf = io.BytesIO()
             Image.fromarray(ex.overlay).save(buf, format="PNG")
             atomic_write_bytes(out / name, buf.getvalue())
         except Exception as exc:  # noqa: BLE001 - one bad file (or unwritable overlay) never stops the batch
-            row["error"] = str(exc) if exc.__class__.__name__ == "ImageDecodeError" else f"{type(exc).__name__}: {exc}"
+            row["error"] = error_text(exc, plain=ImageDecodeError)
             rows.append(row)
             continue
         used.add(name)

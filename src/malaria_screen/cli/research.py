@@ -165,7 +165,7 @@ def compare(
     Resumable per model: rows whose results exist are read back, not retrained.
     """
     from malaria_screen.config import TrainConfig
-    from malaria_screen.research.compare import compare_models, default_entries
+    from malaria_screen.research.model_comparison import compare_models, default_entries
 
     entries = default_entries(input_size=input_size, transfer_input_size=transfer_input_size, mobilenet_weights=mobilenet_weights)
     if models:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from malaria_screen.cli.core import RAY_HELP, check_out_dir, connect_ray
+from malaria_screen.errors import error_text
+from malaria_screen.smear.stain import STAIN_METHODS
 
 __all__ = ["RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
 
@@ -27,6 +30,31 @@ def _load_model(model: Optional[str], no_classify: bool):
     except FileNotFoundError as exc:
         typer.echo(f"error: cannot load the cell model: {exc}. Pass --model RUN_DIR or --no-classify.", err=True)
         raise typer.Exit(2) from exc
+
+
+#: ``--stain``: the stain normalisations of :data:`malaria_screen.smear.stain.STAIN_METHODS`.
+Stain = Enum("Stain", {m: m for m in STAIN_METHODS}, type=str)
+
+
+class CIMethod(str, Enum):
+    """``--ci``: binomial 95 % interval of the parasitemia."""
+
+    wilson = "wilson"
+    exact = "exact"
+
+
+class CropSource(str, Enum):
+    """``crops --source``: cut the annotated boxes, or the segmented cells."""
+
+    boxes = "boxes"
+    detections = "detections"
+
+
+class Unmatched(str, Enum):
+    """``--unmatched``: what detections matching no annotated box become."""
+
+    skip = "skip"
+    uninfected = "uninfected"
 
 
 def load_rescorer(path: Optional[Path], predictor):
@@ -52,16 +80,6 @@ def load_rescorer(path: Optional[Path], predictor):
     return r
 
 
-def _check_stain(stain: str) -> None:
-    """``--stain`` must be one of ``STAIN_METHODS``; else :class:`typer.BadParameter`."""
-    from malaria_screen.smear.stain import check_stain_method
-
-    try:
-        check_stain_method(stain)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="'--stain'") from exc
-
-
 def _load_annotations(path: Path) -> dict:
     """:func:`~malaria_screen.smear.labels.load_iml_annotations`, with a bad file as a usage error.
 
@@ -75,7 +93,7 @@ def _load_annotations(path: Path) -> dict:
     try:
         return load_iml_annotations(path)
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise typer.BadParameter(f"cannot read {path} as IML annotations.json: {type(exc).__name__}: {exc}",
+        raise typer.BadParameter(f"cannot read {path} as IML annotations.json: {error_text(exc)}",
                                  param_hint="'--annotations'") from exc
 
 
@@ -116,10 +134,10 @@ def smear(
     pixel_size_um: Optional[float] = typer.Option(
         None, "--pixel-size-um", min=1e-4, help="Pixel size at the specimen, µm/px. Default: estimate the RBC scale from each image (RBC ≈ 7.5 µm)."
     ),
-    stain: str = typer.Option("none", "--stain", help="Stain normalisation towards the NIH crops: none | reinhard | macenko."),
+    stain: Stain = typer.Option(Stain("none"), "--stain", help="Stain normalisation towards the NIH crops."),
     scale_to_nih: bool = typer.Option(False, "--scale-to-nih/--no-scale-to-nih", help="Resize cell crops to the NIH scale (~130 px per cell)."),
     count_border: bool = typer.Option(True, "--count-border/--no-count-border", help="Count cells cut by the image border in the parasitemia."),
-    ci: str = typer.Option("wilson", "--ci", help="Binomial 95% interval: wilson | exact (Clopper-Pearson)."),
+    ci: CIMethod = typer.Option(CIMethod.wilson, "--ci", help="Binomial 95% interval: wilson, or exact (Clopper-Pearson)."),
     no_classify: bool = typer.Option(False, "--no-classify", help="Segment and count only (no model)."),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
     include_out_of_domain: bool = typer.Option(
@@ -149,9 +167,6 @@ def smear(
     from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
-    _check_stain(stain)
-    if ci not in ("wilson", "exact"):
-        raise typer.BadParameter(f"--ci must be wilson or exact, got {ci!r}")
     predictor = _load_model(model, no_classify)
     second = load_rescorer(rescorer, predictor)
     if ray:
@@ -182,10 +197,10 @@ def smear(
             out,
             predictor,
             segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
-            stain=stain,
+            stain=stain.value,
             scale_to_nih=scale_to_nih,
             count_border_cells=count_border,
-            ci_method=ci,
+            ci_method=ci.value,
             progress=progress,
             rescorer=second,
             overlays=overlays,
@@ -277,7 +292,7 @@ def smear_eval(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model run folder; default: the bundled default model."),
     no_classify: bool = typer.Option(False, "--no-classify", help="Evaluate the segmentation only (no infection metrics)."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-4, help="µm/px; default: estimated per image."),
-    stain: str = typer.Option("none", "--stain", help="none | reinhard | macenko."),
+    stain: Stain = typer.Option(Stain("none"), "--stain", help="Stain normalisation towards the NIH crops."),
     iou: float = typer.Option(0.5, "--iou", min=0.05, max=1.0, help="IoU threshold of a detection match."),
     chula_dir: Optional[Path] = typer.Option(
         None, "--chula", exists=True, file_okay=False,
@@ -300,7 +315,6 @@ def smear_eval(
     from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
-    _check_stain(stain)
     ann = _load_annotations(annotations)
     names = _present_fields(field_dir, ann)
     predictor = _load_model(model, no_classify)
@@ -311,7 +325,7 @@ def smear_eval(
         predictor,
         out_dir=out,
         segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
-        stain=stain,
+        stain=stain.value,
         iou_threshold=iou,
         chula_dir=chula_dir,
         limit=limit,
@@ -329,16 +343,16 @@ def crops(
     field_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of annotated field images."),
     annotations: Path = typer.Option(..., "--annotations", "-a", exists=True, dir_okay=False, help="IML annotations.json (boxes, px)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: Parasitized/, Uninfected/, groups.csv (path,patient)."),
-    source: str = typer.Option(
-        "boxes", "--source", help="boxes: cut each annotated box | detections: cut the segmented cells exactly as "
+    source: CropSource = typer.Option(
+        CropSource.boxes, "--source", help="boxes: cut each annotated box | detections: cut the segmented cells exactly as "
         "`smear` does and label each by the box it matches (IoU >= 0.5); the crops an adapted model will see."),
     margin_px: int = typer.Option(2, "--margin-px", min=0, help="Margin around each box, px (boxes)."),
     no_mask: bool = typer.Option(False, "--no-mask", help="Keep the whole box instead of blacking out pixels outside the cell (boxes)."),
     pixel_size_um: Optional[float] = typer.Option(
         None, "--pixel-size-um", min=1e-4, help="µm per pixel (detections); default: estimated per field."),
-    stain: str = typer.Option("none", "--stain", help="none | reinhard | macenko (detections; as the model will be run)."),
-    unmatched: str = typer.Option(
-        "skip", "--unmatched", help="skip | uninfected (detections): write detections that match no box, and overlap no "
+    stain: Stain = typer.Option(Stain("none"), "--stain", help="Stain normalisation (detections; as the model will be run)."),
+    unmatched: Unmatched = typer.Option(
+        Unmatched.skip, "--unmatched", help="skip | uninfected (detections): write detections that match no box, and overlap no "
         "infected box, to Uninfected/ (negative mining of debris and fragments; for exhaustively annotated fields)."),
 ) -> None:
     """Export annotated cells as an NIH-layout crop folder (+ groups.csv for leak-free training).
@@ -360,20 +374,15 @@ def crops(
         raise typer.BadParameter(f"{out} already holds {n_old} image file(s) in Parasitized/ and Uninfected/, which the "
                                  "new groups.csv would not list: use a new folder (add other cells after the export)",
                                  param_hint="'--out'")
-    if source not in ("boxes", "detections"):
-        raise typer.BadParameter(f"--source must be boxes or detections, got {source!r}")
-    if unmatched not in ("skip", "uninfected"):
-        raise typer.BadParameter(f"--unmatched must be skip or uninfected, got {unmatched!r}")
-    if unmatched != "skip" and source != "detections":
+    if unmatched is not Unmatched.skip and source is not CropSource.detections:
         raise typer.BadParameter("--unmatched needs --source detections")
-    _check_stain(stain)
     ann = _load_annotations(annotations)
     ann = {n: ann[n] for n in _present_fields(field_dir, ann)}
     try:
-        if source == "boxes":
+        if source is CropSource.boxes:
             s = export_annotation_crops(field_dir, ann, out, margin_px=margin_px, mask_cells=not no_mask)
         else:
-            s = export_detection_crops(field_dir, ann, out, stain=stain, unmatched=unmatched,
+            s = export_detection_crops(field_dir, ann, out, stain=stain.value, unmatched=unmatched.value,
                                        segment_config=SegmentConfig(pixel_size_um=pixel_size_um))
     except ExportInterrupted as exc:
         s = exc.summary
@@ -400,8 +409,8 @@ def fit_rescorer(
     fields: Optional[Path] = typer.Option(
         None, "--fields", exists=True, dir_okay=False,
         help="Text file of field image names to use (one per line); default: the annotated images in FIELD_DIR."),
-    unmatched: str = typer.Option(
-        "uninfected", "--unmatched", help="uninfected | skip: detections that match no box (and overlap no infected "
+    unmatched: Unmatched = typer.Option(
+        Unmatched.uninfected, "--unmatched", help="uninfected | skip: detections that match no box (and overlap no infected "
         "box) are Uninfected training cells (for exhaustively annotated fields), or left out."),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", min=1e-4, help="µm per pixel; default: estimated per field."),
 ) -> None:
@@ -410,15 +419,13 @@ def fit_rescorer(
     from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
-    if unmatched not in ("skip", "uninfected"):
-        raise typer.BadParameter(f"--unmatched must be skip or uninfected, got {unmatched!r}")
     ann = _load_annotations(annotations)
     names = None
     if fields is not None:
         try:
             names = [ln.strip() for ln in fields.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except (OSError, ValueError) as exc:
-            raise typer.BadParameter(f"cannot read {fields}: {type(exc).__name__}: {exc}", param_hint="'--fields'") from exc
+            raise typer.BadParameter(f"cannot read {fields}: {error_text(exc)}", param_hint="'--fields'") from exc
         unknown = [n for n in names if n not in ann]
         if unknown:
             raise typer.BadParameter(f"--fields lists {len(unknown)} field(s) without annotation, e.g. {unknown[0]}")
@@ -426,7 +433,7 @@ def fit_rescorer(
         names = _present_fields(field_dir, ann)
     predictor = None if no_model_logit else _load_model(model, False)
     segment_config = SegmentConfig(pixel_size_um=pixel_size_um)
-    data = collect_rescorer_data(field_dir, ann, predictor, names=names, unmatched=unmatched,
+    data = collect_rescorer_data(field_dir, ann, predictor, names=names, unmatched=unmatched.value,
                                  segment_config=segment_config)
     for name, err in data.errors.items():
         typer.echo(f"{name}: ERROR {err}", err=True)

@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - the torch-free runtime install has no 
     cv2 = None
 
 __all__ = ["ImageDecodeError", "ImageSource", "PixelBudget", "SizeHook", "check_cell_size", "check_colour", "check_image_size",
-           "decode_image", "fast_decoders", "open_image_file", "to_rgb_uint8", "GRAY_SAMPLES", "GRAY_SPREAD", "MAX_PIXELS",
+           "decode_image", "fast_decoders", "open_image_file", "GRAY_SAMPLES", "GRAY_SPREAD", "MAX_PIXELS",
            "MIN_CELL_SIDE"]
 
 #: Largest image accepted, in pixels (width x height). A 1280x960 smear field is 1.2 Mpx;
@@ -625,8 +625,3 @@ def _check_size_and_convert(im: Image.Image, max_pixels: int, on_size: Optional[
         raise _pillow_bomb_error(exc, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"truncated or corrupt image data ({im.format or 'unknown'} {w}x{h}): {exc}") from None
-
-
-def to_rgb_uint8(image: ImageSource) -> np.ndarray:
-    """Alias of :func:`decode_image` with default limits, for API inputs."""
-    return decode_image(image)

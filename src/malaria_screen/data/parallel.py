@@ -40,13 +40,14 @@ from malaria_screen.data.io import (
     decode_image,
 )
 from malaria_screen.data.preprocess import letterbox
+from malaria_screen.errors import error_text
 
 try:
     import cv2
 except ImportError:  # pragma: no cover - the torch-free runtime install has no OpenCV
     cv2 = None
 
-__all__ = ["WORKER_MAX_PIXELS", "decode_files", "default_workers", "init_worker", "iter_prepared_cells", "prepare_cell", "prepare_cell_files",
+__all__ = ["WORKER_MAX_PIXELS", "decode_cell", "decode_files", "default_workers", "init_worker", "iter_prepared_cells", "prepare_cell", "prepare_cell_files",
            "process_context"]
 
 #: Largest image (width x height, pixels) a worker process decodes itself; larger files go back to
@@ -60,6 +61,33 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def decode_cell(image: ImageSource, *, max_pixels: int = MAX_PIXELS, on_size: Optional[SizeHook] = None) -> np.ndarray:
+    """Decode a user's cell image and refuse a too small or grayscale one.
+
+    :func:`~malaria_screen.data.io.decode_image`, then
+    :func:`~malaria_screen.data.io.check_cell_size` and :func:`~malaria_screen.data.io.check_colour`:
+    what every path that classifies users' cells (``predict``, ``explain``, REST ``/v1/classify``,
+    the web app) accepts.
+
+    Parameters
+    ----------
+    image : path, bytes, PIL image or ndarray
+    max_pixels : int, default=MAX_PIXELS
+    on_size : callable, optional
+        Passed to :func:`~malaria_screen.data.io.decode_image`.
+
+    Returns
+    -------
+    rgb : (H, W, 3) ndarray of uint8
+
+    Raises
+    ------
+    ImageDecodeError
+        If the file cannot be decoded, is too small to be a cell crop, or is grayscale.
+    """
+    return check_colour(check_cell_size(decode_image(image, max_pixels=max_pixels, on_size=on_size)))
 
 
 def prepare_cell(image: ImageSource, size_px: int, *, max_pixels: int = MAX_PIXELS,
@@ -89,8 +117,7 @@ def prepare_cell(image: ImageSource, size_px: int, *, max_pixels: int = MAX_PIXE
     ImageDecodeError
         If the file cannot be decoded, is too small to be a cell crop, or is grayscale.
     """
-    rgb = decode_image(image, max_pixels=max_pixels, on_size=on_size)
-    return letterbox(check_colour(check_cell_size(rgb)), size_px)
+    return letterbox(decode_cell(image, max_pixels=max_pixels, on_size=on_size), size_px)
 
 
 class _Deferred(Exception):
@@ -138,10 +165,8 @@ def prepare_cell_files(paths: Sequence[str], size_px: int, *, max_pixels: int = 
         except _Deferred:
             deferred.append(i)
             errors.append(None)
-        except ImageDecodeError as exc:
-            errors.append(str(exc))
         except Exception as exc:  # noqa: BLE001 - never lose the chunk to one odd file
-            errors.append(f"{type(exc).__name__}: {exc}")
+            errors.append(error_text(exc, plain=ImageDecodeError))
     out = np.stack(cells) if cells else np.zeros((0, size_px, size_px, 3), np.uint8)
     return out, errors, deferred
 
@@ -211,10 +236,8 @@ def iter_prepared_cells(paths: Sequence[str], size_px: int, *, workers: int, loc
     def run_local(p: str) -> tuple[Optional[np.ndarray], Optional[str]]:
         try:
             return local(p), None
-        except ImageDecodeError as exc:
-            return None, str(exc)
-        except Exception as exc:  # noqa: BLE001
-            return None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - never lose the chunk to one odd file
+            return None, error_text(exc, plain=ImageDecodeError)
 
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(), initializer=init_worker)
     broken = False

@@ -17,9 +17,11 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-__all__ = ["parse_nih_patient_id", "patient_ids_from_names", "read_groups_csv", "GroupingWarning"]
+import numpy as np
+
+__all__ = ["parse_nih_patient_id", "patient_ids_from_names", "read_groups_csv", "listed_in_groups", "GroupingWarning"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,20 @@ def patient_ids_from_names(
     return out
 
 
-def summarize_patients(patients: Iterable[str]) -> int:
-    """Number of distinct patients."""
-    return len(set(patients))
+def listed_in_groups(relpaths: Sequence[str], groups_csv: str | Path) -> np.ndarray:
+    """Which cells a groups CSV lists, looked up as the loader does: by path, then by file name.
+
+    Parameters
+    ----------
+    relpaths : sequence of str
+        Cell paths relative to their data folder (``CellSet.relpaths``).
+    groups_csv : str or Path
+        ``path,patient`` CSV (:func:`read_groups_csv`).
+
+    Returns
+    -------
+    (N,) bool ndarray
+    """
+    listed = read_groups_csv(groups_csv)
+    names = {Path(k).name for k in listed}
+    return np.asarray([r in listed or Path(r).name in names for r in relpaths], bool)

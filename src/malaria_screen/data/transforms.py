@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from malaria_screen.config import COLOR_AUGMENTS
 
-__all__ = ["COLOR_AUGMENTS", "BatchAugment", "hed_augment", "RandomRot90", "RandomSaturation", "train_transform", "eval_transform", "normalize_batch"]
+__all__ = ["COLOR_AUGMENTS", "BatchAugment", "hed_augment", "RandomRot90", "RandomSaturation", "train_transform", "eval_transform"]
 
 
 class RandomRot90(torch.nn.Module):
@@ -110,12 +110,6 @@ def train_transform(
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Normalise without augmentation: ``(3, S, S)`` or ``(B, 3, S, S)`` uint8 in, float32 out."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
-
-
-def normalize_batch(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(B, H, W, 3) uint8`` (NHWC, as stored) to normalised ``(B, 3, H, W) float32``."""
-    x = images_uint8.permute(0, 3, 1, 2)
-    return eval_transform(mean, std)(x)
 
 
 # Ruifrok & Johnston (2001) stain vectors as scikit-image ships them (skimage.color.rgb_from_hed):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from malaria_screen.export.compare import compare_backends
+from malaria_screen.export.backend_agreement import compare_backends
 from malaria_screen.export.onnx import export_onnx, quantize_int8, set_metadata
 from malaria_screen.export.split_cells import default_nih_dir, load_split_cells
 from malaria_screen.fileio import atomic_write_bytes, atomic_write_json

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from malaria_screen.config import TrainConfig
+from malaria_screen.errors import error_text
 from malaria_screen.data.io import (
     MAX_PIXELS,
     ImageDecodeError,
@@ -36,7 +37,8 @@ from malaria_screen.data.io import (
 from malaria_screen.data.parallel import default_workers, iter_prepared_cells, prepare_cell
 from malaria_screen.data.preprocess import letterbox
 
-__all__ = ["CellClassifierBase", "FileResult", "decode_fast", "default_model_dir", "iter_file_batches", "seen_patients"]
+__all__ = ["CellClassifierBase", "FileResult", "decode_fast", "default_model_dir", "iter_file_batches", "prepare_or_error",
+           "seen_patients"]
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,17 @@ class FileResult:
     error: str | None = None
 
 
-def _safe(prepare: Callable[[str], np.ndarray], path: str) -> tuple[np.ndarray | None, str | None]:
+def prepare_or_error(prepare: Callable[[ImageSource], np.ndarray], source: ImageSource
+                     ) -> tuple[np.ndarray | None, str | None]:
+    """``(prepare(source), None)``, or ``(None, error text)`` when it raises (any ``Exception``).
+
+    The error text is :func:`~malaria_screen.errors.error_text`, an ``ImageDecodeError``'s
+    message shown alone ("not an image", "grayscale", ...).
+    """
     try:
-        return prepare(path), None
-    except ImageDecodeError as exc:
-        return None, str(exc)
-    except Exception as exc:  # never lose the batch to one odd file
-        return None, f"{type(exc).__name__}: {exc}"
+        return prepare(source), None
+    except Exception as exc:  # noqa: BLE001 - never lose the batch to one odd file
+        return None, error_text(exc, plain=ImageDecodeError)
 
 
 def iter_file_batches(
@@ -115,7 +121,7 @@ def iter_file_batches(
     if not batches:
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        load = lambda p: _safe(prepare, p)  # noqa: E731
+        load = lambda p: prepare_or_error(prepare, p)  # noqa: E731
         ahead = max(2, -(-2 * workers // chunk))  # keep every thread busy even at chunk=1
         pending = [pool.map(load, b) for b in batches[:ahead]]
         for bi, batch in enumerate(batches):
@@ -367,6 +373,25 @@ class CellClassifierBase:
             batches = iter_file_batches(paths, self.prepare_file, chunk=chunk, workers=workers)
         yield from self._predict_batches(batches)
 
+    def classify_prepared(self, names: Sequence[str], prepared: Sequence[tuple[np.ndarray | None, str | None]]
+                          ) -> list[FileResult]:
+        """Classify cells prepared one by one, in one batch; the ones that failed keep their error.
+
+        Parameters
+        ----------
+        names : sequence of str
+            A name per item (file name or path), recorded as ``FileResult.path``.
+        prepared : sequence of (cell or None, error or None)
+            Letterboxed ``(S, S, 3) uint8`` cell, or None with the reason
+            (:func:`prepare_or_error`).
+
+        Returns
+        -------
+        list of FileResult
+            In input order; an inference failure becomes every cell's error.
+        """
+        return list(self._predict_batches([(list(names), list(prepared))]))
+
     def _predict_batches(self, batches) -> Iterator[FileResult]:
         n_cls = len(self.class_names)
         for batch, decoded in batches:
@@ -376,7 +401,7 @@ class CellClassifierBase:
                     probs = self.predict_proba_prepared(np.stack([decoded[i][0] for i in ok]))
                 except Exception as exc:  # an inference failure fails this batch only, not the run
                     log.exception("inference failed on a batch of %d cells", len(ok))
-                    err = f"inference failed: {type(exc).__name__}: {exc}"
+                    err = f"inference failed: {error_text(exc)}"
                     decoded = [(None, e or err) for _, e in decoded]
                     ok, probs = [], np.zeros((0, n_cls), np.float32)
             else:

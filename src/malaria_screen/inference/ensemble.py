@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from malaria_screen.data.dataset import CellSet
+from malaria_screen.data.patients import listed_in_groups
 from malaria_screen.inference.base import CellClassifierBase, seen_patients
 
-__all__ = ["ENSEMBLE_FILE", "EnsemblePredictor", "is_ensemble_dir", "write_ensemble"]
+__all__ = ["ENSEMBLE_FILE", "CalibrationCells", "EnsemblePredictor", "calibration_cells", "is_ensemble_dir", "write_ensemble"]
 
 #: Name of the file that marks a folder as an ensemble.
 ENSEMBLE_FILE = "ensemble.json"
@@ -137,6 +140,65 @@ class EnsemblePredictor(CellClassifierBase):
             raise ValueError(f"{spec_path}: not a malaria-screen ensemble description")
         members = [load_model(path / rel, backend=backend, batch_size=batch_size, **kwargs) for rel in spec["members"]]
         return cls(members, threshold=spec.get("threshold"), batch_size=batch_size, source=str(path))
+
+
+@dataclass(frozen=True)
+class CalibrationCells:
+    """Labelled cells for an ensemble's count-matched threshold.
+
+    Attributes
+    ----------
+    images : (n, S, S, 3) uint8 ndarray
+        Letterboxed cells.
+    parasitized : (n,) bool ndarray
+        True for a Parasitized cell.
+    n_left_out : int
+        Cells dropped because a member was trained on their group (patient or field).
+    """
+
+    images: np.ndarray
+    parasitized: np.ndarray
+    n_left_out: int
+
+
+def calibration_cells(cells: CellSet, ensemble: EnsemblePredictor, *, groups_csv: str | Path | None = None
+                      ) -> CalibrationCells:
+    """The cells of ``cells`` an ensemble's threshold may be calibrated on.
+
+    Cells of a group any member was trained on are left out (they would make the threshold
+    optimistic); with ``groups_csv`` only the cells it lists are used
+    (:func:`~malaria_screen.data.patients.listed_in_groups`).
+
+    Parameters
+    ----------
+    cells : CellSet
+        Labelled cells (an NIH-layout folder loaded at the ensemble's input size).
+    ensemble : EnsemblePredictor
+        The members, for their training groups and classes.
+    groups_csv : str or Path, optional
+        ``path,group`` CSV of the calibration cells.
+
+    Returns
+    -------
+    CalibrationCells
+
+    Raises
+    ------
+    ValueError
+        If no usable cell is left, or ``cells`` has no folder of the positive class.
+    """
+    keep = np.ones(len(cells), bool)
+    if groups_csv is not None:
+        keep &= listed_in_groups(cells.relpaths, groups_csv)
+    trained = set(ensemble.seen_patients["train"])
+    leak = np.asarray([g in trained for g in cells.patients], bool) & keep
+    keep &= ~leak
+    positive = ensemble.class_names[ensemble.positive_index]
+    if not keep.any() or positive not in cells.class_names:
+        raise ValueError(f"--calibrate: no usable labelled cells (need a {positive!r} folder and cells no member trained on)")
+    idx = np.nonzero(keep)[0]
+    return CalibrationCells(cells.images[idx], np.asarray(cells.labels)[idx] == cells.class_names.index(positive),
+                            int(leak.sum()))
 
 
 def write_ensemble(

@@ -3,7 +3,7 @@ comparison, and multi-class evaluation.
 
 Each module computes and returns values; the ``write_*`` functions write a results folder
 (markdown and CSV tables, JSON, PNG plots), called by the ``malaria-screen`` CLI
-(``features``, ``lr-find``, ``cv``, ``compare``) and ``benchmarks/compare.py``.
+(``features``, ``lr-find``, ``cv``, ``compare``) and ``benchmarks/bench_model_zoo.py``.
 
 Layering: ``research`` sits beside ``smear`` (it imports data, models, training, evaluation and
 inference, and is imported only by ``cli``).
@@ -12,7 +12,7 @@ inference, and is imported only by ``cli``).
 from importlib import import_module
 
 _WHERE = {
-    "CompareEntry": "compare", "compare_models": "compare", "default_entries": "compare",
+    "CompareEntry": "model_comparison", "compare_models": "model_comparison", "default_entries": "model_comparison",
     "CVResult": "cv", "cross_validate": "cv", "fold_split": "cv",
     "FeatureSweep": "features", "feature_sweep": "features", "stage_features": "features", "write_feature_sweep": "features",
     "LRFindResult": "lr_find", "lr_range_test": "lr_find", "write_lr_find": "lr_find",

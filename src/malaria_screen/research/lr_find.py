@@ -88,7 +88,7 @@ def lr_range_test(
 
     from malaria_screen.data.datamodule import CellDataModule, channel_stats
     from malaria_screen.training.module import CellClassifier
-    from malaria_screen.training.run import _build_net
+    from malaria_screen.training.run import build_net
 
     if not 0 < min_lr < max_lr:
         raise ValueError(f"need 0 < min_lr < max_lr, got {min_lr}, {max_lr}")
@@ -99,7 +99,7 @@ def lr_range_test(
     mean, std = channel_stats(cells.images[split.train])
     cfg = config.replace(class_names=tuple(cells.class_names), mean=mean, std=std, scheduler="none")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    net = _build_net(cfg, cfg.pretrained_weights)
+    net = build_net(cfg, cfg.pretrained_weights)
     pos = cfg.positive_index if cfg.positive_index is not None else 0
     system = CellClassifier(net, num_classes=cfg.num_classes, positive_index=pos, optimizer=cfg.optimizer, lr=cfg.lr,
                             weight_decay=cfg.weight_decay, scheduler="none", label_smoothing=cfg.label_smoothing,

@@ -8,12 +8,17 @@ intervals from the same cluster bootstrap over groups (Field & Welsh 2007) as th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
-__all__ = ["multiclass_metrics"]
+from malaria_screen.data.dataset import CellSet
+from malaria_screen.fileio import atomic_write_json
+from malaria_screen.inference.predictor import Predictor
+
+__all__ = ["evaluate_multiclass_split", "multiclass_metrics"]
 
 
 def _auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
@@ -105,3 +110,32 @@ def multiclass_metrics(
     out["confusion_matrix"] = confusion_matrix(y, pred, labels=np.arange(k)).tolist()
     out["class_names"] = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     return out
+
+
+def evaluate_multiclass_split(run_dir: str | Path, cells: CellSet, idx: np.ndarray) -> dict:
+    """Score a run without a Parasitized class (or with more than two classes) on the cells ``idx``.
+
+    :func:`multiclass_metrics` of the run's probabilities (95 % intervals by bootstrap over
+    groups), written to ``run_dir/metrics.json`` with the split, model and data recorded.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A trained run folder.
+    cells : CellSet
+        The run's cells.
+    idx : (n,) int ndarray
+        The cells to score (the test groups' cells).
+
+    Returns
+    -------
+    dict
+        The metrics written.
+    """
+    pred = Predictor.from_dir(run_dir)
+    sub = cells.subset(idx)
+    probs = pred.predict_proba_prepared(sub.images)
+    mm = multiclass_metrics(np.asarray(sub.labels), probs, sub.patients, class_names=pred.config.class_names)
+    mm.update(split="test", model=pred.config.model, data=str(cells.root))
+    atomic_write_json(Path(run_dir) / "metrics.json", mm)
+    return mm

@@ -60,8 +60,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from malaria_screen.data.io import ImageDecodeError, check_cell_size, check_colour, decode_image
-from malaria_screen.data.preprocess import letterbox
+from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
+from malaria_screen.data.parallel import prepare_cell
+from malaria_screen.inference.base import prepare_or_error
 from malaria_screen.serve.jobs import ClientGone, FieldWorkers, JobFailed, Lane, QueueFull, WorkerSpec
 from malaria_screen.serve.limits import ServeLimits, ServeSecurity
 from malaria_screen.serve.multipart import Part, read_file_parts
@@ -262,7 +263,6 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
 
     def _classify(cancel, parts: list[Part]) -> list[ItemResult]:
         """On a lane thread: decode within the request's pixel and CPU budgets, then classify."""
-        cells, errors = [], []
         t_cpu = time.thread_time()
         budget = {"px": 0}
 
@@ -272,33 +272,25 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
                 raise ImageDecodeError(f"not decoded: the request's pixel budget ({limits.max_request_pixels:,} px in all "
                                        f"images) is spent")
 
+        def prepare(data: bytes) -> np.ndarray:
+            return prepare_cell(data, size, max_pixels=limits.max_pixels, on_size=on_size)
+
+        prepared = []  # (cell, None) or (None, why not): a bad image never fails the request
         for p in parts:
-            cells.append(None)
             if cancel.is_set():  # the client left: nobody reads the rest
-                errors.append("cancelled")
-                continue
-            if p.too_large:
-                errors.append(f"file too large: {p.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
-                continue
-            if time.thread_time() - t_cpu > limits.max_request_cpu_s:
-                errors.append(f"not decoded: the request's CPU budget ({limits.max_request_cpu_s:g} s) is spent")
-                continue
-            try:
-                rgb = decode_image(bytes(p.data), max_pixels=limits.max_pixels, on_size=on_size)
-                cells[-1] = letterbox(check_colour(check_cell_size(rgb)), size)
-                errors.append(None)
-            except ImageDecodeError as exc:
-                errors.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - a bad image never fails the request
-                errors.append(f"{type(exc).__name__}: {exc}")
-        ok = [i for i, c in enumerate(cells) if c is not None]
-        probs = predictor.predict_proba_prepared(np.stack([cells[i] for i in ok])) if ok and not cancel.is_set() else None
-        labels = predictor.label_of(probs) if probs is not None else []
-        out = [ItemResult(filename=p.filename, error=errors[i]) for i, p in enumerate(parts)]
-        for k, i in enumerate(ok if probs is not None else []):
-            pp = None if predictor.positive_index is None else round(float(probs[k, predictor.positive_index]), 6)
-            out[i] = ItemResult(filename=parts[i].filename, label=labels[k], p_parasitized=pp)
-        return out
+                prepared.append((None, "cancelled"))
+            elif p.too_large:
+                prepared.append((None, f"file too large: {p.size:,} bytes > limit {limits.max_file_bytes:,} bytes"))
+            elif time.thread_time() - t_cpu > limits.max_request_cpu_s:
+                prepared.append((None, f"not decoded: the request's CPU budget ({limits.max_request_cpu_s:g} s) is spent"))
+            else:
+                prepared.append(prepare_or_error(prepare, bytes(p.data)))
+        if cancel.is_set():
+            return [ItemResult(filename=p.filename, error=err) for p, (_, err) in zip(parts, prepared)]
+        results = predictor.classify_prepared([p.filename for p in parts], prepared)
+        return [ItemResult(filename=p.filename, label=r.label, error=r.error,
+                           p_parasitized=None if r.p_parasitized is None else round(r.p_parasitized, 6))
+                for p, r in zip(parts, results)]
 
     def _light(parts: list[Part]) -> bool:
         total = 0

@@ -18,65 +18,34 @@ below its own (the import-linter ``layers`` contract "Inside smear, one directio
 9. ``density`` | ``stain`` | ``fields``: optical density; stain normalisation; decoding fields in
    a batch.
 
-Heavy libraries (OpenCV, scikit-image, scipy, scikit-learn, torchstain) are imported inside the
-functions that use them, so importing this package is cheap.
+Importing the package is cheap: the names below load their module on first use (heavy
+libraries, OpenCV, scikit-image, scipy, scikit-learn, torchstain, are imported inside the
+functions that need them).
 """
 
-from malaria_screen.smear.boxes import box_iou, match_boxes
-from malaria_screen.smear.crop_export import ExportInterrupted, ExportSummary, export_annotation_crops, export_detection_crops
-from malaria_screen.smear.crops import box_cell_mask, cell_crop, cell_crops
-from malaria_screen.smear.evaluate import evaluate_chula, evaluate_dataset, match_iml_fields
-from malaria_screen.smear.features import FEATURE_NAMES, cell_features
-from malaria_screen.smear.labels import GroundTruthBox, label_detections, load_chula_points, load_iml_annotations
-from malaria_screen.smear.report import collect_fields, overlay_image, run_smear, slide_warnings
-from malaria_screen.smear.rescore import CellRescorer, RescorerConfig, collect_rescorer_data, is_rescorer_dir
-from malaria_screen.smear.scoring import FieldMatch, evaluate_iml_field, match_points, summarize_iml
-from malaria_screen.smear.parasitemia import binomial_ci
-from malaria_screen.smear.screen import CellModel, CellResult, FieldResult, screen_field
-from malaria_screen.smear.segment import CellProps, Segmentation, SegmentConfig, estimate_rbc_diameter_px, segment_field
-from malaria_screen.smear.stain import STAIN_METHODS, normalize_stain
+from importlib import import_module
 
-__all__ = [
-    "FEATURE_NAMES",
-    "STAIN_METHODS",
-    "CellModel",
-    "CellProps",
-    "CellRescorer",
-    "CellResult",
-    "ExportInterrupted",
-    "ExportSummary",
-    "FieldMatch",
-    "FieldResult",
-    "GroundTruthBox",
-    "RescorerConfig",
-    "SegmentConfig",
-    "Segmentation",
-    "binomial_ci",
-    "box_cell_mask",
-    "box_iou",
-    "cell_crop",
-    "cell_crops",
-    "cell_features",
-    "collect_fields",
-    "collect_rescorer_data",
-    "estimate_rbc_diameter_px",
-    "evaluate_chula",
-    "evaluate_dataset",
-    "evaluate_iml_field",
-    "export_annotation_crops",
-    "export_detection_crops",
-    "is_rescorer_dir",
-    "label_detections",
-    "load_chula_points",
-    "load_iml_annotations",
-    "match_boxes",
-    "match_iml_fields",
-    "match_points",
-    "normalize_stain",
-    "overlay_image",
-    "run_smear",
-    "screen_field",
-    "segment_field",
-    "slide_warnings",
-    "summarize_iml",
-]
+_WHERE = {
+    "box_iou": "boxes", "match_boxes": "boxes",
+    "ExportInterrupted": "crop_export", "ExportSummary": "crop_export", "export_annotation_crops": "crop_export", "export_detection_crops": "crop_export",
+    "box_cell_mask": "crops", "cell_crop": "crops", "cell_crops": "crops",
+    "evaluate_chula": "evaluate", "evaluate_dataset": "evaluate", "match_iml_fields": "evaluate",
+    "FEATURE_NAMES": "features", "cell_features": "features",
+    "GroundTruthBox": "labels", "label_detections": "labels", "load_chula_points": "labels", "load_iml_annotations": "labels",
+    "binomial_ci": "parasitemia",
+    "collect_fields": "report", "overlay_image": "report", "run_smear": "report", "slide_warnings": "report",
+    "CellRescorer": "rescore", "RescorerConfig": "rescore", "collect_rescorer_data": "rescore", "is_rescorer_dir": "rescore",
+    "FieldMatch": "scoring", "evaluate_iml_field": "scoring", "match_points": "scoring", "summarize_iml": "scoring",
+    "CellModel": "screen", "CellResult": "screen", "FieldResult": "screen", "screen_field": "screen",
+    "CellProps": "segment", "SegmentConfig": "segment", "Segmentation": "segment", "estimate_rbc_diameter_px": "segment", "segment_field": "segment",
+    "STAIN_METHODS": "stain", "normalize_stain": "stain",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"malaria_screen.smear.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'malaria_screen.smear' has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

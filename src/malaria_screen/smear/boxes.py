@@ -12,7 +12,7 @@ __all__ = ["box_cover", "box_iou", "match_boxes", "scale_boxes", "touches_border
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of ``(x, y, w, h)`` boxes.
+    """Pairwise IoU of ``(x, y, w, h)`` boxes (``torchvision.ops.box_iou``).
 
     Parameters
     ----------
@@ -26,15 +26,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     (N, M) float64 ndarray
         IoU in [0, 1] (0 where the union is empty).
     """
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    ax0, ay0, ax1, ay1 = a[:, 0, None], a[:, 1, None], (a[:, 0] + a[:, 2])[:, None], (a[:, 1] + a[:, 3])[:, None]
-    bx0, by0, bx1, by1 = b[None, :, 0], b[None, :, 1], (b[:, 0] + b[:, 2])[None], (b[:, 1] + b[:, 3])[None]
-    iw = np.clip(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0, None)
-    ih = np.clip(np.minimum(ay1, by1) - np.maximum(ay0, by0), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    import torch
+    from torchvision.ops import box_convert
+    from torchvision.ops import box_iou as torch_box_iou
+
+    a = torch.as_tensor(np.asarray(a, np.float64).reshape(-1, 4))
+    b = torch.as_tensor(np.asarray(b, np.float64).reshape(-1, 4))
+    iou = torch_box_iou(box_convert(a, "xywh", "xyxy"), box_convert(b, "xywh", "xyxy")).numpy()
+    return np.nan_to_num(iou, nan=0.0)  # two empty boxes: no overlap
 
 
 def match_boxes(pred: np.ndarray, gt: np.ndarray, *, iou_threshold: float = 0.5) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ when the run is interrupted (``KeyboardInterrupt``), then marked ``"interrupted"
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import logging
 import os
 import stat
@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
-__all__ = ["HIGH_PARASITEMIA", "IMAGE_SUFFIXES", "collect_fields", "overlay_image", "run_smear", "screen_field_file",
-           "slide_warnings", "write_field_outputs"]
+__all__ = ["HIGH_PARASITEMIA", "IMAGE_SUFFIXES", "collect_fields", "overlay_image", "render_report", "render_report_row",
+           "run_smear", "screen_field_file", "slide_warnings", "write_field_outputs"]
 
 
 def collect_fields(inputs: Iterable[str | Path], *, out_dir: str | Path | None = None) -> list[Path]:
@@ -349,7 +349,7 @@ def run_smear(
                 logger.log(logging.INFO if progress else logging.WARNING, "field %s failed: %s", entry["path"], entry["error"])
             else:
                 fields.append(entry)
-                rows.add(_report_row(entry, done["thumb"], include_out_of_domain=include_out_of_domain))
+                rows.add(render_report_row(entry, done["thumb"], include_out_of_domain=include_out_of_domain))
                 # the gallery shows the cells of the fields the total counts
                 new = done.get("cells", []) if include_out_of_domain or entry.get("in_domain") is not False else []
                 n_positive += sum(c.kind == "parasitized" for c in new)
@@ -462,7 +462,7 @@ class _RowSpool:
 
     def write_report(self, path: Path, summary: dict, gallery: str = "") -> None:
         try:
-            head, tail = _report_html(summary, "\0ROWS\0", gallery).split("\0ROWS\0")
+            head, tail = render_report(summary, "\0ROWS\0", gallery).split("\0ROWS\0")
             self.fh.flush()
             self.fh.seek(0)
 
@@ -571,47 +571,55 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:.2f}%"
 
 
-def _report_row(f: dict, img: str, *, include_out_of_domain: bool = False) -> str:
-    """One field's table row of ``report.html``, with its base64 JPEG thumbnail ``img`` and its
-    self-check flag (in domain, or not and left out of / counted in the total)."""
-    e = html.escape
-    dom = f.get("in_domain")
-    flag = ("" if dom is None else "yes" if dom else '<b class="warn">no: counted</b>' if include_out_of_domain
-            else '<b class="warn">no: left out</b>')
-    score = "" if f.get("domain_score") is None else f" ({f['domain_score']:.1f})"
-    lo, hi = f["parasitemia_ci95"]
-    pic = f'<img alt="overlay of {e(f["image"])}" src="data:image/jpeg;base64,{img}">' if img else ""
-    thumb = f'<a href="{e(f["overlay"])}">{pic}</a>' if pic and f.get("overlay") else pic
-    return (f"<tr><td>{e(f['image'])}</td><td>{f['n_rbc']}</td><td>{f['n_infected']}</td>"
-            f"<td>{_pct(f['parasitemia'])}</td><td>{_pct(lo)} – {_pct(hi)}</td><td>{f['n_wbc']}</td>"
-            f"<td>{flag}{score}</td><td><a href=\"{e(f['json'])}\">json</a></td><td>{thumb}</td></tr>")
+@functools.lru_cache(maxsize=1)
+def _templates():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("malaria_screen.smear", "templates"), autoescape=True,
+                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
 
 
-def _report_html(summary: dict, rows: str, gallery: str = "") -> str:
-    """``report.html`` around the table rows ``rows`` (:func:`_report_row`, one per field), with
-    the gallery of cells to confirm (:func:`~malaria_screen.smear.gallery.gallery_html`) below."""
-    e = html.escape
-    err_rows = "".join(f"<tr><td>{e(x['image'])}</td><td>{e(x['error'])}</td></tr>" for x in summary["errors"])
-    lo, hi = summary["parasitemia_ci95"]
-    note = "" if summary["classified"] else "<p><b>No classifier was run: counts only.</b></p>"
-    note += "".join(f'<p class="warn"><b>Warning:</b> {e(w)}</p>' for w in summary.get("warnings", []))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>malaria-screen smear report</title>
-<style>
-body{{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:1.5em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:middle}}
-th{{background:#f2f2f2}}img{{max-width:360px;display:block}}.big{{font-size:1.4em}}
-.warn{{color:#a00}}</style></head><body>
-<h1>Whole-smear screening report</h1>
-{note}
-<p class="big">Parasitemia: <b>{_pct(summary['parasitemia'])}</b> (95% CI {_pct(lo)} – {_pct(hi)}, {e(summary['ci_method'])})
-&mdash; {summary['n_infected']} infected of {summary['n_rbc']} red cells in {summary.get('n_fields_counted', summary['n_fields'])} counted field(s).</p>
-<p>Failed fields: {summary['n_failed']}. Research use only; not a diagnostic device. Outlines: green uninfected,
-red infected (numbered by cell id), yellow cut by the border, blue boxes excluded white cells.</p>
-<table><tr><th>Field</th><th>RBC</th><th>Infected</th><th>Parasitemia</th><th>95% CI</th><th>WBC excl.</th><th>In domain (score)</th><th>Data</th><th>Overlay</th></tr>
-{rows}
-</table>
-{gallery}
-{('<h2 class="warn">Errors</h2><table><tr><th>File</th><th>Error</th></tr>' + err_rows + '</table>') if err_rows else ''}
-</body></html>
-"""
+def render_report_row(entry: dict, thumb: str, *, include_out_of_domain: bool = False) -> str:
+    """One field's table row of ``report.html`` (template ``smear/templates/report_row.html.j2``, autoescaped).
+
+    Parameters
+    ----------
+    entry : dict
+        The field's ``summary.json`` entry.
+    thumb : str
+        Its overlay's base64 JPEG thumbnail ("" for none).
+    include_out_of_domain : bool, default=False
+        Whether out-of-domain fields were counted in the slide total (their self-check flag says so).
+
+    Returns
+    -------
+    str
+        ``<tr>...</tr>`` markup, one line.
+    """
+    return _templates().get_template("report_row.html.j2").render(f=entry, img=thumb, pct=_pct,
+                                                                   include_out_of_domain=include_out_of_domain)
+
+
+def render_report(summary: dict, rows: str, gallery: str = "") -> str:
+    """``report.html`` around the table rows ``rows`` (template ``smear/templates/report.html.j2``, autoescaped).
+
+    Parameters
+    ----------
+    summary : dict
+        The ``summary.json`` document (:func:`run_smear`).
+    rows : str
+        The fields' rows (:func:`render_report_row`), markup inserted as is.
+    gallery : str, default=""
+        The gallery of cells to confirm (:func:`~malaria_screen.smear.gallery.gallery_html`),
+        markup inserted as is below the table.
+
+    Returns
+    -------
+    str
+        A self-contained HTML page (inline CSS, no external resources). To add a section, add a
+        block to the template and its data to this function's context.
+    """
+    from markupsafe import Markup
+
+    return _templates().get_template("report.html.j2").render(summary=summary, rows=Markup(rows),
+                                                               gallery=Markup(gallery), pct=_pct)

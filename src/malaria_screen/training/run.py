@@ -33,7 +33,7 @@ from malaria_screen.fileio import atomic_write_json
 from malaria_screen.models.registry import build_model
 from malaria_screen.plotting import save_cell_grid, save_training_curves
 
-__all__ = ["train", "TrainResult", "save_weights", "load_weights", "split_from_manifest", "concat_cell_sets"]
+__all__ = ["train", "TrainResult", "build_net", "save_weights", "load_weights", "split_from_manifest", "concat_cell_sets"]
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def train(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # On resume the checkpoint holds every weight: the pretrained file is not read again.
     weights = None if resume else cfg.pretrained_weights
-    net = _build_net(cfg, weights)
+    net = build_net(cfg, weights)
     if cfg.init_from is not None and not resume:
         load_weights(net, _init_run_dir(cfg.init_from) / "weights.safetensors").train()
     pos = cfg.positive_index if cfg.positive_index is not None else 0
@@ -387,7 +387,7 @@ def _inherit_init_run(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(mean=base.mean, std=base.std)
 
 
-def _build_net(cfg: TrainConfig, weights: str | None) -> torch.nn.Module:
+def build_net(cfg: TrainConfig, weights: str | None) -> torch.nn.Module:
     """Build ``cfg.model``, passing ``weights`` only when set (builders without it still work).
 
     Raises

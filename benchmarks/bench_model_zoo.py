@@ -7,9 +7,9 @@ per cell; writes ``compare.md`` and ``compare.csv``. Resumable: entries whose
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/compare.py --out bench_out/compare --epochs 2
-    PYTHONPATH=src python benchmarks/compare.py --out bench_out/compare --models cellnet efficientnet_lite0_frozen
-    PYTHONPATH=src python benchmarks/compare.py --out bench_out/compare --latency-only   # idle machine
+    PYTHONPATH=src python benchmarks/bench_model_zoo.py --out bench_out/compare --epochs 2
+    PYTHONPATH=src python benchmarks/bench_model_zoo.py --out bench_out/compare --models cellnet efficientnet_lite0_frozen
+    PYTHONPATH=src python benchmarks/bench_model_zoo.py --out bench_out/compare --latency-only   # idle machine
 
 Data: ``$MALARIA_SCREEN_DATA`` (default ``../shared/data`` from the repository root).
 """
@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from malaria_screen.config import TrainConfig
-    from malaria_screen.research.compare import compare_models, default_entries, remeasure_latency
+    from malaria_screen.research.model_comparison import compare_models, default_entries, remeasure_latency
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -64,8 +63,3 @@ def compare_backends(models: Mapping[str, object], data: SplitCells, *, referenc
     for r in rows:
         r["accuracy_delta_points"] = 100.0 * (r["accuracy"] - ref_acc)
     return rows
-
-
-def file_size(path: str | Path) -> int:
-    """Size of a file, bytes."""
-    return Path(path).stat().st_size
