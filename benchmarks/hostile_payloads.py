@@ -1,5 +1,5 @@
 """Hostile inputs of issue 23, built locally and deterministically (seeded), for the test battery
-(``tests/deploy/test_hostile.py``) and the mixed-load benchmark (``loadtest_hostile.py``).
+(``tests/serve/test_hostile.py``) and the mixed-load benchmark (``loadtest_hostile.py``).
 
 Each builder returns bytes; the sizes match the audit's: a 5000x5000 random-noise JPEG (~7 MB,
 inside 8 MiB / 25 Mpx), a 5000x5000 black PNG (~73 KB), a GIF of 550,000 one-pixel frames

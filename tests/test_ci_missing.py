@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_missing_data_skips_locally_and_fails_under_ci(tmp_path):
-    one = "tests/smear/test_cli.py::test_smear_eval_no_classify"  # needs the IML fields
+    one = "tests/cli/test_smear.py::test_smear_eval_no_classify"  # needs the IML fields
     env = {**os.environ, "MALARIA_SCREEN_DATA": str(tmp_path / "no-data-here")}
     outcomes = {}
     for ci in ("", "true"):

@@ -256,5 +256,5 @@ def test_report_template_escapes_every_value():
                "ci_method": "wilson", "n_infected": 1, "n_rbc": 10, "n_fields": 1, "n_failed": 1, "fields": [field],
                "errors": [{"image": bad, "error": bad}]}
     html = render_report(summary, render_report_row(field, "QUJD"))
-    assert "<script>" not in html and html.count("&lt;script&gt;") == 4
+    assert "<script>" not in html and html.count("&lt;script&gt;") == 5  # field name (cell and alt text), warning, error row (name, text)
     assert 'src="data:image/jpeg;base64,QUJD"' in html and "10.00%" in html and html.endswith("</body></html>\n")

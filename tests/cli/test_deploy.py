@@ -178,7 +178,7 @@ def test_explain_refuses_onnx_models_empty_input_and_grayscale_files(cli, random
 
 
 def test_export_and_bench_options_out_of_range_are_usage_errors(cli, random_run, tmp_path):
-    """--opset outside the range the exporter supports (tried: tests/deploy/test_export.py), an
+    """--opset outside the range the exporter supports (tried: tests/export/test_onnx.py), an
     int8 opset quantisation fails on, bench-infer integers below 1 and an uncreatable output are
     refused before any work (exit 2, no traceback, nothing written)."""
     from malaria_screen.cli.deploy import OPSET_RANGE
