@@ -15,8 +15,8 @@ below its own (the import-linter ``layers`` contract "Inside smear, one directio
    parasitemia estimators and binomial intervals.
 7. ``segment``: :func:`segment_field` with :class:`SegmentConfig`.
 8. ``boxes``: box IoU, matching, cover, scaling.
-9. ``density`` | ``stain`` | ``fields``: optical density; stain normalisation; decoding fields in
-   a batch.
+9. ``density`` | ``stain`` | ``fields`` | ``parallel``: optical density; stain normalisation;
+   decoding fields in a batch; running per-field jobs in worker processes or on Ray.
 
 Importing the package is cheap: the names below load their module on first use (heavy
 libraries, OpenCV, scikit-image, scipy, scikit-learn, torchstain, are imported inside the

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from malaria_screen.data.parallel import init_worker, process_context
+from malaria_screen.data.ray_map import ray_map
 
 __all__ = ["map_fields"]
 
@@ -118,8 +119,6 @@ def map_fields(job: FieldJob, items: Sequence[Any], *, model: Any, rescorer: Any
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if ray is not None:
-        from malaria_screen.data.ray_map import ray_map
-
         chunks = [(job, list(items[i : i + ray_chunk])) for i in range(0, len(items), ray_chunk)]
         for results in ray_map(_actor_run, chunks, setup=_actor_setup, setup_args=(model, rescorer)):
             for result, records in results:
