@@ -92,30 +92,11 @@ def decode_cell(image: ImageSource, *, max_pixels: int = MAX_PIXELS, on_size: Op
 
 def prepare_cell(image: ImageSource, size_px: int, *, max_pixels: int = MAX_PIXELS,
                  on_size: Optional[SizeHook] = None) -> np.ndarray:
-    """Decode a user's cell file, refuse a too small or grayscale one, letterbox it.
+    """:func:`decode_cell`, then :func:`~malaria_screen.data.preprocess.letterbox` to ``size_px``:
+    a ``(size_px, size_px, 3)`` uint8 model input (``predict``, REST ``/v1/classify``).
 
-    :func:`~malaria_screen.data.io.decode_image`, then
-    :func:`~malaria_screen.data.io.check_cell_size`, :func:`~malaria_screen.data.io.check_colour`
-    and :func:`~malaria_screen.data.preprocess.letterbox`: the steps of ``predict``, REST
-    ``/v1/classify`` and the web app.
-
-    Parameters
-    ----------
-    image : path, bytes, PIL image or ndarray
-    size_px : int
-        Side of the model's square input, pixels.
-    max_pixels : int, default=MAX_PIXELS
-    on_size : callable, optional
-        Passed to :func:`~malaria_screen.data.io.decode_image`.
-
-    Returns
-    -------
-    cell : (size_px, size_px, 3) ndarray of uint8
-
-    Raises
-    ------
-    ImageDecodeError
-        If the file cannot be decoded, is too small to be a cell crop, or is grayscale.
+    ``image``, ``max_pixels`` and ``on_size`` are :func:`decode_cell`'s, and so is the
+    ``ImageDecodeError`` it raises.
     """
     return letterbox(decode_cell(image, max_pixels=max_pixels, on_size=on_size), size_px)
 

@@ -89,16 +89,8 @@ def evaluate_split(run_dir: str | Path, cells: CellSet, idx: np.ndarray, *, spli
     :func:`~malaria_screen.evaluation.report.write_evaluation` (metrics with patient-bootstrap
     95 % intervals, per-patient table, ROC and confusion-matrix plots).
 
-    Parameters
-    ----------
-    run_dir : str or Path
-        A trained run folder.
-    cells : CellSet
-        The run's cells.
-    idx : (n,) int ndarray
-        The cells to score (e.g. the test patients' cells).
-    split_name : str
-        Recorded in ``metrics.json``.
+    ``run_dir`` and ``cells`` are as in :func:`calibrate_count_threshold`; ``idx`` are the cells to
+    score (e.g. the test patients'), ``split_name`` is recorded in ``metrics.json``.
 
     Returns
     -------

@@ -118,14 +118,8 @@ def evaluate_multiclass_split(run_dir: str | Path, cells: CellSet, idx: np.ndarr
     :func:`multiclass_metrics` of the run's probabilities (95 % intervals by bootstrap over
     groups), written to ``run_dir/metrics.json`` with the split, model and data recorded.
 
-    Parameters
-    ----------
-    run_dir : str or Path
-        A trained run folder.
-    cells : CellSet
-        The run's cells.
-    idx : (n,) int ndarray
-        The cells to score (the test groups' cells).
+    ``run_dir``, ``cells`` and ``idx`` are as in
+    :func:`malaria_screen.inference.run_evaluation.evaluate_split`.
 
     Returns
     -------
