@@ -165,9 +165,9 @@ def test_classify_decodes_off_the_event_loop(predictor, sample_pngs, monkeypatch
     so /healthz keeps answering meanwhile; also for small requests."""
     import asyncio
 
-    import malaria_screen.serve.api as api
+    import malaria_screen.data.parallel as cells  # /v1/classify decodes through prepare_cell
 
-    real, where = api.decode_image, []
+    real, where = cells.decode_image, []
 
     def decode(*args, **kwargs):
         try:
@@ -177,7 +177,7 @@ def test_classify_decodes_off_the_event_loop(predictor, sample_pngs, monkeypatch
             where.append("worker thread")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "decode_image", decode)
+    monkeypatch.setattr(cells, "decode_image", decode)
     c = _client(predictor)
     r = c.post("/v1/classify", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in sample_pngs[:2]])
     assert r.status_code == 200 and r.json()["n_failed"] == 0
