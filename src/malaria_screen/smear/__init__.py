@@ -6,7 +6,8 @@ below its own (the import-linter ``layers`` contract "Inside smear, one directio
 
 1. ``report``: :func:`run_smear`, a slide's fields → per-field JSON, overlays, ``summary.json``,
    ``report.html``.
-2. ``evaluate``: dataset runners, screen annotated fields and score them.
+2. ``evaluate`` | ``slides``: dataset runners, screen annotated fields and score them; the
+   per-slide table of screened slides.
 3. ``rescore`` | ``crop_export`` | ``scoring``: the second-stage rescorer; annotated fields →
    NIH-layout crop folders; per-field scoring against boxes or points, pooled metrics.
 4. ``labels``: IML and Chula annotations; labels of detections from boxes.
