@@ -10,14 +10,17 @@ below its own (the import-linter ``layers`` contract "Inside smear, one directio
    per-slide table of screened slides.
 3. ``rescore`` | ``crop_export`` | ``scoring``: the second-stage rescorer; annotated fields →
    NIH-layout crop folders; per-field scoring against boxes or points, pooled metrics.
-4. ``labels``: IML and Chula annotations; labels of detections from boxes.
+4. ``labels`` | ``slide``: IML and Chula annotations, labels of detections from boxes; a slide's
+   totals over its counted fields.
 5. ``screen``: :func:`screen_field`, segment → crops → classify → parasitemia.
+   ``domain`` (below it): the self-check, "is this a blood smear field, like the training cells?".
 6. ``crops`` | ``features`` | ``parasitemia``: NIH-style cell crops; hand-made cell features;
    parasitemia estimators and binomial intervals.
 7. ``segment``: :func:`segment_field` with :class:`SegmentConfig`.
 8. ``boxes``: box IoU, matching, cover, scaling.
-9. ``density`` | ``stain`` | ``fields`` | ``parallel``: optical density; stain normalisation;
-   decoding fields in a batch; running per-field jobs in worker processes or on Ray.
+9. ``density`` | ``stain`` | ``fields`` | ``gallery`` | ``parallel``: optical density; stain
+   normalisation; decoding fields in a batch; the report's gallery of cells to confirm; running
+   per-field jobs in worker processes or on Ray.
 
 Importing the package is cheap: the names below load their module on first use (heavy
 libraries, OpenCV, scikit-image, scipy, scikit-learn, torchstain, are imported inside the

@@ -48,6 +48,12 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from malaria_screen.data.io import decode_image
+from malaria_screen.data.patients import parse_nih_patient_id
+from malaria_screen.inference import load_model
+from malaria_screen.smear.crops import cell_crops
+from malaria_screen.smear.segment import segment_field
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -350,8 +356,6 @@ def nih_field_id(name: str) -> str:
 
 
 def _nih_files(cell_dir: Path, patients: set[str], classes: Iterable[str]) -> list[tuple[Path, int]]:
-    from malaria_screen.data.patients import parse_nih_patient_id
-
     out = []
     for ci, cls in enumerate(classes):
         d = cell_dir / cls
@@ -362,8 +366,6 @@ def _nih_files(cell_dir: Path, patients: set[str], classes: Iterable[str]) -> li
 
 
 def _features_of_files(model: Any, files: list[Path], batch: int = 512) -> np.ndarray:
-    from malaria_screen.data.io import decode_image
-
     fs = []
     for s in range(0, len(files), batch):
         fs.append(model.predict_with_features([decode_image(str(p)) for p in files[s : s + batch]])[1])
@@ -415,11 +417,6 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
         If the split has no training patients or the model gives no features.
     """
     from sklearn.covariance import LedoitWolf
-
-    from malaria_screen.data.io import decode_image
-    from malaria_screen.inference import load_model
-    from malaria_screen.smear.crops import cell_crops
-    from malaria_screen.smear.segment import segment_field
 
     say = progress or (lambda m: None)
     model_dir, data_dir = Path(model_dir), Path(data_dir)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from malaria_screen.smear.domain import OUT_OF_DOMAIN_ADVICE
 from malaria_screen.smear.gallery import GalleryCell, gallery_cells, select_gallery
 from malaria_screen.smear.parasitemia import binomial_ci
 from malaria_screen.smear.screen import FieldResult, screen_field
@@ -32,8 +33,6 @@ def counted_fields(in_domain: Iterable[bool | None], *, include_out_of_domain: b
 
 def out_of_domain_warning(names: Sequence[str], *, included: bool = False) -> str | None:
     """The warning naming the fields outside the model's domain and what to do; None if none."""
-    from malaria_screen.smear.domain import OUT_OF_DOMAIN_ADVICE
-
     if not names:
         return None
     shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
