@@ -509,6 +509,12 @@ class FieldWorkers:
             if msg[1] == -getattr(signal, "SIGXCPU", 24):
                 raise JobFailed(422, f"screening this field needs more than the per-request CPU budget "
                                      f"({self.spec.cpu_s:g} CPU seconds)")
+            crash = {-getattr(signal, n) for n in ("SIGSEGV", "SIGABRT", "SIGBUS") if hasattr(signal, n)}
+            if msg[1] in crash and self.spec.memory_bytes:
+                # native code (PyTorch, OpenCV) that cannot allocate under RLIMIT_AS may crash
+                # instead of raising: measured with a 5000x5000 noise field (SIGSEGV)
+                raise JobFailed(422, f"screening this field ended its worker (signal {-msg[1]}), most likely at the "
+                                     f"per-request memory limit ({self.spec.memory_bytes:,} bytes of address space)")
             raise JobFailed(500, f"the field worker ended unexpectedly (exit code {msg[1]})")
         log.error("field job failed: %s", msg[1])
         raise JobFailed(500, f"field screening failed: {msg[1]}")
