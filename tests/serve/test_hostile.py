@@ -129,6 +129,20 @@ def noise() -> bytes:
     return data
 
 
+@pytest.fixture(scope="module")
+def tiled() -> bytes:
+    """The demo field tiled 6 x 6 (11 Mpx JPEG): a real smear, screened for seconds (noise is
+    refused at once as not a smear)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.asarray(Image.open(DEMO_FIELD).convert("RGB")), (6, 6, 1))).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _post(url: str, path: str, files, timeout: float = 120) -> tuple[httpx.Response, float]:
     t0 = time.monotonic()
     r = httpx.post(url + path, files=files, timeout=timeout)
@@ -184,9 +198,9 @@ def test_gif_of_many_frames_is_not_walked(server):
     assert r.status_code == 200 and "too small to be a cell crop" in r.json()["results"][0]["error"]
 
 
-def test_probes_answer_under_load_and_full_queues_say_503(server, noise):
+def test_probes_answer_under_load_and_full_queues_say_503(server, tiled):
     """Before: 45 GIF requests made /healthz time out (> 10 s) for ~50 s. Now the probes are async
-    and off the decode pool: under 7 concurrent heavy requests (4 noise fields for 1 worker and
+    and off the decode pool: under 7 concurrent heavy requests (4 large fields for 1 worker and
     2 waiting places, 3 black 25 Mpx PNGs) /healthz answers with a median < 0.5 s and a max < 5 s
     (measured: median 5-40 ms, max 0.04-1.2 s at a load average of 20-25 on 2 cores, the tail being
     the scheduler's; target 100 ms on an idle machine), and the requests past the queues get 503
@@ -196,7 +210,7 @@ def test_probes_answer_under_load_and_full_queues_say_503(server, noise):
 
     def hostile(i: int) -> None:
         if i < 4:
-            files, path = [("file", ("noise.jpg", noise, "image/jpeg"))], "/v1/field"
+            files, path = [("file", ("tiled.jpg", tiled, "image/jpeg"))], "/v1/field"
         else:
             files, path = [("files", ("black.png", png, "image/png"))], "/v1/classify"
         try:
@@ -226,13 +240,16 @@ def test_probes_answer_under_load_and_full_queues_say_503(server, noise):
     server.wait_ready(timeout=90)
 
 
-def test_work_stops_when_the_client_leaves(server, noise):
+def test_work_stops_when_the_client_leaves(server, tiled):
     """Before: work went on after the client disconnected. Now the field worker running a
     departed client's job is killed (and replaced) within ~0.1 s of the disconnect."""
+    t_idle = time.monotonic() + 180  # the previous test's queued fields must be done: ours must reach the worker
+    while httpx.get(server.url + "/readyz", timeout=10).json()["pending"]["field"] and time.monotonic() < t_idle:
+        time.sleep(0.5)
     server.wait_ready(timeout=90)
     before = _workers(server.proc.pid)
     assert len(before) == 1
-    body, ctype = multipart([("file", "noise.jpg", noise)])
+    body, ctype = multipart([("file", "tiled.jpg", tiled)])
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(f"POST /v1/field HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
