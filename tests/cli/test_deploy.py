@@ -117,23 +117,37 @@ def test_bench_infer_prints_table(cli, random_run, onnx_fp32, nih_dir, tmp_path)
     assert "matmul ceiling" in r.output
 
 
-def test_predict_stderr_has_our_error_not_opencvs_log(sample_pngs, tmp_path):
-    """A truncated PNG, decoded by OpenCV's fast path first: the only report is our per-file error
-    (the CLI quiets OpenCV's own "[ WARN] ... incomplete" log); OPENCV_LOG_LEVEL set by the user
-    wins. Run as a subprocess: OpenCV reads the variable once, when first imported."""
+def test_predict_stderr_has_our_error_not_opencvs_log(sample_pngs, nih_dir, tmp_path):
+    """Truncated PNG and WebP files: the only report is our per-file error, never a decoder's own
+    log line (PNG now goes through libspng, lossless WebP through OpenCV, whose "[ WARN]" log the
+    CLI quiets with OPENCV_LOG_LEVEL=ERROR unless the user set the variable: the user's value is
+    kept). Run as a subprocess: OpenCV reads the variable once, when first imported."""
     import os
     import subprocess
     import sys
 
-    bad = tmp_path / "truncated.png"
-    bad.write_bytes(sample_pngs[0].read_bytes()[:3000])
-    cmd = [sys.executable, "-m", "malaria_screen.cli", "predict", str(bad), "--out", str(tmp_path / "p.csv"), "--quiet"]
+    png = tmp_path / "truncated.png"
+    png.write_bytes(sample_pngs[0].read_bytes()[:3000])
+    webp_src = sorted((nih_dir / "Parasitized").glob("*.webp"))[0]
+    webp = tmp_path / "truncated.webp"
+    webp.write_bytes(webp_src.read_bytes()[:3000])
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_LOG_LEVEL"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 1 and "truncated or corrupt" in (tmp_path / "p.csv").read_text()
-    assert "WARN" not in r.stderr, r.stderr
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OPENCV_LOG_LEVEL": "WARNING"}, timeout=300)
-    assert "incomplete" in r.stderr  # the fast path did run on it, and the user's level is kept
+    for bad in (png, webp):
+        cmd = [sys.executable, "-m", "malaria_screen.cli", "predict", str(bad), "--out", str(tmp_path / "p.csv"), "--quiet"]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        row = (tmp_path / "p.csv").read_text().splitlines()[1]
+        assert r.returncode == 1 and ("truncated or corrupt" in row or "corrupt image" in row), row
+        assert "WARN" not in r.stderr and "libpng" not in r.stderr.lower(), r.stderr
+    # the CLI sets OpenCV's level only when the user did not
+    code = (f"import os, sys; sys.argv = ['malaria-screen', 'predict', {str(tmp_path / 'none.png')!r}, '--out', {str(tmp_path / 'q.csv')!r}]\n"
+            "from malaria_screen.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LEVEL=' + str(os.environ.get('OPENCV_LOG_LEVEL')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "LEVEL=ERROR" in r.stdout, r.stdout[-300:]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "OPENCV_LOG_LEVEL": "WARNING"}, timeout=300)
+    assert "LEVEL=WARNING" in r.stdout, r.stdout[-300:]
 
 
 def test_cli_sets_pillows_block_size_unless_the_user_did():
