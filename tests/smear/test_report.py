@@ -115,16 +115,27 @@ def test_bundled_demo_field_screens():
 
 
 def test_domain_shift_warning_on_iml_fields_with_nih_model(tmp_path, iml_dir):
-    """The NIH-only default model on the IML microscope calls far too many cells: the slide is flagged."""
+    """Counting at its own threshold, the NIH-only default model calls far too many cells on the IML
+    microscope: the slide is flagged. The default estimator (posteriors corrected to a 2 % prior)
+    reports a parasitemia of a few per cent at most there, with the method named."""
     from malaria_screen.inference import load_model
 
     names = ["PA171926.JPG", "PA171966.JPG"]  # annotated parasitemia 0.9 % and 0 %
     for n in names:
         shutil.copy(iml_dir / "images" / n, tmp_path / n)
     out = tmp_path / "out"
-    s = run_smear([tmp_path / n for n in names], out, load_model(None))
+    model = load_model(None)
+    s = run_smear([tmp_path / n for n in names], out, model, parasitemia_method="cc")
     assert s["parasitemia"] > 0.05 and len(s["warnings"]) == 1 and "microscopy" in s["warnings"][0]
+    assert s["parasitemia_method"] == "cc" and s["parasitemia"] == pytest.approx(s["n_infected"] / s["n_rbc"])
     assert "Warning:" in (out / "report.html").read_text()
+    s2 = run_smear([tmp_path / n for n in names], tmp_path / "out2", model)
+    assert s2["parasitemia_method"] == "prior" and s2["settings"]["quantifier"]["target_prior"] == 0.02
+    assert s2["n_rbc"] == s["n_rbc"] and s2["n_infected"] < s["n_infected"] / 10
+    assert s2["parasitemia"] < 0.05 and not s2["warnings"]
+    lo, hi = s2["parasitemia_ci95"]
+    assert lo <= s2["parasitemia"] <= hi and "over groups (2)" in s2["ci_method"]
+    assert all(f["parasitemia_method"] == "prior" for f in s2["fields"])
 
 
 def test_no_warning_below_threshold_or_on_few_cells():

@@ -258,7 +258,7 @@ def screen_field_image(predictor, rgb, *, name: str = "field", rescorer=None, ma
     else:
         lo, hi = res.parasitemia_ci95
         summary = (f"**{res.n_rbc} red cells, {res.n_infected} Parasitized: parasitemia {100 * res.parasitemia:.2f} % "
-                   f"(95 % CI {100 * lo:.2f} to {100 * hi:.2f} %)**; {res.n_wbc} white cells excluded.")
+                   f"(95 % CI {100 * lo:.2f} to {100 * hi:.2f} %; {res.parasitemia_method})**; {res.n_wbc} white cells excluded.")
     return summary, overlay_image(rgb, res)
 
 

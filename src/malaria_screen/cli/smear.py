@@ -120,6 +120,15 @@ def _present_fields(field_dir: Path, ann: dict) -> list[str]:
     return present
 
 
+def _check_parasitemia_method(method: Optional[str]) -> None:
+    """Refuse an unknown ``--parasitemia-method`` before any work."""
+    from malaria_screen.smear.parasitemia import FIELD_METHODS
+
+    if method is not None and method not in FIELD_METHODS:
+        raise typer.BadParameter(f"must be one of {', '.join(FIELD_METHODS)}; got {method!r}",
+                                 param_hint="'--parasitemia-method'")
+
+
 RESCORER_HELP = ("Rescorer folder from `malaria-screen rescorer` (second stage fitted on annotated fields); "
                   "use it with the --model it was fitted with.")
 
@@ -143,6 +152,10 @@ def smear(
     include_out_of_domain: bool = typer.Option(
         False, "--include-out-of-domain", help="Count fields the self-check finds outside the model's domain in the "
         "slide total (default: left out and named; see docs/self-check.md)."),
+    parasitemia_method: Optional[str] = typer.Option(
+        None, "--parasitemia-method", help="Estimator of each field's and the slide's parasitemia: prior | em | acc | pacc | "
+        "pcc | cc. Default: prior (posteriors corrected to a 2% prior; with --rescorer, its threshold). "
+        "See docs/quantification.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line and its warnings."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write <stem>_overlay.png (about a fifth of a "
                                   "field's CPU time); the report keeps its thumbnails either way."),
@@ -167,6 +180,7 @@ def smear(
     from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
+    _check_parasitemia_method(parasitemia_method)
     predictor = _load_model(model, no_classify)
     second = load_rescorer(rescorer, predictor)
     if ray:
@@ -208,6 +222,7 @@ def smear(
             ray=ray,
             domain_reference=load_reference(predictor) if predictor is not None else None,
             include_out_of_domain=include_out_of_domain,
+            parasitemia_method=parasitemia_method,
         )
     except KeyboardInterrupt:
         typer.echo(f"interrupted after {len(done)} field(s): {Path(out) / 'summary.json'} and report.html cover them",
@@ -217,7 +232,7 @@ def smear(
         log.setLevel(level)
     p = s["parasitemia"]
     lo, hi = s["parasitemia_ci95"]
-    ptxt = "n/a" if p is None else f"{100 * p:.3f}% (95% CI {100 * lo:.3f}-{100 * hi:.3f}%)"
+    ptxt = "n/a" if p is None else f"{100 * p:.3f}% (95% CI {100 * lo:.3f}-{100 * hi:.3f}%, {s['parasitemia_method']})"
     typer.echo(
         f"{s['n_fields'] + s['n_failed']} field(s): {s['n_fields']} screened, {s['n_failed']} failed"
         + (f", {len(s['out_of_domain'])} outside the model's domain" + ("" if include_out_of_domain else " (not counted)")

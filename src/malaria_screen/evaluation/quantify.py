@@ -259,6 +259,14 @@ class Quantifier:
         return PrevalenceEstimate(est, (float(lo), float(hi)), self.name, n, n_called,
                                   f"percentile bootstrap over {unit}, {n_boot} replicates, seed {seed}")
 
+    def describe(self) -> dict[str, Any]:
+        """``{"method": key, <hyper-parameters and fitted values>}``, JSON-ready (for a summary)."""
+        out: dict[str, Any] = {"method": self.name}
+        out.update({k: v for k, v in vars(self).items()})
+        if isinstance(self, PriorCorrected) and self.train_prior_ is not None:
+            out["threshold_"] = self.threshold_
+        return out
+
     def _predict_weighted(self, p: np.ndarray, w: np.ndarray, start: float | None = None) -> np.ndarray:
         raise NotImplementedError  # pragma: no cover
 

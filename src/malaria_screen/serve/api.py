@@ -392,7 +392,8 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
     async def field(request: Request, overlay: bool = False):
         """The field's result as written by `malaria-screen smear` to `<stem>.json`: `image`, `width`,
         `height` (pixels), `n_rbc`, `n_infected`, `parasitemia` (fraction 0..1), `parasitemia_ci95`
-        (Wilson 95 % interval), `rbc_diameter_px`, `n_wbc`, `classified`, `seconds` (per stage) and
+        (Wilson 95 % interval), `parasitemia_method` (`prior`: posteriors corrected to a 2 % prior,
+        see docs/quantification.md; `cc` with a rescorer), `rbc_diameter_px`, `n_wbc`, `classified`, `seconds` (per stage) and
         `cells` (`id`, `bbox` [x, y, w, h] in pixels from the top-left, `area_px`, `p_parasitized`,
         `label`, ...), and `model` (name and SHA-256); with `?overlay=true` also
         `overlay_png_base64`, the overlay image as a base64 PNG."""

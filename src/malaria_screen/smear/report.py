@@ -29,7 +29,7 @@ from malaria_screen.fileio import atomic_write, atomic_write_bytes, atomic_write
 from malaria_screen.smear.fields import decode_field
 from malaria_screen.smear.gallery import gallery_cells, gallery_html, select_gallery
 from malaria_screen.smear.parallel import map_fields
-from malaria_screen.smear.parasitemia import binomial_ci
+from malaria_screen.smear.parasitemia import estimate_parasitemia, field_quantifier
 from malaria_screen.smear.screen import FieldResult, screen_field
 from malaria_screen.smear.segment import SegmentConfig
 from malaria_screen.smear.slide import counted_fields, out_of_domain_warning
@@ -260,8 +260,15 @@ def run_smear(
     ray: str | None = None,
     domain_reference: Any | None = None,
     include_out_of_domain: bool = False,
+    parasitemia_method: str | None = None,
 ) -> dict:
     """Screen the fields of one slide and write all outputs to ``out_dir``.
+
+    The parasitemia of each field and of the slide is estimated with ``parasitemia_method``
+    (:data:`~malaria_screen.smear.parasitemia.FIELD_METHODS`); default: the prior correction to
+    2 % (:func:`~malaria_screen.smear.parasitemia.field_quantifier`; with a rescorer, its own
+    threshold). The slide pools its counted fields' cells; its interval is a cluster bootstrap
+    over those fields.
 
     Parameters
     ----------
@@ -322,17 +329,21 @@ def run_smear(
     check_stain_method(stain)
     if ci_method not in ("wilson", "exact"):
         raise ValueError(f"ci_method must be 'wilson' or 'exact', got {ci_method!r}")
+    quantifier = field_quantifier(model, rescorer=rescorer, method=parasitemia_method)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, notes = _expand_inputs(inputs, out)
     stems = _unique_stems(paths)
     earlier = _field_outputs(out)  # per-field files already there; those this run does not rewrite are stale
     fields: list[dict] = []
+    field_p: list[np.ndarray] = []  # each field's counted cells' p_parasitized, for the slide's estimate
     errors: list[dict] = []
-    thr = float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else None
+    # the gallery's threshold: where the estimator calls a cell Parasitized (on the raw posterior)
+    thr = None if quantifier is None else float(getattr(quantifier, "threshold_", None)
+                                                 or getattr(quantifier, "threshold", None) or getattr(model, "threshold", 0.5))
     opts = {"segment_config": segment_config, "stain": stain, "scale_to_nih": scale_to_nih,
             "count_border_cells": count_border_cells, "ci_method": ci_method, "overlays": overlays,
-            "domain_reference": domain_reference, "gallery_threshold": thr}
+            "domain_reference": domain_reference, "gallery_threshold": thr, "quantifier": quantifier}
     candidates: list = []  # gallery: cells to confirm by eye, pruned to the best as fields finish
     n_positive = 0
     jobs = [(path, stem, out, opts) for path, stem in zip(paths, stems)]
@@ -349,6 +360,7 @@ def run_smear(
                 logger.log(logging.INFO if progress else logging.WARNING, "field %s failed: %s", entry["path"], entry["error"])
             else:
                 fields.append(entry)
+                field_p.append(np.asarray(done.get("p", []), np.float64))
                 rows.add(render_report_row(entry, done["thumb"], include_out_of_domain=include_out_of_domain))
                 # the gallery shows the cells of the fields the total counts
                 new = done.get("cells", []) if include_out_of_domain or entry.get("in_domain") is not False else []
@@ -367,7 +379,7 @@ def run_smear(
         if stale:
             notes.append(f"{out} holds {len(stale)} per-field result file(s) that this run did not write (e.g. "
                          f"{stale[0]}): left from an earlier run, they are not in this summary. Use an empty --out.")
-        summary = _summary(fields, errors, model, rescorer, settings={
+        summary = _summary(fields, errors, model, rescorer, quantifier, field_p, settings={
             "pixel_size_um": (segment_config or SegmentConfig()).pixel_size_um, "stain": stain, "scale_to_nih": scale_to_nih,
             "count_border_cells": count_border_cells}, ci_method=ci_method, seconds=time.perf_counter() - t_start,
             interrupted=None if finished else len(paths), notes=notes, include_out_of_domain=include_out_of_domain,
@@ -426,7 +438,9 @@ def screen_field_file(job: tuple[Path, str, Path, dict], model: Any, rescorer: A
     except Exception as exc:  # noqa: BLE001 - one bad field (MemoryError, cv2.error, ...) never costs the others
         logger.debug("field %s failed", path, exc_info=True)
         return {"entry": {"image": path.name, "path": str(path), "error": error_text(exc)}}
-    return {"thumb": thumb, "cells": cells, "entry": {
+    counted = [c.p_parasitized for c in res.cells
+               if c.p_parasitized is not None and (opts.get("count_border_cells", True) or not c.border)]
+    return {"thumb": thumb, "cells": cells, "p": counted, "entry": {
         "image": path.name,
         "path": str(path),
         "json": jp.name,
@@ -438,6 +452,7 @@ def screen_field_file(job: tuple[Path, str, Path, dict], model: Any, rescorer: A
         "n_wbc": res.n_wbc,
         "parasitemia": res.parasitemia,
         "parasitemia_ci95": res.parasitemia_ci95,
+        "parasitemia_method": res.parasitemia_method,
         "rbc_diameter_px": None if not np.isfinite(res.rbc_diameter_px) else round(float(res.rbc_diameter_px), 2),
         "in_domain": res.in_domain,
         "domain_score": None if res.domain_score is None else round(float(res.domain_score), 3),
@@ -484,20 +499,26 @@ def _field_outputs(out: Path) -> set[str]:
     return overlays | {j for j in (f"{n[:-len('_overlay.png')]}.json" for n in overlays) if (out / j).is_file()}
 
 
-def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, *, settings: dict, ci_method: str,
-             seconds: float, interrupted: int | None, notes: list[str] = (), include_out_of_domain: bool = False,
-             domain_reference: Any | None = None) -> dict:
+def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, quantifier: Any,
+             field_p: list[np.ndarray], *, settings: dict, ci_method: str, seconds: float, interrupted: int | None,
+             notes: list[str] = (), include_out_of_domain: bool = False, domain_reference: Any | None = None) -> dict:
     """The ``summary.json`` document; ``interrupted`` = number of fields the run was given if it
     stopped early (a warning then says the totals cover only the fields listed), else None;
     ``notes`` are more warnings (inputs without fields, duplicates, stale files in the folder).
-    Fields with ``in_domain`` False count in the totals only if ``include_out_of_domain``."""
-    counted = [f for f, c in zip(fields, counted_fields([f.get("in_domain") for f in fields],
-                                                          include_out_of_domain=include_out_of_domain)) if c]
+    Fields with ``in_domain`` False count in the totals only if ``include_out_of_domain``. The
+    slide's parasitemia pools the counted fields' ``field_p`` (their counted cells) with ``quantifier``."""
+    keep = counted_fields([f.get("in_domain") for f in fields], include_out_of_domain=include_out_of_domain)
+    counted = [f for f, c in zip(fields, keep) if c]
+    counted_p = [p for p, c in zip(field_p, keep) if c]
     ood = [f["image"] for f in fields if f.get("in_domain") is False]
     n_rbc = sum(f["n_rbc"] for f in counted)
     n_inf = sum(f["n_infected"] for f in counted)
     classified = model is not None
-    lo, hi = binomial_ci(n_inf, n_rbc, method=ci_method) if classified else (0.0, 1.0)
+    est = None
+    if classified and n_rbc:
+        groups = np.concatenate([np.full(len(p), i) for i, p in enumerate(counted_p)])
+        est = estimate_parasitemia(quantifier, np.concatenate(counted_p), groups=groups, ci_method=ci_method)
+    lo, hi = est.ci95 if est is not None else (0.0, 1.0)
     ood_note = out_of_domain_warning(ood, included=include_out_of_domain)
     warnings = ([ood_note] if ood_note else []) + (slide_warnings(n_inf, n_rbc) if classified else []) + list(notes)
     if interrupted is not None:
@@ -508,9 +529,10 @@ def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, 
         "n_failed": len(errors),
         "n_rbc": n_rbc,
         "n_infected": n_inf,
-        "parasitemia": (n_inf / n_rbc) if (n_rbc and classified) else None,
+        "parasitemia": est.prevalence if est is not None else None,
         "parasitemia_ci95": [lo, hi],
-        "ci_method": ci_method,
+        "parasitemia_method": quantifier.name if classified else None,
+        "ci_method": est.ci_method if est is not None else ci_method,
         "classified": classified,
         "n_fields_counted": len(counted),
         "out_of_domain": ood,
@@ -521,6 +543,7 @@ def _summary(fields: list[dict], errors: list[dict], model: Any, rescorer: Any, 
             **settings,
             "model": getattr(model, "source", None) if model is not None else None,
             "threshold": float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else None,
+            "quantifier": quantifier.describe() if classified else None,
             "rescorer": None if rescorer is None or model is None else {
                 "source": getattr(rescorer, "source", None), "fitted_with_model": rescorer.config.model,
                 "n_fields": rescorer.config.n_fields, "n_parasitized": rescorer.config.n_parasitized},

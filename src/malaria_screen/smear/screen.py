@@ -23,7 +23,7 @@ import numpy as np
 
 from malaria_screen.smear.crops import cell_crops
 from malaria_screen.smear.domain import OUT_OF_DOMAIN_ADVICE, domain_check, model_features, require_smear
-from malaria_screen.smear.parasitemia import binomial_ci
+from malaria_screen.smear.parasitemia import estimate_parasitemia, field_quantifier
 from malaria_screen.smear.segment import CellProps, Segmentation, SegmentConfig, segment_field
 from malaria_screen.smear.stain import check_stain_method, normalize_stain, rescale, scale_factor_to_nih
 
@@ -71,9 +71,12 @@ class FieldResult:
     n_rbc, n_infected : int
         Counted red cells and those labelled Parasitized.
     parasitemia : float or None
-        ``n_infected / n_rbc`` (fraction 0..1); None when no cell was found.
+        Estimated prevalence of Parasitized among the counted cells (fraction 0..1; for the
+        count-based methods ``n_infected / n_rbc``); None when no cell was found.
     parasitemia_ci95 : list of float
-        Binomial 95 % interval ``[lo, hi]`` (fractions).
+        95 % interval ``[lo, hi]`` (fractions).
+    parasitemia_method : str or None
+        The estimator (:data:`~malaria_screen.smear.parasitemia.FIELD_METHODS`); None unclassified.
     cells : list of CellResult
     rbc_diameter_px : float
         Typical RBC diameter used for segmentation, px.
@@ -108,6 +111,7 @@ class FieldResult:
     in_domain: bool | None = None
     domain_score: float | None = None
     domain_threshold: float | None = None
+    parasitemia_method: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (no NaN: missing values are None)."""
@@ -119,6 +123,7 @@ class FieldResult:
             "n_infected": self.n_infected,
             "parasitemia": self.parasitemia,
             "parasitemia_ci95": list(self.parasitemia_ci95),
+            "parasitemia_method": self.parasitemia_method,
             "rbc_diameter_px": None if not np.isfinite(self.rbc_diameter_px) else round(float(self.rbc_diameter_px), 2),
             "n_wbc": self.n_wbc,
             "classified": self.classified,
@@ -185,6 +190,7 @@ def screen_field(
     rescorer: Any | None = None,
     domain_reference: Any | None = None,
     smear_check: bool = True,
+    quantifier: Any | None = None,
 ) -> FieldResult:
     """Screen one thin-smear field.
 
@@ -226,6 +232,10 @@ def screen_field(
         Refuse an image that is not a blood smear field (:func:`~malaria_screen.smear.domain.check_smear`,
         before segmentation: blank, noise, photos, text). Applies to uint8 images of at least
         8 x 8 px (what decoding gives); other arrays go straight to the segmentation.
+    quantifier : Quantifier, optional
+        The parasitemia estimator and cell labeller; default
+        :func:`~malaria_screen.smear.parasitemia.field_quantifier` of ``model`` and ``rescorer``
+        (the prior correction to 2 %; the rescorer's threshold with a rescorer).
 
     Returns
     -------
@@ -263,18 +273,25 @@ def screen_field(
         t2 = time.perf_counter()
         check_stain_method(stain)
     t3 = time.perf_counter()
-    thr = float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else 0.5
+    classified = model is not None
+    if classified and quantifier is None:
+        quantifier = field_quantifier(model, rescorer=rescorer)
+    is_counted = np.asarray([count_border_cells or not c.border for c in props], bool)
+    called = np.zeros(len(props), bool)
+    est = None
+    if classified:
+        p_all = np.zeros(0) if probs is None else np.asarray(probs, np.float64)
+        est = estimate_parasitemia(quantifier, p_all[is_counted], ci_method=ci_method)
+        called = quantifier.labels(p_all) if p_all.size else called
     cells = []
     for i, c in enumerate(props):
         p = None if probs is None else float(probs[i])
-        lab = None if p is None else ("Parasitized" if p >= thr else "Uninfected")
+        lab = None if p is None else ("Parasitized" if called[i] else "Uninfected")
         cells.append(CellResult(c.id, list(c.bbox), c.area_px, p, lab, c.border))
-    counted = [c for c in cells if count_border_cells or not c.border]
-    n = len(counted)
-    k = sum(1 for c in counted if c.label == "Parasitized")
-    classified = model is not None
-    par = (k / n) if (n and classified) else None
-    ci = binomial_ci(k, n, method=ci_method) if classified else (0.0, 1.0)
+    n = int(is_counted.sum())
+    k = int((called & is_counted).sum())
+    par = est.prevalence if (n and classified) else None
+    ci = est.ci95 if (n and classified) else (0.0, 1.0)
     dom = domain_check(feats, domain_reference)
     return FieldResult(
         image=image_name,
@@ -294,4 +311,5 @@ def screen_field(
         in_domain=dom.in_domain,
         domain_score=dom.score,
         domain_threshold=dom.threshold,
+        parasitemia_method=quantifier.name if classified else None,
     )
