@@ -55,7 +55,7 @@ def _fixed_methods(np, q, val: dict, train_prior: float, threshold: float) -> di
         "pcc": q.ProbabilisticClassifyAndCount(),
         "acc": q.AdjustedClassifyAndCount(threshold).fit(val["p"], val["y"]),
         "pacc": q.ProbabilisticAdjustedClassifyAndCount().fit(val["p"], val["y"]),
-        "prior": q.PriorCorrected(q.DEFAULT_TARGET_PRIOR, train_prior),
+        "prior": q.PriorCorrected(q.DEFAULT_TARGET_PRIOR, train_prior, threshold),
         "em": q.EMQ(train_prior),
     }
 
@@ -213,7 +213,7 @@ def run_iml(args, np, q, nih: dict, iml: dict, ann: dict, threshold: float) -> d
     # (b) blocked folds: method and parameter chosen on the training blocks
     candidates = dict(fixed)
     candidates |= {f"cc@{t}": q.ClassifyAndCount(t) for t in CC_THRESHOLDS}
-    candidates |= {f"prior@{p}": q.PriorCorrected(p, train_prior) for p in PRIORS}
+    candidates |= {f"prior@{p}": q.PriorCorrected(p, train_prior, threshold) for p in PRIORS}
     est = np.zeros(len(names))
     tp = called = gt = 0
     chosen_per_block, const_est = [], np.zeros(len(names))

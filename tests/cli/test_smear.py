@@ -46,6 +46,13 @@ def test_smear_rejects_bad_stain(tmp_path):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+def test_smear_and_smear_eval_refuse_an_unknown_parasitemia_method_before_any_work(tmp_path):
+    for cmd in (["smear", str(tmp_path)], ["smear-eval", str(tmp_path), "--annotations", __file__]):
+        r = CliRunner().invoke(_app(), [*cmd, "--out", str(tmp_path / "o"), "--parasitemia-method", "median"])
+        assert r.exit_code == 2 and "got 'median'" in r.output, r.output
+        assert not (tmp_path / "o" / "summary.json").exists()
+
+
 def test_help_lists_units():
     r = CliRunner().invoke(_app(), ["smear", "--help"])
     assert r.exit_code == 0 and "µm" in r.output

@@ -117,6 +117,9 @@ def test_prior_correction_is_bayes_rule():
     t = q.threshold_
     assert adjust_to_prior([t], 0.46, 0.02)[0] == pytest.approx(0.5)
     assert q.predict(np.array([t - 1e-6, t + 1e-6, 0.2, 0.999])) == pytest.approx(0.5)
+    # a model threshold other than 0.5 is the same decision rule at the new prior
+    q3 = PriorCorrected(0.02, train_prior=0.46, threshold=0.3)
+    assert adjust_to_prior([q3.threshold_], 0.46, 0.02)[0] == pytest.approx(0.3) and q3.threshold_ < t
     with pytest.raises(ValueError, match="train_prior"):
         adjust_to_prior(p, 0.0, 0.02)
 

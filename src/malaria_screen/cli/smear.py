@@ -317,6 +317,9 @@ def smear_eval(
         1.0, "--box-scale", min=0.1, help="Scale detection boxes about their centres before matching (the annotators' "
         "box convention: IML boxes are ~1.15x the cell); 1 = tight boxes, the strict figure."),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
+    parasitemia_method: Optional[str] = typer.Option(
+        None, "--parasitemia-method", help="How cells are called Parasitized, as in `smear`: prior (default) | em | acc | "
+        "pacc | pcc | cc (the model's own threshold)."),
 ) -> None:
     """Evaluate detection (P/R/F1 at IoU), infected-cell sensitivity/PPV, parasitemia error (points) and s/field.
 
@@ -330,6 +333,7 @@ def smear_eval(
     from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
+    _check_parasitemia_method(parasitemia_method)
     ann = _load_annotations(annotations)
     names = _present_fields(field_dir, ann)
     predictor = _load_model(model, no_classify)
@@ -347,6 +351,7 @@ def smear_eval(
         names=names,
         box_scale=box_scale,
         rescorer=second,
+        parasitemia_method=parasitemia_method,
     )
     path = atomic_write_json(Path(out) / "metrics.json", metrics)
     typer.echo(path.read_text(encoding="utf-8"), nl=False)  # strict JSON: null, never NaN

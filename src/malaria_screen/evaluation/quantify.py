@@ -412,40 +412,46 @@ class _PriorAware(Quantifier):
 
 
 class PriorCorrected(_PriorAware):
-    """Posteriors re-weighted to a fixed prior, then counted at 0.5 (:func:`adjust_to_prior`).
+    """Posteriors re-weighted to a fixed prior, then counted at the model's threshold (:func:`adjust_to_prior`).
 
     Saerens, M., Latinne, P. & Decaestecker, C. (2002). Adjusting the outputs of a classifier to
     new a priori probabilities: a simple procedure. Neural Computation 14(1), 21-41, eq. 2.4.
     Needs no labels of the bag's site: it assumes the bag's prevalence is near ``target_prior``,
-    so it shrinks every estimate towards it (a cell is called Parasitized only if it is more likely
-    infected than not among cells of that prevalence).
+    so it shrinks every estimate towards it (with ``threshold=0.5``, a cell is called Parasitized
+    only if it is more likely infected than not among cells of that prevalence).
 
     Parameters
     ----------
     target_prior : float, default=:data:`DEFAULT_TARGET_PRIOR`
     train_prior : float, optional
         Prevalence of Parasitized in the model's training cells; set by :meth:`fit`.
+    threshold : float, default=0.5
+        The model's decision threshold, applied to the re-weighted posteriors (the same decision
+        rule, at the new prior).
     """
 
     name = "prior"
 
-    def __init__(self, target_prior: float = DEFAULT_TARGET_PRIOR, train_prior: float | None = None) -> None:
+    def __init__(self, target_prior: float = DEFAULT_TARGET_PRIOR, train_prior: float | None = None,
+                 threshold: float = 0.5) -> None:
         super().__init__(train_prior)
         self.target_prior = _check_prior("target_prior", target_prior)
+        self.threshold = _check_prior("threshold", threshold)
 
     @property
     def threshold_(self) -> float:
-        """The threshold on the raw posterior equivalent to 0.5 after the re-weighting."""
+        """The threshold on the raw posterior equivalent to ``threshold`` after the re-weighting."""
         r1 = self.target_prior / self._prior()
         r0 = (1.0 - self.target_prior) / (1.0 - self._prior())
-        return r0 / (r0 + r1)
+        t = self.threshold
+        return t * r0 / (t * r0 + (1.0 - t) * r1)
 
     def _predict_weighted(self, p, w, start=None):
-        return _wmean((adjust_to_prior(p, self._prior(), self.target_prior) >= 0.5).astype(np.float64), w)
+        return _wmean(self.labels(p).astype(np.float64), w)
 
     def labels(self, p: Any) -> np.ndarray:
-        """Cells whose re-weighted posterior is ``>= 0.5``, ``(n,)`` bool."""
-        return adjust_to_prior(p, self._prior(), self.target_prior) >= 0.5
+        """Cells whose re-weighted posterior is ``>= threshold``, ``(n,)`` bool."""
+        return adjust_to_prior(p, self._prior(), self.target_prior) >= self.threshold
 
 
 class EMQ(_PriorAware):
@@ -632,7 +638,7 @@ def make_quantifier(method: str, params: QuantifierParams, **kwargs: Any) -> Qua
     if params.train_prior is None:
         raise ValueError(f"method {method!r} needs the model's training prior, which {params.source!r} lacks")
     if method == "prior":
-        return PriorCorrected(kwargs.get("target_prior", DEFAULT_TARGET_PRIOR), params.train_prior)
+        return PriorCorrected(kwargs.get("target_prior", DEFAULT_TARGET_PRIOR), params.train_prior, params.threshold)
     return EMQ(params.train_prior)
 
 

@@ -21,6 +21,7 @@ from malaria_screen.errors import error_text
 from malaria_screen.fileio import atomic_write_text
 from malaria_screen.smear.fields import decode_field
 from malaria_screen.smear.labels import GroundTruthBox, load_chula_points, load_iml_annotations
+from malaria_screen.smear.parasitemia import field_quantifier
 from malaria_screen.smear.scoring import FieldMatch, evaluate_iml_field, match_points, ratio, summarize_iml
 from malaria_screen.smear.screen import screen_field
 from malaria_screen.smear.segment import SegmentConfig, segment_field
@@ -103,6 +104,7 @@ def match_iml_fields(
     iou_threshold: float = 0.5,
     box_scale: float = 1.0,
     rescorer=None,
+    parasitemia_method: str | None = None,
 ) -> tuple[list[FieldMatch], dict[str, str]]:
     """Screen annotated fields and match each to its annotation.
 
@@ -122,6 +124,9 @@ def match_iml_fields(
         Passed to :func:`evaluate_iml_field`.
     rescorer : CellRescorer, optional
         Second stage (see :func:`~malaria_screen.smear.screen.screen_field`).
+    parasitemia_method : str, optional
+        How cells are called Parasitized (:func:`~malaria_screen.smear.parasitemia.field_quantifier`);
+        default as ``smear``: the prior correction to 2 %; ``"cc"``: the model's own threshold.
 
     Returns
     -------
@@ -136,6 +141,7 @@ def match_iml_fields(
         If ``stain`` is unknown (checked before any field is read).
     """
     check_stain_method(stain)  # here: a ValueError in the loop is a field's error
+    quantifier = field_quantifier(model, rescorer=rescorer, method=parasitemia_method)
     matches: list[FieldMatch] = []
     failed: dict[str, str] = {}
     for name in (sorted(annotations) if names is None else names):
@@ -143,7 +149,7 @@ def match_iml_fields(
             rgb = decode_field(Path(field_dir) / name)
             t0 = time.perf_counter()
             res = screen_field(rgb, model, image_name=name, segment_config=segment_config, stain=stain,
-                               rescorer=rescorer)
+                               rescorer=rescorer, quantifier=quantifier)
             dt = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
             failed[name] = error_text(exc)
@@ -175,6 +181,7 @@ def evaluate_dataset(
     names: list[str] | None = None,
     box_scale: float = 1.0,
     rescorer=None,
+    parasitemia_method: str | None = None,
 ) -> dict:
     """Screen every annotated IML field and compute all metrics (see module docstring).
 
@@ -203,6 +210,8 @@ def evaluate_dataset(
         Box convention correction of the detections (see :func:`evaluate_iml_field`).
     rescorer : CellRescorer, optional
         Second stage (see :func:`~malaria_screen.smear.screen.screen_field`).
+    parasitemia_method : str, optional
+        Passed to :func:`match_iml_fields`.
 
     Returns
     -------
@@ -221,7 +230,8 @@ def evaluate_dataset(
     if limit:
         names = names[:limit]
     matches, failed = match_iml_fields(field_dir, ann, model, names=names, segment_config=segment_config, stain=stain,
-                                       iou_threshold=iou_threshold, box_scale=box_scale, rescorer=rescorer)
+                                       iou_threshold=iou_threshold, box_scale=box_scale, rescorer=rescorer,
+                                       parasitemia_method=parasitemia_method)
     out = summarize_iml(matches)
     out["classified"] = model is not None
     if model is None:
