@@ -21,15 +21,17 @@ pytestmark = pytest.mark.slow
 FIELDS = ["PA171691.JPG", "PA171730.JPG", "PA171759.JPG", "PA171801.JPG", "PA171839.JPG",
           "PA171868.JPG", "PA171901.JPG", "PA171930.JPG", "PA171966.JPG", "PA172003.JPG"]
 
-# Measured with the bundled model of 2026-12-01 (NIH-only cellnet, threshold 0.5), strict IoU 0.5:
-#   infected sensitivity 16/19 = 0.842, PPV 16/280 = 0.057, RBC F1 0.908 (1,323 detections),
-#   parasitemia MAE 21.0 pp (max 73.7), detection floor (perfect classifier of the detections) 0.24 pp.
-# Bounds: sensitivity and PPV lose about 3 infected calls, F1 0.03; the error may not grow by more
+# Measured with the bundled model of 2026-12-01 (NIH-only cellnet), strict IoU 0.5, cells called
+# Parasitized by smear's default estimator (posteriors corrected to a 2 % prior, issue 19 item 1):
+#   infected sensitivity 7/19 = 0.368, PPV 7/12 = 0.583, RBC F1 0.908 (1,323 detections),
+#   parasitemia MAE 1.26 pp (max 1.77), detection floor (perfect classifier of the detections) 0.24 pp.
+#   (At the model's own threshold, --parasitemia-method cc: sensitivity 0.842, PPV 0.057, MAE 21.0 pp.)
+# Bounds: sensitivity and PPV lose about 2 infected calls, F1 0.03; the error may not grow by more
 # than a fifth. The segmentation is deterministic; the margins allow other changes to it and to decoding.
-SENSITIVITY_FLOOR = 0.70   # 0.842 measured (13 of 19 would still pass, 12 would not)
-PPV_FLOOR = 0.03           # 0.057 measured: very low (NIH-only model on IML); issue 19 raises it
+SENSITIVITY_FLOOR = 0.25   # 0.368 measured (5 of 19 would still pass, 4 would not)
+PPV_FLOOR = 0.40           # 0.583 measured
 RBC_F1_FLOOR = 0.88        # 0.908 measured
-PARASITEMIA_MAE_CEILING_PP = 25.0  # 21.0 measured; a constant parasitemia per field does far better
+PARASITEMIA_MAE_CEILING_PP = 1.6  # 1.26 measured; a constant parasitemia per field still does better
 
 
 def test_bundled_model_on_real_fields(iml_dir):
