@@ -253,7 +253,13 @@ def test_work_stops_when_the_client_leaves(server, tiled):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(f"POST /v1/field HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(1.0)  # the job is running
+        # wait until the job is in the field lane (running: it takes seconds), not a fixed sleep: on a
+        # busy machine 1 s was not always enough for the request to reach the worker
+        t_sub = time.monotonic() + 60
+        while (not httpx.get(server.url + "/readyz", timeout=10).json()["pending"]["field"]
+               and time.monotonic() < t_sub):
+            time.sleep(0.1)
+        time.sleep(0.5)
     t_end = time.monotonic() + 20
     while time.monotonic() < t_end and (_workers(server.proc.pid) & before):
         time.sleep(0.1)
