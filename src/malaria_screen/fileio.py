@@ -15,7 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "rows_to_csv"]
+import numpy as np
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "rows_to_csv",
+           "read_point_labels"]
 
 
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
@@ -124,3 +127,13 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (set, frozenset, tuple)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_point_labels(path: str | Path) -> np.ndarray:
+    """``(N, 2)`` float64 ``(x, y)`` pixel centres from a ``x y type`` label file (empty file: ``(0, 2)``)."""
+    pts = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            pts.append((float(parts[0]), float(parts[1])))
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)

@@ -23,6 +23,7 @@ import numpy as np
 from malaria_screen.data.dataset import CellSet
 from malaria_screen.data.io import ImageDecodeError, decode_image
 from malaria_screen.data.preprocess import letterbox
+from malaria_screen.fileio import read_point_labels
 
 __all__ = ["read_point_labels", "field_rbc_diameter", "point_cell_crops", "point_cell_set", "list_point_fields"]
 
@@ -30,16 +31,6 @@ log = logging.getLogger(__name__)
 
 #: Crop side as a multiple of the estimated red-cell diameter.
 CROP_SCALE = 1.15
-
-
-def read_point_labels(path: str | Path) -> np.ndarray:
-    """``(N, 2)`` float64 ``(x, y)`` pixel centres from a ``x y type`` label file (empty file: ``(0, 2)``)."""
-    pts = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            pts.append((float(parts[0]), float(parts[1])))
-    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
 
 
 def field_rbc_diameter(points: np.ndarray) -> float | None:

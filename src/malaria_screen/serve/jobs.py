@@ -101,7 +101,41 @@ def _renice(nice: int) -> None:
             pass
 
 
-class Lane:
+class _Admission:
+    """Admission bookkeeping shared by :class:`Lane` and :class:`FieldWorkers`: jobs running or
+    waiting, the bound ``workers + max_queue``, and a running mean job time for ``Retry-After``."""
+
+    workers: int
+    max_queue: int
+    _pending: int
+    _seconds: float  # running mean job time, s
+
+    @property
+    def pending(self) -> int:
+        """Jobs running or waiting."""
+        return self._pending
+
+    @property
+    def full(self) -> bool:
+        return self._pending >= self.workers + self.max_queue
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._seconds * (1 + self._pending / self.workers)))
+
+    def _admit(self, name: str) -> float:
+        """Count a new job in (or raise :class:`QueueFull`); returns its start time (monotonic s)."""
+        if self.full:
+            raise QueueFull(name, self.retry_after())
+        self._pending += 1
+        return time.monotonic()
+
+    def _release(self, t0: float) -> None:
+        """Count a job out and fold its time into the running mean."""
+        self._pending -= 1
+        self._seconds = 0.8 * self._seconds + 0.2 * (time.monotonic() - t0)
+
+
+class Lane(_Admission):
     """A bounded job queue on its own threads.
 
     Parameters
@@ -123,18 +157,6 @@ class Lane:
         self._pending = 0
         self._seconds = 1.0  # running mean job time, for Retry-After
 
-    @property
-    def pending(self) -> int:
-        """Jobs running or waiting."""
-        return self._pending
-
-    @property
-    def full(self) -> bool:
-        return self._pending >= self.workers + self.max_queue
-
-    def retry_after(self) -> int:
-        return max(1, math.ceil(self._seconds * (1 + self._pending / self.workers)))
-
     async def run(self, fn: Callable[..., Any], *args, receive: Optional[Callable] = None) -> Any:
         """Run ``fn(cancel, *args)`` on a lane thread; ``cancel`` is set when the client leaves.
 
@@ -145,11 +167,8 @@ class Lane:
         ClientGone
             If the client disconnected (``receive`` given); a job not started is dropped.
         """
-        if self.full:
-            raise QueueFull(self.name, self.retry_after())
-        self._pending += 1
+        t0 = self._admit(self.name)
         cancel = threading.Event()
-        t0 = time.monotonic()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"malaria-screen-{self.name}",
                                             initializer=_renice, initargs=(self.nice,))
@@ -161,8 +180,7 @@ class Lane:
             fut.cancel()
             raise
         finally:
-            self._pending -= 1
-            self._seconds = 0.8 * self._seconds + 0.2 * (time.monotonic() - t0)
+            self._release(t0)
 
     def close(self) -> None:
         """Stop the threads once their jobs end; a later :meth:`run` starts new ones."""
@@ -292,7 +310,7 @@ class _Worker:
         self.conn.close()
 
 
-class FieldWorkers:
+class FieldWorkers(_Admission):
     """Worker processes for ``/v1/field`` with a bounded queue and per-job CPU/memory budgets.
 
     All waiting happens on this object's own I/O threads (never on the event loop, and with no
@@ -405,18 +423,6 @@ class FieldWorkers:
         with self._lock:
             return len(self._all)
 
-    @property
-    def pending(self) -> int:
-        """Jobs running or waiting."""
-        return self._pending
-
-    @property
-    def full(self) -> bool:
-        return self._pending >= self.workers + self.max_queue
-
-    def retry_after(self) -> int:
-        return max(1, math.ceil(self._seconds * (1 + self._pending / self.workers)))
-
     # -- jobs -------------------------------------------------------------------------------------
     def _job(self, cancel: threading.Event, job: tuple) -> tuple:
         """Wait for a worker, send it the job, wait for the answer; on ``cancel`` or overrun,
@@ -479,10 +485,7 @@ class FieldWorkers:
             The client left; its job was dropped or its worker killed (and replaced).
         """
         self.start()
-        if self.full:
-            raise QueueFull("field", self.retry_after())
-        self._pending += 1
-        t0 = time.monotonic()
+        t0 = self._admit("field")
         cancel = threading.Event()
         try:
             fut = asyncio.get_running_loop().run_in_executor(self._io, self._job, cancel, (data, name, dict(options)))
@@ -492,8 +495,7 @@ class FieldWorkers:
                 cancel.set()
                 raise
         finally:
-            self._pending -= 1
-            self._seconds = 0.8 * self._seconds + 0.2 * (time.monotonic() - t0)
+            self._release(t0)
         kind = msg[0]
         if kind == "ok":
             return msg[1]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from malaria_screen.fileio import read_point_labels
 from malaria_screen.smear.boxes import box_cover, match_boxes
 
 __all__ = ["IGNORED_TYPES", "INFECTED_TYPES", "GroundTruthBox", "label_detections", "load_chula_points",
@@ -97,12 +98,7 @@ def load_chula_points(path: str | Path) -> np.ndarray:
     (N, 2) float64 ndarray
         ``(x, y)`` px cell centres.
     """
-    pts = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            pts.append((float(parts[0]), float(parts[1])))
-    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    return read_point_labels(path)
 
 
 def label_detections(
