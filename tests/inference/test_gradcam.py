@@ -102,3 +102,19 @@ def test_trained_model_looks_at_the_stained_parasite(default_model_dir, sample_p
     assert len(ratios) >= 9
     assert np.median(ratios) > 3.0, ratios
     assert np.mean(near) >= 0.75, near
+
+
+def test_overlay_colours_are_matplotlibs_jet():
+    """Where the map is 1 and ``alpha`` is 1 the overlay is jet's top colour (dark red); where it
+    is 0 it is a quarter of jet's bottom colour (dark blue) over the image."""
+    import matplotlib
+
+    from malaria_screen.inference.gradcam import overlay_heatmap
+
+    grey = np.full((32, 32, 3), 200, np.uint8)
+    top = overlay_heatmap(grey, np.ones((16, 16), np.float32), alpha=1.0)
+    jet = matplotlib.colormaps["jet"]
+    np.testing.assert_array_equal(top[5, 5], jet(1.0, bytes=True)[:3])
+    bottom = overlay_heatmap(grey, np.zeros((16, 16), np.float32), alpha=1.0).astype(int)
+    expected = (200 * 0.75 + 0.25 * np.array(jet(0.0, bytes=True)[:3]) + 0.5).astype(int)
+    np.testing.assert_array_equal(bottom[5, 5], expected)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from malaria_screen.data.io import ImageSource, check_cell_size, decode_image
 from malaria_screen.data.preprocess import letterbox
 
-__all__ = ["Explanation", "gradcam", "overlay_heatmap", "explain", "jet_colormap"]
+__all__ = ["Explanation", "gradcam", "overlay_heatmap", "explain"]
 
 log = logging.getLogger(__name__)
 
@@ -92,24 +92,6 @@ def gradcam(predictor, cells: np.ndarray, *, class_index: int | None = None) -> 
     return cams, probs
 
 
-def jet_colormap(v: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to RGB with the "jet" colour map (blue, cyan, yellow, red).
-
-    Parameters
-    ----------
-    v : (...,) ndarray of float
-
-    Returns
-    -------
-    rgb : (..., 3) ndarray of uint8
-    """
-    v = np.clip(np.asarray(v, dtype=np.float32), 0.0, 1.0)
-    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
-    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
-    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
-    return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
-
-
 def _unletterbox(cam: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Crop a letterboxed ``(S, S)`` map to the image region and resize it to ``(H, W)``."""
     from PIL import Image
@@ -138,7 +120,8 @@ def overlay_heatmap(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45,
         Map of the letterboxed image, values in [0, 1]; mapped back to ``(H, W)`` by undoing
         the letterbox (crop the padding, resize).
     alpha : float, default=0.45
-        Opacity of the colour map where the map is 1; it fades with the map value.
+        Opacity of the colour map where the map is 1; it fades with the map value. The colour
+        map is matplotlib's "jet" (blue, cyan, yellow, red).
     max_side : int or None, default=2048
         Longest side of the overlay, px; None keeps the image size whatever it is.
 
@@ -164,9 +147,12 @@ def overlay_heatmap(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45,
         f = max_side / max(rgb.shape[:2])
         size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
         rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).resize(size, Image.Resampling.BOX))
+    import matplotlib  # heavy (~0.2 s); only when an overlay is drawn
+
     m = np.clip(_unletterbox(cam, rgb.shape[:2]), 0.0, 1.0)
     a = (alpha * (0.25 + 0.75 * m))[..., None]
-    out = rgb.astype(np.float32) * (1.0 - a) + jet_colormap(m).astype(np.float32) * a
+    heat = matplotlib.colormaps["jet"](m, bytes=True)[..., :3]
+    out = rgb.astype(np.float32) * (1.0 - a) + heat.astype(np.float32) * a
     return (out + 0.5).astype(np.uint8)
 
 
