@@ -119,3 +119,33 @@ def test_predict_gives_one_row_per_file_however_it_is_named(four_samples, tmp_pa
     rows = list(csv.DictReader(out.open()))
     assert [row["path"] for row in rows] == [str(a), str(four_samples[1])]
     assert "3 path(s) named a file already given" in r.output
+
+
+def test_predict_table_on_a_pipe_is_plain_text_that_splits_into_the_csv_columns(four_samples, tmp_path):
+    """Not on a terminal (here: the runner's captured output) the table is plain ASCII, one line
+    per file, never wrapped, and its columns split on runs of two or more spaces give the CSV's
+    values (the truth column is the sample's folder)."""
+    import re
+
+    out = tmp_path / "p.csv"
+    r = _run("predict", *four_samples, "--out", out)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["file"])
+    assert re.split(r"\s{2,}", lines[start].strip()) == ["file", "true (folder)", "label", "p_parasitized", "error"]
+    assert set(lines[start + 1].replace(" ", "")) == {"-"}
+    rows = list(csv.DictReader(out.open()))
+    table = [re.split(r"\s{2,}", ln.strip()) for ln in lines[start + 2 : start + 2 + len(rows)]]
+    assert table == [[Path(x["path"]).name, Path(x["path"]).parent.name, x["label"], f"{float(x['p_parasitized']):.3f}"]
+                     for x in rows]
+    assert all(ord(c) < 128 for c in "".join(lines[start : start + 2 + len(rows)]))
+
+
+def test_table_cells_are_literal_text_and_long_rows_are_not_wrapped(capsys):
+    from malaria_screen.cli.core import echo_table
+
+    cell = "[bold]x[/bold] :smile: " + "y" * 300
+    echo_table([["a", cell], ["bb", "c"]], ["name", "note"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[2].rstrip() == "a     " + cell and lines[3].rstrip() == "bb    c"
+    assert lines[0].rstrip() == "name  note"

@@ -7,23 +7,43 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 log = logging.getLogger("malaria_screen.cli")
 
 
+# Tables on a pipe or in a file: plain ASCII, columns two spaces apart, a dashed rule under the
+# header, never wrapped (scripts split them on runs of spaces).
+_PLAIN_BOX = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
+
+
 def echo_table(rows: list[list[str]], header: list[str]) -> None:
-    """Print ``rows`` under ``header`` as a plain-text table (columns padded, a dashed rule)."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    typer.echo(line)
-    typer.echo("  ".join("-" * w for w in widths))
+    """Print ``rows`` under ``header`` as a table (``rich.table.Table``) on standard output.
+
+    On a terminal: rich's simple box, bold header, cells wrapped to the terminal's width. Otherwise
+    (a pipe, a file, a test's captured output): plain ASCII, columns two spaces apart, a dashed
+    rule under the header, lines never wrapped, so the text stays the same whatever the width.
+    """
+    console = Console(file=sys.stdout, markup=False, emoji=False, highlight=False)
+    plain = not console.is_terminal
+    if plain:
+        console = Console(file=sys.stdout, width=1 << 16, no_color=True, markup=False, emoji=False, highlight=False)
+    table = Table(box=_PLAIN_BOX if plain else box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  padding=(0, 1, 0, 0) if plain else (0, 1), header_style="" if plain else "bold", highlight=False)
+    for h in header:
+        table.add_column(h, no_wrap=plain)
     for r in rows:
-        typer.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+        table.add_row(*(Text(str(x)) for x in r))  # literal text: no markup, emoji codes or highlighting
+    console.print(table, crop=False, soft_wrap=plain)
 
 
 def check_out_dir(out: Path, param_hint: str = "'--out'") -> Path:

@@ -317,7 +317,7 @@ def bench_infer(
 
     import numpy as np
 
-    from malaria_screen.export.bench import bench_backends, format_bench_table
+    from malaria_screen.export.bench import bench_backends
     from malaria_screen.export.split_cells import default_nih_dir
     from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import OnnxPredictor, Predictor
@@ -372,9 +372,23 @@ def bench_infer(
         mflops = count_flops(net, pt.input_size) / 1e6
         res = bench_backends(models, files, batch_sizes=batch, mflops_per_cell=mflops, workers=workers)
     res.update(model=str(mdir), data=str(data), as_png=as_png, threads=threads)
-    typer.echo(format_bench_table(res))
+    _print_bench(res)
     if json_out:
         atomic_write_json(json_out, res)
+
+
+def _print_bench(res: dict) -> None:
+    """Print :func:`~malaria_screen.export.bench.bench_backends` results as a table and a footnote."""
+    head = ["backend", "batch", "end-to-end cells/s", "decode-only cells/s", "infer-only cells/s", "infer % of matmul peak",
+            "e2e % of matmul peak"]
+    rows = [[r["backend"], str(r["batch"]), f"{r['end_to_end']:,.0f}", f"{r['decode']:,.0f}", f"{r['infer']:,.0f}",
+             "-" if r["ceiling_ratio"] is None else f"{100 * r['ceiling_ratio']:.1f}",
+             "-" if r["ceiling_ratio_e2e"] is None else f"{100 * r['ceiling_ratio_e2e']:.1f}"] for r in res["rows"]]
+    echo_table(rows, head)
+    mf = res.get("mflops_per_cell")
+    typer.echo(f"\n{res['n_files']} files, {res['workers']} decoding threads, {res['cpu_count']} CPUs; "
+               f"matmul ceiling {res['matmul_gflops']:.1f} GFLOP/s (float32 2048x2048)"
+               + (f"; model {mf:.2f} MFLOPs/cell" if mf else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from malaria_screen.inference.base import iter_file_batches
 
-__all__ = ["matmul_gflops", "bench_backends", "format_bench_table"]
+__all__ = ["matmul_gflops", "bench_backends"]
 
 log = logging.getLogger(__name__)
 
@@ -129,20 +129,3 @@ def bench_backends(
         gflops = best
     return {"matmul_gflops": gflops, "cpu_count": os.cpu_count(), "n_files": len(files), "workers": workers,
             "mflops_per_cell": mflops_per_cell, "rows": rows}
-
-
-def format_bench_table(res: dict) -> str:
-    """Plain-text table of :func:`bench_backends` results."""
-    head = ["backend", "batch", "end-to-end cells/s", "decode-only cells/s", "infer-only cells/s", "infer % of matmul peak",
-            "e2e % of matmul peak"]
-    rows = [[r["backend"], str(r["batch"]), f"{r['end_to_end']:,.0f}", f"{r['decode']:,.0f}", f"{r['infer']:,.0f}",
-             "-" if r["ceiling_ratio"] is None else f"{100 * r['ceiling_ratio']:.1f}",
-             "-" if r["ceiling_ratio_e2e"] is None else f"{100 * r['ceiling_ratio_e2e']:.1f}"] for r in res["rows"]]
-    w = [max(len(x) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(h.ljust(k) for h, k in zip(head, w)), "  ".join("-" * k for k in w)]
-    lines += ["  ".join(c.ljust(k) for c, k in zip(r, w)) for r in rows]
-    mf = res.get("mflops_per_cell")
-    lines.append(f"\n{res['n_files']} files, {res['workers']} decoding threads, {res['cpu_count']} CPUs; "
-                 f"matmul ceiling {res['matmul_gflops']:.1f} GFLOP/s (float32 2048x2048)"
-                 + (f"; model {mf:.2f} MFLOPs/cell" if mf else ""))
-    return "\n".join(lines)
