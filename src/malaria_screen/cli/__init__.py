@@ -30,7 +30,7 @@ app = typer.Typer(
 
 # Command groups, in the order they appear in --help. A group whose optional dependencies are
 # missing (e.g. the torch-free runtime install) is skipped.
-_GROUPS = ("core", "smear", "domain", "deploy", "research")
+_GROUPS = ("core", "smear", "adapt", "domain", "deploy", "research")
 for _name in _GROUPS:
     try:
         _mod = importlib.import_module(f"malaria_screen.cli.{_name}")

@@ -58,13 +58,15 @@ class Unmatched(str, Enum):
 
 
 def load_rescorer(path: Optional[Path], predictor):
-    """The ``--rescorer`` folder's :class:`~malaria_screen.smear.rescore.CellRescorer` (None without one).
+    """The ``--rescorer`` folder's :class:`~malaria_screen.smear.rescore.CellRescorer`, else the
+    second stage of a site model (``--model SITE`` from ``malaria-screen adapt``); None without one.
 
     Raises
     ------
     typer.Exit
         With status 2 if it cannot be loaded, or is given without a cell model.
     """
+    path = path if path is not None else getattr(predictor, "rescorer_dir", None)
     if path is None:
         return None
     from malaria_screen.smear.rescore import CellRescorer

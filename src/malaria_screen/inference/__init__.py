@@ -29,6 +29,7 @@ _LAZY = {
     "Predictor": "malaria_screen.inference.predictor",
     "OnnxPredictor": "malaria_screen.inference.onnx_predictor",
     "EnsemblePredictor": "malaria_screen.inference.ensemble",
+    "SitePredictor": "malaria_screen.inference.site",
 }
 
 
@@ -54,7 +55,8 @@ def load_model(path: str | Path | None = None, *, backend: str = "auto", **kwarg
     path : path, optional
         A run folder written by ``malaria-screen train``, an ``.onnx`` file written by
         ``malaria-screen export``, an ensemble folder written by ``malaria-screen ensemble``
-        (its members load with ``backend``), or None for the bundled default model.
+        (its members load with ``backend``), a site folder written by ``malaria-screen adapt``
+        (:class:`~malaria_screen.inference.site.SitePredictor`), or None for the bundled default model.
     backend : {"auto", "torch", "onnx"}, default="auto"
         ``"auto"``: ONNX Runtime for ``.onnx`` files; PyTorch for folders, or ONNX Runtime
         (``model.onnx`` / ``model.int8.onnx`` in the folder) when torch is not installed.
@@ -91,6 +93,10 @@ def load_model(path: str | Path | None = None, *, backend: str = "auto", **kwarg
 
     if is_ensemble_dir(p):
         return EnsemblePredictor.from_dir(p, backend=backend, **kwargs)
+    from malaria_screen.inference.site import SitePredictor, is_site_dir
+
+    if is_site_dir(p):
+        return SitePredictor.from_dir(p, backend=backend, **kwargs)
     is_onnx_file = p.suffix.lower() == ".onnx"
     if backend == "torch" and is_onnx_file:
         raise ValueError(f"{p} is an ONNX model: use backend='onnx' (or 'auto')")

@@ -89,7 +89,8 @@ def field_quantifier(model: Any, *, rescorer: Any | None = None, method: str | N
     rescorer : CellRescorer, optional
         A site's second stage: classify and count at its own ``threshold``.
     method : str, optional
-        A key of :data:`FIELD_METHODS`; default
+        A key of :data:`FIELD_METHODS`; default: the model's ``default_parasitemia_method`` (a
+        site model from ``malaria-screen adapt``: ``"cc"`` at its count-matched threshold), else
         :data:`~malaria_screen.evaluation.quantify.FIELD_DEFAULT_METHOD`.
     target_prior : float, default=0.02
         The prior of ``"prior"``.
@@ -109,7 +110,7 @@ def field_quantifier(model: Any, *, rescorer: Any | None = None, method: str | N
         return None
     if rescorer is not None:
         return ClassifyAndCount(float(getattr(rescorer, "threshold", 0.5)))
-    method = method or FIELD_DEFAULT_METHOD
+    method = method or getattr(model, "default_parasitemia_method", None) or FIELD_DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"unknown parasitemia method {method!r}; choose from {list(FIELD_METHODS)}")
     try:

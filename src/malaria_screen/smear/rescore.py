@@ -83,6 +83,12 @@ class RescorerConfig:
         Segmentation settings of the training fields (use the same for screening); saved as a
         JSON object (older files hold a plain ``segment_kwargs`` dict, read the same way).
     fit_seconds : float
+    kind : {"trees", "linear"}
+        The estimator: gradient-boosted trees (thousands of labelled cells), or an L2-regularised
+        logistic regression on standardised inputs (``C`` = :attr:`linear_c`; a few hundred
+        labelled cells, ``malaria-screen adapt``). Files written before this option: trees.
+    linear_c : float
+        Inverse regularisation strength of the logistic regression.
     """
 
     feature_names: list[str] = field(default_factory=list)
@@ -100,6 +106,8 @@ class RescorerConfig:
     n_parasitized: int = 0
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     fit_seconds: float = 0.0
+    kind: str = "trees"
+    linear_c: float = 0.1
 
     @classmethod
     def from_dict(cls, values: dict) -> "RescorerConfig":
@@ -324,6 +332,10 @@ class CellRescorer:
     max_iter, learning_rate, max_depth, min_samples_leaf, l2_regularization
         ``HistGradientBoostingClassifier`` hyper-parameters (no early stopping: the fit is
         deterministic).
+    kind : {"trees", "linear"}, default="trees"
+        Gradient-boosted trees, or a logistic regression (:attr:`RescorerConfig.kind`).
+    linear_c : float, default=0.1
+        ``C`` of the logistic regression.
 
     Examples
     --------
@@ -334,11 +346,13 @@ class CellRescorer:
 
     def __init__(self, *, use_model_logit: bool = True, relative: bool = True, max_iter: int = 200,
                  learning_rate: float = 0.05, max_depth: int = 3, min_samples_leaf: int = 40,
-                 l2_regularization: float = 1.0) -> None:
+                 l2_regularization: float = 1.0, kind: str = "trees", linear_c: float = 0.1) -> None:
+        if kind not in ("trees", "linear"):
+            raise ValueError(f"kind must be 'trees' or 'linear', got {kind!r}")
         self.config = RescorerConfig(
             feature_names=input_names(use_model_logit=use_model_logit, relative=relative),
             use_model_logit=use_model_logit, field_relative=relative, max_iter=max_iter, learning_rate=learning_rate, max_depth=max_depth,
-            min_samples_leaf=min_samples_leaf, l2_regularization=l2_regularization,
+            min_samples_leaf=min_samples_leaf, l2_regularization=l2_regularization, kind=kind, linear_c=linear_c,
         )
         self.estimator: Any | None = None  # the fitted HistGradientBoostingClassifier
         self.source: str | None = None  # the folder it was loaded from
@@ -349,10 +363,18 @@ class CellRescorer:
         return self.config.threshold
 
     def new_estimator(self):
-        """An unfitted ``HistGradientBoostingClassifier`` with this rescorer's hyper-parameters."""
+        """An unfitted estimator with this rescorer's hyper-parameters: a
+        ``HistGradientBoostingClassifier``, or (``kind="linear"``) a ``StandardScaler`` +
+        ``LogisticRegression`` pipeline."""
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         c = self.config
+        if c.kind == "linear":
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+
+            return make_pipeline(StandardScaler(), LogisticRegression(C=c.linear_c, max_iter=2000))
         return HistGradientBoostingClassifier(
             max_iter=c.max_iter, learning_rate=c.learning_rate, max_depth=c.max_depth,
             min_samples_leaf=c.min_samples_leaf, l2_regularization=c.l2_regularization, early_stopping=False,
