@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -208,3 +209,68 @@ def test_app_limits_match_rest(onnx_fp32, sample_pngs, tmp_path):
     demo = build_app(pred, limits=AppLimits(max_queue=3), work_dir=tmp_path / "w")
     assert demo.app_limits.max_file_bytes == 8 * 1024 * 1024 and demo._queue.max_size == 3
     assert demo.delete_cache == (900, 900)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_labelling_tab_in_headless_chromium(playwright_api, default_model_dir, demo_field, iml_dir, tmp_path):
+    """Issue 20: add an example field and an uploaded IML field, label cells with the keyboard
+    (p / u / n, z = undo), export the CSV and fit a site model: the page's counts, the exported
+    file and the site folder agree with the labels typed; the before/after is shown as in-sample."""
+    pytest.importorskip("skimage")
+    sync_api = playwright_api
+    from malaria_screen.app import launch
+    from malaria_screen.inference import load_model
+    from malaria_screen.inference.site import SitePredictor
+    from malaria_screen.smear.adapt import read_labels_csv
+
+    model = load_model(default_model_dir, backend="torch")
+    iml_field = iml_dir / "images" / "PA171959.JPG"
+    port = _free_port()
+    work = tmp_path / "work"
+    demo = launch(model, host="127.0.0.1", port=port, prevent_thread_lock=True, work_dir=work)
+    keys = ["p", "p", "u", "p", "u", "n", "u", "n"]  # then z: the last 'n' is taken back
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=60_000)
+            page.get_by_role("tab", name="Labelling").click(timeout=60_000)
+            status = page.locator("#label-status")
+            page.locator("#label-examples img").first.click(timeout=60_000)  # the bundled example field
+            status.get_by_text("1 field(s)").wait_for(timeout=60_000)
+            page.locator("#label-in input[type=file]").set_input_files(str(iml_field))
+            status.get_by_text("2 field(s)").wait_for(timeout=60_000)
+            assert page.locator("#label-batch img").count() == 12 and page.locator("#label-cell img").count() == 1
+            page.evaluate("document.activeElement && document.activeElement.blur()")
+            for k, key in enumerate(keys, start=1):
+                page.keyboard.press(key)
+                status.get_by_text(f"{k} labelled").wait_for(timeout=30_000)
+            page.keyboard.press("z")
+            status.get_by_text("7 labelled: 3 Parasitized, 3 Uninfected, 1 not a cell").wait_for(timeout=30_000)
+            page.locator("#label-export").click()
+            status.get_by_text("Exported 7 labels").wait_for(timeout=30_000)
+            page.locator("#label-csv").get_by_text("labels").first.wait_for(timeout=30_000)  # the file to download
+            page.locator("#label-adapt").click()
+            result = page.locator("#label-result")
+            result.get_by_text("Site model fitted").wait_for(timeout=120_000)
+            text = result.inner_text()
+            assert "in-sample" in text and "on 7 labelled cells" in text and "3 Parasitized" in text
+            assert page.locator("#label-compare").get_by_text("PA171959.JPG").count() >= 1
+            assert "site" in page.locator("#label-site").inner_text() and ".zip" in page.locator("#label-site").inner_text()
+            (csv_path,) = work.glob("*/labelling/fields/labels.csv")
+            cells = read_labels_csv(csv_path)
+            assert [c.label for c in cells] == ["Parasitized", "Parasitized", "Uninfected", "Parasitized", "Uninfected",
+                                                "not a cell", "Uninfected"]
+            assert {Path(c.field).name for c in cells} <= {Path(demo_field).name, iml_field.name}
+            site = load_model(csv_path.parents[1] / "site")
+            assert isinstance(site, SitePredictor) and site.site.n_parasitized == 3 and site.site.n_not_a_cell == 1
+            page.close()  # the tab closes: its session folder goes
+            for _ in range(50):
+                if not csv_path.parents[2].exists():
+                    break
+                time.sleep(0.2)
+            assert not csv_path.parents[2].exists()
+            browser.close()
+    finally:
+        demo.close()

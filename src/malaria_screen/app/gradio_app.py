@@ -10,6 +10,12 @@ fields of one slide give the slide's parasitemia with its 95 % interval, the sel
 (fields that are not blood smears, fields outside the model's domain, left out of the total) and a
 gallery of the cells to confirm by eye; the bundled example fields are shown as thumbnails.
 
+The "Labelling" tab (issue 20) adapts the model to a site: add unlabelled fields, label the
+cells the model is least sure of (active learning) with one click or key each (``p`` / ``u`` /
+``n``, ``z`` = undo), export the labels CSV, and fit a site model on them
+(:mod:`malaria_screen.smear.labelling` holds the session's state, :func:`malaria_screen.smear.adapt.adapt`
+fits), shown before/after on the labelled cells (in-sample) and as each field's parasitemia.
+
 One predictor is built at start-up and shared by all sessions. With the PyTorch back-end each
 result shows the cell beside its Grad-CAM overlay (:func:`malaria_screen.inference.gradcam.explain`);
 with an ONNX model (no gradients) the cell alone.
@@ -79,6 +85,10 @@ class AppLimits:
         Events that may wait; more are refused ("queue full").
     cache_ttl_s : int, default=900
         Uploads and result files are deleted this long after they were made (checked as often).
+    max_label_fields : int, default=20
+        Fields one labelling session holds (the "Labelling" tab).
+    label_batch : int, default=12
+        Cells shown per labelling batch.
 
     Raises
     ------
@@ -94,6 +104,8 @@ class AppLimits:
     field_concurrency: int = 1
     max_queue: int = 16
     cache_ttl_s: int = 900
+    max_label_fields: int = 20
+    label_batch: int = 12
 
     def __post_init__(self) -> None:
         import dataclasses
@@ -342,6 +354,14 @@ def screen_slide_files(predictor, paths: Sequence[str] | None, *, rescorer=None,
     return "\n\n".join(lines), overlays, table, cells
 
 
+def _special(fn, **types):
+    """Give ``fn`` the annotations Gradio injects by (``gr.Request``, ``gr.SelectData``): this
+    module postpones annotations, and Gradio cannot resolve ``gr`` (imported in the function)
+    from the strings, so it would pass None."""
+    fn.__annotations__.update(types)
+    return fn
+
+
 def _smear_available() -> bool:
     try:
         import malaria_screen.smear.report  # noqa: F401
@@ -411,6 +431,7 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
         with gr.Tabs(selected="field" if _smear_available() else "cells"):
             if _smear_available():
                 _field_tab(gr, predictor, rescorer, limits)
+                _label_tab(gr, predictor, limits, work)
             with gr.Tab("Cells", id="cells"), gr.Row():
                 with gr.Column(scale=1):
                     files = gr.File(label="Cell images", file_count="multiple", file_types=["image"], elem_id="cell-files")
@@ -424,9 +445,11 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
                     table = gr.Dataframe(headers=_CSV_COLUMNS, label="Results", elem_id="results", interactive=False)
                     csv_file = gr.File(label="Results (CSV)", elem_id="csv")
         outs = [summary, gallery, table, csv_file]
+        _special(run, request=gr.Request)
         btn.click(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
         files.upload(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
-        demo.unload(forget)
+        demo.unload(_special(forget, request=gr.Request))
+        demo.load(None, js=_KEYS_JS)  # the labelling tab's keyboard shortcuts, in the browser
     demo.queue(max_size=limits.max_queue)
     demo.app_limits = limits
     return demo
@@ -478,6 +501,255 @@ def _field_tab(gr, predictor, rescorer, limits: AppLimits) -> None:
         pick.__annotations__["evt"] = gr.SelectData  # Gradio injects the event by this type (no postponed string)
         ex.select(pick, inputs=[include], outputs=[field_in, *outs], concurrency_limit=limits.field_concurrency,
                   concurrency_id="field")
+
+
+# -- the "Labelling" tab (issue 20): active learning, labels, export, adapt ---------------------
+
+_LABEL_BUTTONS = (("Parasitized", "p", "label-par"), ("Uninfected", "u", "label-uninf"), ("not a cell", "n", "label-nocell"))
+#: Keyboard shortcuts of the labelling tab (p / u / n label the current cell, z undoes), run in the
+#: browser: a key press clicks the tab's button when the tab is shown and no text field has focus.
+_KEYS_JS = """() => {
+  if (window.__malariaScreenKeys) return;
+  window.__malariaScreenKeys = true;
+  const ids = {p: "label-par", u: "label-uninf", n: "label-nocell", z: "label-undo"};
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target, tag = ((t && t.tagName) || "").toLowerCase();
+    if (tag === "input" || tag === "textarea" || tag === "select" || (t && t.isContentEditable)) return;
+    const id = ids[(e.key || "").toLowerCase()];
+    const b = id && document.getElementById(id);
+    if (!b || b.offsetParent === null || b.disabled) return;
+    e.preventDefault();
+    b.click();
+  });
+}"""
+_LABEL_TABLE = ["#", "field", "x", "y", "w", "h", "label", "p (model)"]
+_COMPARE_TABLE = ["field", "cells", "labelled", "parasitemia % before", "parasitemia % after"]
+_LABEL_HELP = ("Add unlabelled fields of your own microscope (or an example field). The model screens them and "
+               "offers, batch by batch, the cells it is least sure of (uncertainty sampling, with a quarter drawn at "
+               "random). Label each: **Parasitized** (`p`), **Uninfected** (`u`) or **not a cell** (`n`: debris, a "
+               "white cell, a platelet, two cells in one box); `z` undoes. Export the labels CSV for "
+               "`malaria-screen adapt`, or fit a site model here. *Research use only; not a medical device.*")
+
+
+def _label_status(sess) -> str:
+    if sess is None or not sess.fields:
+        return "No fields yet: add field images to start."
+    c = sess.counts
+    return (f"**{len(sess.fields)} field(s), {sess.n_cells} cells; {sess.n_labelled} labelled: "
+            f"{c['Parasitized']} Parasitized, {c['Uninfected']} Uninfected, {c['not a cell']} not a cell.** "
+            "Keys: `p` / `u` / `n`, `z` = undo.")
+
+
+def _label_view(sess, note: str = ""):
+    """``(current tile, caption, status, batch gallery, labels table)`` of a labelling session."""
+    status = _label_status(sess) + (f"\n\n{note}" if note else "")
+    if sess is None:
+        return None, "", status, [], []
+    cur = sess.current
+    batch = sess.batch
+    gallery = [(c.tile, f"{k + 1}: {sess.label_of(c.index) or '?'}") for k, c in enumerate(batch)]
+    rows = [[k + 1, Path(c.field).name, *(round(v) for v in c.bbox), c.label, round(p, 3)]
+            for k, (_, c, p) in enumerate(sess.labelled())][-50:][::-1]
+    if cur is None:
+        caption = "Every cell is labelled." if sess.fields else ""
+        return None, caption, status, gallery, rows
+    pos = next(k for k, c in enumerate(batch) if c.index == cur.index)
+    x, y, w, h = (round(v) for v in cur.bbox)
+    by = "the site model" if sess.fit is not None else "the prior-corrected call (2 % prevalence)"
+    was = sess.label_of(cur.index)
+    caption = (f"**Cell {pos + 1} of {len(batch)}** in this batch: `{cur.field}`, box ({x}, {y}) {w}x{h} px. "
+               f"Model P(Parasitized) {cur.p:.3f}; ranked by {by}: {cur.p_current:.3f} (threshold {cur.threshold:.3f})"
+               + (f". Labelled **{was}**: label again to change it." if was else "."))
+    return cur.tile, caption, status, gallery, rows
+
+
+def _rate(m: dict, key: str, num: str, den: str) -> str:
+    return "n/a" if m[key] is None else f"{m[key]:.2f} ({m[num]}/{m[den]})"
+
+
+def _comparison_md(res, cmp, model_name: str) -> str:
+    """Markdown of an adapt's before/after (:class:`~malaria_screen.smear.labelling.Comparison`)."""
+    b, a = cmp.before, cmp.after
+    site = res.site
+    prev = b["n_parasitized"] / b["n"] if b["n"] else 0.0
+    lines = [
+        f"**Site model fitted ({cmp.method}) on {b['n']} labelled cells** ({site.n_parasitized} Parasitized, "
+        f"{site.n_uninfected} Uninfected, {site.n_not_a_cell} not a cell) from {site.n_fields} field(s). "
+        "Download it below and use it with `--model` (`smear`, `predict`, `serve`, `app`).",
+        "",
+        f"| on the labelled cells | before: `{model_name}` as screened today | after: site model |",
+        "|---|---|---|",
+        f"| sensitivity | {_rate(b, 'sensitivity', 'tp', 'n_parasitized')} | {_rate(a, 'sensitivity', 'tp', 'n_parasitized')} |",
+        f"| PPV | {_rate(b, 'ppv', 'tp', 'called')} | {_rate(a, 'ppv', 'tp', 'called')} |",
+        f"| specificity | {_rate(b, 'specificity', 'tn', 'n')} | {_rate(a, 'specificity', 'tn', 'n')} |",
+        f"| called Parasitized (labelled {b['n_parasitized']}) | {b['called']} | {a['called']} |",
+        "",
+        f"Trivial baseline, calling every labelled cell Parasitized: sensitivity 1.00, PPV {prev:.2f} "
+        "(the labelled cells' prevalence).",
+        "",
+        "⚠️ **\"After\" is in-sample**: measured on the cells the site model was fitted on, it shows the fit, not "
+        "how the site model does on new fields; held-out figures come from the learning-curve benchmark "
+        "(`benchmarks/bench_learning_curve.py`). The cells offered for labelling are the ones the model is least "
+        "sure of, not a field's usual mix. Parasitemia below counts every segmented cell of each field.",
+    ]
+    if res.report.get("skipped_rows"):
+        lines.append(f"{len(res.report['skipped_rows'])} label(s) left out: " + "; ".join(res.report["skipped_rows"][:5]))
+    return "\n".join(lines)
+
+
+def _label_tab(gr, predictor, limits: AppLimits, work: Path) -> None:
+    """The "Labelling" tab: add fields, label the cells offered (active learning), export, adapt.
+
+    The state of each browser session is a :class:`~malaria_screen.smear.labelling.LabellingSession`;
+    its fields (copied, so that Gradio's cache expiry does not remove them mid-session), labels CSV
+    and site folder live in ``work/<session>/labelling/`` and go when the tab closes."""
+    import shutil
+
+    from malaria_screen.smear.labelling import LabellingSession, adaptable_model
+
+    cell_model, run_dir = adaptable_model(predictor)
+    model_name = Path(str(getattr(cell_model, "source", None) or "model")).name
+    fields = example_fields()
+
+    def folder(request) -> Path:
+        h = getattr(request, "session_hash", None) or "session"
+        return work / h / "labelling"
+
+    with gr.Tab("Labelling", id="label"), gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown(_LABEL_HELP)
+            label_in = gr.File(label="Unlabelled field images", file_count="multiple", file_types=["image"],
+                               elem_id="label-in")
+            add_btn = gr.Button("Add fields and screen them", variant="primary", elem_id="label-add")
+            if fields:
+                ex = gr.Gallery(value=[(p, Path(p).name) for p in fields], label="Example fields (click one to add it)",
+                                columns=3, height="auto", allow_preview=False, elem_id="label-examples")
+            export_btn = gr.Button("Export labels (CSV)", elem_id="label-export")
+            csv_out = gr.File(label="Labels CSV (field,x,y,w,h,label)", elem_id="label-csv")
+            adapt_btn = gr.Button("Fit a site model on these labels (adapt)", elem_id="label-adapt")
+            site_out = gr.File(label="Site model folder (zip)", elem_id="label-site")
+        with gr.Column(scale=2):
+            status = gr.Markdown(_label_status(None), elem_id="label-status")
+            with gr.Row():
+                cell = gr.Image(label="Cell to label (box outlined)", format="png", height=320, interactive=False,
+                                elem_id="label-cell")
+                with gr.Column():
+                    caption = gr.Markdown(elem_id="label-caption")
+                    btns = {lab: gr.Button(f"{lab} ({key})", elem_id=eid) for lab, key, eid in _LABEL_BUTTONS}
+                    undo_btn = gr.Button("Undo (z)", elem_id="label-undo")
+                    next_btn = gr.Button("Next batch", elem_id="label-next")
+            batch = gr.Gallery(label="This batch (click a cell to label or relabel it)", columns=6, height="auto",
+                               allow_preview=False, elem_id="label-batch")
+            result = gr.Markdown(elem_id="label-result")
+            compare = gr.Dataframe(headers=_COMPARE_TABLE, label="Fields: parasitemia before / after", interactive=False,
+                                   elem_id="label-compare")
+            table = gr.Dataframe(headers=_LABEL_TABLE, label="Labels (latest first)", interactive=False,
+                                 elem_id="label-table")
+    state = gr.State(None)
+    view = [cell, caption, status, batch, table]
+
+    def add(paths, sess, request: gr.Request | None = None):
+        paths = [str(p) if isinstance(p, (str, os.PathLike)) else getattr(p, "name", str(p)) for p in (paths or [])]
+        if not paths:
+            return sess, *_label_view(sess, "No field given.")
+        if sess is None:
+            sess = LabellingSession(cell_model, max_fields=limits.max_label_fields, batch_size=limits.label_batch)
+        dest_dir = folder(request) / "fields"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        notes, spent = [], 0
+        for i, p in enumerate(paths):
+            name = Path(p).name
+            if i >= limits.max_files or spent > limits.max_request_pixels:
+                notes.append(f"⛔ **{name}**: not read (over {limits.max_files} files or "
+                             f"{limits.max_request_pixels:,} pixels per click)")
+                continue
+            dest = dest_dir / name
+            try:
+                if any(Path(f).name == name for f in sess.fields):
+                    raise ValueError(f"a field named {name!r} is already in this session")
+                rgb = check_colour(decode_image(p, max_pixels=limits.max_pixels))
+                spent += rgb.shape[0] * rgb.shape[1]
+                shutil.copyfile(p, dest)
+                n = sess.add_field(dest, rgb)
+                notes.append(f"✅ **{name}**: {n} cells")
+            except Exception as exc:  # noqa: BLE001 - one bad field never stops the others
+                if dest.exists() and all(Path(f) != dest for f in sess.fields):
+                    dest.unlink()
+                if not isinstance(exc, (OSError, ValueError)):
+                    log.exception("labelling: adding %s failed", name)
+                notes.append(f"⛔ **{name}**: {error_text(exc)}")
+        if sess.fields and sess.current is None:
+            sess.next_batch()
+        return sess, *_label_view(sess, "\n\n".join(notes))
+
+    def do_label(sess, label):
+        if sess is None or sess.current is None:
+            return sess, *_label_view(sess, "No cell to label: add fields first.")
+        sess.label(label)
+        return sess, *_label_view(sess)
+
+    def undo(sess):
+        if sess is None or sess.undo() is None:
+            return sess, *_label_view(sess, "Nothing to undo.")
+        return sess, *_label_view(sess)
+
+    def next_batch(sess):
+        if sess is None or not sess.fields:
+            return sess, *_label_view(sess)
+        sess.next_batch()
+        return sess, *_label_view(sess)
+
+    def pick(sess, evt):
+        if sess is not None and 0 <= evt.index < len(sess.batch):
+            sess.select(evt.index)
+        return sess, *_label_view(sess)
+
+    def export(sess, request: gr.Request | None = None):
+        if sess is None or not sess.n_labelled:
+            return None, *_label_view(sess, "Nothing labelled yet.")[2:3]
+        path = sess.write_csv(folder(request) / "fields" / "labels.csv")
+        return str(path), _label_status(sess) + f"\n\nExported {sess.n_labelled} labels."
+
+    def run_adapt(sess, request: gr.Request | None = None):
+        if sess is None or not sess.n_labelled:
+            return "Nothing labelled yet.", [], None
+        if run_dir is None:
+            return ("This app runs a model that `adapt` cannot fit (an ONNX file): export the labels and run "
+                    "`malaria-screen adapt --labels labels.csv --model RUN_FOLDER`."), [], None
+        root = folder(request)
+        try:
+            res, cmp = sess.adapt(root / "fields" / "labels.csv", root / "site", model_dir=run_dir)
+        except (OSError, ValueError) as exc:  # LabelsError (too few of a class) is a ValueError
+            return f"Could not fit a site model: {error_text(exc)}", [], None
+        except Exception as exc:  # noqa: BLE001 - shown, not raised; a bug, so logged in full
+            log.exception("labelling: adapt failed")
+            return f"Could not fit a site model: {error_text(exc)}", [], None
+        zip_path = shutil.make_archive(str(root / "site"), "zip", root_dir=res.out)
+        rows = [[f["field"], f["cells"], f["labelled"], round(100 * f["before"], 2), round(100 * f["after"], 2)]
+                for f in cmp.fields]
+        return _comparison_md(res, cmp, model_name), rows, zip_path
+
+    _special(pick, evt=gr.SelectData)
+    for fn in (add, export, run_adapt):
+        _special(fn, request=gr.Request)
+    light = {"concurrency_limit": 1, "concurrency_id": "label", "trigger_mode": "multiple"}  # in order, one at a time
+    work_kw = {"concurrency_limit": limits.field_concurrency, "concurrency_id": "label-work"}
+    add_btn.click(add, inputs=[label_in, state], outputs=[state, *view], **work_kw)
+    label_in.upload(add, inputs=[label_in, state], outputs=[state, *view], **work_kw)
+    for lab, btn in btns.items():
+        btn.click(lambda sess, _lab=lab: do_label(sess, _lab), inputs=[state], outputs=[state, *view], **light)
+    undo_btn.click(undo, inputs=[state], outputs=[state, *view], **light)
+    next_btn.click(next_batch, inputs=[state], outputs=[state, *view], **light)
+    batch.select(pick, inputs=[state], outputs=[state, *view], **light)
+    export_btn.click(export, inputs=[state], outputs=[csv_out, status], **light)
+    adapt_btn.click(run_adapt, inputs=[state], outputs=[result, compare, site_out], **work_kw)
+    if fields:
+        def add_example(sess, evt, request: gr.Request | None = None):
+            return add([fields[evt.index]], sess, request)
+
+        _special(add_example, evt=gr.SelectData, request=gr.Request)
+        ex.select(add_example, inputs=[state], outputs=[state, *view], **work_kw)
 
 
 def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False, **kwargs):
