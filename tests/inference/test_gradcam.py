@@ -22,7 +22,8 @@ def test_maps_match_the_definition_and_overlay_geometry(random_run, sample_pngs)
     assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0
     np.testing.assert_allclose(probs, pt.predict_proba_prepared(cells), atol=1e-5)
     # by hand for cell 0: alpha_k = mean grad of logit 0 wrt A^k, cam = relu(sum_k alpha_k A^k)
-    x = (torch.from_numpy(cells[:1]).permute(0, 3, 1, 2).float() - pt._mean) * pt._inv_std
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (pt.config.mean, pt.config.std))
+    x = (torch.from_numpy(cells[:1]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
     a = pt.net.forward_features(x).detach().requires_grad_(True)
     pt.net.forward_head(a)[0, 0].backward()
     coarse = torch.relu((a.grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))

@@ -19,6 +19,7 @@ import torch
 from torchvision.transforms import v2
 
 from malaria_screen.config import COLOR_AUGMENTS
+from malaria_screen.data.normalize import NormalizePixels, normalize_pixels
 
 __all__ = ["COLOR_AUGMENTS", "BatchAugment", "hed_augment", "RandomRot90", "RandomSaturation", "train_transform", "eval_transform"]
 
@@ -101,15 +102,15 @@ def train_transform(
             RandomRot90(),
             v2.RandomCrop(size_px, padding=max(1, size_px // 16), fill=0),
             *colour,
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
+            NormalizePixels(mean, std),
         ]
     )
 
 
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Normalise without augmentation: ``(3, S, S)`` or ``(B, 3, S, S)`` uint8 in, float32 out."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
+    """Normalise without augmentation: ``(3, S, S)`` or ``(B, 3, S, S)`` uint8 in, float32 out
+    (:func:`~malaria_screen.data.normalize.normalize_pixels`, as at inference)."""
+    return v2.Compose([NormalizePixels(mean, std)])
 
 
 # Ruifrok & Johnston (2001) stain vectors as scikit-image ships them (skimage.color.rgb_from_hed):
@@ -194,8 +195,7 @@ class BatchAugment:
             raise ValueError(f"hed_sigma and jitter must be in [0, 1), got {hed_sigma} and {jitter}")
         self.size_px, self.pad = size_px, max(1, size_px // 16)
         self.hed_sigma, self.jitter = hed_sigma, jitter
-        self.mean = torch.tensor(list(mean), dtype=torch.float32)[None, :, None, None]
-        self.std = torch.tensor(list(std), dtype=torch.float32)[None, :, None, None]
+        self.mean, self.std = tuple(mean), tuple(std)
         self.gen = torch.Generator().manual_seed(seed)
 
     def _u(self, *shape: int, lo: float, hi: float) -> torch.Tensor:
@@ -230,4 +230,4 @@ class BatchAugment:
             contrast = self._u(b, 1, 1, 1, lo=1 - j, hi=1 + j)
             grey = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).mean(dim=(1, 2))[:, None, None, None]
             out = ((out * bright - grey * bright) * contrast + grey * bright).clamp_(0.0, 1.0).masked_fill_(black, 0.0)
-        return (out - self.mean) / self.std
+        return normalize_pixels(out.mul_(255.0), self.mean, self.std)

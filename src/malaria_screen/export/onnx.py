@@ -14,7 +14,8 @@ output ``probs`` : (N, num_classes) float32
 Inside: ``Cast`` to float32, ``(x - 255 mean) * 1 / (255 std)`` with the training patients'
 mean/std (on ``(N, S, S*3)`` rows, constants repeated per pixel), ``Transpose`` to NCHW, the
 network, ``Softmax``. The normalisation is computed exactly as
-:class:`~malaria_screen.inference.predictor.Predictor` does, so fp32 ONNX Runtime matches PyTorch
+:class:`~malaria_screen.inference.predictor.Predictor` does (the constants and order of
+:func:`malaria_screen.data.normalize.pixel_affine`), so fp32 ONNX Runtime matches PyTorch
 to float rounding. Taking uint8 also makes the model quantisation-friendly: the first quantised
 tensor is the normalised input, whose range the calibration measures.
 
@@ -88,19 +89,20 @@ _DOC = ("malaria-screen cell classifier. Input 'cells': (N, S, S, 3) uint8 RGB, 
 def _wrapper(net, mean: Sequence[float], std: Sequence[float], size_px: int):
     import torch
 
+    from malaria_screen.data.normalize import pixel_affine
+
     class _Deployable(torch.nn.Module):
         """uint8 NHWC cells -> softmax probabilities, normalising as Predictor does."""
 
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            # the same float32 constants as Predictor, repeated along a row of S pixels: the
-            # affine then runs on (N, S, S*3) rows, which ONNX Runtime vectorises, instead of
-            # broadcasting a 3-vector over NHWC (3-4x slower once int8 convolutions run NHWC)
-            mean255 = torch.tensor(mean, dtype=torch.float32) * 255.0
-            inv_std255 = 1.0 / (torch.tensor(std, dtype=torch.float32) * 255.0)
-            self.register_buffer("mean255_row", mean255.repeat(size_px))
-            self.register_buffer("inv_std255_row", inv_std255.repeat(size_px))
+            # the float32 constants of normalize_pixels (as Predictor), repeated along a row of S
+            # pixels: the affine then runs on (N, S, S*3) rows, which ONNX Runtime vectorises,
+            # instead of broadcasting a 3-vector over NHWC (3-4x slower once int8 convolutions run NHWC)
+            offset, scale = pixel_affine(mean, std)
+            self.register_buffer("mean255_row", offset.repeat(size_px))
+            self.register_buffer("inv_std255_row", scale.repeat(size_px))
 
         def forward(self, cells: torch.Tensor) -> torch.Tensor:
             c = len(mean)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from malaria_screen.data.io import ImageSource, check_cell_size, decode_image
+from malaria_screen.data.normalize import normalize_pixels
 from malaria_screen.data.preprocess import letterbox
 
 __all__ = ["Explanation", "gradcam", "overlay_heatmap", "explain"]
@@ -70,7 +71,7 @@ def gradcam(predictor, cells: np.ndarray, *, class_index: int | None = None) -> 
     net.eval()
     for b in range(0, len(cells), predictor.batch_size):
         x = torch.from_numpy(np.ascontiguousarray(cells[b : b + predictor.batch_size])).to(predictor.device)
-        x = (x.permute(0, 3, 1, 2).float() - predictor._mean) * predictor._inv_std
+        x = normalize_pixels(x.permute(0, 3, 1, 2), predictor.config.mean, predictor.config.std)
         with torch.enable_grad():
             feats = net.forward_features(x).detach().requires_grad_(True)
             logits = net.forward_head(feats)

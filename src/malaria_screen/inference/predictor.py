@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from malaria_screen.config import TrainConfig
+from malaria_screen.data.normalize import normalize_pixels
 from malaria_screen.inference.base import CellClassifierBase, FileResult, default_model_dir
 from malaria_screen.models.registry import build_model
 from malaria_screen.training.run import load_weights
@@ -48,8 +49,6 @@ class Predictor(CellClassifierBase):
         super().__init__(config, metrics=metrics, batch_size=batch_size, source=source)
         self.net = net.to(device).eval()
         self.device = device
-        self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-        self._inv_std = 1.0 / (torch.tensor(config.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -95,7 +94,7 @@ class Predictor(CellClassifierBase):
         out = np.empty((len(cells), len(self.class_names)), dtype=np.float32)
         for s in range(0, len(cells), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(cells[s : s + self.batch_size])).to(self.device)
-            x = (x.permute(0, 3, 1, 2).float() - self._mean) * self._inv_std
+            x = normalize_pixels(x.permute(0, 3, 1, 2), self.config.mean, self.config.std)
             out[s : s + len(x)] = self.net(x).softmax(-1).float().cpu().numpy()
         return out
 

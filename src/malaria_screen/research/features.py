@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from malaria_screen.data.dataset import CellSet
+from malaria_screen.data.normalize import normalize_pixels
 from malaria_screen.data.split import SplitIndices
 
 __all__ = ["FeatureSweep", "stage_modules", "stage_features", "feature_sweep", "write_feature_sweep"]
@@ -96,13 +97,10 @@ def stage_features(
     """
     stages = stage_modules(net)
     net.eval()
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     chunks: list[list[np.ndarray]] = [[] for _ in stages]
     shapes = [""] * len(stages)
     for a in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[a : a + batch_size])).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - m) / s
+        x = normalize_pixels(torch.from_numpy(np.ascontiguousarray(images[a : a + batch_size])).permute(0, 3, 1, 2), mean, std)
         for i, (_, mod) in enumerate(stages):
             x = mod(x)
             chunks[i].append(x.mean(dim=(2, 3)).numpy().astype(np.float32))
