@@ -184,7 +184,7 @@ def test_smear_empty_folder_duplicates_and_help(tmp_path):
     Image.fromarray(img).save(tmp_path / "in" / "f.png")
     r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--no-classify"])
     assert r.exit_code == 1
-    assert f"No field images found in {tmp_path / 'empty'} (looked for .jpg/.jpeg/.png" in r.output
+    assert f"No field images found in {tmp_path / 'empty'} (hidden files and non-image files" in r.output
     assert "error: no field images to screen" in r.output
     same = tmp_path / "in" / ".." / "in" / "f.png"
     r = CliRunner().invoke(_app(), ["smear", str(tmp_path / "empty"), str(tmp_path / "in"), str(same),
@@ -196,7 +196,7 @@ def test_smear_empty_folder_duplicates_and_help(tmp_path):
 
     help_text = " ".join(CliRunner().invoke(_app(), ["smear", "--help"]).output.replace("│", " ").split())
     assert f"up to {MAX_PIXELS // 1_000_000} Mpx" in help_text and "subfolders are not searched" in help_text
-    assert ".webp" in help_text and "*_overlay.png" in help_text
+    assert "WebP" in help_text and "non-image files such as .json" in help_text and "*_overlay.png" in help_text
     help_text = " ".join(CliRunner().invoke(_app(), ["smear-eval", "--help"]).output.replace("│", " ").split())
     assert "~1.15x the cell" in help_text
 

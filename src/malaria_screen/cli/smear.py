@@ -108,7 +108,7 @@ def _present_fields(field_dir: Path, ann: dict) -> list[str]:
     typer.BadParameter
         If none of the annotated images is in ``field_dir``.
     """
-    from malaria_screen.smear.report import IMAGE_SUFFIXES
+    from malaria_screen.data.io import is_image_entry
 
     present = sorted(n for n in ann if os.path.lexists(field_dir / n))  # a broken link is a field's error
     if not present:
@@ -116,7 +116,7 @@ def _present_fields(field_dir: Path, ann: dict) -> list[str]:
     if len(present) < len(ann):
         typer.echo(f"{len(ann) - len(present)} annotated image(s) are not in {field_dir} (skipped)", err=True)
     extra = sorted(q.name for q in field_dir.iterdir()
-                   if not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES and q.name not in ann)
+                   if is_image_entry(q.name) and not q.is_dir() and q.name not in ann)
     if extra:
         typer.echo(f"{len(extra)} image(s) in {field_dir} have no annotation (skipped), e.g. {extra[0]}", err=True)
     return present
@@ -138,7 +138,7 @@ RESCORER_HELP = ("Rescorer folder from `malaria-screen rescorer` (second stage f
 def smear(
     fields: List[Path] = typer.Argument(
         ..., help="Field images (JPEG/PNG/TIFF/BMP/WebP/GIF, decoded by content, up to 100 Mpx each) and/or folders of "
-        "them (their .jpg .jpeg .png .tif .tiff .bmp .webp .gif files; subfolders are not searched; in the --out folder "
+        "them (every file but hidden ones and non-image files such as .json .txt .csv; subfolders are not searched; in the --out folder "
         "the *_overlay.png of an earlier run are skipped); all are one slide. A file given twice is screened once."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.json, <stem>_overlay.png, summary.json, report.html."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model run folder; default: the bundled default model."),
@@ -386,12 +386,12 @@ def crops(
     fields finished and the exit status is 130.
     """
     from malaria_screen.smear.crop_export import ExportInterrupted, export_annotation_crops, export_detection_crops
-    from malaria_screen.smear.report import IMAGE_SUFFIXES
+    from malaria_screen.data.io import is_image_entry
     from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     n_old = sum(1 for cls in ("Parasitized", "Uninfected") if (out / cls).is_dir() for q in (out / cls).iterdir()
-                if q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith("."))
+                if is_image_entry(q.name) and not q.is_dir())
     if n_old:
         raise typer.BadParameter(f"{out} already holds {n_old} image file(s) in Parasitized/ and Uninfected/, which the "
                                  "new groups.csv would not list: use a new folder (add other cells after the export)",

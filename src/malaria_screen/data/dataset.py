@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from malaria_screen.data.io import ImageDecodeError, decode_image
+from malaria_screen.data.io import ImageDecodeError, decode_image, is_image_entry
 from malaria_screen.fileio import atomic_write, atomic_write_json
 from malaria_screen.data.patients import patient_ids_from_names, read_groups_csv
 from malaria_screen.data.preprocess import letterbox
@@ -33,7 +33,6 @@ __all__ = ["CellSet", "scan_image_folder", "load_cell_set", "default_cache_dir",
 log = logging.getLogger(__name__)
 
 _STORE_VERSION = 2
-_SKIP_SUFFIXES = {".txt", ".csv", ".json", ".md", ".db", ".ds_store"}
 
 
 def default_cache_dir() -> Path:
@@ -46,7 +45,11 @@ def default_cache_dir() -> Path:
 
 
 def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Files named by ``paths``, folders walked recursively, sorted; hidden and text files skipped.
+    """Files named by ``paths``, folders walked recursively, sorted.
+
+    A folder contributes the entries :func:`~malaria_screen.data.io.is_image_entry` takes for
+    images (not hidden, not a known non-image file such as ``.txt``/``.json``/``.csv``); hidden
+    subfolders are not walked.
 
     Nothing is opened, so a named pipe in a folder cannot block the listing; it is listed, and
     decoding (:func:`~malaria_screen.data.io.open_image_file`) refuses it. A path that is not a
@@ -69,9 +72,8 @@ def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for f in sorted(filenames):
-                    if f.startswith(".") or Path(f).suffix.lower() in _SKIP_SUFFIXES:
-                        continue
-                    out.append(Path(dirpath) / f)
+                    if is_image_entry(f):
+                        out.append(Path(dirpath) / f)
         else:  # a file, or a missing path / broken link that decoding will report
             out.append(p)
     return out

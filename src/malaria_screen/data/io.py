@@ -57,8 +57,8 @@ except ImportError:  # pragma: no cover - the torch-free runtime install has no 
     cv2 = None
 
 __all__ = ["ImageDecodeError", "ImageSource", "PixelBudget", "SizeHook", "check_cell_size", "check_colour", "check_image_size",
-           "decode_image", "fast_decoders", "open_image_file", "GRAY_SAMPLES", "GRAY_SPREAD", "MAX_PIXELS",
-           "MIN_CELL_SIDE"]
+           "decode_image", "fast_decoders", "is_image_entry", "open_image_file", "GRAY_SAMPLES", "GRAY_SPREAD", "MAX_PIXELS",
+           "MIN_CELL_SIDE", "NON_IMAGE_NAMES", "NON_IMAGE_SUFFIXES"]
 
 #: Largest image accepted, in pixels (width x height). A 1280x960 smear field is 1.2 Mpx;
 #: whole-slide tiles beyond 100 Mpx belong in a tiling reader, not here.
@@ -76,6 +76,53 @@ GRAY_SPREAD: int = 4
 
 #: Pixels :func:`check_colour` looks at, on a regular grid: its cost does not grow with the image.
 GRAY_SAMPLES: int = 4096
+
+#: Suffixes (lower case) of files that sit beside images in a folder and are never images: notes,
+#: tables, annotations, reports, configuration, archives, arrays, model files, OS metadata.
+NON_IMAGE_SUFFIXES: frozenset[str] = frozenset({
+    ".txt", ".csv", ".tsv", ".json", ".jsonl", ".md", ".rst", ".html", ".htm", ".xml", ".yaml", ".yml", ".toml",
+    ".ini", ".cfg", ".log", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".zip", ".gz", ".tar", ".7z", ".npy", ".npz",
+    ".pt", ".pth", ".ckpt", ".onnx", ".safetensors", ".skops", ".py", ".sh", ".db", ".ds_store",
+})
+#: Stems (lower case, any suffix or none) of licence and read-me files shipped beside images.
+NON_IMAGE_NAMES: frozenset[str] = frozenset({"license", "licence", "readme", "copying", "notice", "authors", "changelog"})
+
+
+def is_image_entry(name: str) -> bool:
+    """Whether a folder entry called ``name`` is taken for an image when a folder is listed.
+
+    The package's one rule for listing folders (cells for ``predict``/``evaluate``/training,
+    :func:`~malaria_screen.data.dataset.list_image_files`; fields for ``smear``, crops for
+    ``smear-crops``): every entry whose name does not start with ``"."`` (hidden files, and the
+    package's own ``.*.part``/``.*.tmp`` files while they are written) and is not a known non-image
+    file, by suffix (:data:`NON_IMAGE_SUFFIXES`) or by name (:data:`NON_IMAGE_NAMES`: ``LICENSE``,
+    ``README``, ...), compared case-insensitively. It is not an allow-list of image suffixes,
+    because images are decoded by content (:func:`decode_image`; a WebP named ``.png`` is read as
+    WebP): a file in another format, or without a suffix, is listed and then decoded or reported
+    as that file's error, never dropped silently. Files a user names one by one are taken whatever
+    their name; only folder listings use this rule. Nothing is opened.
+
+    On ``../shared/data`` and the bundled samples this takes the same files as the allow-list of
+    ``.jpg .jpeg .png .tif .tiff .bmp .webp .gif`` that whole-smear screening used before, in
+    every folder (the NIH ``.webp`` crops, the IML and Chula ``.jpg``/``.JPG`` fields; not
+    ``annotations.json``, ``README.md``, ``labels/*.txt`` or ``LICENSE``).
+
+    Parameters
+    ----------
+    name : str
+        The entry's file name (no folder part).
+
+    Returns
+    -------
+    bool
+    """
+    if not name or name.startswith("."):
+        return False
+    stem, dot, suffix = name.lower().rpartition(".")
+    if not dot:
+        stem, suffix = suffix, ""
+    return f".{suffix}" not in NON_IMAGE_SUFFIXES and stem not in NON_IMAGE_NAMES
+
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from malaria_screen.data.io import is_image_entry
 from malaria_screen.errors import error_text
 from malaria_screen.fileio import atomic_write, atomic_write_bytes, atomic_write_json
 from malaria_screen.smear.fields import decode_field
@@ -37,17 +38,16 @@ from malaria_screen.smear.stain import check_stain_method
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
-
-__all__ = ["HIGH_PARASITEMIA", "IMAGE_SUFFIXES", "collect_fields", "overlay_image", "render_report", "render_report_row",
+__all__ = ["HIGH_PARASITEMIA", "collect_fields", "overlay_image", "render_report", "render_report_row",
            "run_smear", "screen_field_file", "slide_warnings", "write_field_outputs"]
 
 
 def collect_fields(inputs: Iterable[str | Path], *, out_dir: str | Path | None = None) -> list[Path]:
     """Expand files and folders into a sorted list of field image paths.
 
-    Folders contribute their (non-recursive, non-hidden) entries with an image suffix
-    (:data:`IMAGE_SUFFIXES`, case-insensitive) that are not folders: regular files, and also
+    Folders contribute their entries (not recursive) that
+    :func:`~malaria_screen.data.io.is_image_entry` takes for images (not hidden, not a known
+    non-image file such as ``.json``/``.txt``/``.csv``/``.html``) and that are not folders: regular files, and also
     broken symbolic links, FIFOs, sockets and devices, so that :func:`run_smear` reports each of
     those as an error instead of dropping it silently. Files named explicitly are always
     included (decoding is by content). Missing paths are kept, to be reported as errors. A file
@@ -81,12 +81,12 @@ def _expand_inputs(inputs: Iterable[str | Path], out_dir: str | Path | None) -> 
             found = sorted(
                 q
                 for q in p.iterdir()
-                if not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()
+                if is_image_entry(q.name) and not q.is_dir()
                 and not (skip_overlays and q.name.endswith("_overlay.png"))
             )
             if not found:
-                notes.append(f"No field images found in {p} (looked for {'/'.join(IMAGE_SUFFIXES)} files; folders are "
-                             "not searched recursively).")
+                notes.append(f"No field images found in {p} (hidden files and non-image files such as .json/.txt/.csv "
+                             "are skipped; folders are not searched recursively).")
             out.extend(found)
         else:
             out.append(p)
