@@ -144,6 +144,8 @@ def test_adapt_from_a_session_on_iml_fields(bundled_model, iml_dir, tmp_path):
     before = field_quantifier(bundled_model).labels(p)
     assert cmp.before["tp"] == int(np.sum(before & y)) and cmp.before["called"] == int(before.sum())
     assert cmp.before["n_parasitized"] == cmp.after["n_parasitized"] == counts["Parasitized"]
+    assert cmp.before["n_negative"] == 36 - counts["Parasitized"]
+    assert cmp.before["specificity"] == pytest.approx(int(np.sum(~before & ~y)) / int(np.sum(~y)))
     if res.site.method == "calibration":
         after = platt(p, res.site.calibration_a, res.site.calibration_b) >= res.site.threshold
         assert cmp.after["tp"] == int(np.sum(after & y)) and cmp.after["called"] == int(after.sum())

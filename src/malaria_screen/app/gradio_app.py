@@ -431,7 +431,6 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
         with gr.Tabs(selected="field" if _smear_available() else "cells"):
             if _smear_available():
                 _field_tab(gr, predictor, rescorer, limits)
-                _label_tab(gr, predictor, limits, work)
             with gr.Tab("Cells", id="cells"), gr.Row():
                 with gr.Column(scale=1):
                     files = gr.File(label="Cell images", file_count="multiple", file_types=["image"], elem_id="cell-files")
@@ -444,6 +443,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
                     gallery = gr.Gallery(label="Cell | Grad-CAM", columns=4, height="auto", elem_id="gallery")
                     table = gr.Dataframe(headers=_CSV_COLUMNS, label="Results", elem_id="results", interactive=False)
                     csv_file = gr.File(label="Results (CSV)", elem_id="csv")
+            if _smear_available():
+                _label_tab(gr, predictor, limits, work)
         outs = [summary, gallery, table, csv_file]
         _special(run, request=gr.Request)
         btn.click(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
@@ -582,7 +583,7 @@ def _comparison_md(res, cmp, model_name: str) -> str:
         "|---|---|---|",
         f"| sensitivity | {_rate(b, 'sensitivity', 'tp', 'n_parasitized')} | {_rate(a, 'sensitivity', 'tp', 'n_parasitized')} |",
         f"| PPV | {_rate(b, 'ppv', 'tp', 'called')} | {_rate(a, 'ppv', 'tp', 'called')} |",
-        f"| specificity | {_rate(b, 'specificity', 'tn', 'n')} | {_rate(a, 'specificity', 'tn', 'n')} |",
+        f"| specificity | {_rate(b, 'specificity', 'tn', 'n_negative')} | {_rate(a, 'specificity', 'tn', 'n_negative')} |",
         f"| called Parasitized (labelled {b['n_parasitized']}) | {b['called']} | {a['called']} |",
         "",
         f"Trivial baseline, calling every labelled cell Parasitized: sensitivity 1.00, PPV {prev:.2f} "

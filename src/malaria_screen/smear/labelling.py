@@ -99,7 +99,7 @@ class Comparison:
     ----------
     before, after : dict
         On the labelled cells (Parasitized = positive; Uninfected and ``not a cell`` negative):
-        ``n``, ``n_parasitized`` (labelled), ``called`` (called Parasitized), ``tp``, ``fp``,
+        ``n``, ``n_parasitized`` and ``n_negative`` (labelled), ``called`` (called Parasitized), ``tp``, ``fp``,
         ``fn``, ``tn``, ``sensitivity``, ``ppv``, ``specificity`` (None when undefined).
         ``before``: the cell model as the whole-field screen calls (its default parasitemia
         method's labels, the prior-corrected call for a model with a training prior);
@@ -121,7 +121,7 @@ def _call_metrics(y: np.ndarray, called: np.ndarray) -> dict:
     y, called = np.asarray(y, bool), np.asarray(called, bool)
     tp, fp = int(np.sum(called & y)), int(np.sum(called & ~y))
     fn, tn = int(np.sum(~called & y)), int(np.sum(~called & ~y))
-    return {"n": int(len(y)), "n_parasitized": tp + fn, "called": tp + fp, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    return {"n": int(len(y)), "n_parasitized": tp + fn, "n_negative": tn + fp, "called": tp + fp, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
             "sensitivity": tp / (tp + fn) if tp + fn else None, "ppv": tp / (tp + fp) if tp + fp else None,
             "specificity": tn / (tn + fp) if tn + fp else None}
 
@@ -443,10 +443,13 @@ class LabellingSession:
                             float(f.p[j])))
             return out
 
-    def labelled_cells(self, *, relative_to: str | Path | None = None) -> list[LabelledCell]:
+    def labelled_cells(self, *, relative_to: str | Path | None = None,
+                       indices: Sequence[int] | None = None) -> list[LabelledCell]:
         """The labels as :class:`~malaria_screen.smear.adapt.LabelledCell` (field path + box), in
-        labelling order; field paths relative to ``relative_to`` when the field lies under it."""
-        cells = [c for _, c, _ in self.labelled()]
+        labelling order (only pool cells ``indices`` when given); field paths relative to
+        ``relative_to`` when the field lies under it."""
+        keep = None if indices is None else set(int(i) for i in indices)
+        cells = [c for i, c, _ in self.labelled() if keep is None or i in keep]
         if relative_to is None:
             return cells
         root = Path(relative_to).resolve()
@@ -457,9 +460,10 @@ class LabellingSession:
             out.append(LabelledCell(label=c.label, field=rel, bbox=c.bbox))
         return out
 
-    def write_csv(self, path: str | Path) -> Path:
+    def write_csv(self, path: str | Path, *, indices: Sequence[int] | None = None) -> Path:
         """Write the labels CSV (``field,x,y,w,h,label``; :func:`~malaria_screen.smear.adapt.read_labels_csv`
         reads it back), atomically; field paths relative to the CSV's folder when they lie under it.
+        ``indices``: only these labelled pool cells (default all).
 
         Raises
         ------
@@ -467,7 +471,7 @@ class LabellingSession:
             If nothing is labelled.
         """
         path = Path(path)
-        cells = self.labelled_cells(relative_to=path.parent)
+        cells = self.labelled_cells(relative_to=path.parent, indices=indices)
         if not cells:
             raise ValueError("nothing labelled yet")
         return write_labels_csv(cells, path)
@@ -500,16 +504,20 @@ class LabellingSession:
         ValueError
             If nothing is labelled.
         """
-        csv_path = self.write_csv(csv_path)
+        with self._lock:
+            snapshot = dict(self._labels)  # labels given while adapt runs are for the next fit
+        csv_path = self.write_csv(csv_path, indices=list(snapshot))
         res = adapt(read_labels_csv(csv_path), out, model=model_dir, method=method, labels_source=csv_path,
                     segment_config=self.segment_config, overwrite=True)
         fit = load_site_fit(res.out)
         with self._lock:
             self.fit = fit
-        return res, self.compare(fit)
+        return res, self.compare(fit, labels=snapshot)
 
-    def compare(self, fit: SiteFit) -> Comparison:
+    def compare(self, fit: SiteFit, *, labels: dict[int, str] | None = None) -> Comparison:
         """Before/after of ``fit`` on the labelled cells and the fields (:class:`Comparison`).
+
+        ``labels``: ``{pool index: label}`` to compare on (default: the session's labels).
 
         Raises
         ------
@@ -517,10 +525,11 @@ class LabellingSession:
             If nothing is labelled.
         """
         with self._lock:
-            if not self._labels:
+            labels = dict(self._labels if labels is None else labels)
+            if not labels:
                 raise ValueError("nothing labelled yet")
-            idx = np.fromiter(self._labels, np.int64)
-            y = np.asarray([self._labels[i] == "Parasitized" for i in idx.tolist()])
+            idx = np.fromiter(labels, np.int64)
+            y = np.asarray([labels[i] == "Parasitized" for i in idx.tolist()])
             p = np.concatenate([f.p for f in self._fields])
             X = np.concatenate([f.X for f in self._fields])
             fields = list(self._fields)
