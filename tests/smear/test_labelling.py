@@ -113,7 +113,7 @@ def test_adapt_from_a_session_on_iml_fields(bundled_model, iml_dir, tmp_path):
     with an independent count over the same cells; later batches are ranked by the site model."""
     from malaria_screen.inference import load_model
     from malaria_screen.inference.site import SitePredictor, platt
-    from malaria_screen.smear.labelling import LabellingSession
+    from malaria_screen.smear.labelling import LabellingSession, adaptable_model
     from malaria_screen.smear.labels import load_iml_annotations
     from malaria_screen.smear.parasitemia import field_quantifier
 
@@ -135,6 +135,7 @@ def test_adapt_from_a_session_on_iml_fields(bundled_model, iml_dir, tmp_path):
     res, cmp = s.adapt(d / "labels.csv", tmp_path / "site", model_dir=Path(bundled_model.source))
     site = load_model(res.out)
     assert isinstance(site, SitePredictor) and res.site.n_parasitized == counts["Parasitized"]
+    assert adaptable_model(site)[1] == res.out / "model"  # an app started on a site model adapts its cell model
     assert res.site.n_uninfected == counts["Uninfected"] and res.site.n_not_a_cell == counts["not a cell"]
 
     # independent count: the labelled cells' model posteriors, the whole-field call, the site's call
@@ -158,3 +159,13 @@ def test_adapt_from_a_session_on_iml_fields(bundled_model, iml_dir, tmp_path):
     assert s.fit.rescorer is None  # 36 labels: calibration
     p_site, thr = s.fit.proba(np.asarray([c.p for c in nxt]))
     assert np.allclose([c.p_current for c in nxt], p_site) and nxt[0].threshold == pytest.approx(thr)
+
+
+def test_adaptable_model(bundled_model, default_model_dir):
+    """A run folder's model is adapted from its folder; an ONNX file can label but not adapt."""
+    from malaria_screen.inference import load_model
+    from malaria_screen.smear.labelling import adaptable_model
+
+    assert adaptable_model(bundled_model) == (bundled_model, default_model_dir)
+    onnx = load_model(default_model_dir / "model.onnx")
+    assert adaptable_model(onnx) == (onnx, None)
