@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 
 __all__ = ["load_model", "__version__"]
 
+from malaria_screen.inference import load_model as _load  # a lazy package: loads no back-end
+
 
 def load_model(path=None, **kwargs):
     """Load a cell model (bundled default if ``path`` is None); see
     :func:`malaria_screen.inference.load_model`."""
-    from malaria_screen.inference import load_model as _load
-
     return _load(path, **kwargs)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from malaria_screen.fileio import atomic_write_text
+
 #: Colour augmentation recipes of training (``TrainConfig.color_augment``,
 #: :func:`malaria_screen.data.transforms.train_transform`).
 COLOR_AUGMENTS = ("jitter", "stain", "hed")
@@ -192,8 +194,6 @@ class TrainConfig:
         """JSON text; written atomically to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            from malaria_screen.fileio import atomic_write_text
-
             atomic_write_text(path, text)
         return text
 

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from malaria_screen.fileio import atomic_write_bytes
+
 __all__ = ["pyplot", "save_figure", "save_cell_grid", "save_training_curves", "save_confusion_matrix", "save_roc_curve"]
 
 
@@ -23,8 +25,6 @@ def pyplot():
 
 def save_figure(fig, path: str | Path) -> Path:
     """Save ``fig`` as PNG atomically (110 dpi, tight box) and close it."""
-    from malaria_screen.fileio import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     pyplot().close(fig)

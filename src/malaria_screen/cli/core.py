@@ -1,6 +1,7 @@
 """Core commands: ``train``, ``evaluate``, ``predict``, ``models``.
 
-Heavy imports (torch, Lightning) happen inside the commands so ``--help`` is instant.
+The package modules that pull in heavy libraries (torch, Lightning, scikit-learn, Pillow, OpenCV)
+are imported inside the commands, so ``--help`` is instant; light ones are imported at the top.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from malaria_screen.config import TrainConfig
+from malaria_screen.data.patients import patient_ids_from_names
+from malaria_screen.data.ray_map import RayUnavailableError, connect
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
+from malaria_screen.inference import BACKENDS, load_model
+from malaria_screen.inference.known_labels import folder_labels, score_line, seen_flags
 
 log = logging.getLogger("malaria_screen.cli")
 
@@ -229,7 +237,6 @@ def train(
     optionally with --backbone-lr-scale and, after --freeze, --unfreeze-at-epoch). Any image folder
     with two or more classes trains; data without a Parasitized class get multi-class metrics.
     """
-    from malaria_screen.config import TrainConfig
     from malaria_screen.models import default_input_size
     from malaria_screen.training.run import train as run_train
 
@@ -287,7 +294,6 @@ def _patient_list(spec: Optional[str]) -> tuple[str, ...]:
         return ()
     if Path(spec).is_dir():
         from malaria_screen.data.dataset import list_image_files
-        from malaria_screen.data.patients import patient_ids_from_names
 
         names = [p.name for p in list_image_files([Path(spec)])]
         if not names:
@@ -315,8 +321,6 @@ RAY_HELP = ("Run the per-file work on a Ray cluster: 'local' (a runtime on this 
 
 def connect_ray(address: str) -> None:
     """Start or join the Ray runtime for ``--ray``; a usage error if Ray is missing or unreachable."""
-    from malaria_screen.data.ray_map import RayUnavailableError, connect
-
     try:
         connect(address)
     except RayUnavailableError as exc:
@@ -325,8 +329,6 @@ def connect_ray(address: str) -> None:
 
 def _load_predictor(model: Optional[Path], backend: str, **kwargs):
     """Load the model for ``predict``/``evaluate``; torch is imported only for the torch back-end."""
-    from malaria_screen.inference import BACKENDS, load_model
-
     if backend not in BACKENDS:
         raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     try:
@@ -428,10 +430,8 @@ def predict(
 
     A file named twice (by two spellings, or a symbolic link) gets one row, under its first name.
     """
-    from malaria_screen.evaluation.quantify import bag_summary
-    from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
-
     from malaria_screen.data.dataset import unique_real_paths
+    from malaria_screen.evaluation.quantify import bag_summary
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise typer.BadParameter(f"--out must end in .csv or .json, got {out.name}")
@@ -461,7 +461,6 @@ def predict(
     summary = bag_summary([r["label"] for r in rows], [r["p_parasitized"] for r in rows], pred)
     atomic_write_json(out.with_name(out.stem + ".summary.json"), {"model": pred.source, **summary})
     n_bad = sum(1 for r in rows if r["error"])
-    from malaria_screen.inference.known_labels import folder_labels, score_line, seen_flags
 
     truth = folder_labels([r["path"] for r in rows], pred.class_names)
     has_truth = any(t is not None for t in truth)

@@ -1,7 +1,8 @@
 """Deployment commands: ``export``, ``ensemble``, ``app``, ``serve``, ``explain``, ``bench-infer``.
 
-The main CLI calls :func:`register`. Heavy imports (torch, onnx, gradio, fastapi) happen inside
-the commands, so ``--help`` is instant and the torch-free runtime install still starts.
+The main CLI calls :func:`register`. The package modules that pull in heavy libraries (torch,
+onnx, gradio, fastapi, Pillow, OpenCV) are imported inside the commands, so ``--help`` is instant
+and the torch-free runtime install still starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import typer
 from malaria_screen.cli.core import check_out_dir, check_out_file, echo_table, list_inputs
 from malaria_screen.cli.smear import RESCORER_HELP, load_rescorer
 from malaria_screen.errors import error_text
+from malaria_screen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, rows_to_csv
+from malaria_screen.inference import load_model
 
 __all__ = ["app_cmd", "bench_infer", "ensemble", "explain", "export", "register", "serve"]
 
@@ -117,7 +120,6 @@ def ensemble(
     Calibration cells of groups (patients / fields) any member was trained on are left out.
     """
     from malaria_screen.data.dataset import load_cell_set
-    from malaria_screen.inference import load_model
     from malaria_screen.inference.ensemble import EnsemblePredictor, calibration_cells, write_ensemble
 
     if threshold is not None and calibrate is not None:
@@ -165,8 +167,6 @@ def explain(
 
     from malaria_screen.data.io import ImageDecodeError
     from malaria_screen.data.parallel import decode_cell
-    from malaria_screen.fileio import atomic_write_bytes, atomic_write_text, rows_to_csv
-    from malaria_screen.inference import load_model
     from malaria_screen.inference.gradcam import explain as run_explain
 
     check_out_dir(out)
@@ -221,7 +221,6 @@ def app_cmd(
 ) -> None:
     """Start the offline web app (Gradio): upload cell images, see label, p_parasitized and Grad-CAM."""
     from malaria_screen.app import launch
-    from malaria_screen.inference import load_model
 
     try:
         pred = load_model(model)
@@ -262,7 +261,6 @@ def serve(
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
 ) -> None:
     """Start the REST API (FastAPI): POST /v1/classify, POST /v1/field, GET /v1/model, /healthz, /readyz, /docs."""
-    from malaria_screen.inference import load_model
     from malaria_screen.serve import ServeLimits, ServeSecurity, create_app, load_api_keys
     from malaria_screen.serve.server import run
 
@@ -319,7 +317,6 @@ def bench_infer(
 
     from malaria_screen.export.bench import bench_backends
     from malaria_screen.export.split_cells import default_nih_dir
-    from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import OnnxPredictor, Predictor
     from malaria_screen.models import build_model, count_flops
 

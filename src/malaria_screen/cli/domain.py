@@ -1,4 +1,7 @@
-"""``malaria-screen domain-fit``: the self-check's reference statistics of a model (``domain.json``)."""
+"""``malaria-screen domain-fit``: the self-check's reference statistics of a model (``domain.json``).
+
+The package modules it needs pull in Pillow and OpenCV: imported inside the command (fast ``--help``).
+"""
 
 from __future__ import annotations
 

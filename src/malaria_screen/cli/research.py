@@ -1,6 +1,7 @@
 """Research commands: ``features`` (feature-layer sweep), ``lr-find``, ``cv``, ``compare``.
 
-Heavy imports happen inside the commands so ``--help`` stays instant.
+The package modules that pull in heavy libraries (torch, Lightning, scikit-learn) are imported
+inside the commands, so ``--help`` stays instant.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from malaria_screen.config import TrainConfig
 
 __all__ = ["register"]
 
@@ -83,7 +86,6 @@ def lr_find(
     progress: bool = typer.Option(True, help="Progress bars"),
 ) -> None:
     """LR range test (Smith 2017): loss against an exponentially growing learning rate; suggests a peak rate."""
-    from malaria_screen.config import TrainConfig
     from malaria_screen.data.split import patient_split
     from malaria_screen.models import default_input_size
     from malaria_screen.research.lr_find import lr_range_test, write_lr_find
@@ -126,7 +128,6 @@ def cv(
 
     Resumable: folds whose results exist are read back, not retrained.
     """
-    from malaria_screen.config import TrainConfig
     from malaria_screen.models import default_input_size
     from malaria_screen.research.cv import cross_validate, write_cv
 
@@ -164,7 +165,6 @@ def compare(
 
     Resumable per model: rows whose results exist are read back, not retrained.
     """
-    from malaria_screen.config import TrainConfig
     from malaria_screen.research.model_comparison import compare_models, default_entries
 
     entries = default_entries(input_size=input_size, transfer_input_size=transfer_input_size, mobilenet_weights=mobilenet_weights)

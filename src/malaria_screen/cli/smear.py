@@ -1,6 +1,7 @@
 """Typer commands for whole-smear screening: ``smear``, ``smear-eval``, ``crops`` and ``rescorer``.
 
-The main CLI calls :func:`register`. Heavy imports happen inside the commands (fast start).
+The main CLI calls :func:`register`. The package modules that pull in heavy libraries (Pillow,
+OpenCV, scikit-learn, torch) are imported inside the commands (fast start).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import typer
 
 from malaria_screen.cli.core import RAY_HELP, check_out_dir, connect_ray
 from malaria_screen.errors import error_text
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
+from malaria_screen.inference import load_model
+from malaria_screen.smear.labels import load_iml_annotations
+from malaria_screen.smear.segment import SegmentConfig
+from malaria_screen.smear.slides import slide_table
 from malaria_screen.smear.stain import STAIN_METHODS
 
 __all__ = ["RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
@@ -23,7 +29,6 @@ __all__ = ["RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register"
 def _load_model(model: Optional[str], no_classify: bool):
     if no_classify:
         return None
-    from malaria_screen.inference import load_model
 
     try:
         return load_model(model)
@@ -90,8 +95,6 @@ def _load_annotations(path: Path) -> dict:
     typer.BadParameter
         If ``path`` cannot be read or is not an IML ``annotations.json`` (names the cause).
     """
-    from malaria_screen.smear.labels import load_iml_annotations
-
     try:
         return load_iml_annotations(path)
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -179,7 +182,6 @@ def smear(
     from malaria_screen.data.parallel import default_workers
     from malaria_screen.smear.domain import load_reference
     from malaria_screen.smear.report import run_smear
-    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     _check_parasitemia_method(parasitemia_method)
@@ -272,10 +274,7 @@ def smear_slides(
     any field failed.
     """
     from malaria_screen.data.parallel import default_workers
-    from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
     from malaria_screen.smear.report import run_smear
-    from malaria_screen.smear.segment import SegmentConfig
-    from malaria_screen.smear.slides import slide_table
 
     check_out_dir(out)
     names = [p.resolve().name or "slide" for p in slides]
@@ -330,9 +329,7 @@ def smear_eval(
     and left out of the metrics; the exit status is then 1 (0 when all were screened).
     metrics.json is also printed.
     """
-    from malaria_screen.fileio import atomic_write_json
     from malaria_screen.smear.evaluate import evaluate_dataset
-    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     _check_parasitemia_method(parasitemia_method)
@@ -387,7 +384,6 @@ def crops(
     """
     from malaria_screen.smear.crop_export import ExportInterrupted, export_annotation_crops, export_detection_crops
     from malaria_screen.data.io import is_image_entry
-    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     n_old = sum(1 for cls in ("Parasitized", "Uninfected") if (out / cls).is_dir() for q in (out / cls).iterdir()
@@ -438,7 +434,6 @@ def fit_rescorer(
 ) -> None:
     """Fit a second-stage cell rescorer on annotated fields (gradient-boosted trees; seconds on a CPU)."""
     from malaria_screen.smear.rescore import CellRescorer, collect_rescorer_data
-    from malaria_screen.smear.segment import SegmentConfig
 
     check_out_dir(out)
     ann = _load_annotations(annotations)

@@ -14,6 +14,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from malaria_screen.data.patients import GroupingWarning, patient_ids_from_names
+
 __all__ = ["patient_folds", "patient_split", "SplitIndices", "check_leak_free", "split_manifest"]
 
 
@@ -204,8 +206,6 @@ def check_leak_free(manifest: dict, *, groups: dict[str, str] | None = None, per
         cannot be derived; or if a split's ``patients`` list differs from its files' patients.
     """
     import warnings
-
-    from malaria_screen.data.patients import GroupingWarning, patient_ids_from_names
 
     splits = manifest["splits"]
     derived: dict[str, set[str]] = {}

@@ -41,6 +41,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from malaria_screen.evaluation.bootstrap import cluster_bootstrap_weights
+from malaria_screen.fileio import atomic_write_json
+
 __all__ = [
     "AdjustedClassifyAndCount",
     "ClassifyAndCount",
@@ -234,8 +237,6 @@ class Quantifier:
         -------
         PrevalenceEstimate
         """
-        from malaria_screen.evaluation.bootstrap import cluster_bootstrap_weights
-
         p = _as_posteriors(p)
         n = int(p.size)
         if n == 0:
@@ -554,8 +555,6 @@ class QuantifierParams:
 
     def to_json(self, path: str | Path) -> None:
         """Write as JSON (atomically)."""
-        from malaria_screen.fileio import atomic_write_json
-
         atomic_write_json(Path(path), asdict(self))
 
     @classmethod

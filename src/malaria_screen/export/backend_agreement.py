@@ -38,7 +38,7 @@ def compare_backends(models: Mapping[str, object], data: SplitCells, *, referenc
         of p_parasitized against the reference, ``label_agreement`` (fraction), and
         ``accuracy_delta_points`` (percentage points against the reference).
     """
-    from malaria_screen.evaluation.metrics import binary_metrics
+    from malaria_screen.evaluation.metrics import binary_metrics  # scikit-learn: only when comparing
 
     names = list(models)
     ref = reference or names[0]

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import malaria_screen
 from malaria_screen.fileio import atomic_write_bytes
 
 __all__ = [
@@ -87,6 +88,8 @@ _DOC = ("malaria-screen cell classifier. Input 'cells': (N, S, S, 3) uint8 RGB, 
 
 
 def _wrapper(net, mean: Sequence[float], std: Sequence[float], size_px: int):
+    # torch, and data.normalize (which imports it), only when exporting: quantize_int8 and the
+    # metadata helpers run without torch
     import torch
 
     from malaria_screen.data.normalize import pixel_affine
@@ -166,8 +169,6 @@ def export_onnx(predictor, out_path: str | Path, *, opset: int = 17) -> Path:
         raise ValueError(f"opset must be {MIN_OPSET} to {MAX_OPSET}, got {opset}")
     import onnx
     import torch
-
-    import malaria_screen
 
     cfg = predictor.config
     wrapped = _wrapper(predictor.net.cpu().eval(), cfg.mean, cfg.std, cfg.input_size)

@@ -92,7 +92,7 @@ def export_model(
     ExportParityError
         If fp32 ONNX differs from PyTorch by more than ``parity_tol`` (nothing is written).
     """
-    from malaria_screen.inference import OnnxPredictor, Predictor
+    from malaria_screen.inference import OnnxPredictor, Predictor  # torch and ONNX Runtime: only when exporting
 
     model_dir, out = Path(model_dir), Path(out)
     data_dir = Path(data_dir) if data_dir is not None else default_nih_dir()

@@ -16,9 +16,12 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from malaria_screen.data.dataset import scan_image_folder
 from malaria_screen.data.io import ImageDecodeError, decode_image
+from malaria_screen.data.patients import patient_ids_from_names, read_groups_csv
 from malaria_screen.data.preprocess import letterbox
 from malaria_screen.data.ray_map import ray_map
+from malaria_screen.inference import load_model
 from malaria_screen.inference.base import FileResult
 
 __all__ = ["CellProbs", "load_cell_probs_ray", "load_for_worker", "predict_files_ray", "predict_proba_files_ray"]
@@ -41,8 +44,6 @@ def load_for_worker(model: Optional[str], backend: str, batch_size: int):
     -------
     CellClassifierBase
     """
-    from malaria_screen.inference import load_model
-
     onnx = backend == "onnx" or (model is not None and str(model).lower().endswith(".onnx"))
     kwargs = {"num_threads": 1} if onnx else {}
     pred = load_model(model, backend=backend, batch_size=batch_size, **kwargs)
@@ -179,9 +180,6 @@ def load_cell_probs_ray(root: str | Path, model: Optional[str], *, backend: str 
     FileNotFoundError, ValueError
         As :func:`~malaria_screen.data.dataset.scan_image_folder`.
     """
-    from malaria_screen.data.dataset import scan_image_folder
-    from malaria_screen.data.patients import patient_ids_from_names, read_groups_csv
-
     root = Path(root).resolve()
     relpaths, labels, class_names = scan_image_folder(root)
     groups = read_groups_csv(groups_csv) if groups_csv else None

@@ -28,6 +28,8 @@ import numpy as np
 
 from malaria_screen.data.dataset import CellSet
 from malaria_screen.data.patients import listed_in_groups
+from malaria_screen.fileio import atomic_write_json
+from malaria_screen.inference import load_model
 from malaria_screen.inference.base import CellClassifierBase, seen_patients
 
 __all__ = ["ENSEMBLE_FILE", "CalibrationCells", "EnsemblePredictor", "calibration_cells", "is_ensemble_dir", "write_ensemble"]
@@ -126,8 +128,6 @@ class EnsemblePredictor(CellClassifierBase):
         ValueError
             If ``ensemble.json`` is not an ensemble description, or the members disagree.
         """
-        from malaria_screen.inference import load_model
-
         path = Path(path)
         spec_path = path / ENSEMBLE_FILE
         if not spec_path.is_file():
@@ -243,8 +243,6 @@ def write_ensemble(
         If both ``threshold`` and ``calibration`` are given, fewer than two members, or the
         members disagree (:class:`EnsemblePredictor`).
     """
-    from malaria_screen.fileio import atomic_write_json
-
     if threshold is not None and calibration is not None:
         raise ValueError("give threshold or calibration, not both")
     members = [Path(m) for m in members]
@@ -260,14 +258,13 @@ def write_ensemble(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    from malaria_screen.inference import load_model
 
     # check the members and set the threshold on the source models, before anything is written
     probe = EnsemblePredictor([load_model(m) for m in members], threshold=threshold)
     spec = {"format": _FORMAT, "version": 1, "members": [], "sources": [str(m.resolve()) for m in members],
             "threshold": probe.threshold, "threshold_rule": "fixed" if threshold is not None else "mean of members"}
     if calibration is not None:
-        from malaria_screen.evaluation.metrics import count_matched_threshold
+        from malaria_screen.evaluation.metrics import count_matched_threshold  # scikit-learn: only to calibrate
 
         images, y = calibration
         y = np.asarray(y, bool).reshape(-1)

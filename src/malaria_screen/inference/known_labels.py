@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from malaria_screen.data.patients import parse_nih_patient_id
+
 __all__ = ["folder_labels", "seen_flags", "score_line"]
 
 
@@ -29,8 +31,7 @@ def seen_flags(model, paths: Sequence[str | Path]) -> list[bool | None]:
     metadata). None for a file whose name gives no NIH patient id, or when the model lists no
     patients at all (nothing can be said).
     """
-    from malaria_screen.data.patients import parse_nih_patient_id
-    from malaria_screen.inference.base import seen_patients
+    from malaria_screen.inference.base import seen_patients  # decoding (Pillow, OpenCV): not at the CLI's start-up
 
     seen = seen_patients(model)
     known = seen["train"] | seen["val"]

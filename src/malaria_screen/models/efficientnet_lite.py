@@ -40,7 +40,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from malaria_screen.models.backbones import TransferNet
+from malaria_screen.models.backbones import TransferNet, read_state_dict
 from malaria_screen.models.registry import register_model
 
 __all__ = [
@@ -263,7 +263,6 @@ def load_lite0_imagenet(net: EfficientNetLite, path: str | Path | None = None) -
     """
     if net.stages.stem[0].in_channels != 3:
         raise ValueError(f"ImageNet weights need 3 input channels, got {net.stages.stem[0].in_channels}")
-    from malaria_screen.models.backbones import read_state_dict
 
     src = read_state_dict(path or lite0_weights_path())
     keep_fc = net.classifier.out_features == 1000

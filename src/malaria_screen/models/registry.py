@@ -39,7 +39,8 @@ def register_model(*, default_input_size: int) -> Callable[[Callable[..., nn.Mod
 
 
 def _ensure_loaded() -> None:
-    # Importing the families fills the registry.
+    # Importing the families fills the registry; they import this module (register_model), so a
+    # top-level import would be circular.
     from malaria_screen.models import backbones, cnn, cellnet, efficientnet_lite, resnet9  # noqa: F401
 
 

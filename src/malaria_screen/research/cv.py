@@ -26,6 +26,8 @@ import numpy as np
 from malaria_screen.config import TrainConfig
 from malaria_screen.data.dataset import CellSet
 from malaria_screen.data.split import SplitIndices, patient_folds
+from malaria_screen.evaluation.metrics import evaluate_predictions
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 
 __all__ = ["CVResult", "fold_split", "cross_validate", "write_cv"]
 
@@ -122,8 +124,7 @@ def cross_validate(
     ValueError
         If the data have no ``positive_class`` or fewer patients than ``n_folds``.
     """
-    from malaria_screen.evaluation.metrics import evaluate_predictions
-    from malaria_screen.fileio import atomic_write_json
+    # torch and Lightning (Predictor, training) only when folds are trained: write_cv runs without them
     from malaria_screen.inference import Predictor
     from malaria_screen.training.run import train
 
@@ -171,9 +172,6 @@ def cross_validate(
 
 def write_cv(result: CVResult, out_dir: str | Path, *, title: str = "") -> dict[str, Path]:
     """Write ``cv_folds.csv``, ``cv_summary.md``, ``cv_summary.json`` and ``oof_predictions.csv``."""
-    from malaria_screen.fileio import rows_to_csv
-    from malaria_screen.fileio import atomic_write_json, atomic_write_text
-
     out = Path(out_dir)
     cols = ["fold", "n_patients", "n_cells", *_METRICS, "epochs_run", "train_seconds"]
     rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in f.items()} for f in result.folds]

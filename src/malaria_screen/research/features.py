@@ -30,6 +30,10 @@ from torch import nn
 from malaria_screen.data.dataset import CellSet
 from malaria_screen.data.normalize import normalize_pixels
 from malaria_screen.data.split import SplitIndices
+from malaria_screen.evaluation.metrics import evaluate_predictions
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
+from malaria_screen.research.multiclass import multiclass_metrics
+from malaria_screen.research.plots import save_layer_sweep_plot
 
 __all__ = ["FeatureSweep", "stage_modules", "stage_features", "feature_sweep", "write_feature_sweep"]
 
@@ -156,9 +160,6 @@ def feature_sweep(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from malaria_screen.evaluation.metrics import evaluate_predictions
-    from malaria_screen.research.multiclass import multiclass_metrics
-
     fit_idx = np.sort(np.concatenate([split.train, split.val]))
     test_idx = split.test
     if len(fit_idx) == 0 or len(test_idx) == 0:
@@ -216,10 +217,6 @@ def write_feature_sweep(result: FeatureSweep, out_dir: str | Path, *, title: str
     dict of str to Path
         The files written, by kind.
     """
-    from malaria_screen.fileio import rows_to_csv
-    from malaria_screen.fileio import atomic_write_json, atomic_write_text
-    from malaria_screen.research.plots import save_layer_sweep_plot
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     binary = result.meta.get("binary", True)

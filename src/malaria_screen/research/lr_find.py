@@ -19,6 +19,8 @@ from pathlib import Path
 from malaria_screen.config import TrainConfig
 from malaria_screen.data.dataset import CellSet
 from malaria_screen.data.split import SplitIndices
+from malaria_screen.fileio import atomic_write_json
+from malaria_screen.research.plots import save_lr_find_plot
 
 __all__ = ["LRFindResult", "lr_range_test", "write_lr_find"]
 
@@ -86,6 +88,7 @@ def lr_range_test(
     import lightning as L
     from lightning.pytorch.tuner import Tuner
 
+    # Lightning, torchvision and matplotlib come with these: only when the test runs
     from malaria_screen.data.datamodule import CellDataModule, channel_stats
     from malaria_screen.training.module import CellClassifier
     from malaria_screen.training.run import build_net
@@ -135,9 +138,6 @@ def lr_range_test(
 
 def write_lr_find(result: LRFindResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``lr_find.json`` (suggested rate, curve, settings) and ``lr_find.png``."""
-    from malaria_screen.fileio import atomic_write_json
-    from malaria_screen.research.plots import save_lr_find_plot
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{result.meta.get('model')} @ {result.meta.get('input_size')} px, {result.meta.get('n_train_patients')} training patients"

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from malaria_screen.config import TrainConfig
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 
 __all__ = ["CompareEntry", "default_entries", "compare_models", "measure_latency", "remeasure_latency", "write_compare_table"]
 
@@ -163,10 +164,11 @@ def compare_models(
     """
     import torch
 
+    # torch, scikit-learn and OpenCV come with these: only when models are trained
+    # (default_entries and write_compare_table run without them)
     from malaria_screen.data.dataset import load_cell_set
     from malaria_screen.data.split import patient_split, split_manifest
     from malaria_screen.evaluation.report import write_evaluation
-    from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import Predictor
     from malaria_screen.models import count_flops, count_parameters
     from malaria_screen.training.run import split_from_manifest, train
@@ -265,7 +267,6 @@ def remeasure_latency(out_dir: str | Path, *, batch: int = 256, repeats: int = 5
     """
     import torch
 
-    from malaria_screen.fileio import atomic_write_json
     from malaria_screen.inference import Predictor
 
     out = Path(out_dir)
@@ -293,9 +294,6 @@ def remeasure_latency(out_dir: str | Path, *, batch: int = 256, repeats: int = 5
 
 def write_compare_table(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
     """Write ``compare.md`` and ``compare.csv`` (one row per entry)."""
-    from malaria_screen.fileio import rows_to_csv
-    from malaria_screen.fileio import atomic_write_text
-
     out = Path(out_dir)
     cols = ["label", "model", "mode", "input_px", "params", "trainable_params", "mflops", "latency_ms_per_cell", "threads",
             "epochs", "train_seconds", "test_patients", "test_cells"]

@@ -60,12 +60,14 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+import malaria_screen
 from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
 from malaria_screen.data.parallel import prepare_cell
 from malaria_screen.inference.base import prepare_or_error
 from malaria_screen.serve.jobs import ClientGone, FieldWorkers, JobFailed, Lane, QueueFull, WorkerSpec
 from malaria_screen.serve.limits import ServeLimits, ServeSecurity
 from malaria_screen.serve.multipart import Part, read_file_parts
+from malaria_screen.serve.security import AccessControl
 
 __all__ = ["ModelInfo", "ServeLimits", "ServeSecurity", "create_app", "model_identity"]
 
@@ -200,9 +202,6 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
     from fastapi.middleware.cors import CORSMiddleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    import malaria_screen
-    from malaria_screen.serve.security import AccessControl
-
     limits = limits or ServeLimits()
     security = security or ServeSecurity()
     model = model_identity(predictor.source, getattr(predictor, "backend", None))
@@ -306,6 +305,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
         return True
 
     def _field_in_thread(cancel, data: bytes, name: str, options: dict) -> dict:
+        # smear's dependencies are optional for the cell endpoints (smear_error above)
         from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
         from malaria_screen.smear.domain import load_reference
 

@@ -7,6 +7,11 @@ whether it looks like a blood smear) go into :func:`screen_field_bytes`, in orde
 
 from __future__ import annotations
 
+from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
+from malaria_screen.smear.domain import NotASmearError
+from malaria_screen.smear.report import overlay_image
+from malaria_screen.smear.screen import screen_field
+
 __all__ = ["FieldRefused", "screen_field_bytes"]
 
 
@@ -58,10 +63,6 @@ def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixel
         or one that is not a blood smear field (noise, blank, a photo, text: the reason, checked on a
         downsampled copy before segmentation).
     """
-    from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
-    from malaria_screen.smear.domain import NotASmearError
-    from malaria_screen.smear.screen import screen_field
-
     try:
         rgb = decode_image(data, max_pixels=max_pixels)
     except ImageDecodeError as exc:
@@ -82,8 +83,6 @@ def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixel
         import io
 
         from PIL import Image
-
-        from malaria_screen.smear.report import overlay_image
 
         buf = io.BytesIO()
         Image.fromarray(overlay_image(rgb, res)).save(buf, format="PNG")

@@ -238,7 +238,7 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
     """Field worker process: load the model once, then screen jobs until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which ends us
     _renice(10)  # fields are the heavy work: cell requests and the probes win the CPU
-    try:
+    try:  # imported in the worker process, inside the try: a failure is reported to the server
         from malaria_screen.inference import load_model
         from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
 

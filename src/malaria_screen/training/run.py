@@ -28,8 +28,10 @@ import torch
 
 from malaria_screen.config import TrainConfig
 from malaria_screen.data.dataset import CellSet, load_cell_set
+from malaria_screen.data.extra_negatives import point_cell_set
+from malaria_screen.data.patients import read_groups_csv
 from malaria_screen.data.split import SplitIndices, check_leak_free, patient_split, split_manifest
-from malaria_screen.fileio import atomic_write_json
+from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
 from malaria_screen.models.registry import build_model
 from malaria_screen.plotting import save_cell_grid, save_training_curves
 
@@ -68,8 +70,6 @@ class TrainResult:
 def save_weights(net: torch.nn.Module, path: str | Path) -> Path:
     """Save a network's ``state_dict`` as safetensors (atomic; tensors made contiguous)."""
     from safetensors.torch import save
-
-    from malaria_screen.fileio import atomic_write_bytes
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     return atomic_write_bytes(path, save(state))
@@ -195,6 +195,7 @@ def train(
 
     from lightning.pytorch.utilities import rank_zero_only
 
+    # Lightning, torchvision and matplotlib: only when training (predictors import load_weights)
     from malaria_screen.data.datamodule import CellDataModule, channel_stats
     from malaria_screen.training.module import CellClassifier
 
@@ -329,8 +330,6 @@ def train(
 
 def _read_groups(groups_csv: str | Path | None) -> dict[str, str] | None:
     """The ``path -> patient`` map of a groups CSV, or None."""
-    from malaria_screen.data.patients import read_groups_csv
-
     return read_groups_csv(groups_csv) if groups_csv is not None else None
 
 
@@ -353,7 +352,6 @@ def _with_extra_negatives(cells: CellSet, cfg: TrainConfig) -> tuple[CellSet, np
     """``cells`` plus ``cfg.extra_negatives``' cells (Uninfected), and the indices of the added cells."""
     if cfg.extra_negatives is None:
         return cells, np.zeros(0, np.int64)
-    from malaria_screen.data.extra_negatives import point_cell_set
 
     extra = point_cell_set(cfg.extra_negatives, size_px=cells.size_px, class_names=cells.class_names,
                            fields=cfg.extra_negative_fields)
