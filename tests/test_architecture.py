@@ -119,3 +119,37 @@ def test_cli_help_imports_no_heavy_library():
                           env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def _imports(tree: ast.Module) -> tuple[set[str], list[tuple[int, str]]]:
+    """(modules imported at the top, [(line, module) imported inside functions]) of one module's
+    third-party and standard-library imports."""
+    top: set[str] = set()
+    for node in tree.body:
+        for n in [node, *(node.body if isinstance(node, ast.Try) else [])]:
+            if isinstance(n, ast.Import):
+                top |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.level == 0:
+                top.add(n.module)
+    local = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Import):
+                    local += [(n.lineno, a.name) for a in n.names]
+                elif isinstance(n, ast.ImportFrom) and n.level == 0:
+                    local.append((n.lineno, n.module))
+    return top, [(line, m) for line, m in local if m.split(".")[0] != "malaria_screen"]
+
+
+def test_function_local_imports_are_for_heavy_libraries_only():
+    """Not the standard library (cheap, always there), and not a module the file already imports
+    at its top (``from PIL import Image`` inside a function of a module that imports PIL.Image)."""
+    bad = []
+    for path in sorted((SRC / "malaria_screen").rglob("*.py")):
+        module = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        if ALLOWED.get(module.removeprefix("malaria_screen.")) == "*":
+            continue
+        top, local = _imports(ast.parse(path.read_text(encoding="utf-8")))
+        bad += [f"{module}:{line} {m}" for line, m in local if m.split(".")[0] in sys.stdlib_module_names or m in top]
+    assert not bad, f"move these imports to the top of their module: {bad}"

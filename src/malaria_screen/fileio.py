@@ -91,8 +91,6 @@ def _finite(o: Any) -> Any:
     if isinstance(o, (list, tuple)):
         return [_finite(v) for v in o]
     try:
-        import numpy as np
-
         if isinstance(o, np.floating):
             return _finite(float(o))
         if isinstance(o, np.ndarray):
@@ -114,8 +112,6 @@ def rows_to_csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 def _json_default(o: Any) -> Any:
     try:
-        import numpy as np
-
         if isinstance(o, np.generic):
             return o.item()
         if isinstance(o, np.ndarray):

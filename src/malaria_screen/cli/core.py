@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 from rich import box
 from rich.console import Console
@@ -78,8 +80,6 @@ def check_out_dir(out: Path, param_hint: str = "'--out'") -> Path:
         read from the permission bits: root passes ``os.access`` on ``/proc`` or a read-only
         mount, where creating fails.
     """
-    import tempfile
-
     for p in (out, *out.absolute().parents):
         if p.exists():
             if not p.is_dir():
@@ -368,8 +368,6 @@ def evaluate(
     Patients the model was trained or validated on (from its split.json) are left out unless
     --include-train-patients is given: a benchmark cannot leak by accident.
     """
-    import numpy as np
-
     from malaria_screen.data.dataset import load_cell_set
     from malaria_screen.evaluation.report import write_evaluation
 

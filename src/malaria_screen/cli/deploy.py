@@ -7,11 +7,15 @@ and the torch-free runtime install still starts.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 
 from malaria_screen.cli.core import check_out_dir, check_out_file, echo_table, list_inputs
@@ -161,8 +165,6 @@ def explain(
     error row in explanations.csv and the rest go on; the exit status is 1 if any file failed (or
     no image file was found). ONNX models cannot be explained: Grad-CAM needs the gradients.
     """
-    import io
-
     from PIL import Image
 
     from malaria_screen.data.io import ImageDecodeError
@@ -310,11 +312,6 @@ def bench_infer(
     Also prints decoding alone, inference alone, and the share of this machine's float32 matmul
     ceiling (MFLOPs/cell x cells/s / GFLOP/s of a 2048x2048 matmul measured in the same run).
     """
-    import os
-    import tempfile
-
-    import numpy as np
-
     from malaria_screen.export.bench import bench_backends
     from malaria_screen.export.split_cells import default_nih_dir
     from malaria_screen.inference import OnnxPredictor, Predictor

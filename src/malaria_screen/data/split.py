@@ -8,6 +8,7 @@ balance of cells close to the whole set's.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -205,8 +206,6 @@ def check_leak_free(manifest: dict, *, groups: dict[str, str] | None = None, per
         Naming the patients or files shared between two splits; if a listed file's patient
         cannot be derived; or if a split's ``patients`` list differs from its files' patients.
     """
-    import warnings
-
     splits = manifest["splits"]
     derived: dict[str, set[str]] = {}
     for name, part in splits.items():

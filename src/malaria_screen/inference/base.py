@@ -14,6 +14,7 @@ it works in the torch-free ``malaria-screen[runtime]`` install.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -145,8 +146,6 @@ def seen_patients(model) -> dict[str, set[str]]:
     src = getattr(model, "source", None)
     split = Path(src) / "split.json" if src and Path(src).is_dir() else None
     if split is not None and split.is_file():
-        import json
-
         man = json.loads(split.read_text())
         for k in out:
             out[k] |= set(man.get("splits", {}).get(k, {}).get("patients", []))

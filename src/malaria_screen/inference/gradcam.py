@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from malaria_screen.data.io import ImageSource, check_cell_size, decode_image
 from malaria_screen.data.normalize import normalize_pixels
@@ -95,8 +96,6 @@ def gradcam(predictor, cells: np.ndarray, *, class_index: int | None = None) -> 
 
 def _unletterbox(cam: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Crop a letterboxed ``(S, S)`` map to the image region and resize it to ``(H, W)``."""
-    from PIL import Image
-
     s = cam.shape[0]
     h, w = hw
     scale = s / max(h, w)
@@ -143,8 +142,6 @@ def overlay_heatmap(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45,
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
     if max_side is not None and max(rgb.shape[:2]) > max_side:
-        from PIL import Image
-
         f = max_side / max(rgb.shape[:2])
         size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
         rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).resize(size, Image.Resampling.BOX))

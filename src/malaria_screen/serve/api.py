@@ -50,15 +50,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import malaria_screen
 from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
@@ -156,10 +161,6 @@ def _header_pixels(data: bytes) -> int | None:
     Cheap enough for the event loop: Pillow parses at most 64 KB of headers (a PNG with many
     chunks before its data, or a JPEG with a large ICC profile, simply gives None).
     """
-    import io
-
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(bytes(data[:PEEK_BYTES]))) as im:
             return im.size[0] * im.size[1]
@@ -197,11 +198,6 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
         ``fastapi.testclient.TestClient(app)``. Field workers start with the app's lifespan
         (or at the first field request) and stop with it.
     """
-    from contextlib import asynccontextmanager
-
-    from fastapi.middleware.cors import CORSMiddleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
-
     limits = limits or ServeLimits()
     security = security or ServeSecurity()
     model = model_identity(predictor.source, getattr(predictor, "backend", None))

@@ -7,6 +7,11 @@ whether it looks like a blood smear) go into :func:`screen_field_bytes`, in orde
 
 from __future__ import annotations
 
+import base64
+import io
+
+from PIL import Image
+
 from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
 from malaria_screen.smear.domain import NotASmearError
 from malaria_screen.smear.report import overlay_image
@@ -79,11 +84,6 @@ def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixel
         raise FieldRefused(422, f"cannot screen the field image ({rgb.shape[1]}x{rgb.shape[0]} px): {exc}") from exc
     out = res.to_json()
     if overlay:
-        import base64
-        import io
-
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(overlay_image(rgb, res)).save(buf, format="PNG")
         out["overlay_png_base64"] = base64.b64encode(buf.getvalue()).decode("ascii")

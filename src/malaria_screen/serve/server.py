@@ -10,6 +10,7 @@ headers are capped at 16 KiB (``h11_max_incomplete_event_size``).
 
 from __future__ import annotations
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["HeaderTimeoutH11Protocol", "run"]
@@ -71,8 +72,6 @@ def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "war
     max_connections : int, default=256
         Open connections (and tasks) before uvicorn answers 503.
     """
-    import uvicorn
-
     protocol = type("Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": float(header_timeout_s)})
     uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol, timeout_keep_alive=keep_alive_s,
                 limit_concurrency=max_connections, h11_max_incomplete_event_size=16 * 1024, server_header=False)

@@ -11,11 +11,13 @@ training crops then look like the crops the adapted model will classify.
 
 from __future__ import annotations
 
+import glob
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from malaria_screen.fileio import atomic_write_bytes, atomic_write_text, rows_to_csv
 from malaria_screen.smear.crops import box_cell_mask, cell_crops
@@ -225,8 +227,6 @@ class _CropWriter:
             (out_dir / cls).mkdir(parents=True, exist_ok=True)
 
     def write(self, cls: str, filename: str, crop: np.ndarray, group: str) -> None:
-        from PIL import Image
-
         rel = f"{cls}/{filename}"
         buf = io.BytesIO()
         Image.fromarray(crop).save(buf, format="PNG")
@@ -242,8 +242,6 @@ class _CropWriter:
 
     def finish(self, errors: dict[str, str], *, interrupted: bool = False) -> ExportSummary:
         """Write ``groups.csv`` for the finished fields (the crops of an unfinished one are removed)."""
-        import glob
-
         for rel, _ in self.pending:
             crop = self.out_dir / rel
             crop.unlink(missing_ok=True)

@@ -38,6 +38,7 @@ weights' SHA-256 is recorded in it). It needs the PyTorch back-end
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -490,8 +491,6 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

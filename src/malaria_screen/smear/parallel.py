@@ -14,6 +14,7 @@ ignores SIGINT (Ctrl-C stops the driver, which shuts the workers down). A worker
 from __future__ import annotations
 
 import logging
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -29,8 +30,6 @@ _STATE: dict[str, Any] = {}
 
 
 def _one_thread() -> None:
-    import sys
-
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 

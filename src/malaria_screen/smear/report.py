@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -466,8 +467,6 @@ class _RowSpool:
     number of fields (a row carries its field's ~50 KB thumbnail)."""
 
     def __init__(self, out: Path) -> None:
-        import tempfile
-
         fd, name = tempfile.mkstemp(dir=out, prefix=".report-rows.", suffix=".part")
         self.path = Path(name)
         self.fh = os.fdopen(fd, "w+", encoding="utf-8")
