@@ -117,6 +117,7 @@ def test_bench_infer_prints_table(cli, random_run, onnx_fp32, nih_dir, tmp_path)
     assert "matmul ceiling" in r.output
 
 
+@pytest.mark.slow  # 16 s in the last full run (2 cores)
 def test_predict_stderr_has_our_error_not_opencvs_log(sample_pngs, nih_dir, tmp_path):
     """Truncated PNG and WebP files: the only report is our per-file error, never a decoder's own
     log line (PNG now goes through libspng, lossless WebP through OpenCV, whose "[ WARN]" log the

@@ -70,6 +70,7 @@ def test_no_overlays_writes_the_same_results_without_pngs(slide, model, one_work
             assert _untimed(json.loads(j.read_text())) == _untimed(json.loads((tmp_path / j.name).read_text()))
 
 
+@pytest.mark.slow  # 10 s in the last full run (2 cores)
 def test_ray_writes_what_one_worker_writes(slide, model, one_worker, tmp_path, missing):
     try:
         import ray

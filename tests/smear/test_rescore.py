@@ -96,7 +96,13 @@ def test_rescorer_beats_the_nih_model_on_held_out_fields(iml):
     assert auc_r > 0.93 and auc_r > auc_cnn + 0.02, (auc_r, auc_cnn)
     assert 0 < r.threshold < 1 and r.config.n_fields == 24 and r.config.n_parasitized == int(tr.y.sum())
     called = int((p >= r.threshold).sum())
-    assert 0.4 * te.y.sum() <= called <= 2.5 * te.y.sum()  # count-matched threshold: about as many calls as infected
+    print(f"rescorer on fields 25-36: ROC-AUC {auc_r:.4f} (model logit {auc_cnn:.4f}); {called} called, "
+          f"{int(te.y.sum())} infected, threshold {r.threshold:.4f}")
+    # The threshold is count-matched on out-of-fold probabilities of the 24 training fields.
+    # Measured on these 12 held-out fields (2026-12-02, bundled model, deterministic trees): 12
+    # called, 16 infected detections; moving the threshold's odds by a factor 2 either way gives 9
+    # to 15 calls. Bound: that range, i.e. the measured 12 +- 3 (was 0.4-2.5x the infected count).
+    assert int(te.y.sum()) == 16 and 9 <= called <= 15, called
 
 
 def test_rescorer_equals_sklearn_and_survives_save_load(iml, tmp_path):
