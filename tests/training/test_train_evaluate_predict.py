@@ -21,7 +21,7 @@ def tiny_run(nih_dir, tmp_path_factory, make_subset):
     tmp = tmp_path_factory.mktemp("tiny")
     data = make_subset(nih_dir, tmp / "data", PATIENTS)
     run = tmp / "run"
-    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "32",
+    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "4", "--batch-size", "32",
                               "--val-fraction", "0.2", "--test-fraction", "0.3", "--no-progress",
                               "--cache-dir", str(tmp / "cache")])
     assert res.exit_code == 0, res.output
@@ -49,23 +49,30 @@ def test_run_folder_is_complete(tiny_run):
         assert lo <= hi
     assert m["n_patients"] == manifest["splits"]["test"]["n_patients"]
     assert m["n_cells"] == manifest["splits"]["test"]["n_cells"]
-    # Two epochs on ~1,600 cells already separate the classes. With threads and algorithms fixed
-    # (conftest: deterministic_torch) seed 0 gives the same ROC-AUC every run on a machine (0.7698
-    # twice here). Other seeds, same split (test patients P1, P4, P5; 865 cells): seed 0 0.7698,
-    # seed 1 0.7551, seed 6 0.7981 (3 seeds only, not the 10 wanted: each run took ~35 min on the
-    # shared 2-core machine). Bound: their minimum 0.755 less a 0.05 margin (the old 0.75 sat within
-    # 0.005 of seed 1, and a full `make test` once gave 0.735 with torch left at another thread count).
-    assert m["roc_auc"] > 0.70
+    # Four epochs on 447 training cells (5 patients, 3 of them uninfected controls) separate the
+    # classes on the 3 test patients (P1, P4, P5; 865 cells). Seed 0 gives the same ROC-AUC every run on a machine
+    # (threads and algorithms fixed: conftest's deterministic_torch), but a thread count, a CPU or
+    # a library version moves the weights as another seed would, so the bound comes from the seeds:
+    # bound from 10 seeds (split of seed 0, seeds 0-9 for initialisation and order): min 0.673,
+    # mean 0.782, seed 0 0.847 (record test_bounds); bound 0.62 = min less a 0.05 margin. With
+    # --epochs 2, as before, the same 10 seeds gave 0.303 to 0.815 (3 of them under the old 0.70):
+    # no bound above chance would hold, hence 4 epochs.
+    assert m["roc_auc"] > 0.62
     assert "test:" in output and "accuracy" in output
 
 
 def test_resume_continues_from_last_checkpoint(tiny_run):
     data, run, _ = tiny_run
-    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "2", "--resume", "--no-progress"])
-    # --resume reads the saved config (epochs=2): training is already complete, nothing to redo
+    weights, metrics = (run / "weights.safetensors").read_bytes(), json.loads((run / "metrics.json").read_text())
+    res = runner.invoke(app, ["train", str(data), "--out", str(run), "--epochs", "4", "--resume", "--no-progress"])
+    # --resume reads the saved config (epochs=4): training is already complete, nothing to redo
     assert res.exit_code == 0, res.output
     info = json.loads((run / "train_info.json").read_text())
-    assert info["epochs_run"] == 2
+    assert info["epochs_run"] == 4
+    # last.ckpt is the final epoch's, so nothing was retrained: the same weights and test metrics.
+    # (It once was the best-val-loss epoch's, 2 of 0-3 here: the resume redid epoch 3.)
+    assert (run / "weights.safetensors").read_bytes() == weights
+    assert json.loads((run / "metrics.json").read_text())["roc_auc"] == metrics["roc_auc"]
 
 
 def test_evaluate_leaves_out_training_patients(tiny_run, tmp_path):
@@ -172,4 +179,9 @@ def test_adaptation_path_nih_plus_field_crops(data_dir, nih_dir, tmp_path, make_
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     val_files = split["splits"]["val"]["files"]
     assert total == sum(f in listed for f in val_files) < len(val_files)  # field crops only, not the NIH cells
-    assert called >= truth
+    print(f"adaptation path: {called} of {total} validation field crops called Parasitized ({truth} are)")
+    # The val-count threshold is the truth-th largest probability of these crops, so the count is
+    # matched by construction: measured here 4 of 263 called, 4 are (2026-12-02, this commit's
+    # bundled model and segmentation). Only tied probabilities (e.g. saturated at 1.0, where the
+    # threshold is clamped to 1 - 1e-6) could call more: margin one tied crop, none below.
+    assert truth > 0 and truth <= called <= truth + 1

@@ -6,7 +6,7 @@ The run folder holds everything needed to use, audit or resume the model:
   of training patients, class names, threshold, optimiser settings);
 - ``weights.safetensors``: the best-validation-loss network weights (no pickle);
 - ``split.json``: patients and files per split, checked leak-free;
-- ``checkpoints/last.ckpt`` and ``checkpoints/best*.ckpt``: Lightning checkpoints, for ``--resume``;
+- ``checkpoints/last.ckpt`` (after every epoch) and ``checkpoints/best*.ckpt``: Lightning checkpoints, for ``--resume``;
 - ``tb/`` (TensorBoard) and ``csv/`` (CSV) logs; ``samples_grid.png``; ``training_curves.png``.
 
 Evaluation on the test patients is a separate step (``malaria_screen.evaluation``), which the CLI
@@ -278,7 +278,11 @@ def train(
     has_val = len(split.val) > 0
     monitor = "val_loss" if has_val else "train_loss"
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True, save_top_k=1),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1),
+        # last.ckpt after EVERY epoch, for --resume. (Lightning's save_last=True on the callback above
+        # writes it only when the monitored loss improves: a killed run then redid every epoch since
+        # its best, and resuming a finished run retrained its last epochs and changed its weights.)
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
         LearningRateMonitor(logging_interval="epoch"),
     ]
     if cfg.early_stopping_patience > 0 and has_val:
