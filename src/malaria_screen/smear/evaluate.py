@@ -9,8 +9,6 @@ or screened is recorded with its error and left out of the metrics; the others g
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from malaria_screen.errors import error_text
-from malaria_screen.fileio import atomic_write_text
+from malaria_screen.fileio import atomic_write_text, rows_to_csv
 from malaria_screen.smear.fields import decode_field
 from malaria_screen.smear.labels import GroundTruthBox, load_chula_points, load_iml_annotations
 from malaria_screen.smear.parasitemia import field_quantifier
@@ -245,12 +243,8 @@ def evaluate_dataset(
         ch.pop("fields", None)
         out["chula"] = ch
     if out_dir is not None:
-        sio = io.StringIO()
         cols = ["image", "n_pred", "n_gt", "tp", "fp", "fn", "fp_border", "inf_gt", "inf_tp", "inf_pred",
                 "parasitemia_pred", "parasitemia_true", "seconds"]
-        w = csv.writer(sio, lineterminator="\n")
-        w.writerow(cols)
-        for m in matches:
-            w.writerow([getattr(m, c) for c in cols])
-        atomic_write_text(Path(out_dir) / "per_field.csv", sio.getvalue())
+        rows = [{c: getattr(m, c) for c in cols} for m in matches]
+        atomic_write_text(Path(out_dir) / "per_field.csv", rows_to_csv(rows, cols))
     return out
