@@ -41,6 +41,7 @@ def digits_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # 14 s in the last full run (2 cores)
 def test_digits_train_one_epoch_beats_chance_on_held_out_groups(digits_dir, tmp_path):
     run = tmp_path / "run"
     res = runner.invoke(app, ["train", str(digits_dir / "data"), "--out", str(run), "--groups", str(digits_dir / "groups.csv"),
@@ -53,10 +54,11 @@ def test_digits_train_one_epoch_beats_chance_on_held_out_groups(digits_dir, tmp_
     split = json.loads((run / "split.json").read_text())["splits"]
     assert m["n_cells"] == split["test"]["n_cells"] and m["n_groups"] == split["test"]["n_patients"] >= 4
     assert not set(split["test"]["patients"]) & set(split["train"]["patients"])
-    # Chance is 10 %. Measured with fixed threads (deterministic_torch): seed 0 accuracy 0.922 (CI low
-    # 0.903), seed 1 0.950 (0.927), seed 2 0.925 (0.892): 3 seeds only (each 15-30 min on the shared
-    # machine). Bounds: the lowest accuracy less 0.07, the lowest CI end less 0.09, far above chance.
-    assert m["accuracy"] > 0.85 and m["ci95"]["accuracy"][0] > 0.8
+    # Chance is 10 %. Bound from 10 seeds (the split of seed 0, seeds 0-9 for initialisation and
+    # order; fixed threads, deterministic algorithms): accuracy min 0.917, mean 0.950 (seed 0
+    # 0.922); lower CI end min 0.883, mean 0.930 (record test_bounds). Bounds: each minimum less a
+    # 0.05 margin, rounded down.
+    assert m["accuracy"] > 0.86 and m["ci95"]["accuracy"][0] > 0.83
     assert len(m["confusion_matrix"]) == 10
     print(f"digits, 1 epoch: test accuracy {m['accuracy']:.4f} {m['ci95']['accuracy']} on {m['n_groups']} groups, {m['n_cells']} images")
 

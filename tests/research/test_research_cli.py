@@ -35,7 +35,11 @@ def test_features_sweep_reports_every_stage(tiny_nih, tmp_path):
     meta = summary["meta"]
     assert meta["n_fit_patients"] + meta["n_test_patients"] == len(TINY_PATIENTS)
     # Pretrained features separate the classes on held-out patients (real behaviour, can fail).
-    assert best["roc_auc"] > 0.8
+    # Nothing is trained (frozen ImageNet features, lbfgs logistic regression): the value depends
+    # on the split alone, and for these 8 patients seeds 0-11 all give the same split (test
+    # C1_thinF, P85). Measured 0.9714 (best layer stage3) for seeds 0-2 (record test_bounds); bound
+    # 0.95: margin 0.02 for floating-point differences between machines and library versions.
+    assert best["roc_auc"] > 0.95
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
 
 
