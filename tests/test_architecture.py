@@ -56,8 +56,10 @@ ALLOWED = {
     # their error handler, in their own process
     "serve.api": "serve.fieldjob smear.domain smear.screen",
     "serve.jobs": "inference serve.fieldjob smear.domain smear.report smear.rescore",
+    # the web app runs on the torch-free install (ONNX model: no Grad-CAM, so no torch) and
+    # without the smear extra (scikit-image): its tabs import them when built or run
+    "app.gradio_app": "inference.gradcam smear.domain smear.labelling smear.report smear.screen smear.slide",
     # owned by other work streams this session; to be narrowed to pairs like the rest
-    "app.gradio_app": "*",
     "cli.adapt": "*",
     "inference.site": "*",
     "smear.adapt": "*",

@@ -1,7 +1,9 @@
 """Offline web app (Gradio): ``build_app(predictor)`` / ``launch(predictor)``; run it with ``malaria-screen app``."""
 
-from malaria_screen.app.gradio_app import (AppLimits, build_app, classify_files, example_fields, launch, sample_files,
-                                            screen_field_image, screen_slide_files)
+from malaria_screen.app.gradio_app import (APP_KEYS_ENV, AnonymousExposureError, AppAccess, AppLimits, build_app,
+                                            check_exposure, classify_files, example_fields, is_loopback, launch,
+                                            sample_files, screen_field_image, screen_slide_files)
 
-__all__ = ["AppLimits", "build_app", "classify_files", "example_fields", "launch", "sample_files", "screen_field_image",
+__all__ = ["APP_KEYS_ENV", "AnonymousExposureError", "AppAccess", "AppLimits", "build_app", "check_exposure",
+           "classify_files", "example_fields", "is_loopback", "launch", "sample_files", "screen_field_image",
            "screen_slide_files"]

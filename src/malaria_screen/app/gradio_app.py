@@ -23,11 +23,17 @@ with an ONNX model (no gradients) the cell alone.
 Limits (issue 23), the same as the REST API's (:class:`AppLimits`): uploads of at most
 ``max_file_bytes`` each (Gradio's ``max_file_size``: larger files are refused before they are
 stored); at most 25 Mpx per image, checked from the header before decoding, and 50 Mpx per
-request in all; the whole-field tab receives the file, not a decoded array, so its pixels are
-decoded within the same limit; a bounded queue (``max_queue`` waiting events, then Gradio's
+request in all, and ``max_request_cpu_s`` CPU seconds per click (20, checked before each image
+or field: the rest are listed as not processed); the whole-field tab receives the file, not a
+decoded array, so its pixels are decoded within the same limit; a bounded queue (``max_queue`` waiting events, then Gradio's
 "queue full") with ``cell_concurrency`` / ``field_concurrency`` events at once; uploaded files
 and result CSVs are deleted ``cache_ttl_s`` after they were made (Gradio's ``delete_cache``),
 and a session's CSV folder when its tab closes.
+
+Access (:class:`AppAccess`, as the REST API's): optional login keys (Gradio's ``auth``: every
+page, upload, file and API route answers 401 until the login), a ``Host`` allow-list (400 for
+other names, against DNS rebinding), and a refusal to listen beyond this machine without a login
+unless anonymous use is asked for (:func:`check_exposure`).
 """
 
 from __future__ import annotations
@@ -36,24 +42,34 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
+import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import hmac  # noqa: E402
+import ipaddress  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from importlib import resources  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dataclasses import dataclass  # noqa: E402
-
-from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image  # noqa: E402
+from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image, is_image_entry  # noqa: E402
 from malaria_screen.data.parallel import decode_cell  # noqa: E402
 from malaria_screen.data.preprocess import letterbox  # noqa: E402
 from malaria_screen.errors import error_text  # noqa: E402
-from malaria_screen.fileio import atomic_write_text  # noqa: E402
+from malaria_screen.fileio import atomic_write_text, rows_to_csv  # noqa: E402
 
-__all__ = ["AppLimits", "build_app", "classify_files", "example_fields", "launch", "sample_files", "screen_field_image",
+__all__ = ["APP_KEYS_ENV", "AnonymousExposureError", "AppAccess", "AppLimits", "build_app", "check_exposure",
+           "classify_files", "example_fields", "is_loopback", "launch", "sample_files", "screen_field_image",
            "screen_slide_files"]
+
+#: Environment variable holding the app's login keys, comma-separated (``app --key-file`` adds a
+#: file's; read by the CLI with :func:`malaria_screen.serve.load_api_keys`, the REST API's reader).
+APP_KEYS_ENV = "MALARIA_SCREEN_APP_KEYS"
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +95,11 @@ class AppLimits:
         Pixels decoded for one click, all images together; later images get an error unread.
     max_files : int, default=256
         Files classified per click; more get an error.
+    max_request_cpu_s : float, default=20.0
+        CPU seconds of one click (the handler's thread, as the REST API's ``/v1/classify``
+        measures it), checked before each image or field: once spent, the rest get "not
+        processed: this click's CPU budget ... is spent" unread. One image can overrun it by its
+        own cost, which ``max_pixels`` and the not-a-smear check (before segmentation) bound.
     cell_concurrency, field_concurrency : int, default=2, 1
         Events of each tab run at once; the others wait in the queue.
     max_queue : int, default=16
@@ -93,13 +114,14 @@ class AppLimits:
     Raises
     ------
     ValueError
-        If a limit is < 1.
+        If a limit is < 1 (``max_request_cpu_s``: not > 0).
     """
 
     max_file_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 25_000_000
     max_request_pixels: int = 50_000_000
     max_files: int = 256
+    max_request_cpu_s: float = 20.0
     cell_concurrency: int = 2
     field_concurrency: int = 1
     max_queue: int = 16
@@ -108,12 +130,91 @@ class AppLimits:
     label_batch: int = 12
 
     def __post_init__(self) -> None:
-        import dataclasses
-
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if f.type == "float":
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                    raise ValueError(f"{f.name} must be a positive number, got {v!r}")
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f.name} must be an int >= 1, got {v!r}")
+
+
+class AnonymousExposureError(ValueError):
+    """The app was asked to listen beyond this machine with no login and no ``allow_anonymous``."""
+
+
+@dataclass(frozen=True)
+class AppAccess:
+    """Who may use the web app, and by which names it may be reached.
+
+    Attributes
+    ----------
+    keys : tuple of str, default=()
+        Login keys: the login form's password must be one of them (compared in constant time,
+        :func:`hmac.compare_digest`, against every key); the user name is free and only logged.
+        Empty: no login. Read from a file or ``$MALARIA_SCREEN_APP_KEYS`` by the CLI, never
+        given on the command line.
+    allowed_hosts : tuple of str, default=("127.0.0.1", "localhost", "::1", "[::1]")
+        ``Host`` header values accepted (Starlette's ``TrustedHostMiddleware``, as the REST API;
+        ``*.example.org`` wildcards); others get 400, which defeats DNS rebinding. ``("*",)``:
+        any. :func:`launch` adds the address it binds when that is a concrete one.
+    allow_anonymous : bool, default=False
+        Allow listening on a non-loopback address without keys (:func:`check_exposure`).
+    login_delay_s : float, default=1.0
+        Seconds a failed login waits before its answer (awaited, so no thread is held), which
+        slows guessing.
+
+    Raises
+    ------
+    ValueError
+        For an empty or blank key, no allowed host, or a negative delay.
+    """
+
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
+    allow_anonymous: bool = False
+    login_delay_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if any(not k or k.strip() != k for k in self.keys):
+            raise ValueError("login keys must be non-empty and have no surrounding whitespace")
+        if not self.allowed_hosts:
+            raise ValueError("allowed_hosts is empty: no request could be answered (use ('*',) for any host)")
+        if self.login_delay_s < 0:
+            raise ValueError(f"login_delay_s must be >= 0, got {self.login_delay_s}")
+
+    def check(self, password: str) -> bool:
+        """Whether ``password`` is one of the keys; every key is compared (no early exit)."""
+        given = password.encode()
+        ok = False
+        for k in self.keys:
+            ok |= hmac.compare_digest(given, k.encode())
+        return ok
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (``localhost`` or a loopback address)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, access: AppAccess) -> None:
+    """Refuse to serve beyond this machine without a login, unless anonymous use is asked for.
+
+    Raises
+    ------
+    AnonymousExposureError
+        If ``host`` is not loopback, ``access.keys`` is empty and ``access.allow_anonymous`` is False.
+    """
+    if not is_loopback(host) and not access.keys and not access.allow_anonymous:
+        raise AnonymousExposureError(
+            f"refusing to serve the web app on {host} without a login: anyone who reaches it could use it. Give "
+            f"login keys (--key-file, or ${APP_KEYS_ENV}), or --allow-anonymous if a proxy in front authenticates "
+            "(docs/deployment-security.md)")
 
 
 def sample_files() -> list[str]:
@@ -126,8 +227,12 @@ def example_fields() -> list[str]:
     """Bundled, redistributable example fields (``malaria_screen/assets/demo_field/*``: Chula-RBC-12,
     MIT licence), sorted; [] if absent."""
     root = Path(str(resources.files("malaria_screen") / "assets" / "demo_field"))
-    exts = {".jpg", ".jpeg", ".png"}
-    return sorted(str(p) for p in root.iterdir() if p.suffix.lower() in exts) if root.is_dir() else []
+    return sorted(str(p) for p in root.iterdir() if p.is_file() and is_image_entry(p.name)) if root.is_dir() else []
+
+
+def _over_budget(cpu_s: float) -> str:
+    """The message of a file or field left unread because the click's CPU budget is spent."""
+    return f"not processed: this click's CPU budget ({cpu_s:g} s) is spent; send it in a later click"
 
 
 def _tile(rgb: np.ndarray, overlay: np.ndarray | None) -> np.ndarray:
@@ -136,20 +241,8 @@ def _tile(rgb: np.ndarray, overlay: np.ndarray | None) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _csv(rows: list[dict]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: "" if r.get(k) is None else r[k] for k in _CSV_COLUMNS})
-    return buf.getvalue()
-
-
 def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, explain: bool = True, max_files: int = 256,
-                   max_pixels: int = 25_000_000, max_request_pixels: int = 50_000_000):
+                   max_pixels: int = 25_000_000, max_request_pixels: int = 50_000_000, max_request_cpu_s: float = 20.0):
     """Classify uploaded files and build what the page shows; the app's one handler.
 
     Parameters
@@ -167,6 +260,9 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
         Largest image (width x height), checked from the header before decoding.
     max_request_pixels : int, default=50,000,000
         Pixels decoded in all; files after the budget is spent get an error unread.
+    max_request_cpu_s : float, default=20.0
+        CPU seconds of this call (its thread, :func:`time.thread_time`), checked before each file;
+        files after it is spent get an error unread.
 
     Returns
     -------
@@ -186,6 +282,7 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
     rows, gallery = [], []
     pos = None if predictor.positive_index is None else predictor.class_names[predictor.positive_index]
     spent = {"px": 0}
+    t_cpu = time.thread_time()
 
     def on_size(w: int, h: int) -> None:
         spent["px"] += w * h
@@ -198,6 +295,9 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
         rows.append(row)
         if i >= max_files:
             row["error"] = f"not processed: more than {max_files} files in one upload"
+            continue
+        if time.thread_time() - t_cpu > max_request_cpu_s:
+            row["error"] = _over_budget(max_request_cpu_s)
             continue
         try:
             rgb = decode_cell(p, max_pixels=max_pixels, on_size=on_size)
@@ -223,7 +323,7 @@ def classify_files(predictor, paths: Sequence[str], *, out_dir: str | Path, expl
         summary += "\n\n(Grad-CAM overlays need the PyTorch model; this app runs an ONNX model.)"
     csv_path = None
     if rows:
-        csv_path = str(atomic_write_text(Path(out_dir) / "malaria_screen_results.csv", _csv(rows)))
+        csv_path = str(atomic_write_text(Path(out_dir) / "malaria_screen_results.csv", rows_to_csv(rows, _CSV_COLUMNS)))
     table = [[r["file"], r["label"], r["p_parasitized"], r["error"]] for r in rows]
     return summary, gallery, table, csv_path
 
@@ -276,7 +376,7 @@ def screen_field_image(predictor, rgb, *, name: str = "field", rescorer=None, ma
 
 def screen_slide_files(predictor, paths: Sequence[str] | None, *, rescorer=None, domain_reference=None,
                        include_out_of_domain: bool = False, max_pixels: int = 25_000_000,
-                       max_request_pixels: int = 50_000_000, max_files: int = 256):
+                       max_request_pixels: int = 50_000_000, max_files: int = 256, max_request_cpu_s: float = 20.0):
     """Screen several fields of one slide for the app's whole-field tab.
 
     Each file is decoded within ``max_pixels`` (checked from its header) and refused when
@@ -296,6 +396,10 @@ def screen_slide_files(predictor, paths: Sequence[str] | None, *, rescorer=None,
         Count fields outside the model's domain in the slide total.
     max_pixels, max_request_pixels, max_files : int
         Limits (:class:`AppLimits`).
+    max_request_cpu_s : float, default=20.0
+        CPU seconds of this call (its thread), checked before each field is decoded (each is
+        screened before the next is decoded); the fields after it is spent are listed as not
+        processed.
 
     Returns
     -------
@@ -315,20 +419,32 @@ def screen_slide_files(predictor, paths: Sequence[str] | None, *, rescorer=None,
     paths = [str(p) if isinstance(p, (str, os.PathLike)) else getattr(p, "name", str(p)) for p in (paths or [])]
     if not paths:
         return "No field uploaded.", [], [], []
-    decoded, refused, spent = [], [], 0
-    for i, p in enumerate(paths):
-        if i >= max_files or spent > max_request_pixels:
-            refused.append((Path(p).name, f"not read: over the limit of {max_files} files or "
-                                          f"{max_request_pixels:,} pixels per click"))
-            continue
-        try:
-            rgb = check_colour(decode_image(p, max_pixels=max_pixels))
-        except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
-            refused.append((Path(p).name, str(exc)))
-            continue
-        spent += rgb.shape[0] * rgb.shape[1]
-        decoded.append((Path(p).name, rgb))
-    slide = screen_slide(decoded, predictor, rescorer=rescorer, domain_reference=domain_reference,
+    decoded, refused = [], []
+    t_cpu = time.thread_time()
+
+    def fields():
+        """Each field decoded when ``screen_slide`` takes it (it screens one before taking the
+        next, in this thread), so the CPU budget is checked between screened fields."""
+        spent = 0
+        for i, p in enumerate(paths):
+            name = Path(p).name
+            if i >= max_files or spent > max_request_pixels:
+                refused.append((name, f"not read: over the limit of {max_files} files or "
+                                      f"{max_request_pixels:,} pixels per click"))
+                continue
+            if time.thread_time() - t_cpu > max_request_cpu_s:
+                refused.append((name, _over_budget(max_request_cpu_s)))
+                continue
+            try:
+                rgb = check_colour(decode_image(p, max_pixels=max_pixels))
+            except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
+                refused.append((name, str(exc)))
+                continue
+            spent += rgb.shape[0] * rgb.shape[1]
+            decoded.append((name, rgb))
+            yield name, rgb
+
+    slide = screen_slide(fields(), predictor, rescorer=rescorer, domain_reference=domain_reference,
                          include_out_of_domain=include_out_of_domain)
     refused += slide.errors
     rgb_of = dict(decoded)
@@ -393,8 +509,6 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     gradio.Blocks
         Launch with :func:`launch` (which sets the offline options and ``max_file_size``).
     """
-    import shutil
-
     import gradio as gr
 
     limits = limits or AppLimits()
@@ -404,7 +518,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     metrics = predictor.metrics or {}
     model_line = f"Model: `{Path(predictor.source).name if predictor.source else '?'}` ({getattr(predictor, 'backend', '?')})"
     model_line += (f"; limits: {limits.max_file_bytes / 2**20:g} MiB and {limits.max_pixels / 1e6:g} Mpx per image, "
-                   f"{limits.max_files} files per click")
+                   f"{limits.max_files} files, {limits.max_request_pixels / 1e6:g} Mpx and "
+                   f"{limits.max_request_cpu_s:g} CPU s per click")
     if "accuracy" in metrics and "roc_auc" in metrics:
         model_line += f"; test patients: accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}"
     if rescorer is not None:
@@ -416,7 +531,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
         sess = work / (getattr(request, "session_hash", None) or "session")
         summary, gallery, table, csv_path = classify_files(predictor, paths, out_dir=sess, max_files=limits.max_files,
                                                            max_pixels=limits.max_pixels,
-                                                           max_request_pixels=limits.max_request_pixels)
+                                                           max_request_pixels=limits.max_request_pixels,
+                                                           max_request_cpu_s=limits.max_request_cpu_s)
         return summary, gallery, table, csv_path
 
     def forget(request: gr.Request | None = None):
@@ -447,7 +563,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
                 _label_tab(gr, predictor, limits, work)
         outs = [summary, gallery, table, csv_file]
         _special(run, request=gr.Request)
-        btn.click(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
+        btn.click(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells",
+                  api_name="classify")
         files.upload(run, inputs=[files], outputs=outs, concurrency_limit=limits.cell_concurrency, concurrency_id="cells")
         demo.unload(_special(forget, request=gr.Request))
         demo.load(None, js=_KEYS_JS)  # the labelling tab's keyboard shortcuts, in the browser
@@ -488,12 +605,13 @@ def _field_tab(gr, predictor, rescorer, limits: AppLimits) -> None:
     def run(paths, include_ood):
         summary, overlays, table, gal = screen_slide_files(
             predictor, paths, rescorer=rescorer, domain_reference=reference, include_out_of_domain=include_ood,
-            max_pixels=limits.max_pixels, max_request_pixels=limits.max_request_pixels, max_files=limits.max_files)
+            max_pixels=limits.max_pixels, max_request_pixels=limits.max_request_pixels, max_files=limits.max_files,
+            max_request_cpu_s=limits.max_request_cpu_s)
         return summary, gal, table, overlays
 
     outs = [field_summary, cells, field_table, field_out]
     field_btn.click(run, inputs=[field_in, include], outputs=outs, concurrency_limit=limits.field_concurrency,
-                    concurrency_id="field")
+                    concurrency_id="field", api_name="screen_fields")
     if fields:
         def pick(include_ood, evt):
             path = fields[evt.index]
@@ -605,8 +723,6 @@ def _label_tab(gr, predictor, limits: AppLimits, work: Path) -> None:
     The state of each browser session is a :class:`~malaria_screen.smear.labelling.LabellingSession`;
     its fields (copied, so that Gradio's cache expiry does not remove them mid-session), labels CSV
     and site folder live in ``work/<session>/labelling/`` and go when the tab closes."""
-    import shutil
-
     from malaria_screen.smear.labelling import LabellingSession, adaptable_model
 
     cell_model, run_dir = adaptable_model(predictor)
@@ -658,12 +774,15 @@ def _label_tab(gr, predictor, limits: AppLimits, work: Path) -> None:
             sess = LabellingSession(cell_model, max_fields=limits.max_label_fields, batch_size=limits.label_batch)
         dest_dir = folder(request) / "fields"
         dest_dir.mkdir(parents=True, exist_ok=True)
-        notes, spent = [], 0
+        notes, spent, t_cpu = [], 0, time.thread_time()
         for i, p in enumerate(paths):
             name = Path(p).name
             if i >= limits.max_files or spent > limits.max_request_pixels:
                 notes.append(f"⛔ **{name}**: not read (over {limits.max_files} files or "
                              f"{limits.max_request_pixels:,} pixels per click)")
+                continue
+            if time.thread_time() - t_cpu > limits.max_request_cpu_s:
+                notes.append(f"⛔ **{name}**: {_over_budget(limits.max_request_cpu_s)}")
                 continue
             dest = dest_dir / name
             try:
@@ -753,7 +872,23 @@ def _label_tab(gr, predictor, limits: AppLimits, work: Path) -> None:
         ex.select(add_example, inputs=[state], outputs=[state, *view], **work_kw)
 
 
-def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False, **kwargs):
+def _login(access: AppAccess):
+    """Gradio's ``auth=`` callable: a key as the password (constant-time compare), a failed try
+    answered after ``access.login_delay_s`` (awaited: the event loop goes on serving others)."""
+
+    async def auth(username: str, password: str) -> bool:
+        if access.check(password):
+            log.info("web app login: %r", username)
+            return True
+        log.warning("web app login refused: %r", username)
+        await asyncio.sleep(access.login_delay_s)
+        return False
+
+    return auth
+
+
+def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False,
+           access: AppAccess | None = None, **kwargs):
     """Build and serve the app, offline.
 
     Parameters
@@ -764,6 +899,9 @@ def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thre
     port : int, default=7860
     prevent_thread_lock : bool, default=False
         Return immediately (tests) instead of blocking.
+    access : AppAccess, optional
+        Login keys, accepted ``Host`` names; default :class:`AppAccess()` (no login, loopback names).
+        With keys every page, file and API route of the app needs a login (Gradio's ``auth``).
     **kwargs
         Passed to :func:`build_app`.
 
@@ -771,12 +909,29 @@ def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thre
     -------
     gradio.Blocks
         The running app (``.close()`` stops it).
+
+    Raises
+    ------
+    AnonymousExposureError
+        If ``host`` is not loopback and ``access`` has neither keys nor ``allow_anonymous``
+        (checked before anything is built).
     """
     import gradio as gr
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+    access = access or AppAccess()
+    check_exposure(host, access)
+    hosts = list(access.allowed_hosts)
+    if host not in ("0.0.0.0", "::", "") and host not in hosts:  # a concrete address: its literal is no rebinding
+        hosts.append(host)
     demo = build_app(predictor, **kwargs)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False, show_error=True,
                 max_file_size=demo.app_limits.max_file_bytes,
+                auth=_login(access) if access.keys else None,
+                auth_message="Log in with one of this app's keys as the password (any user name)." if access.keys else None,
+                app_kwargs={"middleware": [Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]},
                 prevent_thread_lock=prevent_thread_lock, quiet=True, footer_links=["api", "settings"],
                 theme=gr.themes.Default(), pwa=False, mcp_server=False, enable_monitoring=False)
+    demo.app_access = dataclasses.replace(access, keys=(), allowed_hosts=tuple(hosts))  # what it runs under, no keys
     return demo

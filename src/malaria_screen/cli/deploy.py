@@ -217,18 +217,41 @@ def explain(
 
 def app_cmd(
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only)"),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only). Any other needs a "
+                                             "login (--key-file) or --allow-anonymous: docs/deployment-security.md"),
     port: int = typer.Option(7860, help="TCP port"),
     rescorer: Optional[Path] = typer.Option(None, "--rescorer", help=RESCORER_HELP),
+    key_file: Optional[Path] = typer.Option(None, help="File of login keys, one per line (chmod 600); also "
+                                                      "$MALARIA_SCREEN_APP_KEYS (comma-separated). The login's password "
+                                                      "is a key, the user name is free. Without either: no login"),
+    allow_anonymous: bool = typer.Option(False, help="Serve a non-loopback --host without a login (a proxy in front "
+                                                     "authenticates)"),
+    allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Accepted Host header (repeat); "
+                                                     "default: 127.0.0.1, localhost, ::1 and the bound address. Add "
+                                                     "your public name behind a proxy"),
+    max_request_cpu_s: float = typer.Option(20.0, min=0.001, help="CPU seconds per click; images and fields after it "
+                                                                  "is spent are listed as not processed"),
+    max_queue: int = typer.Option(16, min=1, help="Clicks that may wait before the app answers 'queue full'"),
 ) -> None:
-    """Start the offline web app (Gradio): upload cell images, see label, p_parasitized and Grad-CAM."""
-    from malaria_screen.app import launch
+    """Start the offline web app (Gradio): whole fields, cells with Grad-CAM, labelling for a site model."""
+    from malaria_screen.app import (APP_KEYS_ENV, AnonymousExposureError, AppAccess, AppLimits, check_exposure,
+                                    is_loopback, launch)
+    from malaria_screen.serve import load_api_keys
 
     try:
+        access = AppAccess(keys=load_api_keys(key_file, env=APP_KEYS_ENV), allow_anonymous=allow_anonymous,
+                           **({"allowed_hosts": tuple(allowed_host)} if allowed_host else {}))
+        check_exposure(host, access)  # before the model is loaded
+        limits = AppLimits(max_request_cpu_s=max_request_cpu_s, max_queue=max_queue)
         pred = load_model(model)
+    except AnonymousExposureError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    launch(pred, host=host, port=port, rescorer=load_rescorer(rescorer, pred))
+    if not is_loopback(host) and not access.keys:
+        typer.echo(f"warning: serving the web app on {host} without a login (--allow-anonymous)", err=True)
+    launch(pred, host=host, port=port, rescorer=load_rescorer(rescorer, pred), access=access, limits=limits)
 
 
 def serve(
