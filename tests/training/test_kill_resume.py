@@ -73,8 +73,11 @@ def test_sigkill_mid_run_then_resume_finishes_on_the_same_split(nih_dir, tmp_pat
     test = json.loads(split_before)["splits"]["test"]
     assert m["n_patients"] == test["n_patients"] and m["n_cells"] == test["n_cells"]
     print(f"killed after epoch {killed_at}; resumed: ROC-AUC {m['roc_auc']:.4f} on {m['n_patients']} test patients")
-    # A sanity check, not a quality bound: the resumed weights rank the test patients' cells better than chance.
-    assert m["roc_auc"] > 0.5
+    # Bound from 10 seeds of this run uninterrupted (split of seed 0, seeds 0-9 for initialisation
+    # and order): min 0.805, mean 0.903 (record test_bounds, kill_resume). Killed after epoch 0
+    # and resumed, seed 0 gave 0.787 here (2026-12-02): the resumed epochs draw their data order
+    # afresh, as another seed would. Bound: the lower of the two less a 0.05 margin.
+    assert m["roc_auc"] > 0.73
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # the resumed process saved its own checkpoints past the killed one (Lightning's last save after
     # the final epoch stores the epoch counter already advanced: 3 here, measured)
