@@ -153,3 +153,33 @@ def test_login_host_check_and_limits_of_the_running_app(onnx_fp32, four_mpx_pngs
                                                          "send it in a later click"] * 2
     finally:
         demo.close()
+
+
+def test_cli_app_takes_keys_from_the_environment(onnx_fp32, tmp_path):
+    """``MALARIA_SCREEN_APP_KEYS=... malaria-screen app``: the served app needs the login."""
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "MALARIA_SCREEN_APP_KEYS": f"{KEY},another-key"}
+    log_path = tmp_path / "app.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "malaria_screen.cli", "app", "--model", str(onnx_fp32),
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            try:
+                r = httpx.get(base + "/config", timeout=10)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.3)
+        assert r.status_code == 401
+        with httpx.Client(base_url=base, timeout=30) as c:
+            assert c.post("/login", data={"username": "lab", "password": "another-key"}).status_code == 200
+            assert c.get("/config").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
