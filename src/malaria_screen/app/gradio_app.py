@@ -908,7 +908,8 @@ def launch(predictor, *, host: str = "127.0.0.1", port: int = 7860, prevent_thre
     Returns
     -------
     gradio.Blocks
-        The running app (``.close()`` stops it).
+        The running app (``.close()`` stops it); ``.app_limits`` and ``.app_access`` (without the
+        keys, with the ``Host`` names in force) say what it runs under.
 
     Raises
     ------
