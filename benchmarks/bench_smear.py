@@ -2,8 +2,9 @@
 
 Prints RBC detection precision/recall/F1 at IoU >= 0.5 (strict, and with unmatched border-cut
 detections not counted, since IML leaves most edge cells unboxed), infected-cell sensitivity and
-PPV, per-field parasitemia absolute error (mean, max; percentage points), seconds per field, and
-the Chula red-cell count errors.
+PPV, per-field parasitemia absolute error (mean, max; percentage points) and Pearson r beside
+the constant-1.3 % baseline on the same fields (95 % CIs by bootstrap over fields), seconds per
+field, and the Chula red-cell count errors.
 
 Usage::
 
