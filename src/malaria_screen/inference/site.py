@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from malaria_screen.inference.base import CellClassifierBase
+from malaria_screen.inference.base import CellClassifierBase, seen_patients
 
 __all__ = ["SITE_FILE", "SiteConfig", "SitePredictor", "is_site_dir", "platt"]
 
@@ -159,6 +159,11 @@ class SitePredictor(CellClassifierBase):
         The second stage's folder, for the whole-field commands (None for ``"calibration"``).
     default_parasitemia_method : str
         ``"cc"``: a site's parasitemia is its calls at the site threshold (count-matched on its labels).
+    backend : str
+        The wrapped model's back-end (``"torch"`` or ``"onnx"``).
+    seen_patients : dict
+        The wrapped model's training and validation patients (``split.json``), so that commands
+        that score only held-out patients still know them.
     """
 
     default_parasitemia_method = "cc"
@@ -170,7 +175,8 @@ class SitePredictor(CellClassifierBase):
         super().__init__(config, metrics=dict(site.extra.get("metrics", {})), batch_size=base.batch_size, source=source)
         self.base = base
         self.site = site
-        self.backend = f"site+{getattr(base, 'backend', 'model')}"
+        self.backend = getattr(base, "backend", "torch")  # what loads the folder again (serve's field workers)
+        self.seen_patients = {k: sorted(v) for k, v in seen_patients(base).items()}  # the wrapped model's split
         r = Path(source) / RESCORER_DIR
         self.rescorer_dir = str(r) if site.method != "calibration" and r.is_dir() else None
         if getattr(base, "predict_with_features", None) is None:
