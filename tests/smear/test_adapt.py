@@ -69,9 +69,9 @@ def test_labels_csv_round_trip_and_clipping(tmp_path):
 def test_choose_method_by_amount_of_labels():
     assert choose_method(30, 5, 3) == "calibration"
     assert choose_method(200, 20, 1) == "calibration"  # one field: no held-out field for the threshold
-    assert choose_method(200, 20, 4) == "linear"
-    assert choose_method(5000, 100, 40) == "trees"
-    assert choose_method(5000, 20, 40) == "linear"
+    assert choose_method(100, 20, 4) == "linear"
+    assert choose_method(200, 20, 4) == "trees"
+    assert choose_method(5000, 19, 40) == "linear"
 
 
 def test_fit_calibration_counts_the_labels():
