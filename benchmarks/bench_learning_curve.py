@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[list]] = {}  # (rule, budget) -> per repeat, list of FieldMatch over all folds
     methods: dict[tuple[str, int], list[str]] = {}
     fails: dict[tuple[str, int], int] = {}
-    base_matches, const_err, dom_base, dom_site = [], [], [], []
+    base_matches, const_err, dom_base, dom_site, n_all = [], [], [], [], []
     ref = load_reference(model)
     for k, test in enumerate(blocks):
         train_f = [f for b in blocks if b is not test for f in b]
@@ -171,10 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         base_matches += _score(c, ann, test, lambda idx: (q_base[idx], 0.5))
         # the self-check: base reference vs the site reference (training blocks' median cell added)
         if ref is not None:
-            site_mean = np.median(c["feats"][in_train].astype(np.float64), axis=0)
-            from malaria_screen.smear.domain import DomainReference
+            from malaria_screen.smear.adapt import site_reference
 
-            sref = DomainReference(np.vstack([ref.class_means, site_mean[None]]), ref.precision, ref.threshold)
+            sref = site_reference(c["feats"][in_train], c["field"][in_train])
             for f in test:
                 fe = c["feats"][c["field"] == f]
                 if not len(fe):
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 dom_site.append(sref.score(fe) <= sref.threshold)
 
         def run(rule: str, budget: int, rep: int, idx: np.ndarray) -> None:
-            key = (rule, budget)
+            key = (rule, 0 if rule == "all" else budget)
             try:
                 fit = fit_site(_data(c, idx))
                 probs_of = (lambda ii: fit.proba(c["p"][ii], c["X"][ii]))
@@ -215,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 if step in BUDGETS:
                     run("tool", step, rep, idx)
         run("all", len(pool), 0, pool)
+        n_all.append(len(pool))
         const_err += [abs(CONSTANT - m.parasitemia_true) * 100 for m in base_matches[-len(test):]]
         print(f"fold {k}: fields {c['names'][test[0]]}..{c['names'][test[-1]]}, pool {len(pool)} cells "
               f"({int((c['lab'][pool] == 1).sum())} Parasitized), {time.perf_counter() - t0:.0f} s", flush=True)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 fig[f"{rule}.{b}.{key}_min"] = float(np.nanmin(vals))
                 fig[f"{rule}.{b}.{key}_max"] = float(np.nanmax(vals))
         if rule == "all":
-            fig["all.n_labels_per_fold_mean"] = float(budget)
+            fig["all.n_labels_per_fold_mean"] = float(np.mean(n_all))
             fig["all.rbc_f1"] = sums[0]["rbc_f1"]
         ms = methods.get((rule, budget), [])
         fig[f"{rule}.{b}.methods"] = ",".join(sorted(set(ms)))

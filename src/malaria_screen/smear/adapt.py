@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ADAPT_METHODS", "AdaptResult", "FieldCells", "LABEL_CLASSES", "LabelledCell", "LabelledData", "LabelsError",
            "SiteFit", "adapt", "choose_method", "collect_labelled", "field_cells", "fit_calibration", "fit_site",
-           "labels_from_annotations", "read_labels_csv", "select_cells", "uncertainty", "write_labels_csv"]
+           "labels_from_annotations", "read_labels_csv", "select_cells", "site_reference", "uncertainty", "write_labels_csv"]
 
 #: The labels a cell can get.
 LABEL_CLASSES: tuple[str, ...] = ("Parasitized", "Uninfected", "not a cell")
@@ -382,7 +382,9 @@ class LabelledData:
         Which labelled cells ``X`` describes.
     site_features : (K, D) float32 or None
         The model's features of every segmented cell of the labelled fields (the self-check's
-        site reference); None when the model gives none.
+        site reference, :func:`site_reference`); None when the model gives none.
+    site_feature_groups : (K,) object or None
+        The field of each row of ``site_features``.
     skipped : list of str
         One message per label row left out (a box that matches no segmented cell, a crop that
         does not decode, a field that cannot be read).
@@ -399,6 +401,7 @@ class LabelledData:
     X: np.ndarray | None
     x_index: np.ndarray
     site_features: np.ndarray | None
+    site_feature_groups: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
     fields: list[str] = field(default_factory=list)
     mined: int = 0
@@ -438,7 +441,7 @@ def collect_labelled(cells: Sequence[LabelledCell], model: Any, *, segment_confi
         A field that cannot be read costs only its own rows (``skipped``).
     """
     say = progress or (lambda _m: None)
-    ps, ys, labs, groups, xs, x_idx, feats, skipped, used = [], [], [], [], [], [], [], [], []
+    ps, ys, labs, groups, xs, x_idx, feats, skipped, used, feat_groups = [], [], [], [], [], [], [], [], [], []
     mined = 0
     by_field: dict[str, list[LabelledCell]] = defaultdict(list)
     crops = []
@@ -484,6 +487,7 @@ def collect_labelled(cells: Sequence[LabelledCell], model: Any, *, segment_confi
         n += len(idx)
         if f_all is not None:
             feats.append(np.asarray(f_all, np.float32))
+            feat_groups += [Path(fpath).stem] * len(f_all)
         used.append(Path(fpath).stem)
     for s in range(0, len(crops), batch_size):
         part = crops[s : s + batch_size]
@@ -506,6 +510,7 @@ def collect_labelled(cells: Sequence[LabelledCell], model: Any, *, segment_confi
         X=np.concatenate(xs) if xs else None,
         x_index=np.concatenate(x_idx) if x_idx else np.zeros(0, np.int64),
         site_features=np.concatenate(feats) if feats else None,
+        site_feature_groups=np.asarray(feat_groups, dtype=object) if feats else None,
         skipped=skipped,
         fields=used,
         mined=mined,
@@ -712,15 +717,54 @@ def _fit_metrics(y: np.ndarray, p: np.ndarray, thr: float) -> dict:
             "ppv": tp / npred if npred else None, "specificity": (neg - (npred - tp)) / neg if neg else None}
 
 
-def _site_reference(base_ref: DomainReference | None, feats: np.ndarray | None) -> DomainReference | None:
-    """The base model's reference with the site's median cell added as one more class mean."""
-    if base_ref is None or feats is None or len(feats) < 20 or feats.shape[1] != base_ref.dim:
-        return base_ref
-    site_mean = np.median(np.asarray(feats, np.float64), axis=0)
-    cal = dict(base_ref.calibration) | {"site_cells": int(len(feats))}
-    return DomainReference(class_means=np.vstack([base_ref.class_means, site_mean[None]]), precision=base_ref.precision,
-                           threshold=base_ref.threshold,
-                           threshold_rule=base_ref.threshold_rule + "; site: its cells' median feature added as a class mean",
+#: The site reference's threshold: this times the largest score of the labelled fields.
+SITE_DOMAIN_MARGIN = 1.25
+
+
+def site_reference(features: np.ndarray, groups: np.ndarray, *, margin: float = SITE_DOMAIN_MARGIN,
+                   base: DomainReference | None = None) -> DomainReference | None:
+    """The self-check's reference of a site: its own cells in the cell model's feature space.
+
+    The mean and the Ledoit-Wolf precision of the site's segmented cells' features (Lee et al.
+    2018, as :func:`~malaria_screen.smear.domain.fit_reference` does for the NIH training cells);
+    a field is in the site's domain when its score (median cell distance) is at most ``margin``
+    times the largest score of the site's own fields. A field of another microscope or stain is
+    then flagged for this site model, as it should be: it was calibrated on this site only.
+
+    Parameters
+    ----------
+    features : (N, D) float
+        Features of every segmented cell of the labelled fields.
+    groups : (N,) object
+        The field of each cell.
+    margin : float
+        Threshold margin over the largest field score.
+    base : DomainReference, optional
+        The cell model's own reference (its calibration is kept for the record).
+
+    Returns
+    -------
+    DomainReference or None
+        None with fewer than 50 cells or 2 fields (then the cell model's own reference is kept).
+    """
+    from sklearn.covariance import LedoitWolf
+
+    f = np.asarray(features, np.float64)
+    g = np.asarray(groups)
+    fields = sorted(set(g.tolist()))
+    if len(f) < 50 or len(fields) < 2:
+        return None
+    mean = f.mean(axis=0)
+    lw = LedoitWolf().fit(f - mean)
+    ref = DomainReference(class_means=mean[None], precision=lw.precision_, threshold=1.0)
+    scores = np.asarray([ref.score(f[g == k]) for k in fields])
+    thr = float(margin * scores.max())
+    cal = {"site_cells": int(len(f)), "site_fields": len(fields), "site_field_score_max": float(scores.max()),
+           "site_field_score_median": float(np.median(scores))}
+    if base is not None:
+        cal["model_weights_sha256"] = base.calibration.get("model_weights_sha256")
+    return DomainReference(class_means=mean[None], precision=lw.precision_, threshold=round(thr, 4),
+                           threshold_rule=f"{margin:g} x the largest score of the site's {len(fields)} labelled fields",
                            calibration=cal)
 
 
@@ -843,7 +887,10 @@ def adapt(
         QuantifierParams(threshold=thr, train_prior=site.labelled_prevalence, tpr=metrics["sensitivity"],
                          fpr=None if metrics["specificity"] is None else 1.0 - metrics["specificity"],
                          source=f"site labels ({len(data.y)} cells, in-sample)").to_json(tmp / "quantify.json")
-        ref = _site_reference(load_reference(base_dir), data.site_features)
+        base_ref = load_reference(base_dir)
+        ref = None if data.site_features is None else site_reference(data.site_features, data.site_feature_groups,
+                                                                      base=base_ref)
+        ref = ref or base_ref
         if ref is not None:
             ref.save(tmp / DOMAIN_FILE)
         write_labels_csv([c for c in labels if c.crop is None] or list(labels), tmp / "labels.csv")
