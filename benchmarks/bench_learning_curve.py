@@ -141,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plot", default=str(ROOT / "docs" / "assets" / "learning_curve.png"))
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the stored record")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        import json
+
+        _plot(json.loads((Path(__file__).resolve().parent / "results" / "bench_learning_curve.json").read_text())["figures"],
+              Path(args.plot))
+        return 0
 
     import malaria_screen
     from malaria_screen.evaluation.quantify import adjust_to_prior, params_from_model
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plot(fig: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -289,9 +297,12 @@ def _plot(fig: dict, path: Path) -> None:
         if k == "mae_pp":
             ax.axhline(fig["constant.mae_pp"], color="k", ls="-.", label="constant 1.3 %")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(list(BUDGETS), [str(b) for b in BUDGETS])
         ax.set_xlabel("labelled cells")
         ax.set_title(title)
     axes[0].legend(fontsize=7)
+    axes[3].legend(handles=axes[3].lines[-1:], fontsize=7)
     f.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     f.savefig(path, dpi=90)
