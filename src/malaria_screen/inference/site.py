@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from malaria_screen.fileio import atomic_write_json
 from malaria_screen.inference.base import CellClassifierBase, seen_patients
 
 __all__ = ["SITE_FILE", "SiteConfig", "SitePredictor", "is_site_dir", "platt"]
@@ -106,8 +107,6 @@ class SiteConfig:
 
     def to_json(self, path: str | Path) -> None:
         """Write atomically as indented JSON."""
-        from malaria_screen.fileio import atomic_write_json
-
         atomic_write_json(path, dataclasses.asdict(self))
 
     @classmethod
@@ -194,7 +193,7 @@ class SitePredictor(CellClassifierBase):
         ValueError
             If ``site.json`` is invalid, or the model is not binary.
         """
-        from malaria_screen.inference import load_model
+        from malaria_screen.inference import load_model  # the package imports this module inside load_model
 
         p = Path(site_dir)
         if not is_site_dir(p):

@@ -66,7 +66,10 @@ from malaria_screen.errors import error_text
 from malaria_screen.evaluation.metrics import count_matched_threshold
 from malaria_screen.evaluation.quantify import QuantifierParams
 from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
-from malaria_screen.inference.site import MODEL_DIR, RESCORER_DIR, SITE_FILE, SiteConfig, platt
+from malaria_screen import __version__
+from malaria_screen.inference import load_model
+from malaria_screen.inference.base import default_model_dir
+from malaria_screen.inference.site import MODEL_DIR, RESCORER_DIR, SITE_FILE, SiteConfig, is_site_dir, platt
 from malaria_screen.smear.boxes import box_cover, match_boxes
 from malaria_screen.smear.crops import cell_crops
 from malaria_screen.smear.domain import DOMAIN_FILE, DomainReference, load_reference, model_features
@@ -821,11 +824,6 @@ def adapt(
     ValueError
         On an unknown ``method``.
     """
-    from malaria_screen.inference import load_model
-    from malaria_screen.inference.base import default_model_dir
-    from malaria_screen.inference.site import is_site_dir
-    from malaria_screen import __version__
-
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     if method not in ADAPT_METHODS:
