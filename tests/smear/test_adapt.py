@@ -210,3 +210,56 @@ def test_interrupted_adapt_leaves_no_half_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
     with pytest.raises(FileExistsError):
         adapt(crops, out)
+
+
+def test_smear_cli_with_a_site_model_uses_its_second_stage(site_dir, iml_split, tmp_path):
+    """`smear --model SITE`: the site's rescorer and threshold, parasitemia by classify-and-count (`cc`),
+    the site's self-check reference (the IML field is in the site's domain, not in the bundled model's)."""
+    images, _, _, held = iml_split
+    out, res = site_dir
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    (fields / held[0]).write_bytes((images / held[0]).read_bytes())
+    r = subprocess.run([sys.executable, "-m", "malaria_screen.cli", "smear", str(fields), "--model", str(out),
+                        "--out", str(tmp_path / "o"), "--workers", "1", "--no-overlays", "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    field = json.loads((tmp_path / "o" / f"{Path(held[0]).stem}.json").read_text())
+    assert field["parasitemia_method"] == "cc" and field["in_domain"] is True
+    from malaria_screen.smear.rescore import CellRescorer
+
+    thr = CellRescorer.load(out / "rescorer").threshold
+    called = [c for c in field["cells"] if c["label"] == "Parasitized"]
+    assert all(c["p_parasitized"] >= thr for c in called)
+    assert all(c["p_parasitized"] < thr for c in field["cells"] if c["label"] != "Parasitized")
+    assert field["n_infected"] == len(called)  # border cells are counted by default
+    assert summary["n_infected"] == field["n_infected"] and summary["n_fields"] == 1
+
+
+def test_rest_api_with_a_site_model(site_dir, iml_split):
+    """`serve --model SITE`: /v1/model names the site, /v1/classify gives the calibrated probability,
+    /v1/field screens with the site's second stage (`cc`) in a field worker that loads the site folder."""
+    from fastapi.testclient import TestClient
+
+    import malaria_screen
+    from malaria_screen.inference.site import platt
+    from malaria_screen.serve import create_app
+    from malaria_screen.smear.rescore import CellRescorer
+
+    images, _, _, held = iml_split
+    out, res = site_dir
+    site = malaria_screen.load_model(out)
+    app = create_app(site, rescorer=CellRescorer.load(site.rescorer_dir))
+    cell = sorted(SAMPLES.glob("Parasitized/*.png"))[0]
+    with TestClient(app, base_url="http://localhost") as c:
+        info = c.get("/v1/model").json()
+        assert info["model"]["name"] == out.name
+        r = c.post("/v1/classify", files=[("files", (cell.name, cell.read_bytes(), "image/png"))]).json()
+        p_base = float(malaria_screen.load_model().predict([str(cell)])[0])
+        got = r["results"][0]["p_parasitized"]
+        assert got == pytest.approx(float(platt(p_base, res.site.calibration_a, res.site.calibration_b)), abs=1e-5)
+        f = c.post("/v1/field", files={"file": (held[0], (images / held[0]).read_bytes(), "image/jpeg")})
+        assert f.status_code == 200, f.text
+        body = f.json()
+        assert body["parasitemia_method"] == "cc" and body["in_domain"] is True and body["n_rbc"] > 50
