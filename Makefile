@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MALARIA_SCREEN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test docs bench-records venv bench-data bench-train bench-predict bench-smear-workers bench-ray bench-infer bench-smear bench-adapt bench-rescore bench-compare loadtest train-default export-default browser-deps clean
+.PHONY: demo test docs bench-records venv bench-data bench-train bench-predict bench-smear-workers bench-ray bench-infer bench-smear bench-adapt bench-learning-curve bench-rescore bench-compare loadtest train-default export-default browser-deps clean
 
 venv: $(STAMP)
 
@@ -70,6 +70,10 @@ bench-smear: $(STAMP)
 # Cross-validated adaptation of the cell model to the IML microscope (~35 min on 2 cores).
 bench-adapt: $(STAMP)
 	$(BIN)/python benchmarks/bench_adapt.py --data $(MALARIA_SCREEN_DATA) --out bench_out/adapt --with-nih
+
+# Site calibration (`adapt`) against the number of labelled cells, 5 blocked folds x 3 repeats (~15 min on 2 cores).
+bench-learning-curve: $(STAMP)
+	$(BIN)/python benchmarks/bench_learning_curve.py --data $(MALARIA_SCREEN_DATA)
 
 bench-rescore: $(STAMP)
 	$(BIN)/python benchmarks/bench_rescore.py --data $(MALARIA_SCREEN_DATA) --out bench_out/rescore
