@@ -27,7 +27,6 @@ Writes ``benchmarks/results/test_bounds.json`` via :func:`records.write_record`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -139,24 +138,13 @@ def run_kill_resume(seed: int, work: Path) -> dict:
 
 
 def _digits(work: Path) -> tuple[Path, Path]:
-    """tests/research/test_multiclass.py's ``digits_dir``: load_digits as PNGs, blocks of 60 images."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
+    """tests/research/test_multiclass.py's ``digits_dir`` (its :func:`write_digits`), made once under ``work``."""
     root = work / "digits"
-    if (root / "groups.csv").exists():
-        return root / "data", root / "groups.csv"
-    d = load_digits()
-    rows = []
-    for i, (img, t) in enumerate(zip(d.images, d.target)):
-        (root / "data" / str(t)).mkdir(parents=True, exist_ok=True)
-        rel = f"{t}/{i:04d}.png"
-        Image.fromarray((img * (255 / 16)).astype(np.uint8), mode="L").save(root / "data" / rel)
-        rows.append({"path": rel, "patient": f"block{i // 60:02d}"})
-    with open(root / "groups.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "patient"])
-        w.writeheader()
-        w.writerows(rows)
+    if not (root / "groups.csv").exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "research"))
+        from test_multiclass import write_digits
+
+        write_digits(root)
     return root / "data", root / "groups.csv"
 
 

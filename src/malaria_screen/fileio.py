@@ -7,6 +7,7 @@ renames it over the destination with :func:`os.replace` (atomic on POSIX and Win
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -17,8 +18,8 @@ from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "rows_to_csv",
-           "read_point_labels"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "file_sha256",
+           "rows_to_csv", "read_point_labels"]
 
 
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
@@ -60,6 +61,21 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (bounded memory).
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -17,8 +17,7 @@ runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("deterministic_torch")  # fixed threads, deterministic algorithms
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
+def write_digits(root):
     """``load_digits`` (1,797 8x8 images, 10 classes) as ``<d>/<digit>/<i>.png`` plus a groups CSV.
 
     The bundled set has no writer ids, so images are grouped in blocks of 60 consecutive images
@@ -26,7 +25,6 @@ def digits_dir(tmp_path_factory):
     """
     from sklearn.datasets import load_digits
 
-    root = tmp_path_factory.mktemp("digits")
     d = load_digits()
     rows = []
     for i, (img, t) in enumerate(zip(d.images, d.target)):
@@ -39,6 +37,12 @@ def digits_dir(tmp_path_factory):
         w.writeheader()
         w.writerows(rows)
     return root
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    """:func:`write_digits` into a module temporary folder (also used by benchmarks/bench_test_bounds.py)."""
+    return write_digits(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.mark.slow  # 14 s in the last full run (2 cores)

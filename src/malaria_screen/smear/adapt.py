@@ -47,7 +47,6 @@ calibration also sees the cells it is sure of.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import os
@@ -63,9 +62,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from malaria_screen.errors import error_text
-from malaria_screen.evaluation.metrics import count_matched_threshold
+from malaria_screen.evaluation.metrics import binary_metrics, count_matched_threshold
 from malaria_screen.evaluation.quantify import QuantifierParams
-from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, file_sha256, rows_to_csv
 from malaria_screen import __version__
 from malaria_screen.inference import load_model
 from malaria_screen.inference.base import default_model_dir
@@ -123,14 +122,6 @@ class LabelledCell:
     bbox: tuple[float, float, float, float] | None = None
     crop: str | None = None
     row: int = 0
-
-
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -414,6 +405,14 @@ class LabelledData:
         """Labels per class of :data:`LABEL_CLASSES`."""
         return {c: int(np.sum(self.label == c)) for c in LABEL_CLASSES}
 
+    @property
+    def field_counts(self) -> tuple[int, int, int]:
+        """``(cells, Parasitized, fields)`` of the labelled cells that lie in a field (rows ``x_index``)."""
+        xi = np.asarray(self.x_index, np.int64)
+        if not len(xi):
+            return 0, 0, 0
+        return len(xi), int(self.y[xi].sum()), len(set(self.groups[xi].tolist()))
+
 
 def collect_labelled(cells: Sequence[LabelledCell], model: Any, *, segment_config: SegmentConfig | None = None,
                      exhaustive: bool = False, iou_threshold: float = 0.5, batch_size: int = 256,
@@ -444,7 +443,7 @@ def collect_labelled(cells: Sequence[LabelledCell], model: Any, *, segment_confi
         A field that cannot be read costs only its own rows (``skipped``).
     """
     say = progress or (lambda _m: None)
-    ps, ys, labs, groups, xs, x_idx, feats, skipped, used, feat_groups = [], [], [], [], [], [], [], [], [], []
+    ps, labs, groups, xs, x_idx, feats, skipped, used, feat_groups = [], [], [], [], [], [], [], [], []
     mined = 0
     by_field: dict[str, list[LabelledCell]] = defaultdict(list)
     crops = []
@@ -640,8 +639,7 @@ def fit_site(data: LabelledData, *, method: str = "auto", model: str = "default"
     if problems:
         raise LabelsError(problems, source="labels")
     xi = np.asarray(data.x_index, np.int64)
-    n_field, n_pos = len(xi), int(data.y[xi].sum()) if len(xi) else 0
-    n_fields = len(set(data.groups[xi].tolist())) if len(xi) else 0
+    n_field, n_pos, n_fields = data.field_counts
     chosen = choose_method(n_field, n_pos, n_fields) if method == "auto" else method
     if chosen != "calibration" and (n_fields < 2 or n_pos < MIN_PER_CLASS or n_field - n_pos < MIN_PER_CLASS):
         raise LabelsError([f"method {chosen!r} needs labelled cells of both classes on >= 2 fields "
@@ -709,15 +707,6 @@ class AdaptResult:
     out: Path
     site: SiteConfig
     report: dict
-
-
-def _fit_metrics(y: np.ndarray, p: np.ndarray, thr: float) -> dict:
-    called = p >= thr
-    tp = int(np.sum(called & (y == 1)))
-    pos, npred = int(np.sum(y == 1)), int(np.sum(called))
-    neg = int(np.sum(y == 0))
-    return {"threshold": thr, "n": int(len(y)), "sensitivity": tp / pos if pos else None,
-            "ppv": tp / npred if npred else None, "specificity": (neg - (npred - tp)) / neg if neg else None}
 
 
 #: The site reference's threshold: this times the largest score of the labelled fields.
@@ -838,19 +827,15 @@ def adapt(
         raise FileNotFoundError(f"{base_dir} is not a model run folder (config.json + weights.safetensors)")
     predictor = load_model(base_dir)
     data = collect_labelled(labels, predictor, segment_config=segment_config, exhaustive=exhaustive, progress=say)
-    problems = (list(data.skipped) or ["no labelled cell could be used"]) if not len(data.y) else []
-    if len(data.y):
-        _check_counts([LabelledCell(label=str(lab)) for lab in data.label], problems)
-    if problems:
-        raise LabelsError(problems, source="labels after matching")
+    if not len(data.y):
+        raise LabelsError(list(data.skipped) or ["no labelled cell could be used"], source="labels after matching")
     say(f"fitting on {len(data.y)} labelled cells ({int(data.y.sum())} Parasitized)")
     fit = fit_site(data, method=method, model=str(model or "default"), segment_config=segment_config)
     chosen, a, b, thr, rescorer = fit.method, fit.a, fit.b, fit.threshold, fit.rescorer
-    xi = data.x_index
-    n_field, n_field_pos = len(xi), int(data.y[xi].sum()) if len(xi) else 0
-    n_fields = len(set(data.groups[xi].tolist())) if len(xi) else 0
-    p_cal = platt(data.p, a, b)
-    metrics = _fit_metrics(data.y, p_cal, thr)
+    n_field, n_field_pos, n_fields = data.field_counts
+    m = binary_metrics(data.y, platt(data.p, a, b), threshold=thr)
+    metrics = {"threshold": thr, "n": int(len(data.y)), "sensitivity": m["sensitivity"], "ppv": m["precision"],
+               "specificity": m["specificity"]}  # both classes have >= 3 labels (fit_site): all defined
     counts = data.counts
     src = Path(labels_source) if labels_source else None
     weights = base_dir / "weights.safetensors"
@@ -858,8 +843,8 @@ def adapt(
         method=chosen, calibration_a=a, calibration_b=b, threshold=thr,
         labelled_prevalence=float(data.y.mean()), n_parasitized=counts["Parasitized"],
         n_uninfected=counts["Uninfected"], n_not_a_cell=counts["not a cell"], n_fields=len(data.fields),
-        n_rows_skipped=len(data.skipped), base_model=str(model or "default"), base_model_sha256=_file_sha256(weights),
-        labels_source=str(src) if src else "", labels_sha256=_file_sha256(src) if src and src.is_file() else "",
+        n_rows_skipped=len(data.skipped), base_model=str(model or "default"), base_model_sha256=file_sha256(weights),
+        labels_source=str(src) if src else "", labels_sha256=file_sha256(src) if src and src.is_file() else "",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), version=__version__,
         extra={"metrics": {k: v for k, v in metrics.items() if k != "n"} | {"where": "labelled cells, in-sample"},
                "mined_uninfected": data.mined},
@@ -883,7 +868,7 @@ def adapt(
         if rescorer is not None:
             rescorer.save(tmp / RESCORER_DIR)
         QuantifierParams(threshold=thr, train_prior=site.labelled_prevalence, tpr=metrics["sensitivity"],
-                         fpr=None if metrics["specificity"] is None else 1.0 - metrics["specificity"],
+                         fpr=1.0 - metrics["specificity"],
                          source=f"site labels ({len(data.y)} cells, in-sample)").to_json(tmp / "quantify.json")
         base_ref = load_reference(base_dir)
         ref = None if data.site_features is None else site_reference(data.site_features, data.site_feature_groups,

@@ -38,7 +38,6 @@ weights' SHA-256 is recorded in it). It needs the PyTorch back-end
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ import numpy as np
 
 from malaria_screen.data.io import decode_image
 from malaria_screen.data.patients import parse_nih_patient_id
+from malaria_screen.fileio import file_sha256
 from malaria_screen.inference import load_model
 from malaria_screen.smear.crops import cell_crops
 from malaria_screen.smear.segment import segment_field
@@ -475,7 +475,7 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
         raise ValueError("no held-out NIH field and no Chula field to set the threshold on")
     weights = model_dir / "weights.safetensors"
     cal = {
-        "model_weights_sha256": _sha256(weights) if weights.is_file() else None,
+        "model_weights_sha256": file_sha256(weights) if weights.is_file() else None,
         "feature_dim": ref.dim,
         "classes": [classes[c] for c in present],
         "nih_train_cells": {"n_patients": len(train), "n_cells": len(feats), **_quantiles(s_tr)},
@@ -488,11 +488,3 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
             f"max of {len(s_ch)} Chula-RBC-12 fields = {t_ch:.3f})")
     return DomainReference(class_means=means, precision=ref.precision, threshold=round(thr, 4), threshold_rule=rule,
                            calibration=cal)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
