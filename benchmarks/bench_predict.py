@@ -4,7 +4,8 @@ For each file set (the NIH cells as stored here, lossless WebP; and the same cel
 public NIH release and users have them, written losslessly to a temp folder: identical pixels):
 
 - per-stage CPU cost per cell, one process, one thread: decode, cell-size + grayscale check,
-  letterbox, inference (batch 256);
+  letterbox, inference (batch 256, the one-thread session ``predict_files`` runs beside its
+  workers; also timed on ONNX Runtime's default threads, for reference);
 - the decode ceiling: files decoded (and dropped) by ``--workers`` processes, cells/s wall;
 - ``predict_files`` end to end (decode, check and letterbox in worker processes, inference here),
   cells/s wall, and its ratio to the ceiling; the CPU-bound rate ``workers / sum(stage costs)``;
@@ -49,11 +50,17 @@ def _stages(pred, files: list[str]) -> dict[str, float]:
     t = time.process_time()
     cells = np.stack([letterbox(r, pred.input_size) for r in rgbs])
     lb = time.process_time() - t
+    infer = pred.overlapped_inference()  # what predict_files runs beside its decoding workers
+    infer(cells[:256])  # the one-thread session is loaded on first use
+    t = time.process_time()
+    infer(cells)
+    inf = time.process_time() - t
     t = time.process_time()
     pred.predict_proba_prepared(cells)
-    inf = time.process_time() - t
+    inf_default = time.process_time() - t
     n = len(files) / 1e3
-    return {"decode_ms": dec / n, "check_ms": chk / n, "letterbox_ms": lb / n, "inference_ms": inf / n}
+    return {"decode_ms": dec / n, "check_ms": chk / n, "letterbox_ms": lb / n, "inference_ms": inf / n,
+            "inference_default_threads_ms": inf_default / n}
 
 
 def _ceiling(files: list[str], workers: int) -> float:
@@ -142,6 +149,7 @@ def main() -> None:
         list(pred.predict_files(webp[:600] + png[:600], workers=workers))  # warm-up: page cache, forkserver
         for name, files in (("webp", webp), ("png", png)):
             st = _stages(pred, files)
+            inf_default = st.pop("inference_default_threads_ms")
             ceiling = _ceiling(files, workers)
             load.append(os.getloadavg()[0])
             e2e, rows = _end_to_end(pred, files, workers, processes=True)
@@ -152,6 +160,7 @@ def main() -> None:
             assert all(r.error is None for r in rows), [r.error for r in rows if r.error][:3]
             same = sum(a.label == b.label for a, b in zip(rows, rows_thr))
             figures.update({f"{name}.{k}": round(v, 4) for k, v in st.items()})
+            figures[f"{name}.inference_default_threads_ms"] = round(inf_default, 4)
             figures.update({
                 f"{name}.stages_cpu_ms_per_cell": round(sum(st.values()), 4),
                 f"{name}.cpu_bound_cells_per_s": round(workers * 1e3 / sum(st.values())),
@@ -163,7 +172,8 @@ def main() -> None:
                 f"{name}.same_labels_frac": same / len(files),
             })
             print(f"{name}: {len(files)} cells, {workers} processes | per cell, 1 core: decode {st['decode_ms']:.3f} ms, "
-                  f"check {st['check_ms']:.3f}, letterbox {st['letterbox_ms']:.3f}, inference {st['inference_ms']:.3f} | "
+                  f"check {st['check_ms']:.3f}, letterbox {st['letterbox_ms']:.3f}, inference {st['inference_ms']:.3f} "
+                  f"(one thread; {inf_default:.3f} on ONNX Runtime's default threads) | "
                   f"decode ceiling {ceiling:,.0f} cells/s | predict {e2e:,.0f} cells/s ({e2e / ceiling:.0%} of ceiling; "
                   f"CPU-bound at {workers * 1e3 / sum(st.values()):,.0f}) | threads {thr:,.0f} cells/s | same labels {same}/{len(files)}"
                   + (f" | before: {figures[f'{name}.before_cells_per_s']:,} cells/s" if args.before_src else ""))

@@ -33,6 +33,30 @@ def test_numpy_area_resize_matches_opencv_on_real_cells(nih_dir):
         area_resize(img, 200, 50)
 
 
+def test_letterbox_gives_opencv_uint8_area_pixels(nih_dir):
+    """letterbox resizes a float32 copy (cheaper): the pixels must equal OpenCV's uint8 INTER_AREA,
+    padded, on real cells and on random images of non-integer ratios."""
+    cv2 = pytest.importorskip("cv2")
+    from malaria_screen.data.io import decode_image
+
+    rng = np.random.default_rng(0)
+    images = [decode_image(f) for f in sorted(nih_dir.glob("*/*"))[::100]]
+    images += [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((97, 131), (395, 61), (65, 65), (300, 299))]
+    images += [np.full((131, 77, 3), 255, np.uint8)]  # the top of the range stays 255
+    assert len(images) >= 200
+    for img in images:
+        h, w = img.shape[:2]
+        for size in (64, 32):
+            s = size / max(h, w)
+            nh, nw = max(1, round(h * s)), max(1, round(w * s))
+            if s >= 1:
+                continue
+            ref = np.zeros((size, size, 3), np.uint8)
+            top, left = (size - nh) // 2, (size - nw) // 2
+            ref[top : top + nh, left : left + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+            assert np.array_equal(letterbox(img, size), ref), (img.shape, size)
+
+
 def test_letterbox_keeps_aspect_and_pads_black():
     img = np.full((40, 80, 3), 200, np.uint8)
     out = letterbox(img, 64)

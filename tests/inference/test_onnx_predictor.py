@@ -90,3 +90,34 @@ def test_fast_decoder_gives_pillow_pixels_and_pillow_errors(nih_dir, sample_pngs
             decode_fast(bad)
     with pytest.raises(ImageDecodeError, match="too large"):
         decode_fast(webps[0], max_pixels=100)
+
+
+def test_overlapped_inference_is_a_one_thread_session_with_the_same_answers(default_model_dir, real_cells, nih_dir):
+    """predict_files infers on one thread while workers decode: same probabilities and labels as
+    the default session on the bundled int8 model, for real cells and end to end on files."""
+    from malaria_screen.inference.onnx_predictor import OnnxPredictor
+
+    pred = OnnxPredictor.from_file(default_model_dir / "model.int8.onnx")
+    infer = pred.overlapped_inference()
+    assert infer.__self__ is not pred and infer.__self__.num_threads == 1
+    assert pred.overlapped_inference().__self__ is infer.__self__  # loaded once
+    ref, got = pred.predict_proba_prepared(real_cells), infer(real_cells)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert pred.label_of(got) == pred.label_of(ref)
+    one = OnnxPredictor.from_file(default_model_dir / "model.int8.onnx", num_threads=1)
+    assert one.overlapped_inference() == one.predict_proba_prepared  # already one thread
+    files = sorted(nih_dir.glob("*/*"))[::500]
+    rows = list(pred.predict_files(files, workers=2, processes=True))
+    assert [r.label for r in rows] == pred.label_of(pred.predict_proba(files))
+
+
+def test_overlapped_inference_keeps_its_own_session_when_the_file_changed(default_model_dir, tmp_path):
+    import os
+
+    from malaria_screen.inference.onnx_predictor import OnnxPredictor
+
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes((default_model_dir / "model.int8.onnx").read_bytes())
+    pred = OnnxPredictor.from_file(copy)
+    os.utime(copy, ns=(1, 1))  # rewritten since it was loaded: maybe another model
+    assert pred.overlapped_inference() == pred.predict_proba_prepared

@@ -33,6 +33,7 @@ and its message are ours.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import stat
@@ -205,8 +206,9 @@ def check_colour(rgb: np.ndarray, *, max_spread: int = GRAY_SPREAD, samples: int
     converts grayscale to RGB.
 
     Only about ``samples`` pixels are read, on a regular grid offset half a step from the edges
-    (cost O(samples), about 20 us, whatever the image's size: a 25 Mpx black PNG no longer costs
-    seconds). A pixel on the grid whose channels spread by more than ``max_spread`` makes the image
+    (cost O(samples), at most about 20 us whatever the image's size: a 25 Mpx black PNG no longer
+    costs seconds; the grid's middle row is read first, which settles a stained cell in about
+    6 us). A pixel on the grid whose channels spread by more than ``max_spread`` makes the image
     colour. Reading a subset can only turn "colour" into "grayscale", never the reverse, and only
     for an image whose coloured pixels all fall between grid points (a grey image with a small
     coloured mark); on every real image in ``../shared/data`` (20,576 NIH cells, 120 IML and 54
@@ -235,14 +237,21 @@ def check_colour(rgb: np.ndarray, *, max_spread: int = GRAY_SPREAD, samples: int
         raise ImageDecodeError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
     h, w = rgb.shape[:2]
     if h and w:
-        step = max(1, int(np.ceil(np.sqrt(h * w / max(1, samples)))))
+        step = max(1, math.ceil(math.sqrt(h * w / max(1, samples))))
         grid = rgb[step // 2 :: step, step // 2 :: step]
-        r, g, b = grid[..., 0], grid[..., 1], grid[..., 2]
-        # uint8 arithmetic is safe: max >= min
-        if (np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b) > max_spread).any():
+        # the grid's middle row first (a cell's centre is stained): most images stop there, at a
+        # third of the cost; the verdict is the whole grid's either way
+        if _any_coloured(grid[len(grid) // 2], max_spread) or _any_coloured(grid, max_spread):
             return rgb
     raise ImageDecodeError("image has no colour (grayscale): the classifier reads the Giemsa stain's colours, "
                            "so it needs a colour image")
+
+
+def _any_coloured(pixels: np.ndarray, max_spread: int) -> bool:
+    """Whether any pixel of ``(..., 3) uint8`` spreads over its channels by more than ``max_spread``."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    # uint8 arithmetic is safe: max >= min
+    return bool((np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b) > max_spread).any())
 
 
 class PixelBudget:

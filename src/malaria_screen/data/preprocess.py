@@ -1,6 +1,7 @@
 """Letterbox resize: keep a cell's aspect ratio, pad with black to a square, as NIH crops are.
 
-Downscaling uses area interpolation (no aliasing of the small ring-stage parasites); upscaling
+Downscaling uses area interpolation (no aliasing of the small ring-stage parasites), OpenCV's
+``INTER_AREA`` run on a float32 copy (the same pixels as on the uint8 image, cheaper); upscaling
 uses bicubic (``cv2.INTER_CUBIC``, as seed 000 does). Without OpenCV (the light runtime install)
 the area resize is computed in numpy with the same weights as ``cv2.INTER_AREA``, so a model sees
 the same pixels whichever install runs it; only upscaling falls back to Pillow's bicubic.
@@ -76,6 +77,20 @@ def area_resize(rgb: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def _area_resize_cv2(rgb: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """``cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_AREA)`` of a uint8 image, the
+    same pixels at about three quarters of the CPU.
+
+    OpenCV's area resize of a uint8 image accumulates in float32 and rounds half to even at the
+    end; run on a float32 copy it computes the same float32 sums (same tables, same order) in a
+    faster loop, and ``np.rint`` rounds them as OpenCV's ``saturate_cast`` does (sums of uint8
+    pixels with weights summing to 1 never leave [0, 255]). Pixel-identical on all 4,096 NIH cells
+    of ``benchmarks/bench_predict.py`` (``tests/data/test_dataset.py`` checks every 100th cell).
+    """
+    out = cv2.resize(rgb.astype(np.float32), (out_w, out_h), interpolation=cv2.INTER_AREA)
+    return np.rint(out, out=out).astype(np.uint8)
+
+
 def letterbox(rgb: np.ndarray, size_px: int) -> np.ndarray:
     """Resize an RGB image to ``size_px`` x ``size_px``, aspect kept, padded with black.
 
@@ -103,9 +118,10 @@ def letterbox(rgb: np.ndarray, size_px: int) -> np.ndarray:
     scale = size_px / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if (nh, nw) != (h, w):
-        if cv2 is not None:
-            interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
-            rgb = cv2.resize(rgb, (nw, nh), interpolation=interp)
+        if cv2 is not None and scale < 1.0:
+            rgb = _area_resize_cv2(rgb, nh, nw)
+        elif cv2 is not None:
+            rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)
         elif scale < 1.0:
             rgb = area_resize(rgb, nh, nw)
         else:
