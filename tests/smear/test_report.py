@@ -269,3 +269,17 @@ def test_report_template_escapes_every_value():
     html = render_report(summary, render_report_row(field, "QUJD"))
     assert "<script>" not in html and html.count("&lt;script&gt;") == 5  # field name (cell and alt text), warning, error row (name, text)
     assert 'src="data:image/jpeg;base64,QUJD"' in html and "10.00%" in html and html.endswith("</body></html>\n")
+
+
+def test_overlay_png_holds_the_overlay_pixels_exactly(iml_dir, tmp_path):
+    """The overlay is written with cheaper PNG settings (filter "up", run-length matching): a
+    lossless file whose pixels are the overlay's, on a real IML field."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.report import write_field_outputs
+    from malaria_screen.smear.screen import screen_field
+
+    rgb = decode_image(iml_dir / "images" / "PA171691.JPG")
+    result = screen_field(rgb, FakeModel(), image_name="PA171691.JPG")
+    _, png, ov = write_field_outputs(tmp_path, "f", rgb, result)
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), ov)
+    assert png.stat().st_size < rgb.nbytes / 2  # compressed, not stored

@@ -187,8 +187,13 @@ def overlay_image(rgb: np.ndarray, result: FieldResult) -> np.ndarray:
 def _png_bytes(rgb: np.ndarray) -> bytes:
     import cv2
 
-    # level 1: 0.07 s of CPU for a 1280x960 overlay against 0.095 s at level 3 (files ~6 % larger)
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    # zlib level 1, the "up" filter on every row and run-length matching: 33 ms of CPU for a
+    # 1280x960 IML field against 72 ms with the default adaptive filters (level 1), and a file ~8 %
+    # smaller (1.10 vs 1.19 MB); same pixels. OpenCV before 4.10 has no filter option: its default.
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), params)
     if not ok:  # pragma: no cover - cv2 failure
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()

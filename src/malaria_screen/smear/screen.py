@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -56,6 +56,12 @@ class CellResult:
     p_parasitized: float | None
     label: str | None
     border: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The cell as a JSON-ready dict: ``dataclasses.asdict``'s keys and values, without its
+        recursive deep copy (a few ms per field of 130 cells)."""
+        return {"id": self.id, "bbox": list(self.bbox), "area_px": self.area_px, "p_parasitized": self.p_parasitized,
+                "label": self.label, "border": self.border}
 
 
 @dataclass
@@ -132,7 +138,7 @@ class FieldResult:
             "domain_threshold": None if self.domain_threshold is None else round(float(self.domain_threshold), 3),
             "domain_note": ("outside the model's domain: " + OUT_OF_DOMAIN_ADVICE) if self.in_domain is False else None,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
-            "cells": [asdict(c) for c in self.cells],
+            "cells": [c.to_json() for c in self.cells],
         }
         return d
 
