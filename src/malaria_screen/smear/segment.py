@@ -542,22 +542,80 @@ def _watershed_cells(foreground: np.ndarray, ws: _WorkScale, min_marker_distance
     """Marker-controlled watershed of the smoothed distance transform: ``(H, W)`` int32 segments."""
     import cv2
     from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     distance = cv2.distanceTransform(foreground.astype(np.uint8), cv2.DIST_L2, 5)
     smooth = cv2.GaussianBlur(distance, (0, 0), max(0.5, ws.diameter / 20.0))
     components, _ = ndi.label(foreground)
-    peaks = peak_local_max(
-        smooth,
-        min_distance=max(2, int(round(min_marker_distance_frac * ws.diameter))),
-        threshold_abs=0.3 * ws.radius,
-        labels=components,
-        exclude_border=False,
-    )
+    peaks = _label_peaks(smooth, components, max(2, int(round(min_marker_distance_frac * ws.diameter))), 0.3 * ws.radius)
     markers = np.zeros(foreground.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     return watershed(-smooth, markers, mask=foreground).astype(np.int32)
+
+
+def _label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:
+    """The peaks of ``skimage.feature.peak_local_max(image, min_distance=min_distance,
+    threshold_abs=threshold, labels=labels, exclude_border=False)``, same coordinates in the same
+    order, at about a sixth of its CPU.
+
+    scikit-image's per-label loop, without its overheads: in each label's box (the other pixels
+    at the lowest float), a pixel of the label is a peak if it equals the maximum of its
+    ``(2 min_distance + 1)``-square window (OpenCV's dilation with replicated borders, as SciPy's
+    ``maximum_filter(mode="nearest")``: a maximum is exact) and exceeds ``threshold``; a label all
+    of whose pixels are window maxima (flat) keeps its isolated pixels instead, as scikit-image
+    does. A label's peaks, highest first (ties in raster order), are then thinned greedily: a peak
+    closer than ``min_distance`` (Chebyshev) to one kept before it is dropped, the rule of
+    ``skimage._shared.coord.ensure_spacing`` without its k-d tree. Equal to scikit-image's on
+    real IML and Chula fields (``tests/smear/test_segment_speed.py``).
+
+    Parameters
+    ----------
+    image : (H, W) ndarray of float32
+    labels : (H, W) ndarray of int
+        0 = background; each label's peaks are found within it.
+    min_distance : int
+        >= 1.
+    threshold : float
+        Peaks must exceed it.
+
+    Returns
+    -------
+    (K, 2) ndarray of int64
+        ``(row, col)`` of the peaks, label by label (ascending), highest first within a label.
+    """
+    import cv2
+    from scipy import ndimage as ndi
+
+    bg = np.finfo(image.dtype).min if np.issubdtype(image.dtype, np.floating) else np.iinfo(image.dtype).min
+    kernel = np.ones((2 * min_distance + 1,) * 2, np.uint8)
+    found = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        own = labels[sl] == i
+        img = image[sl].copy()
+        img[~own] = bg
+        if img.size == 1:
+            peak = img > threshold
+        else:
+            peak = img == cv2.dilate(img, kernel, borderType=cv2.BORDER_REPLICATE)
+            if peak[own].all():  # flat: scikit-image keeps the pixels an opening removes
+                peak = own ^ ndi.binary_opening(own)
+            peak &= img > threshold
+        rows, cols = np.nonzero(peak)
+        if not len(rows):
+            continue
+        order = np.argsort(-img[rows, cols], kind="stable")
+        rows, cols = rows[order], cols[order]
+        if min_distance > 1 and len(rows) > 1:
+            kept = [0]
+            for k in range(1, len(rows)):
+                kr, kc = rows[kept], cols[kept]
+                if (np.maximum(np.abs(kr - rows[k]), np.abs(kc - cols[k])) >= min_distance).all():
+                    kept.append(k)
+            rows, cols = rows[kept], cols[kept]
+        found.append(np.stack([rows + sl[0].start, cols + sl[1].start], axis=1))
+    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), np.int64)
 
 
 def _size_filter(segments: np.ndarray, areas: np.ndarray, ws: _WorkScale, cfg: SegmentConfig) -> np.ndarray:
