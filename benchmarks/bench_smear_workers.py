@@ -2,9 +2,11 @@
 
 Screens the same IML fields (every k-th of ``iml_malaria_dev/images``) with the bundled model:
 one worker, ``--workers`` workers, and ``--workers`` workers without overlay PNGs; checks that
-the outputs equal the one-worker run's (timings aside); prints seconds per field (wall) and the
-per-stage CPU seconds of a field (segmentation, crops, classification, from the per-field JSON);
-optionally runs the same fields through an older checkout's ``run_smear`` (``--before-src``).
+the outputs equal the one-worker run's (timings aside); prints seconds per field (wall), the
+process CPU seconds per field of the one-worker run (steady on a shared machine), the CPU seconds
+of ``segment_field`` alone, and the per-stage seconds of a field (segmentation, crops,
+classification, wall, from the per-field JSON); optionally runs the same fields through an older
+checkout's ``run_smear`` (``--before-src``: wall with its default workers, CPU with one).
 
 Usage::
 
@@ -25,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _BEFORE = """
-import sys, time
+import inspect, sys, time
 import malaria_screen
 from malaria_screen.smear.report import run_smear
 files = sys.argv[2:]
@@ -33,8 +35,25 @@ m = malaria_screen.load_model()
 run_smear(files[:1], sys.argv[1] + "/warm", m)
 t = time.perf_counter()
 s = run_smear(files, sys.argv[1] + "/run", m)
-print((time.perf_counter() - t) / len(files), s["n_rbc"], s["n_infected"])
+wall = (time.perf_counter() - t) / len(files)
+one = {"workers": 1} if "workers" in inspect.signature(run_smear).parameters else {}
+c = time.process_time()
+run_smear(files, sys.argv[1] + "/cpu", m, **one)
+print(wall, s["n_rbc"], s["n_infected"], (time.process_time() - c) / len(files))
 """
+
+
+def _segment_cpu(files: list[str]) -> float:
+    """CPU seconds of ``segment_field`` per field, in this process (decoding not counted)."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.segment import segment_field
+
+    rgbs = [decode_image(f) for f in files]
+    segment_field(rgbs[0])
+    t = time.process_time()
+    for rgb in rgbs:
+        segment_field(rgb)
+    return (time.process_time() - t) / len(rgbs)
 
 
 def _untimed(x):
@@ -52,6 +71,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="default: usable cores")
     ap.add_argument("--before-src", default=None, help="src/ of an older checkout, timed on the same fields")
     ap.add_argument("--notes", default="")
+    ap.add_argument("--record", default="bench_smear_workers", help="record name (benchmarks/results/NAME.json)")
     args = ap.parse_args()
 
     import malaria_screen
@@ -70,9 +90,12 @@ def main() -> None:
         runs = {}
         for name, kw in (("w1", {"workers": 1}), (f"w{workers}", {"workers": workers}),
                          (f"w{workers}_no_overlays", {"workers": workers, "overlays": False})):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             s = run_smear(files, Path(tmp) / name, model, **kw)
             figures[f"{name}.s_per_field"] = round((time.perf_counter() - t) / len(files), 4)
+            if name == "w1":  # one worker runs here: its process CPU time is the whole job's
+                figures["w1.cpu_s_per_field"] = round((time.process_time() - c) / len(files), 4)
+                print(f"w1: {figures['w1.cpu_s_per_field']:.3f} s CPU per field")
             load.append(os.getloadavg()[0])
             runs[name] = s
             print(f"{name}: {figures[f'{name}.s_per_field']:.3f} s per field (wall)")
@@ -84,22 +107,27 @@ def main() -> None:
             for k, v in json.loads((Path(tmp) / "w1" / f["json"]).read_text()).get("seconds", {}).items():
                 stages[k] = stages.get(k, 0.0) + v / len(runs["w1"]["fields"])
         figures.update({f"w1.stage_{k}_s": round(v, 4) for k, v in stages.items()})
+        figures["segment_cpu_s_per_field"] = round(_segment_cpu(files), 4)
+        print(f"segment_field alone: {figures['segment_cpu_s_per_field']:.3f} s CPU per field")
         figures["speedup"] = round(figures["w1.s_per_field"] / figures[f"w{workers}.s_per_field"], 2)
         figures["n_rbc"], figures["n_infected"] = runs["w1"]["n_rbc"], runs["w1"]["n_infected"]
         if args.before_src:
             out = subprocess.run([sys.executable, "-c", _BEFORE, tmp + "/before", *files], capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": args.before_src}, check=True, timeout=3600).stdout.split()
             figures["before.s_per_field"] = round(float(out[0]), 4)
+            figures["before.w1.cpu_s_per_field"] = round(float(out[3]), 4)
             load.append(os.getloadavg()[0])
-            print(f"before ({args.before_src}): {float(out[0]):.3f} s per field; {out[1]} RBC, {out[2]} infected")
+            print(f"before ({args.before_src}): {float(out[0]):.3f} s per field, {float(out[3]):.3f} s CPU per field with "
+                  f"one worker; {out[1]} RBC, {out[2]} infected")
     figures["load_avg_max"] = round(max(load), 2)
     print(f"stages of one field, 1 worker: {', '.join(f'{k} {v:.3f} s' for k, v in stages.items())}; "
           f"speed-up {figures['speedup']}x; outputs equal: {same}; load average up to {max(load):.1f}")
     shared = max(load) > 0.5 * workers
-    write_record("bench_smear_workers", figures, uses_bundled_model=True, notes=(
+    write_record(args.record, figures, uses_bundled_model=True, notes=(
         f"{len(files)} IML dev fields (every k-th of 120, 1280x960; speed only, no accuracy claimed), bundled model "
         f"(torch), {workers} worker processes. Seconds per field are wall time of run_smear (decode, segment, classify, "
-        f"JSON, overlay, report); stage seconds are per field from the one-worker run. Load average up to {max(load):.1f}: "
+        f"JSON, overlay, report); w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
+        f"segment_field alone; stage seconds are per field from the one-worker run. Load average up to {max(load):.1f}: "
         + ("machine SHARED with other jobs, wall times pessimistic. " if shared else "machine quiet. ") + args.notes))
 
 

@@ -173,13 +173,19 @@ def init_worker() -> None:
         cv2.setNumThreads(1)  # one core per worker: letterboxing must not start its own threads
 
 
-def process_context() -> multiprocessing.context.BaseContext:
+def process_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:
     """The start method for worker processes: ``forkserver`` (preloading this module) where
     available, else ``spawn``; never ``fork`` (the parent may already run ONNX Runtime or torch
-    threads, whose locks a forked child would inherit held)."""
+    threads, whose locks a forked child would inherit held).
+
+    ``preload`` names more modules for the fork server to import before it forks the first
+    worker, so that workers start with them imported instead of each importing them again (the
+    torch cell model's module costs about 1.5 s of CPU to import). The fork server is started once
+    per process, by the first pool: a later pool's ``preload`` only applies if it comes first.
+    """
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([__name__, *(m for m in preload if m != "__main__")])  # never re-run a script
         return ctx
     return multiprocessing.get_context("spawn")  # pragma: no cover - Windows
 
