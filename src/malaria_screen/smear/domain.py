@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from malaria_screen.data.extra_negatives import list_point_fields, point_cell_set
 from malaria_screen.data.io import decode_image
 from malaria_screen.data.patients import parse_nih_patient_id
 from malaria_screen.fileio import file_sha256
@@ -373,6 +374,21 @@ def _features_of_files(model: Any, files: list[Path], batch: int = 512) -> np.nd
     return np.concatenate(fs) if fs else np.zeros((0, 0), np.float32)
 
 
+def _features_of_arrays(model: Any, crops: list[np.ndarray], batch: int = 512) -> np.ndarray:
+    return np.concatenate([model.predict_with_features(crops[s : s + batch])[1] for s in range(0, len(crops), batch)])
+
+
+def _extra_negative_fields(model_dir: Path) -> list[str]:
+    """Chula field stems a model folder was trained on (``config.json``: ``extra_negatives`` with
+    ``extra_negative_fields``; all fields of the folder when the list is empty), or []."""
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if not cfg.get("extra_negatives"):
+        return []
+    fields = list(cfg.get("extra_negative_fields") or [])
+    return fields or list_point_fields(cfg["extra_negatives"])
+
+
 def _quantiles(scores: np.ndarray) -> dict[str, float | None]:
     if not len(scores):
         return {k: None for k in ("q50", "q90", "q95", "q99", "max")}
@@ -385,12 +401,17 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
     """Fit a model folder's reference and set its threshold: one call, no choice left to the caller.
 
     1. Training cells: every NIH crop of the model's *training* patients (``split.json``), both
-       classes; the features of the model's last linear layer; per class the mean, and the
-       Ledoit-Wolf covariance of the class-centred features (Lee et al. 2018).
+       classes, and the extra negatives it was trained on (``config.json``'s ``extra_negatives``
+       fields, cut as in training by :func:`~malaria_screen.data.extra_negatives.point_cell_set`);
+       the features of the model's last linear layer; one mean per class and source (NIH
+       Parasitized, NIH Uninfected, extra-negative Uninfected), and the Ledoit-Wolf covariance
+       of the component-centred features (Lee et al. 2018's class-conditional Gaussians, with the
+       extra negatives as their own component: they are not NIH cells).
     2. Threshold: the larger of the ``heldout_quantile`` percentile of the scores of the NIH
        validation + test patients' source images (their Uninfected crops, >= ``min_cells`` per
        image: a field is mostly uninfected cells) and the largest score of the Chula-RBC-12
-       fields (``data_dir/chula_rbc/images``, segmented and cut as ``smear`` does).
+       fields (``data_dir/chula_rbc/images``, segmented and cut as ``smear`` does) that the
+       model was **not** trained on.
 
     Parameters
     ----------
@@ -439,14 +460,25 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
     classes = list(model.class_names)
 
     files = _nih_files(nih, train, classes)
-    say(f"features of {len(files)} training cells of {len(train)} patients")
+    say(f"features of {len(files)} NIH training cells of {len(train)} training groups")
     feats = _features_of_files(model, [p for p, _ in files])
     y = np.array([c for _, c in files])
     present = [c for c in range(len(classes)) if np.any(y == c)]
     if len(feats) < 50 or not present:
         raise ValueError(f"only {len(feats)} NIH training cells found under {nih}")
-    means = np.stack([feats[y == c].mean(axis=0) for c in present]).astype(np.float64)
-    centred = np.concatenate([feats[y == c] - means[i] for i, c in enumerate(present)])
+    parts = [feats[y == c] for c in present]
+    components = [classes[c] for c in present]
+    extra_fields = _extra_negative_fields(model_dir)
+    if extra_fields:
+        extra = point_cell_set(data_dir / "chula_rbc", size_px=int(model.config.input_size), class_names=classes,
+                               fields=extra_fields)
+        say(f"features of {len(extra.images)} extra-negative training cells of {len(set(extra.patients))} Chula fields")
+        if len(extra.images):
+            parts.append(_features_of_arrays(model, list(extra.images)))
+            components.append("Uninfected (Chula-RBC-12 training fields)")
+    means = np.stack([f.mean(axis=0) for f in parts]).astype(np.float64)
+    centred = np.concatenate([f - means[i] for i, f in enumerate(parts)])
+    feats = np.concatenate(parts)
     lw = LedoitWolf().fit(centred)
     ref = DomainReference(class_means=means, precision=lw.precision_, threshold=1.0)
     s_tr = ref.cell_distances(feats)
@@ -459,8 +491,8 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
     s_ho = np.array([ref.score(_features_of_files(model, v)) for _, v in sorted(groups.items())])
 
     s_ch = []
-    chula_files = sorted(p for p in chula.iterdir() if p.is_file())
-    say(f"{len(chula_files)} Chula fields")
+    chula_files = sorted(p for p in chula.iterdir() if p.is_file() and p.stem not in set(extra_fields))
+    say(f"{len(chula_files)} Chula fields the model was not trained on")
     for p in chula_files:
         rgb = decode_image(str(p))
         seg = segment_field(rgb)
@@ -477,11 +509,11 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
     cal = {
         "model_weights_sha256": file_sha256(weights) if weights.is_file() else None,
         "feature_dim": ref.dim,
-        "classes": [classes[c] for c in present],
-        "nih_train_cells": {"n_patients": len(train), "n_cells": len(feats), **_quantiles(s_tr)},
+        "classes": components,
+        "train_cells": {"n_groups": len(train), "n_cells": len(feats), **_quantiles(s_tr)},
         "nih_heldout_fields": {"n_patients": len(held), "n_fields": len(s_ho), **_quantiles(s_ho),
                                "in_domain": round(float(np.mean(s_ho <= thr)), 4) if len(s_ho) else None},
-        "chula_fields": {"n_fields": len(s_ch), **_quantiles(s_ch),
+        "chula_fields": {"n_fields": len(s_ch), "left_out_trained_fields": len(extra_fields), **_quantiles(s_ch),
                          "in_domain": round(float(np.mean(s_ch <= thr)), 4) if len(s_ch) else None},
     }
     rule = (f"max(p{heldout_quantile:g} of {len(s_ho)} NIH held-out (val+test) patients' fields = {t_ho:.3f}, "
