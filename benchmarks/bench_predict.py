@@ -9,6 +9,9 @@ public NIH release and users have them, written losslessly to a temp folder: ide
 - the decode ceiling: files decoded (and dropped) by ``--workers`` processes, cells/s wall;
 - ``predict_files`` end to end (decode, check and letterbox in worker processes, inference here),
   cells/s wall, and its ratio to the ceiling; the CPU-bound rate ``workers / sum(stage costs)``;
+- the CPU time of that end-to-end run per cell, in this process and in the workers (read from the
+  fork server, which reaps them), and the rate it allows on ``workers`` cores: steady on a shared
+  machine, and it counts what the stages miss (transfer, batching, per-file overhead);
 - the same with decoding in threads (the previous ``predict``), for reference;
 - the labels of the two runs, which must agree file for file.
 
@@ -83,6 +86,35 @@ def _end_to_end(pred, files: list[str], workers: int, processes: bool) -> tuple[
     return len(files) / (time.perf_counter() - t), rows
 
 
+def _forkserver_children_cpu() -> float | None:
+    """CPU seconds of the fork server's finished children (the decoding workers), or None.
+
+    The workers are children of multiprocessing's fork server, which reaps them: their CPU time
+    then adds to its ``cutime``/``cstime`` (``/proc/PID/stat``). Linux and CPython only."""
+    import multiprocessing.forkserver as fs
+
+    pid = getattr(getattr(fs, "_forkserver", None), "_forkserver_pid", None)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def _end_to_end_cpu(pred, files: list[str], workers: int) -> tuple[float, float] | None:
+    """CPU milliseconds per cell of ``predict_files`` in worker processes: (this process, the
+    workers); steady on a shared machine, unlike wall time. None where it cannot be read."""
+    before = _forkserver_children_cpu()
+    t = time.process_time()
+    list(pred.predict_files(files, workers=workers, processes=True))
+    parent = time.process_time() - t
+    time.sleep(0.5)  # let the fork server reap the workers
+    after = _forkserver_children_cpu()
+    if before is None or after is None:
+        return None
+    return 1e3 * parent / len(files), 1e3 * (after - before) / len(files)
+
+
 _BEFORE = """
 import sys, time
 from malaria_screen.inference import load_model
@@ -153,6 +185,12 @@ def main() -> None:
             ceiling = _ceiling(files, workers)
             load.append(os.getloadavg()[0])
             e2e, rows = _end_to_end(pred, files, workers, processes=True)
+            cpu = _end_to_end_cpu(pred, files, workers)
+            if cpu is not None:
+                figures[f"{name}.e2e_parent_cpu_ms_per_cell"] = round(cpu[0], 4)
+                figures[f"{name}.e2e_workers_cpu_ms_per_cell"] = round(cpu[1], 4)
+                figures[f"{name}.e2e_cpu_ms_per_cell"] = round(sum(cpu), 4)
+                figures[f"{name}.e2e_cpu_bound_cells_per_s"] = round(workers * 1e3 / sum(cpu))
             thr, rows_thr = _end_to_end(pred, files, workers + 2, processes=False)
             if args.before_src:
                 figures[f"{name}.before_cells_per_s"] = round(_before(args.before_src, model, files, tmp))
@@ -177,12 +215,15 @@ def main() -> None:
                   f"decode ceiling {ceiling:,.0f} cells/s | predict {e2e:,.0f} cells/s ({e2e / ceiling:.0%} of ceiling; "
                   f"CPU-bound at {workers * 1e3 / sum(st.values()):,.0f}) | threads {thr:,.0f} cells/s | same labels {same}/{len(files)}"
                   + (f" | before: {figures[f'{name}.before_cells_per_s']:,} cells/s" if args.before_src else ""))
+            if cpu is not None:
+                print(f"{name}: predict_files CPU per cell, all processes: {sum(cpu):.3f} ms (here {cpu[0]:.3f}, workers "
+                      f"{cpu[1]:.3f}): CPU-bound at {workers * 1e3 / sum(cpu):,.0f} cells/s on {workers} cores")
     figures["load_avg_max"] = round(max(load), 2)
     figures["decoders"] = ", ".join(f"{k}: {v}" for k, v in fast_decoders().items())
     shared = max(load) > 0.5 * workers
     notes = (f"{len(webp)} NIH cells (every k-th file of {args.data_dir}; patients seen in training included: "
              f"speed only, labels compared between runs), model {Path(model).name}. Per-stage costs are CPU time in one "
-             f"process; cells/s are wall time. Load average seen during the run up to {max(load):.1f} on "
+             f"process; e2e_*cpu* are CPU time of the end-to-end run (this process + decoding workers); cells/s are wall time. Load average seen during the run up to {max(load):.1f} on "
              f"{workers} cores: " + ("machine SHARED with other jobs, wall-time figures are pessimistic. " if shared else "machine quiet. ")
              + args.notes)
     write_record(args.record, figures, notes=notes, uses_bundled_model=args.model is None)
