@@ -333,11 +333,10 @@ class CellClassifierBase:
     def label_of(self, probs: np.ndarray) -> list[str]:
         """Class names of ``(N, num_classes)`` probabilities: threshold on Parasitized for
         binary models, arg-max otherwise."""
-        if self.positive_index is not None and len(self.class_names) == 2:
-            neg = 1 - self.positive_index
-            return [self.class_names[self.positive_index] if p >= self.threshold else self.class_names[neg]
-                    for p in probs[:, self.positive_index]]
-        return [self.class_names[i] for i in probs.argmax(1)]
+        names, pos = self.class_names, self.positive_index  # properties: read once, not per cell
+        if pos is not None and len(names) == 2:
+            return [names[pos] if hit else names[1 - pos] for hit in (probs[:, pos] >= self.threshold).tolist()]
+        return [names[i] for i in probs.argmax(1).tolist()]
 
     def predict_files(self, paths: Iterable[str | Path], *, workers: int | None = None, chunk: int | None = None,
                       processes: bool | None = None) -> Iterator[FileResult]:
@@ -403,7 +402,7 @@ class CellClassifierBase:
         return list(self._predict_batches([(list(names), list(prepared))]))
 
     def _predict_batches(self, batches, infer: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[FileResult]:
-        n_cls = len(self.class_names)
+        n_cls, pos = len(self.class_names), self.positive_index
         infer = infer or self.predict_proba_prepared
         for batch, decoded in batches:
             ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
@@ -418,11 +417,11 @@ class CellClassifierBase:
             else:
                 probs = np.zeros((0, n_cls), np.float32)
             labels = self.label_of(probs) if ok else []
-            by_i = {i: (labels[k], probs[k]) for k, i in enumerate(ok)}
+            p_pos = probs[:, pos].tolist() if pos is not None else [None] * len(ok)  # float32 -> float, exact
+            by_i = {i: (labels[k], p_pos[k]) for k, i in enumerate(ok)}
             for i, p in enumerate(batch):
                 if i in by_i:
-                    lab, pr = by_i[i]
-                    pp = float(pr[self.positive_index]) if self.positive_index is not None else None
+                    lab, pp = by_i[i]
                     yield FileResult(path=p, label=lab, p_parasitized=pp)
                 else:
                     yield FileResult(path=p, label=None, p_parasitized=None, error=decoded[i][1])
