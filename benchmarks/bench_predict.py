@@ -13,7 +13,8 @@ public NIH release and users have them, written losslessly to a temp folder: ide
   fork server, which reaps them), and the rate it allows on ``workers`` cores: steady on a shared
   machine, and it counts what the stages miss (transfer, batching, per-file overhead);
 - the same with decoding in threads (the previous ``predict``), for reference;
-- the labels of the two runs, which must agree file for file.
+- the labels of the two runs, which must agree file for file; with ``--before-src``, also those of
+  the older code (same model, same files) and the largest difference in ``p_parasitized``.
 
 Timings on a shared machine are noisy: the record states the load average seen during the run;
 CPU times and per-stage ratios measured in one run are the steadier figures.
@@ -124,20 +125,24 @@ list(pred.predict_files(files[:600]))
 t = time.perf_counter()
 rows = list(pred.predict_files(files))
 print(len(files) / (time.perf_counter() - t), sum(r.error is None for r in rows))
+print(" ".join(f"{r.label}:{r.p_parasitized!r}" for r in rows))
 """
 
 
-def _before(src: str, model: str, files: list[str], tmp: str) -> float:
-    """Cells/s of ``predict_files`` in the code at ``src`` (an older checkout's ``src/``), same files."""
+def _before(src: str, model: str, files: list[str], tmp: str) -> tuple[float, list[tuple[str, float]]]:
+    """Cells/s of ``predict_files`` in the code at ``src`` (an older checkout's ``src/``), same files
+    and model, and its ``(label, p_parasitized)`` per file."""
     import subprocess
 
     lst = Path(tmp) / "files.txt"
     lst.write_text("\n".join(files))
     env = {**os.environ, "PYTHONPATH": src}
     out = subprocess.run([sys.executable, "-c", _BEFORE, model, str(lst)], env=env, capture_output=True, text=True,
-                         check=True, timeout=1800).stdout.split()
-    assert int(out[1]) == len(files)
-    return float(out[0])
+                         check=True, timeout=1800).stdout.splitlines()
+    rate, n_ok = out[0].split()
+    assert int(n_ok) == len(files)
+    rows = [(lab, float(p)) for lab, p in (item.split(":") for item in out[1].split())]
+    return float(rate), rows
 
 
 def main() -> None:
@@ -193,7 +198,13 @@ def main() -> None:
                 figures[f"{name}.e2e_cpu_bound_cells_per_s"] = round(workers * 1e3 / sum(cpu))
             thr, rows_thr = _end_to_end(pred, files, workers + 2, processes=False)
             if args.before_src:
-                figures[f"{name}.before_cells_per_s"] = round(_before(args.before_src, model, files, tmp))
+                rate, old_rows = _before(args.before_src, model, files, tmp)
+                figures[f"{name}.before_cells_per_s"] = round(rate)
+                figures[f"{name}.same_labels_as_before_frac"] = sum(
+                    r.label == lab for r, (lab, _) in zip(rows, old_rows)) / len(files)
+                figures[f"{name}.max_abs_p_diff_vs_before"] = max(abs(r.p_parasitized - p) for r, (_, p) in zip(rows, old_rows))
+                print(f"{name}: labels as the code at {args.before_src}: {figures[f'{name}.same_labels_as_before_frac']:.4f}; "
+                      f"largest p_parasitized difference {figures[f'{name}.max_abs_p_diff_vs_before']:.2g}")
             load.append(os.getloadavg()[0])
             assert all(r.error is None for r in rows), [r.error for r in rows if r.error][:3]
             same = sum(a.label == b.label for a, b in zip(rows, rows_thr))
