@@ -64,8 +64,7 @@ def run_nih(args, np, q, nih: dict, threshold: float) -> dict:
     import quapy as qp
 
     val, test = nih["val"], nih["test"]
-    tc = nih["train_counts"]
-    train_prior = tc["Parasitized"] / (tc["Parasitized"] + tc["Uninfected"])
+    train_prior = nih["train_prior"]
     methods = _fixed_methods(np, q, val, train_prior, threshold)
     coll = qp.data.LabelledCollection(test["p"], test["y"].astype(int), classes=[0, 1])
     prevs = np.round(np.linspace(0.0, args.max_prev, args.n_prevs), 4)
@@ -186,8 +185,7 @@ def run_iml(args, np, q, nih: dict, iml: dict, ann: dict, threshold: float) -> d
     cells = iml["fields"]
     names = sorted(cells)
     truth = _field_truth(np, cells, ann, names)
-    tc = nih["train_counts"]
-    train_prior = tc["Parasitized"] / (tc["Parasitized"] + tc["Uninfected"])
+    train_prior = nih["train_prior"]
     fixed = _fixed_methods(np, q, nih["val"], train_prior, threshold)
     blocks = np.array_split(np.arange(len(names)), args.folds)
     slides = [blk[s:s + args.slide_fields].tolist() for blk in blocks for s in range(0, len(blk), args.slide_fields)]
@@ -290,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("val", "test"):
         nih[part]["patients"] = [parse_nih_patient_id(n) for n in nih[part]["names"]]
     threshold = float(model.threshold)
+    nih["train_prior"] = q.params_from_model(model).train_prior  # smear's and predict's own rule
 
     if args.part in ("all", "nih"):
         print(f"NIH bags: {args.n_prevs} prevalences 0-{100 * args.max_prev:.0f} % x {args.reps} bags of "
@@ -305,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{fig['n_test_parasitized']} Parasitized; split.json, seed 0), QuaPy artificial-prevalence protocol: "
                      f"{args.n_prevs} prevalences 0-{100 * args.max_prev:.0f} % x {args.reps} bags of {args.bag_size} cells, "
                      f"seed {args.seed}. ACC/PACC rates from its {fig['n_val_patients']} VALIDATION patients "
-                     f"({fig['n_val_cells']} cells); EM/prior-correction training prior from its training cells' labels; "
+                     f"({fig['n_val_cells']} cells); EM/prior-correction training prior from its training cells' labels (params_from_model: NIH cells, without extra negatives); "
                      "nothing fitted on the test patients. MAE in percentage points; CI of the MAE: percentile bootstrap "
                      f"over bags (1,000 reps); each bag's own interval: bootstrap over cells ({args.n_boot} reps). "
                      "These bags chose the default method of predict's summary (the lowest MAE).")

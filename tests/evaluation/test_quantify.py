@@ -183,8 +183,13 @@ def test_params_from_the_bundled_model_files():
 
     Model.metrics = metrics
     prm = params_from_model(Model())
-    n = json.loads((folder / "split.json").read_text())["splits"]["train"]["n_per_class"]
-    assert prm.train_prior == pytest.approx(n["Parasitized"] / (n["Parasitized"] + n["Uninfected"]))
+    manifest = json.loads((folder / "split.json").read_text())
+    n = manifest["splits"]["train"]["n_per_class"]
+    # the Chula extra negatives (another microscope, no malaria) are left out of the prior
+    extra = manifest["extra_negatives"]["n_cells"]
+    assert extra > 1000
+    assert prm.train_prior == pytest.approx(n["Parasitized"] / (n["Parasitized"] + n["Uninfected"] - extra))
+    assert "without" in prm.source
     assert prm.tpr == pytest.approx(metrics["sensitivity"]) and prm.fpr == pytest.approx(1 - metrics["specificity"])
     for name in METHODS:
         if name != "pacc" or prm.ptpr is not None:

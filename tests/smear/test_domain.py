@@ -194,19 +194,28 @@ def test_fit_reference_on_a_small_split(tmp_path, nih_dir, data_dir):
     patients = sorted({parse_nih_patient_id(n) for n in names})
     model = tmp_path / "model"
     model.mkdir()
-    for name in ("config.json", "weights.safetensors"):
-        shutil.copy(default_model_dir() / name, model / name)
+    shutil.copy(default_model_dir() / "weights.safetensors", model / "weights.safetensors")
     split = {"splits": {"train": {"patients": patients[:6]}, "val": {"patients": patients[6:9]}, "test": {"patients": []}}}
     (model / "split.json").write_text(json.dumps(split))
     data = tmp_path / "data"
-    (data / "chula_rbc" / "images").mkdir(parents=True)
+    for sub in ("images", "labels"):
+        (data / "chula_rbc" / sub).mkdir(parents=True)
     (data / "nih_cell_images").symlink_to(nih_dir)
-    for p in sorted((data_dir / "chula_rbc" / "images").iterdir())[:2]:
-        (data / "chula_rbc" / "images" / p.name).symlink_to(p)
+    stems = ["2", "3", "4"]
+    for stem in stems:
+        (data / "chula_rbc" / "images" / f"{stem}.jpg").symlink_to(data_dir / "chula_rbc" / "images" / f"{stem}.jpg")
+        (data / "chula_rbc" / "labels" / f"{stem}.txt").symlink_to(data_dir / "chula_rbc" / "labels" / f"{stem}.txt")
+    # as if trained on Chula field 2 as extra negatives: its cells join the reference, fields 3 and 4 set the threshold
+    cfg = json.loads((default_model_dir() / "config.json").read_text())
+    cfg |= {"extra_negatives": str(data / "chula_rbc"), "extra_negative_fields": ["2"]}
+    (model / "config.json").write_text(json.dumps(cfg))
     ref = fit_reference(model, data)
     cal = ref.calibration
     assert cal["chula_fields"]["n_fields"] == 2 and cal["chula_fields"]["in_domain"] == 1.0
-    assert cal["nih_train_cells"]["n_cells"] >= 50 and cal["nih_heldout_fields"]["n_fields"] >= 1
+    assert cal["chula_fields"]["left_out_trained_fields"] == 1
+    assert cal["classes"][-1] == "Uninfected (Chula-RBC-12 training fields)"  # its own component
+    assert ref.class_means.shape == (len(cal["classes"]), ref.dim)
+    assert cal["train_cells"]["n_cells"] >= 50 and cal["nih_heldout_fields"]["n_fields"] >= 1
     assert ref.threshold == pytest.approx(max(cal["chula_fields"]["max"], cal["nih_heldout_fields"]["q99"]), abs=1e-3)
     assert len(cal["model_weights_sha256"]) == 64
     path = ref.save(model / DOMAIN_FILE)

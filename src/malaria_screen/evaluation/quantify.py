@@ -573,7 +573,9 @@ def params_from_model(model: Any) -> QuantifierParams:
 
     In order: ``quantify.json`` in the model's folder; else ``tpr`` / ``fpr`` from its
     ``metrics.json`` (sensitivity and 1 - specificity of its *test* patients, when measured at
-    the model's threshold) and ``train_prior`` from ``split.json``'s training cells, or, for an
+    the model's threshold) and ``train_prior`` from ``split.json``'s training cells (without the
+    extra negatives of another site, ``train --extra-negatives``: they do not carry the prior of
+    the cells being screened), or, for an
     ``.onnx`` file without it, the test cells' prevalence (same split, a close proxy).
     """
     threshold = float(getattr(model, "threshold", 0.5))
@@ -592,9 +594,15 @@ def params_from_model(model: Any) -> QuantifierParams:
     split = folder / "split.json" if folder is not None and folder.is_dir() else None
     if split is not None and split.is_file():
         try:
-            n = json.loads(split.read_text(encoding="utf-8"))["splits"]["train"]["n_per_class"]
+            manifest = json.loads(split.read_text(encoding="utf-8"))
+            n = manifest["splits"]["train"]["n_per_class"]
+            # Extra negatives from another microscope (Chula-RBC-12, `train --extra-negatives`) are a
+            # separate cluster of the model's feature space: they do not shape its posteriors on the
+            # cells it screens, so the prior those posteriors carry is that of the NIH training cells.
+            extra = int((manifest.get("extra_negatives") or {}).get("n_cells", 0))
             pos = float(n.get("Parasitized", 0))
-            prior, where = pos / (pos + float(n.get("Uninfected", 0))), "training cells (split.json)"
+            prior = pos / (pos + float(n.get("Uninfected", 0)) - extra)
+            where = "training cells (split.json)" + (f", without {extra} extra negatives" if extra else "")
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             prior = None
     if prior is None and m.get("n_cells"):

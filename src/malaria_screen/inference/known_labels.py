@@ -55,7 +55,8 @@ def score_line(truth: Sequence[str | None], labels: Sequence[str | None], seen: 
     counted and named after a semicolon, never scored. None when no file has both a true label
     and a call.
 
-    Example: ``"5 of 5 right, held-out patients; not scored: 19 cells of the model's
+    Example: ``"23 of 24 right, held-out patients"``; with a model trained on some of them:
+    ``"5 of 5 right, held-out patients; not scored: 19 cells of the model's
     training/validation patients"``.
     """
     pairs = [(t, lab, s) for t, lab, s in zip(truth, labels, seen) if t is not None and lab is not None]

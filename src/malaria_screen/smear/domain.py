@@ -378,15 +378,15 @@ def _features_of_arrays(model: Any, crops: list[np.ndarray], batch: int = 512) -
     return np.concatenate([model.predict_with_features(crops[s : s + batch])[1] for s in range(0, len(crops), batch)])
 
 
-def _extra_negative_fields(model_dir: Path) -> list[str]:
+def _extra_negative_fields(model_dir: Path, chula_root: Path) -> list[str]:
     """Chula field stems a model folder was trained on (``config.json``: ``extra_negatives`` with
-    ``extra_negative_fields``; all fields of the folder when the list is empty), or []."""
+    ``extra_negative_fields``; all fields of ``chula_root`` when the list is empty), or []."""
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     if not cfg.get("extra_negatives"):
         return []
     fields = list(cfg.get("extra_negative_fields") or [])
-    return fields or list_point_fields(cfg["extra_negatives"])
+    return fields or list_point_fields(chula_root)
 
 
 def _quantiles(scores: np.ndarray) -> dict[str, float | None]:
@@ -468,7 +468,7 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
         raise ValueError(f"only {len(feats)} NIH training cells found under {nih}")
     parts = [feats[y == c] for c in present]
     components = [classes[c] for c in present]
-    extra_fields = _extra_negative_fields(model_dir)
+    extra_fields = _extra_negative_fields(model_dir, data_dir / "chula_rbc")
     if extra_fields:
         extra = point_cell_set(data_dir / "chula_rbc", size_px=int(model.config.input_size), class_names=classes,
                                fields=extra_fields)
