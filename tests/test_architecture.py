@@ -55,7 +55,7 @@ ALLOWED = {
     # smear's dependencies are optional for the cell endpoints; field workers import inside
     # their error handler, in their own process
     "serve.api": "serve.fieldjob smear.domain smear.screen",
-    "serve.jobs": "inference serve.fieldjob smear.domain smear.report smear.rescore",
+    "serve.jobs": "inference serve.celljob serve.fieldjob smear.domain smear.report smear.rescore",
     # the web app runs on the torch-free install (ONNX model: no Grad-CAM, so no torch) and
     # without the smear extra (scikit-image): its tabs import them when built or run
     "app.gradio_app": "inference.gradcam smear.domain smear.labelling smear.report smear.screen smear.slide",

@@ -25,11 +25,12 @@ _APPS: list = []
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_field_workers():
-    """Apps made without a lifespan (TestClient outside ``with``) start field workers on demand: stop them."""
+    """Apps made without a lifespan (TestClient outside ``with``) start worker processes on demand: stop them."""
     yield
     for app in _APPS:
-        if app.state.field_workers is not None:
-            app.state.field_workers.close()
+        for pool in (app.state.field_workers, app.state.heavy_workers):
+            if pool is not None:
+                pool.close()
 
 
 def _client(predictor, **limits):
@@ -49,10 +50,15 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_classify_matches_predictor_with_per_item_errors(predictor, sample_pngs):
-    c = _client(predictor)
+@pytest.mark.parametrize("lane", ["light", "heavy"])
+def test_classify_matches_predictor_with_per_item_errors(predictor, sample_pngs, lane):
+    """The same answers whether a request is decoded on the light lane's threads or, as a heavy
+    request, in a worker process whose decoded cells come back: here every request over 1 px is
+    heavy, and so is one with a part whose size cannot be read from its header (not an image)."""
+    c = _client(predictor, **({"light_request_pixels": 1} if lane == "heavy" else {}))
     parts = [("files", (p.name, p.read_bytes(), "image/png")) for p in sample_pngs[:5]]
-    parts.insert(2, ("files", ("notes.png", b"this is not an image", "image/png")))
+    if lane == "heavy":
+        parts.insert(2, ("files", ("notes.png", b"this is not an image", "image/png")))
     parts.append(("files", ("cut.png", sample_pngs[0].read_bytes()[:300], "image/png")))
     parts.append(("files", ("dot.png", _png(np.full((1, 1, 3), 200, np.uint8)), "image/png")))
     gray = np.asarray(Image.open(sample_pngs[0]).convert("L"))
@@ -60,18 +66,23 @@ def test_classify_matches_predictor_with_per_item_errors(predictor, sample_pngs)
     r = c.post("/v1/classify", files=parts)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["n_images"] == 9 and body["n_failed"] == 4
+    n_bad = 4 if lane == "heavy" else 3
+    assert body["n_images"] == 5 + n_bad and body["n_failed"] == n_bad
     res = body["results"]
     assert [x["filename"] for x in res] == [p[1][0] for p in parts]
-    assert res[2]["label"] is None and "not a recognised image" in res[2]["error"]
-    assert res[6]["label"] is None and res[6]["error"]
-    assert res[7]["label"] is None and "too small to be a cell crop: 1x1 px" in res[7]["error"]
-    assert res[8]["label"] is None and "no colour (grayscale)" in res[8]["error"]
+    by_name = {x["filename"]: x for x in res}
+    if lane == "heavy":
+        assert by_name["notes.png"]["label"] is None and "not a recognised image" in by_name["notes.png"]["error"]
+    assert by_name["cut.png"]["label"] is None and by_name["cut.png"]["error"]
+    assert by_name["dot.png"]["label"] is None and "too small to be a cell crop: 1x1 px" in by_name["dot.png"]["error"]
+    assert by_name["gray.png"]["label"] is None and "no colour (grayscale)" in by_name["gray.png"]["error"]
     ref = list(predictor.predict_files(sample_pngs[:5]))
     got = [x for x in res if x["error"] is None]
     assert [x["label"] for x in got] == [x.label for x in ref]
     np.testing.assert_allclose([x["p_parasitized"] for x in got], [x.p_parasitized for x in ref], atol=1e-5)
     assert body["n_parasitized"] == sum(x.label == "Parasitized" for x in ref)
+    # the heavy lane's worker process starts on its first job (no lifespan here); light requests never start it
+    assert _APPS[-1].state.heavy_workers.ready == (1 if lane == "heavy" else 0)
 
 
 def test_limits_and_status_codes(predictor, sample_pngs):

@@ -59,15 +59,16 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _workers(pid: int) -> set[int]:
-    """The server's field worker processes (spawned children, not multiprocessing's resource tracker)."""
+def _workers(pid: int, task: str = "field") -> set[int]:
+    """The server's worker processes of ``task`` ("field" or "cells"), by the name they give
+    themselves (``/proc/PID/comm``)."""
     out = set()
     for c in _children(pid):
         try:
-            cmd = Path(f"/proc/{c}/cmdline").read_bytes()
+            comm = Path(f"/proc/{c}/comm").read_text().strip()
         except OSError:
             continue
-        if b"spawn_main" in cmd:
+        if comm == f"malaria-{task}":
             out.add(c)
     return out
 

@@ -43,6 +43,8 @@ def make_client(predictor):
         return TestClient(app, base_url=f"http://{host}")
 
     yield make
+    for app in apps:
+        app.state.heavy_workers.close()
 
 
 def _cell():

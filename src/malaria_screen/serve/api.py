@@ -37,39 +37,38 @@ key; 408 body too slow; 413 body over ``max_request_bytes``, more than ``max_ima
 be read or screened within the CPU/memory budget or is not a blood smear field; 429 over the rate limit; 503 a full queue,
 both with ``Retry-After``.
 
-How the server stays up: the event loop only streams and parses bodies and answers the probes;
-cell images are decoded on two bounded thread lanes (light requests of at most
-``light_request_pixels`` pixels never wait behind heavy ones), fields in worker processes whose
-CPU time (``RLIMIT_CPU``) and memory (``RLIMIT_AS``) the kernel bounds. Each queue has a fixed
-number of waiting places (503 past them). A job whose client disconnects is dropped (not
-started), stopped between images (cells) or killed (fields). Nothing is written to disk and
-nothing is unpickled from a client.
+How the server stays up: the event loop only streams and parses bodies and answers the probes.
+A ``/v1/classify`` request goes first to the light lane (threads): if its images' headers say
+they hold at most ``light_request_pixels`` pixels in all, they are decoded and classified
+there, in milliseconds; otherwise their decoding goes to the heavy lane, worker processes with
+the request's pixel and CPU budgets and an address-space limit, and only the small decoded
+cells come back to be classified. Fields are screened in worker processes too. Heavy work is
+kept out of the server process because decoders hold the GIL for a whole image: in a thread,
+whatever its niceness, a 25 Mpx PNG stalled the event loop for about 0.2 s. Each queue has a
+fixed number of waiting places (503 past them). A job whose client disconnects is dropped (not
+started), stopped between images (light lane) or killed (worker processes). Nothing is written
+to disk and nothing is unpickled from a client.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import malaria_screen
-from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
-from malaria_screen.data.parallel import prepare_cell
-from malaria_screen.inference.base import prepare_or_error
-from malaria_screen.serve.jobs import ClientGone, FieldWorkers, JobFailed, Lane, QueueFull, WorkerSpec
+from malaria_screen.serve.celljob import Item, is_light, prepare_cells
+from malaria_screen.serve.jobs import ClientGone, JobFailed, Lane, ProcessLane, QueueFull, WorkerSpec
 from malaria_screen.serve.limits import ServeLimits, ServeSecurity
 from malaria_screen.serve.multipart import Part, read_file_parts
 from malaria_screen.serve.security import AccessControl
@@ -150,24 +149,6 @@ def model_identity(source: Optional[str], backend: Optional[str] = None) -> dict
     return {"name": p.name, "sha256": _sha256_files(files), "backend": backend}
 
 
-#: Bytes of a file read to learn its size for the light/heavy choice (on the event loop).
-PEEK_BYTES = 64 * 1024
-
-
-def _header_pixels(data: bytes) -> int | None:
-    """Width x height from the header in an image's first :data:`PEEK_BYTES` bytes (no pixel
-    decoded); None when the size is not there (then the request counts as heavy).
-
-    Cheap enough for the event loop: Pillow parses at most 64 KB of headers (a PNG with many
-    chunks before its data, or a JPEG with a large ICC profile, simply gives None).
-    """
-    try:
-        with Image.open(io.BytesIO(bytes(data[:PEEK_BYTES]))) as im:
-            return im.size[0] * im.size[1]
-    except Exception:  # noqa: BLE001 - unknown size: heavy; the decode reports the real error
-        return None
-
-
 def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, security: ServeSecurity | None = None,
                field_in_process: bool | None = None) -> FastAPI:
     """Build the API around one predictor (created once, at start-up).
@@ -195,25 +176,32 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
     fastapi.FastAPI
         Serve with :func:`malaria_screen.serve.server.run` (header timeout) or
         ``uvicorn.run(app, host="127.0.0.1", port=8000)``; test with
-        ``fastapi.testclient.TestClient(app)``. Field workers start with the app's lifespan
-        (or at the first field request) and stop with it.
+        ``fastapi.testclient.TestClient(app)``. Worker processes (``app.state.heavy_workers``,
+        ``app.state.field_workers``) start with the app's lifespan (or at their first request)
+        and stop with it.
     """
     limits = limits or ServeLimits()
     security = security or ServeSecurity()
     model = model_identity(predictor.source, getattr(predictor, "backend", None))
     rescorer_id = None if rescorer is None else model_identity(getattr(rescorer, "source", None))
     light = Lane("light", limits.light_workers, limits.max_light_queue)
-    heavy = Lane("heavy", limits.heavy_workers, limits.max_queue, nice=10)  # normal cells win the CPU
+    # heavy cell requests are decoded in worker processes (no model there): a decoder holding the
+    # GIL in a thread of this process would stall the event loop and the light lane
+    heavy = ProcessLane("heavy", WorkerSpec(task="cells", max_pixels=limits.max_pixels, cpu_s=limits.max_request_cpu_s,
+                                            memory_bytes=limits.max_field_memory_bytes, input_size=predictor.input_size,
+                                            max_request_pixels=limits.max_request_pixels),
+                        limits.heavy_workers, limits.max_queue, limits.field_jobs_per_worker, what="decoding these images")
     can_reload = bool(predictor.source) and getattr(predictor, "backend", None) in ("torch", "onnx") and \
         (rescorer is None or bool(getattr(rescorer, "source", None)))
     in_process = can_reload if field_in_process is None else field_in_process
     if in_process and not can_reload:
         raise ValueError("field_in_process=True needs a predictor (and rescorer) loadable from its source path")
-    fields = FieldWorkers(WorkerSpec(model=str(predictor.source) if in_process else "", backend=getattr(predictor, "backend", ""),
-                                     rescorer=str(rescorer.source) if in_process and rescorer is not None else None,
-                                     max_pixels=limits.max_pixels, cpu_s=limits.max_request_cpu_s,
-                                     memory_bytes=limits.max_field_memory_bytes),
-                          limits.field_workers, limits.max_queue, limits.field_jobs_per_worker) if in_process else None
+    fields = ProcessLane("field", WorkerSpec(task="field", model=str(predictor.source), backend=getattr(predictor, "backend", ""),
+                                             rescorer=str(rescorer.source) if rescorer is not None else None,
+                                             max_pixels=limits.max_pixels, cpu_s=limits.max_request_cpu_s,
+                                             memory_bytes=limits.max_field_memory_bytes),
+                         limits.field_workers, limits.max_queue, limits.field_jobs_per_worker,
+                         what="screening this field") if in_process else None
     field_lane = None if in_process else Lane("field", limits.field_workers, limits.max_queue)
     try:
         import malaria_screen.smear.screen  # noqa: F401
@@ -224,6 +212,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        heavy.start()
         if fields is not None and smear_error is None:
             fields.start()
         try:
@@ -245,7 +234,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
                     "whole fields. Research use only; not a medical device.",
     )
     app.state.predictor, app.state.limits, app.state.rescorer, app.state.security = predictor, limits, rescorer, security
-    app.state.field_workers = fields
+    app.state.field_workers, app.state.heavy_workers = fields, heavy
     # outermost first on the way in: Host check, CORS, then keys and rate limit
     app.add_middleware(AccessControl, security=security)
     app.add_middleware(CORSMiddleware, allow_origins=list(security.cors_origins), allow_methods=["GET", "POST"],
@@ -256,49 +245,46 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
     def _busy(exc: QueueFull) -> JSONResponse:
         return JSONResponse({"detail": f"server busy: {exc}"}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
 
-    def _classify(cancel, parts: list[Part]) -> list[ItemResult]:
-        """On a lane thread: decode within the request's pixel and CPU budgets, then classify."""
-        t_cpu = time.thread_time()
-        budget = {"px": 0}
+    def _items(parts: list[Part]) -> list[Item]:
+        return [(None, f"file too large: {p.size:,} bytes > limit {limits.max_file_bytes:,} bytes") if p.too_large
+                else (p.data, None) for p in parts]
 
-        def on_size(w: int, h: int) -> None:
-            budget["px"] += w * h
-            if budget["px"] > limits.max_request_pixels:
-                raise ImageDecodeError(f"not decoded: the request's pixel budget ({limits.max_request_pixels:,} px in all "
-                                       f"images) is spent")
-
-        def prepare(data: bytes) -> np.ndarray:
-            return prepare_cell(data, size, max_pixels=limits.max_pixels, on_size=on_size)
-
-        prepared = []  # (cell, None) or (None, why not): a bad image never fails the request
-        for p in parts:
-            if cancel.is_set():  # the client left: nobody reads the rest
-                prepared.append((None, "cancelled"))
-            elif p.too_large:
-                prepared.append((None, f"file too large: {p.size:,} bytes > limit {limits.max_file_bytes:,} bytes"))
-            elif time.thread_time() - t_cpu > limits.max_request_cpu_s:
-                prepared.append((None, f"not decoded: the request's CPU budget ({limits.max_request_cpu_s:g} s) is spent"))
-            else:
-                prepared.append(prepare_or_error(prepare, bytes(p.data)))
+    def _results(cancel, names: list[Optional[str]], prepared: list) -> list[ItemResult]:
+        """Classify decoded cells (``(cell, None)`` or ``(None, why not)``) in one batch."""
         if cancel.is_set():
-            return [ItemResult(filename=p.filename, error=err) for p, (_, err) in zip(parts, prepared)]
-        results = predictor.classify_prepared([p.filename for p in parts], prepared)
-        return [ItemResult(filename=p.filename, label=r.label, error=r.error,
+            return [ItemResult(filename=n, error=err or "cancelled") for n, (_, err) in zip(names, prepared)]
+        results = predictor.classify_prepared(names, prepared)
+        return [ItemResult(filename=n, label=r.label, error=r.error,
                            p_parasitized=None if r.p_parasitized is None else round(r.p_parasitized, 6))
-                for p, r in zip(parts, results)]
+                for n, r in zip(names, results)]
 
-    def _light(parts: list[Part]) -> bool:
-        total = 0
-        for p in parts:
-            if p.too_large:
-                continue
-            px = _header_pixels(p.data)
-            if px is None:
-                return False
-            total += px
-            if total > limits.light_request_pixels:
-                return False
-        return True
+    def _classify_light(cancel, names: list[Optional[str]], items: list[Item]) -> Optional[list[ItemResult]]:
+        """On a light-lane thread: None for a heavy request (by its headers); else decode within
+        the request's budgets and classify."""
+        if not is_light(items, limits.light_request_pixels):
+            return None
+        prepared: list = [None] * len(items)
+
+        def emit(i: int, cell, err: Optional[str]) -> None:
+            prepared[i] = (cell, err)
+
+        prepare_cells(items, size, max_pixels=limits.max_pixels, max_request_pixels=limits.max_request_pixels,
+                      cpu_s=limits.max_request_cpu_s, clock=time.thread_time, emit=emit, cancel=cancel)
+        return _results(cancel, names, prepared)
+
+    async def _decode_heavy(items: list[Item], receive) -> list:
+        """Decode a heavy request's images in a worker process; ``(cell, None)`` or ``(None, why
+        not)`` per image, the images a failed worker did not finish carrying its reason."""
+        got: list = []
+        try:
+            await heavy.run(items, receive=receive, items=got)
+            why = "not decoded"
+        except JobFailed as exc:
+            why = f"not decoded: {exc.detail}"
+        prepared: list = [(None, why)] * len(items)
+        for i, cell, err in got:
+            prepared[i] = (cell, err)
+        return prepared
 
     def _field_in_thread(cancel, data: bytes, name: str, options: dict) -> dict:
         # smear's dependencies are optional for the cell endpoints (smear_error above)
@@ -323,6 +309,8 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
         queues = {"light": light.pending, "heavy": heavy.pending,
                   "field": fields.pending if fields is not None else field_lane.pending}
         reasons = [f"the {n} queue is full" for n, lane in (("light", light), ("heavy", heavy)) if lane.full]
+        if heavy.ready == 0 and heavy.last_error:  # a decode worker starts in about a second
+            reasons.append(f"no heavy-image worker could start ({heavy.last_error})")
         if fields is not None and smear_error is None:
             fields.start()
             if fields.ready == 0:
@@ -330,7 +318,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
             if fields.full:
                 reasons.append("the field queue is full")
         body = {"status": "not ready" if reasons else "ready", "reasons": reasons, "pending": queues,
-                "field_workers": fields.ready if fields is not None else None}
+                "field_workers": fields.ready if fields is not None else None, "heavy_workers": heavy.ready}
         return JSONResponse(body, status_code=503 if reasons else 200)
 
     @app.get("/v1/model", summary="Model (name and hash), configuration, shipped metrics and server limits")
@@ -357,10 +345,16 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
     )
     async def classify(request: Request):
         parts = await read_file_parts(request, limits)
+        names, items = [p.filename for p in parts], _items(parts)
+        del parts
         try:
-            # decoding is never on the event loop; light requests never wait behind heavy ones
-            lane = light if _light(parts) else heavy
-            results = await lane.run(_classify, parts, receive=request.receive)
+            # light requests are decoded and classified on the light lane's threads; heavier ones
+            # are decoded in a worker process, and only their small decoded cells come back
+            results = await light.run(_classify_light, names, items, receive=request.receive)
+            if results is None:
+                prepared = await _decode_heavy(items, request.receive)
+                del items
+                results = await light.run(_results, names, prepared, receive=request.receive)
         except QueueFull as exc:
             return _busy(exc)
         except ClientGone:
@@ -406,7 +400,7 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
         options = {"overlay": overlay}  # keyword arguments of fieldjob.screen_field_bytes
         try:
             if fields is not None:
-                out = await fields.run(data, name, options, receive=request.receive)
+                out = await fields.run((data, name, options), receive=request.receive)
             else:
                 out = await field_lane.run(_field_in_thread, data, name, options, receive=request.receive)
         except QueueFull as exc:

@@ -1,4 +1,5 @@
-"""Bounded job queues of the REST API: thread lanes for cell images, worker processes for fields.
+"""Bounded job queues of the REST API: a thread lane for light cell requests, worker processes
+for everything heavy.
 
 Every decode or screening job enters a queue with a fixed number of workers and a fixed number
 of waiting places; a job that finds them all taken is refused at once with :class:`QueueFull`
@@ -6,20 +7,26 @@ of waiting places; a job that finds them all taken is refused at once with :clas
 never the event loop, which keeps answering ``/healthz`` and ``/readyz``.
 
 :class:`Lane`
-    A thread pool with a bounded queue. The job gets a :class:`threading.Event` that is set when
-    the client leaves; jobs check it between images.
-:class:`FieldWorkers`
-    Worker processes (``spawn``), each with the model loaded once, for ``/v1/field``. A job's CPU
-    seconds are bounded by ``RLIMIT_CPU`` (the kernel ends the worker with ``SIGXCPU`` when they
-    are spent) and its memory by ``RLIMIT_AS`` (a ``MemoryError`` in the worker); a job whose
-    client leaves, or that overruns its wall-clock time, is ended by killing its worker. A dead
-    or worn worker (``field_jobs_per_worker`` jobs) is replaced, so the server's memory cannot
-    creep under field load.
+    A thread pool with a bounded queue, for work that takes milliseconds (light cell requests,
+    classifying decoded cells). The job gets a :class:`threading.Event` that is set when the
+    client leaves; jobs check it between images.
+:class:`ProcessLane`
+    Worker processes (``spawn``) for heavy work: ``"field"`` workers load the model once and
+    screen ``/v1/field`` images; ``"cells"`` workers decode the cell images of heavy
+    ``/v1/classify`` requests (no model). Heavy work runs in processes, not threads, because
+    decoders such as libspng hold the GIL for a whole image (about 0.2 s for a black 25 Mpx PNG),
+    which would stall the event loop and the light lane however low the thread's priority. A
+    job's CPU seconds are bounded by ``RLIMIT_CPU`` (the kernel ends the worker with ``SIGXCPU``
+    when they are spent) and its memory by ``RLIMIT_AS``; a job whose client leaves, or that
+    overruns its wall-clock time, is ended by killing its worker. A dead or worn worker
+    (``jobs_per_worker`` jobs) is replaced, so the server's memory cannot creep under load.
+    Workers run at niceness +10, so the server process wins the CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import multiprocessing as mp
@@ -31,9 +38,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Optional
 
-__all__ = ["ClientGone", "FieldWorkers", "JobFailed", "Lane", "QueueFull", "WorkerSpec", "until_disconnect"]
+__all__ = ["ClientGone", "JobFailed", "Lane", "ProcessLane", "QueueFull", "WorkerSpec", "until_disconnect"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +100,8 @@ async def _race(work: "asyncio.Future", receive: Optional[Callable], timeout: Op
 
 
 def _renice(nice: int) -> None:
-    """Lower the calling thread's priority by ``nice`` (Linux: threads have their own)."""
+    """Lower the calling thread's priority by ``nice`` (Linux: threads have their own; the
+    threads it starts later inherit it). Called first thing in a worker process."""
     if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
         try:
             tid = threading.get_native_id()
@@ -146,13 +155,13 @@ class Lane(_Admission):
         Threads running jobs.
     max_queue : int
         Jobs that may wait for a thread; one more raises :class:`QueueFull`.
-    nice : int, default=0
-        Added to the threads' scheduling niceness (Linux: per thread), so that a lane of
-        heavy jobs yields the CPU to the others.
+
+    Heavy jobs do not belong here: a thread that holds the GIL (a decoder in C) stalls the
+    event loop whatever its niceness. They go to a :class:`ProcessLane`.
     """
 
-    def __init__(self, name: str, workers: int, max_queue: int, *, nice: int = 0) -> None:
-        self.name, self.workers, self.max_queue, self.nice = name, workers, max_queue, nice
+    def __init__(self, name: str, workers: int, max_queue: int) -> None:
+        self.name, self.workers, self.max_queue = name, workers, max_queue
         self._pool: Optional[ThreadPoolExecutor] = None  # made on first use; again after close()
         self._pending = 0
         self._seconds = 1.0  # running mean job time, for Retry-After
@@ -170,8 +179,7 @@ class Lane(_Admission):
         t0 = self._admit(self.name)
         cancel = threading.Event()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"malaria-screen-{self.name}",
-                                            initializer=_renice, initargs=(self.nice,))
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"malaria-screen-{self.name}")
         fut = asyncio.wrap_future(self._pool.submit(fn, cancel, *args))
         try:
             return await _race(fut, receive, None)
@@ -191,29 +199,41 @@ class Lane(_Admission):
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a field worker process loads: the cell model (and rescorer) by path.
+    """What a worker process does, and its budgets.
 
     Attributes
     ----------
-    model : str
-        Run folder or ``.onnx`` file (the predictor's ``source``).
-    backend : str
-        ``"torch"`` or ``"onnx"``, as in the server.
-    rescorer : str, optional
-        Rescorer file (``CellRescorer.load``).
+    task : str
+        ``"field"``: load the cell model (and rescorer) and screen whole fields
+        (:func:`~malaria_screen.serve.fieldjob.screen_field_bytes`); ``"cells"``: decode cell
+        images into model inputs (:func:`~malaria_screen.serve.celljob.prepare_cells`), no model.
     max_pixels : int
+        Largest image, width x height.
     cpu_s : float
-        CPU seconds per job.
+        CPU seconds per job (``RLIMIT_CPU``; ``"cells"`` also checks it between images).
     memory_bytes : int
         Address space a job may add to the loaded worker (``RLIMIT_AS``); 0: no limit.
+    model : str, default=""
+        ``"field"``: run folder or ``.onnx`` file (the predictor's ``source``).
+    backend : str, default=""
+        ``"field"``: ``"torch"`` or ``"onnx"``, as in the server.
+    rescorer : str, optional
+        ``"field"``: rescorer file (``CellRescorer.load``).
+    input_size : int, default=0
+        ``"cells"``: the model's input side, pixels.
+    max_request_pixels : int, default=0
+        ``"cells"``: pixels decoded per job, all images together.
     """
 
-    model: str
-    backend: str
-    rescorer: Optional[str]
+    task: str
     max_pixels: int
     cpu_s: float
     memory_bytes: int
+    model: str = ""
+    backend: str = ""
+    rescorer: Optional[str] = None
+    input_size: int = 0
+    max_request_pixels: int = 0
 
 
 def _vm_size() -> int:
@@ -234,29 +254,73 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "Insufficient memory" in msg or "bad_alloc" in msg or "Cannot allocate" in msg
 
 
+def _set_process_name(name: str) -> None:
+    """Name this process in ``ps``/``top`` (``/proc/PID/comm``, Linux ``prctl``; at most 15 bytes)."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+#: What a worker's handler returns for one job: ``("ok", result)``, ``("refused", status, detail)``
+#: or ``("error", text)``; items of a ``"cells"`` job go out before it as ``("item", i, cell, error)``.
+Handler = Callable[[Any, Callable[..., None]], tuple]
+
+
+def _field_task(spec: WorkerSpec) -> Handler:
+    """Load the model (and rescorer, and the self-check's reference) once; the field handler."""
+    from malaria_screen.inference import load_model
+    from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
+
+    kw = {"num_threads": 1} if spec.backend == "onnx" else {}
+    if spec.backend != "onnx":
+        import torch
+
+        torch.set_num_threads(1)
+    predictor = load_model(spec.model, backend=spec.backend, **kw)
+    rescorer = None
+    if spec.rescorer:
+        from malaria_screen.smear.rescore import CellRescorer
+
+        rescorer = CellRescorer.load(spec.rescorer)
+    import malaria_screen.smear.report  # noqa: F401 - loaded now, not in the first job's budget
+    from malaria_screen.smear.domain import load_reference
+
+    reference = load_reference(predictor)  # the self-check's reference beside the model (or None)
+
+    def handle(job: tuple, emit: Callable[..., None]) -> tuple:
+        data, name, options = job
+        try:
+            return ("ok", screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, **options,
+                                             rescorer=rescorer, domain_reference=reference))
+        except FieldRefused as exc:
+            return ("refused", exc.status, exc.detail)
+
+    return handle
+
+
+def _cells_task(spec: WorkerSpec) -> Handler:
+    """The cell decoder (no model); the handler of a heavy ``/v1/classify`` request's images."""
+    from malaria_screen.serve.celljob import prepare_cells
+
+    def handle(items: list, emit: Callable[..., None]) -> tuple:
+        prepare_cells(items, spec.input_size, max_pixels=spec.max_pixels, max_request_pixels=spec.max_request_pixels,
+                      cpu_s=spec.cpu_s, clock=time.process_time, emit=emit)
+        return ("ok", None)
+
+    return handle
+
+
+_TASKS: dict[str, Callable[[WorkerSpec], Handler]] = {"field": _field_task, "cells": _cells_task}
+
+
 def _worker_main(conn, spec: WorkerSpec) -> None:
-    """Field worker process: load the model once, then screen jobs until told to stop."""
+    """Worker process: set up the task once, then run jobs until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which ends us
-    _renice(10)  # fields are the heavy work: cell requests and the probes win the CPU
+    _renice(10)  # heavy work: the server (probes, light requests) wins the CPU
+    _set_process_name(f"malaria-{spec.task}")
     try:  # imported in the worker process, inside the try: a failure is reported to the server
-        from malaria_screen.inference import load_model
-        from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
-
-        kw = {"num_threads": 1} if spec.backend == "onnx" else {}
-        if spec.backend != "onnx":
-            import torch
-
-            torch.set_num_threads(1)
-        predictor = load_model(spec.model, backend=spec.backend, **kw)
-        rescorer = None
-        if spec.rescorer:
-            from malaria_screen.smear.rescore import CellRescorer
-
-            rescorer = CellRescorer.load(spec.rescorer)
-        import malaria_screen.smear.report  # noqa: F401 - loaded now, not in the first job's budget
-        from malaria_screen.smear.domain import load_reference
-
-        reference = load_reference(predictor)  # the self-check's reference beside the model (or None)
+        handle = _TASKS[spec.task](spec)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -265,6 +329,10 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
         limit = _vm_size() + spec.memory_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     conn.send(("ready", os.getpid()))
+
+    def emit(*item) -> None:
+        conn.send(("item", *item))
+
     while True:
         try:
             job = conn.recv()
@@ -272,29 +340,19 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
             return
         if job is None:
             return
-        data, name, options = job
         used = resource.getrusage(resource.RUSAGE_SELF)
         spent = used.ru_utime + used.ru_stime
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         soft = math.ceil(spent + spec.cpu_s)
         resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
         try:
-            out = ("ok", screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, **options,
-                                            rescorer=rescorer, domain_reference=reference))
-        except FieldRefused as exc:
-            out = ("refused", exc.status, exc.detail, False)
-        except Exception as exc:  # noqa: BLE001 - a bug: reported as 500, the worker carries on
-            if not _out_of_memory(exc):
-                out = ("error", f"{type(exc).__name__}: {exc}")
-                del data, job
-                conn.send(out)
-                continue
-            del data, job
-            conn.send(("refused", 422, f"screening this field needs more memory than the per-request limit "
-                                       f"({spec.memory_bytes:,} bytes of address space)", True))
-            return  # a fresh worker replaces this one
-        del data, job
+            out = handle(job, emit)
+        except Exception as exc:  # noqa: BLE001 - a bug (500; the worker carries on) or out of memory
+            out = ("oom",) if _out_of_memory(exc) else ("error", f"{type(exc).__name__}: {exc}")
+        del job
         conn.send(out)
+        if out[0] == "oom":
+            return  # a fresh worker replaces this one
 
 
 class _Worker:
@@ -310,26 +368,33 @@ class _Worker:
         self.conn.close()
 
 
-class FieldWorkers(_Admission):
-    """Worker processes for ``/v1/field`` with a bounded queue and per-job CPU/memory budgets.
+class ProcessLane(_Admission):
+    """Worker processes with a bounded queue and per-job CPU/memory budgets.
 
     All waiting happens on this object's own I/O threads (never on the event loop, and with no
     asyncio object bound to one loop), one per pending job, so the number of threads is bounded
-    by ``workers + max_queue``.
+    by ``2 * workers + max_queue + 1``.
 
     Parameters
     ----------
+    name : str
+        Named in the 503 message.
     spec : WorkerSpec
+        The workers' task and budgets.
     workers : int
         Worker processes.
     max_queue : int
         Jobs that may wait for a worker; one more raises :class:`QueueFull`.
     jobs_per_worker : int
         A worker is replaced after this many jobs.
+    what : str, default="this job"
+        What a job does, for the messages of :class:`JobFailed` (e.g. "screening this field").
     """
 
-    def __init__(self, spec: WorkerSpec, workers: int, max_queue: int, jobs_per_worker: int) -> None:
-        self.spec, self.workers, self.max_queue, self.jobs_per_worker = spec, workers, max_queue, jobs_per_worker
+    def __init__(self, name: str, spec: WorkerSpec, workers: int, max_queue: int, jobs_per_worker: int, *,
+                 what: str = "this job") -> None:
+        self.name, self.spec, self.workers, self.max_queue = name, spec, workers, max_queue
+        self.jobs_per_worker, self.what = jobs_per_worker, what
         self._ctx = mp.get_context("spawn")
         self._io = self._new_io()
         self._idle: "queue.Queue[_Worker]" = queue.Queue()
@@ -345,23 +410,24 @@ class FieldWorkers(_Admission):
     # -- life cycle -------------------------------------------------------------------------------
     def _new_io(self) -> ThreadPoolExecutor:
         # one thread per pending job, one per worker being started
-        return ThreadPoolExecutor(2 * self.workers + self.max_queue + 1, thread_name_prefix="malaria-screen-field")
+        return ThreadPoolExecutor(2 * self.workers + self.max_queue + 1, thread_name_prefix=f"malaria-screen-{self.name}")
 
     def _spawn(self) -> None:
-        """Start one worker and wait for its model to load (blocking; on an I/O thread)."""
+        """Start one worker and wait for it to be ready (blocking; on an I/O thread)."""
         try:
             parent, child = self._ctx.Pipe()
-            proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True, name="malaria-screen-field")
+            proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True,
+                                     name=f"malaria-screen-{self.name}")
             proc.start()
             child.close()
             w = _Worker(proc, parent)
             try:
-                msg = parent.recv() if parent.poll(300) else ("error", "the worker did not load the model in 300 s")
+                msg = parent.recv() if parent.poll(300) else ("error", "the worker did not start in 300 s")
             except (EOFError, OSError):
-                msg = ("error", f"the worker exited while loading the model (exit code {proc.exitcode})")
+                msg = ("error", f"the worker exited while starting (exit code {proc.exitcode})")
             if msg[0] != "ready":
                 self.last_error = msg[1]
-                log.error("field worker failed to start: %s", msg[1])
+                log.error("%s worker failed to start: %s", self.name, msg[1])
                 w.kill()
                 return
             with self._lock:
@@ -382,7 +448,7 @@ class FieldWorkers(_Admission):
         self._io.submit(self._spawn)
 
     def start(self) -> None:
-        """Start the workers in the background (they load the model in parallel); idempotent.
+        """Start the workers in the background (they set up in parallel); idempotent.
         After :meth:`close`, starts afresh (an app's lifespan may run more than once)."""
         with self._lock:
             if self._started and not self._closed:
@@ -424,9 +490,9 @@ class FieldWorkers(_Admission):
             return len(self._all)
 
     # -- jobs -------------------------------------------------------------------------------------
-    def _job(self, cancel: threading.Event, job: tuple) -> tuple:
-        """Wait for a worker, send it the job, wait for the answer; on ``cancel`` or overrun,
-        kill the worker. Runs on an I/O thread."""
+    def _job(self, cancel: threading.Event, job: Any, items: Optional[list]) -> tuple:
+        """Wait for a worker, send it the job, collect its items and answer; on ``cancel`` or
+        overrun, kill the worker. Runs on an I/O thread."""
         w = None
         while w is None:
             if cancel.is_set():
@@ -444,22 +510,30 @@ class FieldWorkers(_Admission):
         wall = 4 * self.spec.cpu_s + 30  # the CPU budget, with room for a busy machine's waiting
         t_end = time.monotonic() + wall
         try:
-            w.conn.send(job)
-            while not w.conn.poll(0.1):
-                if cancel.is_set():
-                    self._retire(w, kill=True)
-                    return ("cancelled",)
-                if time.monotonic() > t_end:
-                    self._retire(w, kill=True)
-                    return ("timeout", wall)
-            msg = w.conn.recv()
+            # send_bytes writes from a memoryview; Connection.send would copy the rest of a large
+            # body at every partial pipe write (quadratic, holding the GIL)
+            w.conn.send_bytes(ForkingPickler.dumps(job))
+            del job
+            while True:
+                while not w.conn.poll(0.1):
+                    if cancel.is_set():
+                        self._retire(w, kill=True)
+                        return ("cancelled",)
+                    if time.monotonic() > t_end:
+                        self._retire(w, kill=True)
+                        return ("timeout", wall)
+                msg = w.conn.recv()
+                if msg[0] != "item":
+                    break
+                if items is not None:
+                    items.append(msg[1:])
         except (EOFError, OSError):
             w.proc.join(timeout=5)
             code = w.proc.exitcode
             self._retire(w, kill=True)
             return ("died", code)
         w.jobs += 1
-        if msg[0] == "refused" and msg[3]:  # the worker has exited (out of memory)
+        if msg[0] == "oom":  # the worker has exited
             self._retire(w, kill=True)
         elif w.jobs >= self.jobs_per_worker:
             self._retire(w, kill=False)
@@ -467,28 +541,37 @@ class FieldWorkers(_Admission):
             self._idle.put(w)
         return msg
 
-    async def run(self, data: bytes, name: str, options: dict, receive: Optional[Callable] = None) -> dict:
-        """Screen one field in a worker; the field's JSON.
+    async def run(self, job: Any, *, receive: Optional[Callable] = None, items: Optional[list] = None) -> Any:
+        """Run one job in a worker; its result.
 
-        ``options`` (picklable keyword arguments of
-        :func:`~malaria_screen.serve.fieldjob.screen_field_bytes`, e.g. ``{"overlay": True}``)
-        are passed to the job as they are.
+        Parameters
+        ----------
+        job : picklable
+            ``"field"``: ``(data, name, options)``, ``options`` being keyword arguments of
+            :func:`~malaria_screen.serve.fieldjob.screen_field_bytes` (e.g. ``{"overlay": True}``);
+            ``"cells"``: a list of :data:`~malaria_screen.serve.celljob.Item`.
+        receive : ASGI receive callable, optional
+            The request's: the job is dropped or its worker killed when the client leaves.
+        items : list, optional
+            Receives the ``(index, cell, error)`` items of a ``"cells"`` job as they arrive,
+            also those before a failure.
 
         Raises
         ------
         QueueFull
             All workers busy and ``max_queue`` jobs waiting, or no worker could start.
         JobFailed
-            413/422 for a refused field (incl. over the CPU or memory budget), 500 for a bug,
-            504 when the job overran its wall-clock time.
+            The handler's refusal (413/422), 422 when the job ran out of its CPU or memory
+            budget, 500 for a bug, 504 when it overran its wall-clock time.
         ClientGone
             The client left; its job was dropped or its worker killed (and replaced).
         """
         self.start()
-        t0 = self._admit("field")
+        t0 = self._admit(self.name)
         cancel = threading.Event()
         try:
-            fut = asyncio.get_running_loop().run_in_executor(self._io, self._job, cancel, (data, name, dict(options)))
+            fut = asyncio.get_running_loop().run_in_executor(self._io, self._job, cancel, job, items)
+            del job
             try:
                 msg = await _race(fut, receive, None)
             except BaseException:
@@ -502,21 +585,24 @@ class FieldWorkers(_Admission):
         if kind == "refused":
             raise JobFailed(msg[1], msg[2])
         if kind == "unavailable":
-            raise QueueFull(f"field (no worker running: {self.last_error or 'not started'})", 10)
+            raise QueueFull(f"{self.name} (no worker running: {self.last_error or 'not started'})", 10)
         if kind == "cancelled":
             raise ClientGone
         if kind == "timeout":
-            raise JobFailed(504, f"screening this field took more than {msg[1]:.0f} s of wall-clock time")
+            raise JobFailed(504, f"{self.what} took more than {msg[1]:.0f} s of wall-clock time")
+        if kind == "oom":
+            raise JobFailed(422, f"{self.what} needs more memory than the per-request limit "
+                                 f"({self.spec.memory_bytes:,} bytes of address space)")
         if kind == "died":
             if msg[1] == -getattr(signal, "SIGXCPU", 24):
-                raise JobFailed(422, f"screening this field needs more than the per-request CPU budget "
+                raise JobFailed(422, f"{self.what} needs more than the per-request CPU budget "
                                      f"({self.spec.cpu_s:g} CPU seconds)")
             crash = {-getattr(signal, n) for n in ("SIGSEGV", "SIGABRT", "SIGBUS") if hasattr(signal, n)}
             if msg[1] in crash and self.spec.memory_bytes:
                 # native code (PyTorch, OpenCV) that cannot allocate under RLIMIT_AS may crash
                 # instead of raising: measured with a 5000x5000 noise field (SIGSEGV)
-                raise JobFailed(422, f"screening this field ended its worker (signal {-msg[1]}), most likely at the "
+                raise JobFailed(422, f"{self.what} ended its worker (signal {-msg[1]}), most likely at the "
                                      f"per-request memory limit ({self.spec.memory_bytes:,} bytes of address space)")
-            raise JobFailed(500, f"the field worker ended unexpectedly (exit code {msg[1]})")
-        log.error("field job failed: %s", msg[1])
-        raise JobFailed(500, f"field screening failed: {msg[1]}")
+            raise JobFailed(500, f"the {self.name} worker ended unexpectedly (exit code {msg[1]})")
+        log.error("%s job failed: %s", self.name, msg[1])
+        raise JobFailed(500, f"{self.what} failed: {msg[1]}")

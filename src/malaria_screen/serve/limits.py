@@ -45,7 +45,8 @@ class ServeLimits:
         images (the images after it get a per-item error).
     max_field_memory_bytes : int, default=1.5 GiB
         Address space a field job may add to its worker process beyond the loaded model
-        (``RLIMIT_AS``); a field that needs more gets 422, the server keeps running. 0: no
+        (``RLIMIT_AS``); a field that needs more gets 422, the server keeps running. The heavy
+        cell workers have the same limit (an image that needs more gets an item error). 0: no
         limit. Measured (ONNX back-end): an IML field of 1.2 Mpx adds 0.36 GB, a 4.9 Mpx one
         0.54 GB, a 19.7 Mpx one 1.65 GB; so the default takes real fields up to about 17 Mpx.
     body_timeout_s : float, default=60.0
@@ -57,10 +58,13 @@ class ServeLimits:
     Queues
     ------
     light_workers : int, default=2
-        Threads classifying light requests (at most ``light_request_pixels`` pixels in all,
-        read from the headers), so that normal cell requests never wait behind large images.
+        Threads that read each ``/v1/classify`` request's image headers, decode and classify
+        light requests (at most ``light_request_pixels`` pixels in all), and classify the
+        decoded cells of heavy ones, so that normal cell requests never wait behind large images.
     heavy_workers : int, default=1
-        Threads decoding heavier ``/v1/classify`` requests.
+        Worker processes decoding the images of heavier ``/v1/classify`` requests (no model;
+        the decoded cells are classified on the light lane), under ``max_request_cpu_s``
+        (``RLIMIT_CPU``) and ``max_field_memory_bytes`` (``RLIMIT_AS``).
     field_workers : int, default=1
         Worker processes screening ``/v1/field`` images (each loads the model once).
     max_queue : int, default=8
@@ -71,7 +75,8 @@ class ServeLimits:
     light_request_pixels : int, default=2,000,000
         Largest request (sum of image pixels) handled by the light queue.
     field_jobs_per_worker : int, default=200
-        A field worker is replaced after this many jobs, so that its memory cannot creep.
+        A worker process (field or heavy cells) is replaced after this many jobs, so that its
+        memory cannot creep.
 
     Raises
     ------
