@@ -286,18 +286,19 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
             prepared[i] = (cell, err)
         return prepared
 
-    def _field_in_thread(cancel, data: bytes, name: str, options: dict) -> dict:
+    def _field_in_thread(cancel, data: bytearray, name: str, options: dict) -> bytes:
         # smear's dependencies are optional for the cell endpoints (smear_error above)
-        from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
+        from malaria_screen.serve.fieldjob import FieldRefused, json_bytes, screen_field_bytes
         from malaria_screen.smear.domain import load_reference
 
         if not hasattr(app.state, "domain_reference"):  # the self-check's reference, read once
             app.state.domain_reference = load_reference(predictor)
         try:
-            return screen_field_bytes(data, predictor, name=name, max_pixels=limits.max_pixels, **options,
-                                      rescorer=rescorer, domain_reference=app.state.domain_reference)
+            out = screen_field_bytes(data, predictor, name=name, max_pixels=limits.max_pixels, **options,
+                                     rescorer=rescorer, domain_reference=app.state.domain_reference)
         except FieldRefused as exc:
             raise JobFailed(exc.status, exc.detail) from None
+        return json_bytes(out | {"model": model})
 
     @app.get("/healthz", summary="Liveness check")
     async def healthz() -> dict:
@@ -395,20 +396,21 @@ def create_app(predictor, limits: ServeLimits | None = None, *, rescorer=None, s
         part = parts[0]
         if part.too_large:
             raise HTTPException(413, f"file too large: {part.size:,} bytes > limit {limits.max_file_bytes:,} bytes")
-        data, name = bytes(part.data), part.filename or "field"
-        part.data = bytearray()
+        data, name = part.data, part.filename or "field"
+        del parts, part
         options = {"overlay": overlay}  # keyword arguments of fieldjob.screen_field_bytes
         try:
+            # the field's JSON comes encoded: thousands of cells take the event loop ~0.1 s to encode
             if fields is not None:
-                out = await fields.run((data, name, options), receive=request.receive)
+                body = await fields.run((data, name, options, {"model": model}), receive=request.receive)
             else:
-                out = await field_lane.run(_field_in_thread, data, name, options, receive=request.receive)
+                body = await field_lane.run(_field_in_thread, data, name, options, receive=request.receive)
         except QueueFull as exc:
             return _busy(exc)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         except JobFailed as exc:
             raise HTTPException(exc.status, exc.detail) from None
-        return out | {"model": model}
+        return Response(body, media_type="application/json")
 
     return app

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from malaria_screen.data.io import ImageDecodeError, check_colour, decode_image
@@ -17,7 +20,7 @@ from malaria_screen.smear.domain import NotASmearError
 from malaria_screen.smear.report import overlay_image
 from malaria_screen.smear.screen import screen_field
 
-__all__ = ["FieldRefused", "screen_field_bytes"]
+__all__ = ["FieldRefused", "json_bytes", "screen_field_bytes"]
 
 
 class FieldRefused(Exception):
@@ -33,6 +36,25 @@ class FieldRefused(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status, self.detail = status, detail
+
+
+def _scalar(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` encoded as Starlette's ``JSONResponse`` does (UTF-8, compact, no NaN; NumPy
+    scalars as Python numbers), for a worker to encode a field's JSON (hundreds of KB for a
+    field of thousands of cells) instead of the server's event loop.
+
+    Raises
+    ------
+    ValueError
+        For NaN or infinity; TypeError for a value JSON cannot hold.
+    """
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_scalar).encode("utf-8")
 
 
 def screen_field_bytes(data: bytes, predictor, *, name: str = "field", max_pixels: int, overlay: bool = False,

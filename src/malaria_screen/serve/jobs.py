@@ -270,7 +270,7 @@ Handler = Callable[[Any, Callable[..., None]], tuple]
 def _field_task(spec: WorkerSpec) -> Handler:
     """Load the model (and rescorer, and the self-check's reference) once; the field handler."""
     from malaria_screen.inference import load_model
-    from malaria_screen.serve.fieldjob import FieldRefused, screen_field_bytes
+    from malaria_screen.serve.fieldjob import FieldRefused, json_bytes, screen_field_bytes
 
     kw = {"num_threads": 1} if spec.backend == "onnx" else {}
     if spec.backend != "onnx":
@@ -289,12 +289,13 @@ def _field_task(spec: WorkerSpec) -> Handler:
     reference = load_reference(predictor)  # the self-check's reference beside the model (or None)
 
     def handle(job: tuple, emit: Callable[..., None]) -> tuple:
-        data, name, options = job
+        data, name, options, extra = job
         try:
-            return ("ok", screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, **options,
-                                             rescorer=rescorer, domain_reference=reference))
+            out = screen_field_bytes(data, predictor, name=name, max_pixels=spec.max_pixels, **options,
+                                     rescorer=rescorer, domain_reference=reference)
         except FieldRefused as exc:
             return ("refused", exc.status, exc.detail)
+        return ("ok", json_bytes(out | extra))  # encoded here, not on the server's event loop
 
     return handle
 
@@ -547,9 +548,11 @@ class ProcessLane(_Admission):
         Parameters
         ----------
         job : picklable
-            ``"field"``: ``(data, name, options)``, ``options`` being keyword arguments of
-            :func:`~malaria_screen.serve.fieldjob.screen_field_bytes` (e.g. ``{"overlay": True}``);
-            ``"cells"``: a list of :data:`~malaria_screen.serve.celljob.Item`.
+            ``"field"``: ``(data, name, options, extra)``, ``options`` being keyword arguments of
+            :func:`~malaria_screen.serve.fieldjob.screen_field_bytes` (e.g. ``{"overlay": True}``)
+            and ``extra`` keys added to the field's JSON; the result is that JSON, encoded
+            (bytes). ``"cells"``: a list of :data:`~malaria_screen.serve.celljob.Item`; the
+            result is None, the cells come in ``items``.
         receive : ASGI receive callable, optional
             The request's: the job is dropped or its worker killed when the client leaves.
         items : list, optional
