@@ -6,7 +6,8 @@ the outputs equal the one-worker run's (timings aside); prints seconds per field
 process CPU seconds per field of the one-worker run (steady on a shared machine), the CPU seconds
 of ``segment_field`` alone, and the per-stage seconds of a field (segmentation, crops,
 classification, wall, from the per-field JSON); optionally runs the same fields through an older
-checkout's ``run_smear`` (``--before-src``: wall with its default workers, CPU with one).
+checkout's ``run_smear`` with this checkout's bundled model (``--before-src``: wall with its
+default workers, CPU with one).
 
 Usage::
 
@@ -30,8 +31,8 @@ _BEFORE = """
 import inspect, sys, time
 import malaria_screen
 from malaria_screen.smear.report import run_smear
-files = sys.argv[2:]
-m = malaria_screen.load_model()
+files = sys.argv[3:]
+m = malaria_screen.load_model(sys.argv[2])  # this checkout's bundled model, not the older one's
 run_smear(files[:1], sys.argv[1] + "/warm", m)
 t = time.perf_counter()
 s = run_smear(files, sys.argv[1] + "/run", m)
@@ -76,6 +77,7 @@ def main() -> None:
 
     import malaria_screen
     from malaria_screen.data.parallel import default_workers
+    from malaria_screen.inference.base import default_model_dir
     from malaria_screen.smear.report import run_smear
     from records import write_record
 
@@ -112,7 +114,7 @@ def main() -> None:
         figures["speedup"] = round(figures["w1.s_per_field"] / figures[f"w{workers}.s_per_field"], 2)
         figures["n_rbc"], figures["n_infected"] = runs["w1"]["n_rbc"], runs["w1"]["n_infected"]
         if args.before_src:
-            out = subprocess.run([sys.executable, "-c", _BEFORE, tmp + "/before", *files], capture_output=True, text=True,
+            out = subprocess.run([sys.executable, "-c", _BEFORE, tmp + "/before", str(default_model_dir()), *files], capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": args.before_src}, check=True, timeout=3600).stdout.split()
             figures["before.s_per_field"] = round(float(out[0]), 4)
             figures["before.w1.cpu_s_per_field"] = round(float(out[3]), 4)
