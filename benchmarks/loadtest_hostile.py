@@ -314,6 +314,7 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     a = get_arg_parser().parse_args()
+    load_before = os.getloadavg()[0]
     r = main(a)
     import json
 
@@ -327,5 +328,6 @@ if __name__ == "__main__":
                      notes=f"{a.hostile} hostile + {a.normal} normal clients on loopback; model {r['model']['name']} "
                            f"({r['model']['backend']}); hostile status counts {r['hostile']}; "
                            f"phase 2: {r.get('field_requests_after_warmup', 0)} demo-field requests after {a.warmup} warm-up; "
-                           f"machine shared with other jobs (1-min load average {load:.1f} at the end)",
+                           f"1-min load average {load_before:.1f} before the start, {load:.1f} at the end"
+                           + ("" if load_before < 1.5 else " (machine shared with other jobs)"),
                      uses_bundled_model=a.model is None)

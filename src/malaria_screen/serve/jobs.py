@@ -20,7 +20,8 @@ never the event loop, which keeps answering ``/healthz`` and ``/readyz``.
     when they are spent) and its memory by ``RLIMIT_AS``; a job whose client leaves, or that
     overruns its wall-clock time, is ended by killing its worker. A dead or worn worker
     (``jobs_per_worker`` jobs) is replaced, so the server's memory cannot creep under load.
-    Workers run at niceness +10, so the server process wins the CPU.
+    Workers run at niceness +10 from their start (imports included), so the server process
+    wins the CPU.
 """
 
 from __future__ import annotations
@@ -99,13 +100,17 @@ async def _race(work: "asyncio.Future", receive: Optional[Callable], timeout: Op
             watch.cancel()
 
 
-def _renice(nice: int) -> None:
-    """Lower the calling thread's priority by ``nice`` (Linux: threads have their own; the
-    threads it starts later inherit it). Called first thing in a worker process."""
-    if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+#: Niceness added to worker processes: the server (probes, light requests) wins the CPU.
+WORKER_NICE = 10
+
+
+def _renice(pid: int, nice: int) -> None:
+    """Set process ``pid``'s niceness to the calling thread's plus ``nice`` (Linux: a process's
+    threads started later inherit it)."""
+    if hasattr(os, "setpriority"):
         try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+            own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            os.setpriority(os.PRIO_PROCESS, pid, min(own + nice, 19))
         except OSError:
             pass
 
@@ -318,7 +323,6 @@ _TASKS: dict[str, Callable[[WorkerSpec], Handler]] = {"field": _field_task, "cel
 def _worker_main(conn, spec: WorkerSpec) -> None:
     """Worker process: set up the task once, then run jobs until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which ends us
-    _renice(10)  # heavy work: the server (probes, light requests) wins the CPU
     _set_process_name(f"malaria-{spec.task}")
     try:  # imported in the worker process, inside the try: a failure is reported to the server
         handle = _TASKS[spec.task](spec)
@@ -420,6 +424,7 @@ class ProcessLane(_Admission):
             proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True,
                                      name=f"malaria-screen-{self.name}")
             proc.start()
+            _renice(proc.pid, WORKER_NICE)  # now, while it still imports, not once it runs our code
             child.close()
             w = _Worker(proc, parent)
             try:
