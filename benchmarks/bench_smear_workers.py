@@ -89,6 +89,9 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench_smear_") as tmp:
         run_smear(files[:1], Path(tmp) / "warm", model, workers=1)
+        # start the fork server (it imports torch once, seconds of CPU, paid once per smear command) before timing,
+        # as bench_predict does: the timed runs measure the steady state of a long run
+        run_smear(files[:2], Path(tmp) / "warm_pool", model, workers=workers)
         runs = {}
         for name, kw in (("w1", {"workers": 1}), (f"w{workers}", {"workers": workers}),
                          (f"w{workers}_no_overlays", {"workers": workers, "overlays": False})):
@@ -127,7 +130,7 @@ def main() -> None:
     shared = max(load) > 0.5 * workers
     write_record(args.record, figures, uses_bundled_model=True, notes=(
         f"{len(files)} IML dev fields (every k-th of 120, 1280x960; speed only, no accuracy claimed), bundled model "
-        f"(torch), {workers} worker processes. Seconds per field are wall time of run_smear (decode, segment, classify, "
+        f"(torch), {workers} worker processes (fork server started before timing). Seconds per field are wall time of run_smear (decode, segment, classify, "
         f"JSON, overlay, report); w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
         f"segment_field alone; stage seconds are per field from the one-worker run. Load average up to {max(load):.1f}: "
         + ("machine SHARED with other jobs, wall times pessimistic. " if shared else "machine quiet. ") + args.notes))
