@@ -115,12 +115,14 @@ def test_bundled_demo_field_screens():
 
 
 def test_domain_shift_warning_on_iml_fields_with_nih_model(tmp_path, iml_dir):
-    """Counting at its own threshold, the NIH-only default model calls far too many cells on the IML
-    microscope: the slide is flagged. The default estimator (posteriors corrected to a 2 % prior)
-    reports a parasitemia of a few per cent at most there, with the method named."""
+    """Counting at its own threshold, the default model still calls far too many cells on some
+    fields of the IML microscope (these five contiguous frames: the most over-called of the 120 dev
+    fields by the bundled model, bench_quantify's cache): the slide is flagged. The default estimator
+    (posteriors corrected to a 2 % prior) reports a parasitemia of a few per cent at most there,
+    with the method named."""
     from malaria_screen.inference import load_model
 
-    names = ["PA171926.JPG", "PA171966.JPG"]  # annotated parasitemia 0.9 % and 0 %
+    names = ["PA172016.JPG", "PA172017.JPG", "PA172018.JPG", "PA172019.JPG", "PA172023.JPG"]
     for n in names:
         shutil.copy(iml_dir / "images" / n, tmp_path / n)
     out = tmp_path / "out"
@@ -134,7 +136,7 @@ def test_domain_shift_warning_on_iml_fields_with_nih_model(tmp_path, iml_dir):
     assert s2["n_rbc"] == s["n_rbc"] and s2["n_infected"] < s["n_infected"] / 10
     assert s2["parasitemia"] < 0.05 and not s2["warnings"]
     lo, hi = s2["parasitemia_ci95"]
-    assert lo <= s2["parasitemia"] <= hi and "over groups (2)" in s2["ci_method"]
+    assert lo <= s2["parasitemia"] <= hi and f"over groups ({len(names)})" in s2["ci_method"]
     assert all(f["parasitemia_method"] == "prior" for f in s2["fields"])
 
 

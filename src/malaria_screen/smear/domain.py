@@ -80,9 +80,9 @@ GATE_LIMITS = {
 }
 #: What the user should do about a field outside the domain.
 OUT_OF_DOMAIN_ADVICE = ("cells unlike the model's training cells: its parasitemia is unreliable and is left out "
-                        "of the slide total; calibrate the site (fine-tune on a few hundred labelled cells of this "
-                        "microscope: malaria-screen crops, then malaria-screen train --init-from default), "
-                        "see docs/self-check.md")
+                        "of the slide total; calibrate the site: label a few hundred cells of this microscope (the web "
+                        "app's Labelling tab) and run malaria-screen adapt, then screen with --model SITE_FOLDER; "
+                        "see docs/adaptation.md")
 
 
 class NotASmearError(ValueError):

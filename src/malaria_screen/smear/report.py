@@ -570,8 +570,9 @@ def slide_warnings(n_infected: int, n_rbc: int, *, high: float = HIGH_PARASITEMI
 
     A parasitemia above ``high`` (fraction) over at least ``min_rbc`` counted RBCs is either
     hyperparasitaemia (WHO severe-malaria criterion, an emergency) or a cell model that does not
-    fit this microscope/stain: the NIH-only default model calls ~15 % of the cells of the
-    IML_Malaria microscope Parasitized (README, "Domain shift"). Both need a microscopist.
+    fit this microscope/stain: the previous, NIH-only default model called ~15 % of the cells of
+    the IML_Malaria microscope Parasitized, and the stain-robust one still over-calls some of its
+    fields when counting at its threshold (docs/quantification.md). Both need a microscopist.
 
     Parameters
     ----------
