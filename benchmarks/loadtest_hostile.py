@@ -327,7 +327,8 @@ if __name__ == "__main__":
         write_record("loadtest_hostile", figures,
                      notes=f"{a.hostile} hostile + {a.normal} normal clients on loopback; model {r['model']['name']} "
                            f"({r['model']['backend']}); hostile status counts {r['hostile']}; "
-                           f"phase 2: {r.get('field_requests_after_warmup', 0)} demo-field requests after {a.warmup} warm-up; "
+                           f"phase 2: {r.get('field_requests_after_warmup', 0)} demo-field requests after {a.warmup} warm-up, "
+                           f"status codes {r.get('field_codes', {})}; server alive at the end: {r['server_alive']}; "
                            f"1-min load average {load_before:.1f} before the start, {load:.1f} at the end"
                            + ("" if load_before < 1.5 else " (machine shared with other jobs)"),
                      uses_bundled_model=a.model is None)
