@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import malaria_screen
 from malaria_screen.cli import app
+from malaria_screen.data.patients import parse_nih_patient_id
 from malaria_screen.inference import EnsemblePredictor, Predictor, default_model_dir, load_model
 from malaria_screen.inference.ensemble import write_ensemble
 
@@ -89,13 +90,21 @@ def test_ensemble_refuses_bad_members(tmp_path, members):
         write_ensemble(tmp_path / "thr", members, threshold=1.5)
 
 
-def test_cli_ensemble_then_smear_uses_the_averaged_probabilities(tmp_path, members, samples_dir):
+def test_cli_ensemble_then_smear_uses_the_averaged_probabilities(tmp_path, members, samples_dir, nih_dir):
     runner = CliRunner()
     ens_dir = tmp_path / "ens"
-    r = runner.invoke(app, ["ensemble", *map(str, members), "--out", str(ens_dir), "--calibrate", str(samples_dir)])
+    # calibration cells: the 24 samples (all of the bundled model's test patients) and 3 cells of
+    # each class of one of its training patients, which must be left out
+    calib = tmp_path / "calib"
+    shutil.copytree(samples_dir, calib)
+    train_patient = sorted(json.loads((default_model_dir() / "split.json").read_text())["splits"]["train"]["patients"])[0]
+    for cls in ("Parasitized", "Uninfected"):
+        seen = sorted(p for p in (nih_dir / cls).iterdir() if parse_nih_patient_id(p.name) == train_patient)
+        for p in seen[:3]:
+            shutil.copy2(p, calib / cls / p.name)
+    r = runner.invoke(app, ["ensemble", *map(str, members), "--out", str(ens_dir), "--calibrate", str(calib)])
     assert r.exit_code == 0, r.output
-    # the samples of the bundled model's training patients are left out of the calibration
-    assert "left out" in r.output and "count-matched on" in r.output
+    assert "count-matched on 24 cells" in r.output and "left out" in r.output, r.output
     r = runner.invoke(app, ["smear", str(DEMO_FIELD), "--model", str(ens_dir), "--out", str(tmp_path / "sm"), "-q"])
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "sm" / "chula_rbc_1.json").read_text())

@@ -84,8 +84,15 @@ def test_field_relative_inputs_ignore_a_fields_overall_stain_and_scale(iml_dir):
 
 
 @pytest.mark.slow
-def test_rescorer_beats_the_nih_model_on_held_out_fields(iml):
-    """Fitted on 24 fields, it ranks the cells of the next 12 fields better than the NIH-only model's own logit."""
+def test_rescorer_ranks_held_out_fields(iml):
+    """Fitted on 24 fields, it ranks the cells of the next 12 fields well, and its count-matched
+    threshold calls about as many cells as are infected.
+
+    It beat the previous, NIH-only bundled model's own logit here (0.95 vs 0.91); the stain-robust
+    bundled model's logit alone ranks these 12 fields' cells at ROC-AUC 0.992, above the
+    rescorer's 0.962 (measured 2026-12-02; 16 infected detections, so a coarse comparison), so
+    "beats the model" is no longer asserted: the learning curve (docs/adaptation.md) is where the
+    second stage is judged."""
     from malaria_screen.smear.rescore import CellRescorer
 
     tr, te = iml["train"], iml["test"]
@@ -93,7 +100,7 @@ def test_rescorer_beats_the_nih_model_on_held_out_fields(iml):
     r = CellRescorer().fit(tr.X, tr.y, tr.groups)
     p = r.predict_proba(te.X)
     auc_r, auc_cnn = roc_auc_score(te.y, p), roc_auc_score(te.y, te.X[:, -1])
-    assert auc_r > 0.93 and auc_r > auc_cnn + 0.02, (auc_r, auc_cnn)
+    assert auc_r > 0.93 and auc_cnn > 0.93, (auc_r, auc_cnn)  # chance 0.5; measured 0.962 and 0.992
     assert 0 < r.threshold < 1 and r.config.n_fields == 24 and r.config.n_parasitized == int(tr.y.sum())
     called = int((p >= r.threshold).sum())
     print(f"rescorer on fields 25-36: ROC-AUC {auc_r:.4f} (model logit {auc_cnn:.4f}); {called} called, "
