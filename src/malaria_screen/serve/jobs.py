@@ -152,6 +152,9 @@ class _Admission:
 class Lane(_Admission):
     """A bounded job queue on its own threads.
 
+    Heavy jobs do not belong here: a thread that holds the GIL (a decoder in C) stalls the
+    event loop whatever its niceness. They go to a :class:`ProcessLane`.
+
     Parameters
     ----------
     name : str
@@ -160,9 +163,6 @@ class Lane(_Admission):
         Threads running jobs.
     max_queue : int
         Jobs that may wait for a thread; one more raises :class:`QueueFull`.
-
-    Heavy jobs do not belong here: a thread that holds the GIL (a decoder in C) stalls the
-    event loop whatever its niceness. They go to a :class:`ProcessLane`.
     """
 
     def __init__(self, name: str, workers: int, max_queue: int) -> None:
