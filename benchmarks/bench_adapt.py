@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (run / "weights.safetensors").is_file():
                 cfg = TrainConfig(epochs=args.epochs, lr=args.lr, init_from=init, seed=0, color_jitter=args.color_jitter,
                                   color_augment=args.color_augment)
-                train(crops, run, cfg, cells=cells, split=split, progress=False)
+                train(crops, run, cfg, cells=cells, split=split, progress=False, groups_csv=crops / "groups.csv")
             model = load_model(run)
             calib = split.val
         if args.ensemble_with:
