@@ -49,8 +49,11 @@ bench-records: $(STAMP)
 bench-data: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py $(MALARIA_SCREEN_DATA)/nih_cell_images
 
+# Times the bundled recipe (train-default's arguments); record bench_train.
 bench-train: $(STAMP)
-	$(BIN)/python benchmarks/bench_train.py $(MALARIA_SCREEN_DATA)/nih_cell_images
+	$(BIN)/python benchmarks/bench_train.py $(MALARIA_SCREEN_DATA)/nih_cell_images --record bench_train -- \
+	  --test-patients src/malaria_screen/assets/samples --color-augment hed --hed-sigma 0.2 \
+	  --extra-negatives $(MALARIA_SCREEN_DATA)/chula_rbc --extra-negative-fields $(CHULA_TRAIN_FIELDS)
 
 bench-predict: $(STAMP)
 	$(BIN)/python benchmarks/bench_predict.py $(MALARIA_SCREEN_DATA)/nih_cell_images
