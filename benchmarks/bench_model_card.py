@@ -71,12 +71,9 @@ def sens_at_spec(y: np.ndarray, p: np.ndarray, spec: float = 0.95) -> float:
 def heldout_chula_fields(model_dir: Path, chula: Path) -> list[str]:
     """Chula fields a model was not trained on (all, for a model trained without them)."""
     from malaria_screen.config import TrainConfig
-    from malaria_screen.data.extra_negatives import list_point_fields
+    from malaria_screen.data.extra_negatives import list_point_fields, trained_fields
 
-    cfg = TrainConfig.from_json(model_dir / "config.json")
-    used = set(cfg.extra_negative_fields) if cfg.extra_negatives else set()
-    if cfg.extra_negatives and not used:
-        used = set(list_point_fields(chula))
+    used = set(trained_fields(TrainConfig.from_json(model_dir / "config.json"), chula))
     return [s for s in list_point_fields(chula) if s not in used]
 
 

@@ -45,9 +45,6 @@ ALLOWED = {
     "inference": "inference.base inference.ensemble inference.onnx_predictor inference.predictor inference.site",
     # imported by the CLI at start-up; decoding (Pillow, OpenCV) only when scoring
     "inference.known_labels": "inference.base",
-    # training.run (load_weights) pulls in scikit-learn (~2 s): only when a run folder is loaded, so
-    # smear's field workers, which receive a built model, start without it
-    "inference.predictor": "training.run",
     # the model families import the registry to register themselves: circular at the top
     "models.registry": "models",
     # torch and Lightning only when training

@@ -25,7 +25,8 @@ from malaria_screen.data.io import ImageDecodeError, decode_image
 from malaria_screen.data.preprocess import letterbox
 from malaria_screen.fileio import read_point_labels
 
-__all__ = ["read_point_labels", "field_rbc_diameter", "point_cell_crops", "point_cell_set", "list_point_fields"]
+__all__ = ["read_point_labels", "field_rbc_diameter", "point_cell_crops", "point_cell_set", "list_point_fields",
+           "trained_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,18 @@ def list_point_fields(folder: str | Path) -> list[str]:
     root = Path(folder)
     stems = [p.stem for p in (root / "images").iterdir() if p.is_file() and (root / "labels" / f"{p.stem}.txt").is_file()]
     return sorted(stems, key=lambda s: (int(s) if s.isdigit() else 10**9, s))
+
+
+def trained_fields(config, folder: str | Path) -> list[str]:
+    """Stems of ``folder``'s fields a model was trained on as extra negatives.
+
+    ``config`` is the model's :class:`~malaria_screen.config.TrainConfig`: none without
+    ``extra_negatives``; its ``extra_negative_fields``, or every field of ``folder`` when that
+    list is empty (what ``train --extra-negatives`` uses then).
+    """
+    if not config.extra_negatives:
+        return []
+    return list(config.extra_negative_fields) or list_point_fields(folder)
 
 
 def point_cell_set(

@@ -21,6 +21,7 @@ from malaria_screen.config import TrainConfig
 from malaria_screen.data.normalize import normalize_pixels
 from malaria_screen.inference.base import CellClassifierBase, FileResult, default_model_dir
 from malaria_screen.models.registry import build_model
+from malaria_screen.models.weights import load_weights
 
 __all__ = ["Predictor", "FileResult", "default_model_dir"]
 
@@ -71,8 +72,6 @@ class Predictor(CellClassifierBase):
                 raise FileNotFoundError(f"not a model folder: {p} is missing")
         cfg = TrainConfig.from_json(cfg_path)
         net = build_model(cfg.model, num_classes=cfg.num_classes, input_size=cfg.input_size, in_chans=cfg.channels)
-        from malaria_screen.training.run import load_weights  # here: training imports scikit-learn (2 s)
-
         load_weights(net, w_path)
         metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else None
         return cls(net, cfg, metrics=metrics, source=str(run_dir), **kwargs)

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from malaria_screen.data.extra_negatives import list_point_fields, point_cell_set
+from malaria_screen.data.extra_negatives import point_cell_set, trained_fields
 from malaria_screen.data.io import decode_image
 from malaria_screen.data.patients import parse_nih_patient_id
 from malaria_screen.fileio import file_sha256
@@ -374,21 +374,6 @@ def _features_of_files(model: Any, files: list[Path], batch: int = 512) -> np.nd
     return np.concatenate(fs) if fs else np.zeros((0, 0), np.float32)
 
 
-def _features_of_arrays(model: Any, crops: list[np.ndarray], batch: int = 512) -> np.ndarray:
-    return np.concatenate([model.predict_with_features(crops[s : s + batch])[1] for s in range(0, len(crops), batch)])
-
-
-def _extra_negative_fields(model_dir: Path, chula_root: Path) -> list[str]:
-    """Chula field stems a model folder was trained on (``config.json``: ``extra_negatives`` with
-    ``extra_negative_fields``; all fields of ``chula_root`` when the list is empty), or []."""
-    cfg_path = model_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    if not cfg.get("extra_negatives"):
-        return []
-    fields = list(cfg.get("extra_negative_fields") or [])
-    return fields or list_point_fields(chula_root)
-
-
 def _quantiles(scores: np.ndarray) -> dict[str, float | None]:
     if not len(scores):
         return {k: None for k in ("q50", "q90", "q95", "q99", "max")}
@@ -468,13 +453,13 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
         raise ValueError(f"only {len(feats)} NIH training cells found under {nih}")
     parts = [feats[y == c] for c in present]
     components = [classes[c] for c in present]
-    extra_fields = _extra_negative_fields(model_dir, data_dir / "chula_rbc")
+    extra_fields = trained_fields(model.config, data_dir / "chula_rbc")
     if extra_fields:
         extra = point_cell_set(data_dir / "chula_rbc", size_px=int(model.config.input_size), class_names=classes,
                                fields=extra_fields)
         say(f"features of {len(extra.images)} extra-negative training cells of {len(set(extra.patients))} Chula fields")
         if len(extra.images):
-            parts.append(_features_of_arrays(model, list(extra.images)))
+            parts.append(model_features(model, list(extra.images), batch_size=512)[1])
             components.append("Uninfected (Chula-RBC-12 training fields)")
     means = np.stack([f.mean(axis=0) for f in parts]).astype(np.float64)
     centred = np.concatenate([f - means[i] for i, f in enumerate(parts)])

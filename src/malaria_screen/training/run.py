@@ -31,8 +31,9 @@ from malaria_screen.data.dataset import CellSet, load_cell_set
 from malaria_screen.data.extra_negatives import point_cell_set
 from malaria_screen.data.patients import read_groups_csv
 from malaria_screen.data.split import SplitIndices, check_leak_free, patient_split, split_manifest
-from malaria_screen.fileio import atomic_write_bytes, atomic_write_json
+from malaria_screen.fileio import atomic_write_json
 from malaria_screen.models.registry import build_model
+from malaria_screen.models.weights import load_weights, save_weights
 from malaria_screen.plotting import save_cell_grid, save_training_curves
 
 __all__ = ["train", "TrainResult", "build_net", "save_weights", "load_weights", "split_from_manifest", "concat_cell_sets"]
@@ -65,28 +66,6 @@ class TrainResult:
     seconds: float
     epochs_run: int
     is_global_zero: bool = True
-
-
-def save_weights(net: torch.nn.Module, path: str | Path) -> Path:
-    """Save a network's ``state_dict`` as safetensors (atomic; tensors made contiguous)."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    return atomic_write_bytes(path, save(state))
-
-
-def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load safetensors weights into ``net`` (strict) and return it in eval mode.
-
-    Raises
-    ------
-    RuntimeError
-        If keys or shapes do not match the architecture.
-    """
-    from safetensors.torch import load_file
-
-    net.load_state_dict(load_file(str(path)), strict=True)
-    return net.eval()
 
 
 def split_from_manifest(manifest: dict, relpaths: list[str]) -> SplitIndices:
@@ -195,7 +174,7 @@ def train(
 
     from lightning.pytorch.utilities import rank_zero_only
 
-    # Lightning, torchvision and matplotlib: only when training (predictors import load_weights)
+    # Lightning, torchvision and matplotlib: only when training
     from malaria_screen.data.datamodule import CellDataModule, channel_stats
     from malaria_screen.training.module import CellClassifier
 
