@@ -11,7 +11,7 @@ default workers, CPU with one).
 
 Usage::
 
-    python benchmarks/bench_smear_workers.py DATA_DIR [--n 24] [--workers N] [--before-src OLD/src]
+    python benchmarks/bench_smear_workers.py DATA_DIR [--n 120] [--workers N] [--before-src OLD/src]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _untimed(x):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir", help="the shared data folder (iml_malaria_dev/ inside)")
-    ap.add_argument("--n", type=int, default=24, help="fields")
+    ap.add_argument("--n", type=int, default=120, help="fields (default: all 120 dev fields; a run of a few fields is dominated by start-up)")
     ap.add_argument("--workers", type=int, default=None, help="default: usable cores")
     ap.add_argument("--before-src", default=None, help="src/ of an older checkout, timed on the same fields")
     ap.add_argument("--notes", default="")

@@ -193,7 +193,8 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
     if hasattr(cv2, "IMWRITE_PNG_FILTER"):
         params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), params)
+    # cvtColor: 0.3 ms against 5 ms for a contiguous copy of the channel-reversed view
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), params)
     if not ok:  # pragma: no cover - cv2 failure
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
@@ -205,7 +206,7 @@ def _thumb_b64(rgb: np.ndarray, max_side: int = 360) -> str:
     h, w = rgb.shape[:2]
     f = min(1.0, max_side / max(h, w))
     small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
 
 
@@ -356,7 +357,8 @@ def run_smear(
     t_start = time.perf_counter()
     finished = False
     rows = _RowSpool(out)  # report rows (with their ~50 KB thumbnails) wait on disk, not in memory
-    results = map_fields(screen_field_file, jobs, model=model, rescorer=rescorer, workers=workers, ray=ray)
+    results = map_fields(screen_field_file, jobs, model=model, rescorer=rescorer, workers=workers, ray=ray,
+                         preload=_FIELD_JOB_IMPORTS)
     try:
         for done in results:
             entry = done["entry"]
@@ -406,6 +408,12 @@ def _remove_unfinished(out: Path, stems: list[str], done_json: set[str], earlier
         for name in (f".{stem[:40]}.json.part", f".{stem[:40]}.png.part", f"{stem}.json", f"{stem}_overlay.png"):
             if name not in earlier:
                 (out / name).unlink(missing_ok=True)
+
+
+# Modules :func:`screen_field_file` imports lazily (segmentation, features, the self-check): the
+# fork server of ``smear --workers`` imports them once, so no worker pays ~1 s on its first field.
+_FIELD_JOB_IMPORTS = ("scipy.ndimage", "scipy.stats", "skimage.segmentation", "skimage.measure", "skimage.morphology",
+                     "skimage.filters", "skimage.feature", "skimage.transform", "skimage.exposure", "skimage.draw")
 
 
 def screen_field_file(job: tuple[Path, str, Path, dict], model: Any, rescorer: Any) -> dict:
