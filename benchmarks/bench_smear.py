@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{ci['parasitemia_r.ci95_hi']:.3f}]; MAE 95% CI [{ci['parasitemia_mae_pp.ci95_lo']:.3f}, "
               f"{ci['parasitemia_mae_pp.ci95_hi']:.3f}] pp (bootstrap over fields)")
     print(f"  detection floor           {m['infected_matched']} of {m['n_gt_infected']} infected boxes matched to a detection; "
-          f"a perfect classifier of the detections: parasitemia MAE {m['parasitemia_mae_pp_perfect_classifier']:.3f} pp")
+          f"a perfect classifier of the detections: sensitivity {m['infected_sensitivity_perfect_classifier']:.3f}, "
+          f"parasitemia MAE {m['parasitemia_mae_pp_perfect_classifier']:.3f} pp, r {m['parasitemia_r_perfect_classifier']:.3f}")
     print(f"  time                      {m['seconds_per_field_mean']:.3f} s/field mean, {m['seconds_per_field_median']:.3f} median "
           f"({args.threads} threads; total {wall:.1f} s incl. decoding)")
 
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = ("n_fields", "n_gt_rbc", "n_pred_rbc", "rbc_precision", "rbc_recall", "rbc_f1", "rbc_precision_border_fp_ignored",
                 "rbc_f1_border_fp_ignored", "n_gt_infected", "n_pred_infected", "infected_sensitivity", "infected_ppv",
                 "parasitemia_mae_pp", "parasitemia_max_abs_err_pp", "infected_matched",
-                "parasitemia_mae_pp_perfect_classifier", "seconds_per_field_mean", "seconds_per_field_median")
+                "parasitemia_mae_pp_perfect_classifier", "infected_sensitivity_perfect_classifier",
+                "parasitemia_r_perfect_classifier", "seconds_per_field_mean", "seconds_per_field_median")
         figures = {f"iml.{k}": m.get(k) for k in keys}
         figures.update({f"iml.{k}": v for k, v in conv.items()})
         figures["iml.baseline_constant_pct"] = BASELINE_PARASITEMIA_PCT

@@ -124,16 +124,18 @@ def main() -> None:
             load.append(os.getloadavg()[0])
             print(f"before ({args.before_src}): {float(out[0]):.3f} s per field, {float(out[3]):.3f} s CPU per field with "
                   f"one worker; {out[1]} RBC, {out[2]} infected")
-    figures["load_avg_max"] = round(max(load), 2)
+    figures["load_avg_start"], figures["load_avg_max"] = round(load[0], 2), round(max(load), 2)
     print(f"stages of one field, 1 worker: {', '.join(f'{k} {v:.3f} s' for k, v in stages.items())}; "
           f"speed-up {figures['speedup']}x; outputs equal: {same}; load average up to {max(load):.1f}")
-    shared = max(load) > 0.5 * workers
+    # the load during the runs counts this benchmark's own workers (about `workers`); before them it is other jobs'
+    shared = load[0] > 0.5
     write_record(args.record, figures, uses_bundled_model=True, notes=(
         f"{len(files)} IML dev fields (every k-th of 120, 1280x960; speed only, no accuracy claimed), bundled model "
         f"(torch), {workers} worker processes (fork server started before timing). Seconds per field are wall time of run_smear (decode, segment, classify, "
         f"JSON, overlay, report); w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
-        f"segment_field alone; stage seconds are per field from the one-worker run. Load average up to {max(load):.1f}: "
-        + ("machine SHARED with other jobs, wall times pessimistic. " if shared else "machine quiet. ") + args.notes))
+        f"segment_field alone; stage seconds are per field from the one-worker run. Load average {load[0]:.1f} before the "
+        f"runs, up to {max(load):.1f} during them (this benchmark's own workers included): "
+        + ("machine SHARED with other jobs, wall times pessimistic. " if shared else "no other jobs. ") + args.notes))
 
 
 if __name__ == "__main__":

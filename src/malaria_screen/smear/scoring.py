@@ -191,7 +191,10 @@ def summarize_iml(matches: list[FieldMatch]) -> dict:
         ``infected_matched`` (infected boxes matched to a detection) and
         ``parasitemia_mae_pp_perfect_classifier``: the per-field parasitemia error if exactly the
         detections matched to infected boxes were called Parasitized: the floor the detection
-        step sets for any classifier.
+        step sets for any classifier; with it ``infected_sensitivity_perfect_classifier`` (the
+        ceiling of the sensitivity, ``infected_matched / n_gt_infected``) and
+        ``parasitemia_r_perfect_classifier`` (that classifier's Pearson r with the annotated
+        per-field parasitemia, NaN when either is constant).
     """
     tp = sum(m.tp for m in matches)
     fp = sum(m.fp for m in matches)
@@ -201,8 +204,10 @@ def summarize_iml(matches: list[FieldMatch]) -> dict:
     f1 = ratio(2 * tp, 2 * tp + fp + fn)
     fpb = fp - sum(m.fp_border for m in matches)
     err = np.asarray([abs(m.parasitemia_pred - m.parasitemia_true) * 100.0 for m in matches])
-    err_ideal = np.asarray([abs((m.inf_matched / m.n_pred if m.n_pred else 0.0) - m.parasitemia_true) * 100.0
-                            for m in matches])
+    ideal = np.asarray([m.inf_matched / m.n_pred if m.n_pred else 0.0 for m in matches])
+    truth = np.asarray([m.parasitemia_true for m in matches])
+    err_ideal = np.abs(ideal - truth) * 100.0
+    r_ideal = float(np.corrcoef(ideal, truth)[0, 1]) if len(matches) > 1 and ideal.std() > 0 and truth.std() > 0 else float("nan")
     secs = np.asarray([m.seconds for m in matches], np.float64)
     secs = secs[np.isfinite(secs)]
     return {
@@ -227,6 +232,8 @@ def summarize_iml(matches: list[FieldMatch]) -> dict:
         "parasitemia_max_abs_err_pp": float(err.max()) if err.size else float("nan"),
         "infected_matched": sum(m.inf_matched for m in matches),
         "parasitemia_mae_pp_perfect_classifier": float(err_ideal.mean()) if err_ideal.size else float("nan"),
+        "infected_sensitivity_perfect_classifier": ratio(sum(m.inf_matched for m in matches), sum(m.inf_gt for m in matches)),
+        "parasitemia_r_perfect_classifier": r_ideal,
         "seconds_per_field_mean": float(secs.mean()) if secs.size else float("nan"),
         "seconds_per_field_median": float(np.median(secs)) if secs.size else float("nan"),
     }
