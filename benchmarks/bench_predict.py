@@ -229,13 +229,14 @@ def main() -> None:
             if cpu is not None:
                 print(f"{name}: predict_files CPU per cell, all processes: {sum(cpu):.3f} ms (here {cpu[0]:.3f}, workers "
                       f"{cpu[1]:.3f}): CPU-bound at {workers * 1e3 / sum(cpu):,.0f} cells/s on {workers} cores")
-    figures["load_avg_max"] = round(max(load), 2)
+    figures["load_avg_start"], figures["load_avg_max"] = round(load[0], 2), round(max(load), 2)
     figures["decoders"] = ", ".join(f"{k}: {v}" for k, v in fast_decoders().items())
-    shared = max(load) > 0.5 * workers
+    shared = load[0] > 0.5  # during the runs the load counts this benchmark's own workers; before them, other jobs'
     notes = (f"{len(webp)} NIH cells (every k-th file of {args.data_dir}; patients seen in training included: "
              f"speed only, labels compared between runs), model {Path(model).name}. Per-stage costs are CPU time in one "
-             f"process; e2e_*cpu* are CPU time of the end-to-end run (this process + decoding workers); cells/s are wall time. Load average seen during the run up to {max(load):.1f} on "
-             f"{workers} cores: " + ("machine SHARED with other jobs, wall-time figures are pessimistic. " if shared else "machine quiet. ")
+             f"process; e2e_*cpu* are CPU time of the end-to-end run (this process + decoding workers); cells/s are wall time. Load average {load[0]:.1f} before the runs, up to {max(load):.1f} "
+             f"during them on {workers} cores (this benchmark's own workers included): "
+             + ("machine SHARED with other jobs, wall-time figures are pessimistic. " if shared else "no other jobs. ")
              + args.notes)
     write_record(args.record, figures, notes=notes, uses_bundled_model=args.model is None)
     print(f"load average up to {max(load):.1f}; record {args.record}")
