@@ -179,8 +179,8 @@ def load_iml_crops(data: Path, crops_dir: str | None, size_px: int):
     from malaria_screen.data.dataset import load_cell_set
 
     if crops_dir is None:
-        from malaria_screen.smear.crops import export_annotation_crops
-        from malaria_screen.smear.evaluate import load_iml_annotations
+        from malaria_screen.smear.crop_export import export_annotation_crops
+        from malaria_screen.smear.labels import load_iml_annotations
 
         crops_dir = tempfile.mkdtemp(prefix="iml_crops_")
         iml = data / "iml_malaria_dev"
