@@ -151,3 +151,23 @@ def test_perfect_classifier_floor_counts_matched_infected_boxes():
     # perfect classifier: 1 of 3 detections vs 2 of 4 annotated cells
     assert s["parasitemia_mae_pp_perfect_classifier"] == pytest.approx(abs(1 / 3 - 2 / 4) * 100)
     assert s["parasitemia_mae_pp"] == pytest.approx(50.0)  # what the all-Uninfected classifier got
+    assert s["infected_sensitivity_perfect_classifier"] == pytest.approx(1 / 2)
+    assert np.isnan(s["parasitemia_r_perfect_classifier"])  # one field: no correlation
+
+
+def test_perfect_classifier_r_over_fields():
+    """The ceiling's r correlates the detected share of infected cells with the annotated share, per field."""
+    from malaria_screen.smear.labels import GroundTruthBox
+    from malaria_screen.smear.scoring import evaluate_iml_field, summarize_iml
+
+    def field(name, infected, missed):
+        gt = [GroundTruthBox((100.0 * i, 0.0, 50.0, 50.0), "ring" if i < infected else "red blood cell") for i in range(4)]
+        pred = np.array([[100.0 * i, 0.0, 50.0, 50.0] for i in range(4) if i not in missed])
+        return evaluate_iml_field(name, pred, np.zeros(len(pred), bool), gt)
+
+    s = summarize_iml([field("a", 0, ()), field("b", 1, ()), field("c", 2, (1,)), field("d", 3, ())])
+    ideal = np.array([0 / 4, 1 / 4, 1 / 3, 3 / 4])  # detected infected over detections; field c missed one
+    truth = np.array([0, 1, 2, 3]) / 4
+    assert s["infected_sensitivity_perfect_classifier"] == pytest.approx(5 / 6)
+    assert s["parasitemia_r_perfect_classifier"] == pytest.approx(np.corrcoef(ideal, truth)[0, 1])
+    assert s["parasitemia_mae_pp_perfect_classifier"] == pytest.approx(np.abs(ideal - truth).mean() * 100)
