@@ -315,3 +315,27 @@ def test_bad_out_annotations_and_field_dir_are_usage_errors(case, tmp_path, iml_
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert "Invalid value" in text and param in text and msg in text, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_smear_target_prior_moves_the_prior_methods_threshold(tmp_path):
+    """``--target-prior`` reaches the estimator: a higher prior lowers the prior method's threshold
+    on the posterior and calls at least as many cells Parasitized on the bundled demo field
+    (bundled model), and summary.json names the prior; out-of-range values are refused."""
+    from pathlib import Path
+
+    import malaria_screen
+
+    field = next((Path(malaria_screen.__file__).parent / "assets" / "demo_field").glob("*.jpg"))
+    out = {}
+    for prior in ("0.02", "0.2"):
+        r = CliRunner().invoke(_app(), ["smear", str(field), "--out", str(tmp_path / prior), "--target-prior", prior,
+                                        "--workers", "1", "--no-overlays"])
+        assert r.exit_code == 0, r.output
+        out[prior] = json.loads((tmp_path / prior / "summary.json").read_text())
+    q_low, q_high = out["0.02"]["settings"]["quantifier"], out["0.2"]["settings"]["quantifier"]
+    assert (q_low["method"], q_low["target_prior"], q_high["target_prior"]) == ("prior", 0.02, 0.2)
+    assert q_high["threshold_"] < q_low["threshold_"]
+    assert out["0.2"]["n_infected"] >= out["0.02"]["n_infected"]
+    r = CliRunner().invoke(_app(), ["smear", str(field), "--out", str(tmp_path / "bad"), "--target-prior", "0"])
+    assert r.exit_code == 2 and "--target-prior" in r.output
+    assert not (tmp_path / "bad" / "summary.json").exists()

@@ -17,6 +17,7 @@ import typer
 from malaria_screen.cli.core import RAY_HELP, check_out_dir, connect_ray
 from malaria_screen.errors import error_text
 from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
+from malaria_screen.evaluation.quantify import DEFAULT_TARGET_PRIOR
 from malaria_screen.inference import load_model
 from malaria_screen.smear.labels import load_iml_annotations
 from malaria_screen.smear.segment import SegmentConfig
@@ -161,6 +162,10 @@ def smear(
         None, "--parasitemia-method", help="Estimator of each field's and the slide's parasitemia: prior | em | acc | pacc | "
         "pcc | cc. Default: prior (posteriors corrected to a 2% prior; with --rescorer, its threshold). "
         "See docs/quantification.md."),
+    target_prior: float = typer.Option(
+        DEFAULT_TARGET_PRIOR, "--target-prior", min=1e-4, max=0.5, help="The prior method's expected share of infected "
+        "cells (0-1). Higher calls more cells Parasitized: more infected cells found, more false calls on a negative "
+        "slide (docs/quantification.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print the final summary line and its warnings."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write <stem>_overlay.png (about a fifth of a "
                                   "field's CPU time); the report keeps its thumbnails either way."),
@@ -227,6 +232,7 @@ def smear(
             domain_reference=load_reference(predictor) if predictor is not None else None,
             include_out_of_domain=include_out_of_domain,
             parasitemia_method=parasitemia_method,
+            target_prior=target_prior,
         )
     except KeyboardInterrupt:
         typer.echo(f"interrupted after {len(done)} field(s): {Path(out) / 'summary.json'} and report.html cover them",

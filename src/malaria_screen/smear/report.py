@@ -31,6 +31,7 @@ from malaria_screen.fileio import atomic_write, atomic_write_bytes, atomic_write
 from malaria_screen.smear.fields import decode_field
 from malaria_screen.smear.gallery import gallery_cells, gallery_html, select_gallery
 from malaria_screen.smear.parallel import map_fields
+from malaria_screen.evaluation.quantify import DEFAULT_TARGET_PRIOR
 from malaria_screen.smear.parasitemia import estimate_parasitemia, field_quantifier
 from malaria_screen.smear.screen import FieldResult, screen_field
 from malaria_screen.smear.segment import SegmentConfig
@@ -268,6 +269,7 @@ def run_smear(
     domain_reference: Any | None = None,
     include_out_of_domain: bool = False,
     parasitemia_method: str | None = None,
+    target_prior: float = DEFAULT_TARGET_PRIOR,
 ) -> dict:
     """Screen the fields of one slide and write all outputs to ``out_dir``.
 
@@ -311,6 +313,11 @@ def run_smear(
         Fields that are not blood smears are per-field errors either way.
     include_out_of_domain : bool
         Count fields outside the model's domain in the slide totals.
+    parasitemia_method : str, optional
+        See above.
+    target_prior : float, default=0.02
+        The prior (expected share of infected cells, 0..1) of the ``"prior"`` method; a higher
+        one calls more cells Parasitized (``docs/quantification.md``: what 10 % changes).
 
     Returns
     -------
@@ -327,7 +334,8 @@ def run_smear(
     Raises
     ------
     ValueError
-        If ``stain`` or ``ci_method`` is unknown (checked before any field is read).
+        If ``stain`` or ``ci_method`` is unknown or ``target_prior`` is not in (0, 1) (checked
+        before any field is read).
     KeyboardInterrupt, SystemExit
         Passed on (not recorded as a field error), after ``summary.json`` and ``report.html``
         have been written for the fields done so far (``"interrupted": true``).
@@ -336,7 +344,9 @@ def run_smear(
     check_stain_method(stain)
     if ci_method not in ("wilson", "exact"):
         raise ValueError(f"ci_method must be 'wilson' or 'exact', got {ci_method!r}")
-    quantifier = field_quantifier(model, rescorer=rescorer, method=parasitemia_method)
+    if not 0.0 < target_prior < 1.0:
+        raise ValueError(f"target_prior must be in (0, 1), got {target_prior}")
+    quantifier = field_quantifier(model, rescorer=rescorer, method=parasitemia_method, target_prior=target_prior)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, notes = _expand_inputs(inputs, out)
