@@ -3,7 +3,8 @@
 Screens the same IML fields (every k-th of ``iml_malaria_dev/images``) with the bundled model:
 one worker, ``--workers`` workers, and ``--workers`` workers without overlay PNGs; checks that
 the outputs equal the one-worker run's (timings aside); prints seconds per field (wall), the
-process CPU seconds per field of the one-worker run (steady on a shared machine), the CPU seconds
+process CPU seconds per field of the one-worker run (steady on a shared machine), the whole
+``malaria-screen smear`` command's wall time per field (start-up included, as issue 24 timed it), the CPU seconds
 of ``segment_field`` alone, and the per-stage seconds of a field (segmentation, crops,
 classification, wall, from the per-field JSON); optionally runs the same fields through an older
 checkout's ``run_smear`` with this checkout's bundled model (``--before-src``: wall with its
@@ -104,6 +105,16 @@ def main() -> None:
             load.append(os.getloadavg()[0])
             runs[name] = s
             print(f"{name}: {figures[f'{name}.s_per_field']:.3f} s per field (wall)")
+        # the whole command, as a user runs it (issue 24 timed it so): interpreter start, imports, model load, fork
+        # server and workers started inside the timing
+        exe = Path(sys.executable).with_name("malaria-screen")
+        cmd = [str(exe) if exe.is_file() else sys.executable, *([] if exe.is_file() else ["-m", "malaria_screen.cli"]),
+               "smear", *files, "--out", str(Path(tmp) / "cli"), "--workers", str(workers), "--quiet"]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
+        figures[f"cli_w{workers}.s_per_field"] = round((time.perf_counter() - t) / len(files), 4)
+        load.append(os.getloadavg()[0])
+        print(f"malaria-screen smear, whole command, {workers} workers: {figures[f'cli_w{workers}.s_per_field']:.3f} s per field (wall)")
         ref = _untimed(runs["w1"])
         same = _untimed(runs[f"w{workers}"]) == ref
         figures["same_outputs"] = int(same)
@@ -132,7 +143,8 @@ def main() -> None:
     write_record(args.record, figures, uses_bundled_model=True, notes=(
         f"{len(files)} IML dev fields (every k-th of 120, 1280x960; speed only, no accuracy claimed), bundled model "
         f"(torch), {workers} worker processes (fork server started before timing). Seconds per field are wall time of run_smear (decode, segment, classify, "
-        f"JSON, overlay, report); w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
+        f"JSON, overlay, report); cli_w{workers}.s_per_field is the whole `malaria-screen smear` command's wall time (interpreter "
+        f"start, imports, model load and workers' start included) over the same fields; w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
         f"segment_field alone; stage seconds are per field from the one-worker run. Load average {load[0]:.1f} before the "
         f"runs, up to {max(load):.1f} during them (this benchmark's own workers included): "
         + ("machine SHARED with other jobs, wall times pessimistic. " if shared else "no other jobs. ") + args.notes))

@@ -16,8 +16,8 @@ import typer
 
 from malaria_screen.cli.core import RAY_HELP, check_out_dir, connect_ray
 from malaria_screen.errors import error_text
-from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 from malaria_screen.evaluation.quantify import DEFAULT_TARGET_PRIOR
+from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
 from malaria_screen.inference import load_model
 from malaria_screen.smear.labels import load_iml_annotations
 from malaria_screen.smear.segment import SegmentConfig

@@ -27,11 +27,11 @@ import numpy as np
 
 from malaria_screen.data.io import is_image_entry
 from malaria_screen.errors import error_text
+from malaria_screen.evaluation.quantify import DEFAULT_TARGET_PRIOR
 from malaria_screen.fileio import atomic_write, atomic_write_bytes, atomic_write_json
 from malaria_screen.smear.fields import decode_field
 from malaria_screen.smear.gallery import gallery_cells, gallery_html, select_gallery
 from malaria_screen.smear.parallel import map_fields
-from malaria_screen.evaluation.quantify import DEFAULT_TARGET_PRIOR
 from malaria_screen.smear.parasitemia import estimate_parasitemia, field_quantifier
 from malaria_screen.smear.screen import FieldResult, screen_field
 from malaria_screen.smear.segment import SegmentConfig
@@ -314,7 +314,8 @@ def run_smear(
     include_out_of_domain : bool
         Count fields outside the model's domain in the slide totals.
     parasitemia_method : str, optional
-        See above.
+        A key of :data:`~malaria_screen.smear.parasitemia.FIELD_METHODS`; default: the model's own
+        (a site model's ``"cc"``) or ``"prior"``.
     target_prior : float, default=0.02
         The prior (expected share of infected cells, 0..1) of the ``"prior"`` method; a higher
         one calls more cells Parasitized (``docs/quantification.md``: what 10 % changes).
