@@ -186,10 +186,13 @@ def smear(
     """
     from malaria_screen.data.parallel import default_workers
     from malaria_screen.smear.domain import load_reference
-    from malaria_screen.smear.report import run_smear
+    from malaria_screen.smear.report import prestart_workers, run_smear
 
     check_out_dir(out)
     _check_parasitemia_method(parasitemia_method)
+    workers = workers or default_workers()
+    if not ray:
+        prestart_workers(workers)  # the workers' imports overlap the model's loading
     predictor = _load_model(model, no_classify)
     second = load_rescorer(rescorer, predictor)
     if ray:
@@ -227,7 +230,7 @@ def smear(
             progress=progress,
             rescorer=second,
             overlays=overlays,
-            workers=workers or default_workers(),
+            workers=workers,
             ray=ray,
             domain_reference=load_reference(predictor) if predictor is not None else None,
             include_out_of_domain=include_out_of_domain,

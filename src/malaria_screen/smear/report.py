@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from malaria_screen.data.io import is_image_entry
+from malaria_screen.data.parallel import start_fork_server
 from malaria_screen.errors import error_text
 from malaria_screen.evaluation.quantify import DEFAULT_TARGET_PRIOR
 from malaria_screen.fileio import atomic_write, atomic_write_bytes, atomic_write_json
@@ -40,7 +41,7 @@ from malaria_screen.smear.stain import check_stain_method
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HIGH_PARASITEMIA", "collect_fields", "overlay_image", "render_report", "render_report_row",
+__all__ = ["HIGH_PARASITEMIA", "collect_fields", "overlay_image", "prestart_workers", "render_report", "render_report_row",
            "run_smear", "screen_field_file", "slide_warnings", "write_field_outputs"]
 
 
@@ -425,6 +426,15 @@ def _remove_unfinished(out: Path, stems: list[str], done_json: set[str], earlier
 # fork server of ``smear --workers`` imports them once, so no worker pays ~1 s on its first field.
 _FIELD_JOB_IMPORTS = ("scipy.ndimage", "scipy.stats", "skimage.segmentation", "skimage.measure", "skimage.morphology",
                      "skimage.filters", "skimage.feature", "skimage.transform", "skimage.exposure", "skimage.draw")
+
+
+def prestart_workers(workers: int) -> None:
+    """Start the worker processes' fork server of a ``run_smear(..., workers=workers)`` to come,
+    importing what a field job needs (the torch cell model's module included), so that these
+    imports overlap the caller's own start-up. Call it before loading the model; a no-op for one
+    worker. Saves about 2 s of wall time per ``smear`` command on 2 cores."""
+    if workers > 1:
+        start_fork_server([*_FIELD_JOB_IMPORTS, __name__, "malaria_screen.inference.predictor"])
 
 
 def screen_field_file(job: tuple[Path, str, Path, dict], model: Any, rescorer: Any) -> dict:
