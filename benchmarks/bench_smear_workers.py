@@ -85,19 +85,22 @@ def main() -> None:
     workers = args.workers or default_workers()
     imgs = sorted((Path(args.data_dir) / "iml_malaria_dev" / "images").iterdir())
     files = [str(p) for p in imgs[:: max(1, len(imgs) // args.n)][: args.n]]
+    from malaria_screen.smear.domain import load_reference
+
     model = malaria_screen.load_model()
+    domain_ref = load_reference(model)  # the self-check, as `smear` runs it by default
     figures: dict[str, float | int | str] = {"n_fields": len(files), "workers": workers}
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench_smear_") as tmp:
-        run_smear(files[:1], Path(tmp) / "warm", model, workers=1)
+        run_smear(files[:1], Path(tmp) / "warm", model, workers=1, domain_reference=domain_ref)
         # start the fork server (it imports torch once, seconds of CPU, paid once per smear command) before timing,
         # as bench_predict does: the timed runs measure the steady state of a long run
-        run_smear(files[:2], Path(tmp) / "warm_pool", model, workers=workers)
+        run_smear(files[:2], Path(tmp) / "warm_pool", model, workers=workers, domain_reference=domain_ref)
         runs = {}
         for name, kw in (("w1", {"workers": 1}), (f"w{workers}", {"workers": workers}),
                          (f"w{workers}_no_overlays", {"workers": workers, "overlays": False})):
             t, c = time.perf_counter(), time.process_time()
-            s = run_smear(files, Path(tmp) / name, model, **kw)
+            s = run_smear(files, Path(tmp) / name, model, domain_reference=domain_ref, **kw)
             figures[f"{name}.s_per_field"] = round((time.perf_counter() - t) / len(files), 4)
             if name == "w1":  # one worker runs here: its process CPU time is the whole job's
                 figures["w1.cpu_s_per_field"] = round((time.process_time() - c) / len(files), 4)
@@ -142,7 +145,7 @@ def main() -> None:
     shared = load[0] > 0.5
     write_record(args.record, figures, uses_bundled_model=True, notes=(
         f"{len(files)} IML dev fields (every k-th of 120, 1280x960; speed only, no accuracy claimed), bundled model "
-        f"(torch), {workers} worker processes (fork server started before timing). Seconds per field are wall time of run_smear (decode, segment, classify, "
+        f"(torch), the self-check on (as smear runs by default), {workers} worker processes (fork server started before timing). Seconds per field are wall time of run_smear (decode, segment, classify, "
         f"JSON, overlay, report); cli_w{workers}.s_per_field is the whole `malaria-screen smear` command's wall time (interpreter "
         f"start, imports, model load and workers' start included) over the same fields; w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
         f"segment_field alone; stage seconds are per field from the one-worker run. Load average {load[0]:.1f} before the "
