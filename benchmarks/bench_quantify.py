@@ -135,21 +135,6 @@ def _field_truth(np, cells: dict, ann: dict, names: list[str]):
     return out
 
 
-def _apply(np, method, names, cells, ann, truth) -> dict:
-    """Per-field and per-cell results of one estimator on ``names``."""
-    from malaria_screen.smear.scoring import evaluate_iml_field
-
-    est, tru, tp, called, gt = [], [], 0, 0, 0
-    for n in names:
-        f = cells[n]
-        est.append(method.predict(f["p"]) if len(f["p"]) else 0.0)
-        inf_gt, n_gt = truth[n]
-        tru.append(inf_gt / n_gt if n_gt else 0.0)
-        m = evaluate_iml_field(n, f["boxes"], method.labels(f["p"]), ann[n])
-        tp, called, gt = tp + m.inf_tp, called + m.inf_pred, gt + m.inf_gt
-    return {"est": np.asarray(est), "true": np.asarray(tru), "tp": tp, "called": called, "gt": gt}
-
-
 def _summary(np, res: dict, prefix: str, slides: list[list[int]], cells, names, method_for_slide) -> dict:
     from malaria_screen.evaluation.bootstrap import cluster_bootstrap_weights
 
@@ -208,16 +193,7 @@ def run_iml(args, np, q, nih: dict, iml: dict, ann: dict, threshold: float) -> d
     # the best constant in hindsight (the median of all fields' truth; chosen on the fields it scores)
     fig["const_median_insample.field.mae_pp"] = float(np.abs(tru_all - np.median(tru_all)).mean())
 
-    # (a) NIH-set parameters, all fields
-    for name, m in fixed.items():
-        res = _apply(np, m, names, cells, ann, truth)
-        res["_truth"] = truth
-        fig |= _summary(np, res, f"fixed.{name}.", slides, cells, names, lambda s, m=m: m)
-        print(f"  {name:6s} (NIH parameters): field MAE {fig[f'fixed.{name}.field.mae_pp']:.2f} pp, "
-              f"r {fig[f'fixed.{name}.field.pearson_r']:.2f}, sens {fig[f'fixed.{name}.infected_sensitivity']:.3f}, "
-              f"PPV {fig[f'fixed.{name}.infected_ppv']:.3f}; slide MAE {fig[f'fixed.{name}.slide.mae_pp']:.2f}", flush=True)
-
-    # (b) blocked folds: method and parameter chosen on the training blocks
+    # every candidate (the NIH-set methods and the grids) scored on every field once
     candidates = dict(fixed)
     candidates |= {f"cc@{t}": q.ClassifyAndCount(t) for t in CC_THRESHOLDS}
     candidates |= {f"prior@{p}": q.PriorCorrected(p, train_prior, threshold) for p in PRIORS}
@@ -232,6 +208,16 @@ def run_iml(args, np, q, nih: dict, iml: dict, ann: dict, threshold: float) -> d
         counts[key] = np.asarray(rows, np.int64).reshape(-1, 3)
     tru = tru_all / 100
 
+    # (a) NIH-set parameters, all fields
+    for name, m in fixed.items():
+        t, c, g = counts[name].sum(axis=0)
+        res = {"est": field_est_cache[name], "true": tru, "tp": int(t), "called": int(c), "gt": int(g), "_truth": truth}
+        fig |= _summary(np, res, f"fixed.{name}.", slides, cells, names, lambda s, m=m: m)
+        print(f"  {name:6s} (NIH parameters): field MAE {fig[f'fixed.{name}.field.mae_pp']:.2f} pp, "
+              f"r {fig[f'fixed.{name}.field.pearson_r']:.2f}, sens {fig[f'fixed.{name}.infected_sensitivity']:.3f}, "
+              f"PPV {fig[f'fixed.{name}.infected_ppv']:.3f}; slide MAE {fig[f'fixed.{name}.slide.mae_pp']:.2f}", flush=True)
+
+    # (b) blocked folds: method and parameter chosen on the training blocks
     def by_mae(train):
         return min(candidates, key=lambda c: np.abs(field_est_cache[c][train] - tru[train]).mean())
 

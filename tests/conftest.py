@@ -221,7 +221,7 @@ def random_run(tmp_path_factory, nih_dir) -> Path:
     from malaria_screen.config import TrainConfig
     from malaria_screen.data.patients import patient_ids_from_names
     from malaria_screen.models import build_model
-    from malaria_screen.training.run import save_weights
+    from malaria_screen.models.weights import save_weights
 
     d = tmp_path_factory.mktemp("random_run")
     cfg = TrainConfig(model="cellnet", input_size=64, mean=(0.475, 0.383, 0.407), std=(0.352, 0.284, 0.301))

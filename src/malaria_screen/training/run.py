@@ -36,7 +36,7 @@ from malaria_screen.models.registry import build_model
 from malaria_screen.models.weights import load_weights, save_weights
 from malaria_screen.plotting import save_cell_grid, save_training_curves
 
-__all__ = ["train", "TrainResult", "build_net", "save_weights", "load_weights", "split_from_manifest", "concat_cell_sets"]
+__all__ = ["train", "TrainResult", "build_net", "split_from_manifest", "concat_cell_sets"]
 
 log = logging.getLogger(__name__)
 
