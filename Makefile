@@ -52,7 +52,7 @@ bench-data: $(STAMP)
 # Times the bundled recipe (train-default's arguments); record bench_train.
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py $(MALARIA_SCREEN_DATA)/nih_cell_images --record bench_train -- \
-	  --test-patients src/malaria_screen/assets/samples --color-augment hed --hed-sigma 0.2 \
+	  --test-patients src/malaria_screen/assets/samples --color-augment hed --hed-sigma 0.3 \
 	  --extra-negatives $(MALARIA_SCREEN_DATA)/chula_rbc --extra-negative-fields $(CHULA_TRAIN_FIELDS)
 
 bench-predict: $(STAMP)
@@ -105,7 +105,7 @@ export-default: $(STAMP)
 CHULA_TRAIN_FIELDS := 2,3,4,6,7,8,9,11,12,13,14,16,17,19,21,22,23,24,26,27,28,29,31,32,33,34,36,37,38,39,41,42,43,44,46,48,49,51,52,53,54,56,57
 train-default: $(STAMP)
 	$(BIN)/malaria-screen train $(MALARIA_SCREEN_DATA)/nih_cell_images --model cellnet --out runs/default \
-	  --test-patients src/malaria_screen/assets/samples --color-augment hed --hed-sigma 0.2 \
+	  --test-patients src/malaria_screen/assets/samples --color-augment hed --hed-sigma 0.3 \
 	  --extra-negatives $(MALARIA_SCREEN_DATA)/chula_rbc --extra-negative-fields $(CHULA_TRAIN_FIELDS)
 	$(BIN)/malaria-screen domain-fit --model runs/default --data $(MALARIA_SCREEN_DATA)
 

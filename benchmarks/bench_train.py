@@ -3,7 +3,7 @@
 Usage: python benchmarks/bench_train.py DATA_DIR [--epochs 20] [--out DIR] [--record NAME] [-- TRAIN_ARGS...]
 Prints the Trainer.fit wall time, the time per epoch and the test-patient metrics; ``--record``
 also writes ``benchmarks/results/NAME.json``. Arguments after ``--`` go to ``malaria-screen train``
-(e.g. the bundled recipe's ``--color-augment hed --hed-sigma 0.2``).
+(e.g. the bundled recipe's ``--color-augment hed --hed-sigma 0.3``).
 """
 
 from __future__ import annotations
