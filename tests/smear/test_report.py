@@ -117,10 +117,12 @@ def test_bundled_demo_field_screens():
 def test_domain_shift_warning_on_iml_fields_with_nih_model(tmp_path, iml_dir):
     """Counting at its own threshold, the default model still calls far too many cells on some
     fields of the IML microscope (these five contiguous frames: the most over-called of the 120 dev
-    fields by the bundled model, bench_quantify's cache): the slide is flagged. The default estimator
-    (posteriors corrected to a 2 % prior) reports a parasitemia of a few per cent at most there,
-    with the method named."""
+    fields by an earlier bundled model, bench_quantify's cache; still over-called by the present
+    one): the slide is flagged. The default estimator (posteriors corrected to a 2 % prior)
+    reports a parasitemia of a few per cent at most there, with the method named, and calls about
+    as many cells as the annotators boxed as infected."""
     from malaria_screen.inference import load_model
+    from malaria_screen.smear.labels import load_iml_annotations
 
     names = ["PA172016.JPG", "PA172017.JPG", "PA172018.JPG", "PA172019.JPG", "PA172023.JPG"]
     for n in names:
@@ -133,7 +135,10 @@ def test_domain_shift_warning_on_iml_fields_with_nih_model(tmp_path, iml_dir):
     assert "Warning:" in (out / "report.html").read_text()
     s2 = run_smear([tmp_path / n for n in names], tmp_path / "out2", model)
     assert s2["parasitemia_method"] == "prior" and s2["settings"]["quantifier"]["target_prior"] == 0.02
-    assert s2["n_rbc"] == s["n_rbc"] and s2["n_infected"] < s["n_infected"] / 10
+    boxes = load_iml_annotations(iml_dir / "annotations.json")
+    n_true = sum(b.infected for n in names for b in boxes[n])  # 8 parasite boxes in these frames
+    assert s["n_infected"] > 5 * n_true
+    assert s2["n_rbc"] == s["n_rbc"] and n_true / 2 <= s2["n_infected"] <= 2 * n_true
     assert s2["parasitemia"] < 0.05 and not s2["warnings"]
     lo, hi = s2["parasitemia_ci95"]
     assert lo <= s2["parasitemia"] <= hi and f"over groups ({len(names)})" in s2["ci_method"]

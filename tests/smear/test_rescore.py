@@ -235,10 +235,11 @@ def test_cli_fits_a_rescorer_and_smear_uses_it(iml, iml_dir, tmp_path):
     got = np.asarray([c["p_parasitized"] for c in doc["cells"]])
     np.testing.assert_allclose(got, expect, atol=1e-6)
     assert [c["label"] == "Parasitized" for c in doc["cells"]] == list(expect >= r.threshold)
-    # threshold at the median: half the cells called (57 of 113 here), border-cut cells counted
-    # (smear's default --count-border)
+    # threshold at the median: about half the cells called (ties at the median are called too;
+    # 58 of 113 here), border-cut cells counted (smear's default --count-border)
     k = sum(c["label"] == "Parasitized" for c in doc["cells"])
-    assert len(cells) // 3 <= doc["n_infected"] == k <= (len(cells) + 1) // 2
+    assert doc["n_infected"] == k == int((expect >= np.median(expect)).sum())
+    assert len(cells) // 3 <= k <= 2 * len(cells) // 3
     settings = json.loads((tmp_path / "o" / "summary.json").read_text())["settings"]
     assert settings["threshold"] == r.threshold and settings["rescorer"]["n_fields"] == 24
     res = runner.invoke(app, ["smear", str(iml_dir / "images" / field), "--rescorer", str(tmp_path), "--out", str(tmp_path / "o2")])
