@@ -24,7 +24,7 @@ def test_write_record_stores_provenance_and_clean_figures(tmp_path):
     assert path == tmp_path / "bench_x.json"
     assert rec["figures"] == {"a.acc": 0.5, "n": 3, "nan": None, "s": "txt"}
     assert rec["command"] == ["python", "bench_x.py"] and rec["notes"] == "split: test"
-    assert rec["machine"]["cores"] >= 1 and rec["machine"]["cpu"]
+    assert rec["machine"]["cores"] >= 1 and rec["machine"]["cpu"] and rec["machine"]["cpu_probe_ms"] > 0
     assert rec["versions"]["python"] and rec["date"] and rec["commit"]
     assert rec["bundled_model_sha256"] is None
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
