@@ -37,6 +37,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -79,8 +80,6 @@ def cpu_probe_ms(repeats: int = 5) -> float:
     496 s on the next); this figure, stored with every record, tells two records' machines apart.
     Lower is faster. It is measured when the record is written, so a busy machine reads slower.
     """
-    import time
-
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
