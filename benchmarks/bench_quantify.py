@@ -137,6 +137,7 @@ def _field_truth(np, cells: dict, ann: dict, names: list[str]):
 
 def _summary(np, res: dict, prefix: str, slides: list[list[int]], cells, names, method_for_slide) -> dict:
     from malaria_screen.evaluation.bootstrap import cluster_bootstrap_weights
+    from malaria_screen.smear.parasitemia import estimate_parasitemia
 
     est, tru = 100 * res["est"], 100 * res["true"]
     # 95 % CI of the per-field MAE: cluster bootstrap over the slides (neighbouring frames are not independent)
@@ -159,7 +160,7 @@ def _summary(np, res: dict, prefix: str, slides: list[list[int]], cells, names, 
             m = method_for_slide(s)
             p = np.concatenate([cells[names[i]]["p"] for i in s])
             g = np.concatenate([np.full(len(cells[names[i]]["p"]), i) for i in s])
-            e = m.estimate(p, groups=g, n_boot=200, seed=0)
+            e = estimate_parasitemia(m, p, groups=g, n_boot=200, seed=0)  # the slide interval as smear computes it
             inf = sum(res["_truth"][names[i]][0] for i in s)
             ngt = sum(res["_truth"][names[i]][1] for i in s)
             se.append(100 * e.prevalence)

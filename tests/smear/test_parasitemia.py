@@ -56,11 +56,32 @@ def test_field_interval_is_binomial_and_slide_interval_is_over_fields():
     assert e.prevalence == 0.0 and e.ci95[0] == 0.0 and 0.0 < e.ci95[1] < 0.05  # Wilson: informative at k = 0
     assert e.ci_method == "wilson binomial interval"
     # a slide of 6 fields of 100 cells, all infected cells in one field: the fields disagree more
-    # than binomial sampling says, and the cluster bootstrap over fields shows it
+    # than binomial sampling says, and the slide's interval (effective sample size) shows it
     p = np.concatenate([np.r_[np.full(k, 0.9), np.full(100 - k, 0.1)] for k in (0, 0, 0, 0, 0, 15)])
     g = np.repeat(np.arange(6), 100)
-    s = estimate_parasitemia(q, p, groups=g, n_boot=500)
-    assert s.prevalence == pytest.approx(15 / 600) and "groups (6)" in s.ci_method
+    s = estimate_parasitemia(q, p, groups=g)
+    assert s.prevalence == pytest.approx(15 / 600) and "over 6 fields" in s.ci_method
     pooled = estimate_parasitemia(q, p)
-    assert s.ci95[1] - s.ci95[0] > pooled.ci95[1] - pooled.ci95[0]
+    assert s.ci95[1] - s.ci95[0] > 2 * (pooled.ci95[1] - pooled.ci95[0])
+    # two fields with the same count: the pooled binomial interval, not the zero-width interval of a
+    # cluster bootstrap over two fields
+    p2 = np.concatenate([np.r_[np.full(4, 0.9), np.full(156, 0.1)]] * 2)
+    two = estimate_parasitemia(q, p2, groups=np.repeat([0, 1], 160))
+    assert two.ci95 == pytest.approx(estimate_parasitemia(q, p2).ci95) and two.ci95[1] - two.ci95[0] > 0.02
     assert estimate_parasitemia(q, np.zeros(0)).prevalence is None
+
+
+def test_a_bootstrap_methods_slide_interval_is_never_narrower_than_its_called_cells_clustered_interval():
+    """EM's cluster bootstrap over two agreeing fields collapses; the slide interval then falls back
+    to the effective-sample-size interval of the cells EM calls."""
+    from malaria_screen.evaluation.proportion import clustered_proportion_ci
+    from malaria_screen.evaluation.quantify import EMQ
+
+    q = EMQ().fit(None, np.r_[np.ones(46), np.zeros(54)])
+    field = np.r_[np.full(5, 0.97), np.full(195, 0.02)]
+    p, g = np.r_[field, field], np.repeat([0, 1], 200)
+    s = estimate_parasitemia(q, p, groups=g, n_boot=200)
+    called = q.labels(p)
+    cp = clustered_proportion_ci([called[:200].sum(), called[200:].sum()], [200, 200])
+    assert s.ci95[0] <= cp.ci95[0] and s.ci95[1] >= cp.ci95[1] and cp.ci95[1] > cp.ci95[0]
+    assert "the wider of" in s.ci_method

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from smear_synth import FakeModel, synthetic_field
+from malaria_screen.smear.parasitemia import binomial_ci
 from malaria_screen.smear.report import run_smear
 
 FIELD_KEYS = {"image", "width", "height", "n_rbc", "n_infected", "parasitemia", "parasitemia_ci95", "cells"}
@@ -141,7 +142,9 @@ def test_domain_shift_warning_on_iml_fields_with_nih_model(tmp_path, iml_dir):
     assert s2["n_rbc"] == s["n_rbc"] and n_true / 2 <= s2["n_infected"] <= 2 * n_true
     assert s2["parasitemia"] < 0.05 and not s2["warnings"]
     lo, hi = s2["parasitemia_ci95"]
-    assert lo <= s2["parasitemia"] <= hi and f"over groups ({len(names)})" in s2["ci_method"]
+    assert lo <= s2["parasitemia"] <= hi and f"over {len(names)} fields" in s2["ci_method"]
+    pooled = binomial_ci(s2["n_infected"], s2["n_rbc"])  # clustering by field never narrows the interval
+    assert lo <= pooled[0] + 1e-12 and hi >= pooled[1] - 1e-12
     assert all(f["parasitemia_method"] == "prior" for f in s2["fields"])
 
 

@@ -1,4 +1,4 @@
-"""The slide table: ratio estimate per slide, cluster bootstrap over fields, and `smear-slides`."""
+"""The slide table: ratio estimate per slide, an interval at the fields' effective sample size, and `smear-slides`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ def test_slide_row_pools_fields_and_its_interval_widens_when_fields_disagree():
     mixed = [{"n_rbc": 200, "n_infected": k, "parasitemia": k / 200} for k in (0, 0, 0, 0, 4, 20)]
     a, b = slide_row("a", same), slide_row("b", mixed)
     assert a["parasitemia"] == pytest.approx(0.02) and b["parasitemia"] == pytest.approx(24 / 1200)
-    assert a["ci95_low"] == a["ci95_high"] == pytest.approx(0.02)  # identical fields: no between-field spread
     lo, hi = binomial_ci(24, 1200)
+    # identical fields: the pooled cells' binomial interval (a cluster bootstrap over fields gave it zero width)
+    assert (a["ci95_low"], a["ci95_high"]) == pytest.approx((lo, hi)) and a["n_effective"] == 1200
     assert b["ci95_low"] < lo and b["ci95_high"] > hi  # clustered: wider than the pooled binomial interval
-    assert b == slide_row("b", mixed)  # seeded
+    assert b["n_effective"] < 1200 / 2 and "design effect" in b["ci_method"]
+    one = slide_row("c", same[:1])  # one field: its own binomial interval, not a point
+    assert (one["ci95_low"], one["ci95_high"]) == pytest.approx(binomial_ci(4, 200))
 
 
 def test_slide_row_uses_each_fields_own_estimate():
@@ -43,7 +46,7 @@ def test_smear_slides_writes_one_folder_and_one_row_per_slide(data_dir, tmp_path
         for f in fields[2 * i : 2 * i + 2]:
             (tmp_path / name / f.name).symlink_to(f)
     r = CliRunner().invoke(app, ["smear-slides", str(tmp_path / "slideA"), str(tmp_path / "slideB"), "--out",
-                                 str(tmp_path / "out"), "--no-overlays", "--workers", "2", "--n-boot", "500"])
+                                 str(tmp_path / "out"), "--no-overlays", "--workers", "2"])
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader((tmp_path / "out" / "slides.csv").open()))
     assert [x["slide"] for x in rows] == ["slideA", "slideB"]

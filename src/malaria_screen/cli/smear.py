@@ -273,14 +273,13 @@ def smear_slides(
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write each field's overlay PNG."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fields screened at once. Default: the usable CPU cores."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
-    n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Cluster-bootstrap replicates over fields for each slide's CI."),
 ) -> None:
     """Screen several slides, one folder each, and write a slide table.
 
     Each slide is screened as `smear` screens one (outputs in OUT/<slide>/); slides.csv gives per
-    slide the fields, red cells, estimated infected cells, parasitemia and a 95 % interval from a
-    cluster bootstrap over its fields (cells of one field are not independent). Exit status 1 if
-    any field failed.
+    slide the fields, red cells, estimated infected cells, parasitemia and a 95 % interval that
+    accounts for clustering by field (cells of one field are not independent: the binomial interval
+    at the fields' effective sample size, Korn & Graubard 1998). Exit status 1 if any field failed.
     """
     from malaria_screen.data.parallel import default_workers
     from malaria_screen.smear.report import run_smear
@@ -298,8 +297,8 @@ def smear_slides(
         summaries[name] = run_smear([folder], out / name, predictor, segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
                                     rescorer=second, overlays=overlays, workers=workers or default_workers(), ray=ray)
         typer.echo(f"{name}: {summaries[name]['n_fields']} field(s), {summaries[name]['n_failed']} failed")
-    rows = slide_table(summaries, n_boot=n_boot)
-    cols = ["slide", "n_fields", "n_failed", "n_rbc", "infected_estimate", "parasitemia", "ci95_low", "ci95_high"]
+    rows = slide_table(summaries)
+    cols = ["slide", "n_fields", "n_failed", "n_rbc", "infected_estimate", "parasitemia", "ci95_low", "ci95_high", "n_effective"]
     atomic_write_text(out / "slides.csv", rows_to_csv(rows, cols))
     atomic_write_json(out / "slides.json", {"slides": rows})
     for r in rows:

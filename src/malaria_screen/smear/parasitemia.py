@@ -13,7 +13,11 @@ posteriors re-weighted to a 2 % prior, Saerens, Latinne & Decaestecker 2002), ch
   is the binomial one of its count (it stays informative at 0 infected cells).
 - The other methods (``em``, ``acc``, ``pcc``, ``pacc``) label the ``round(prevalence * n)`` cells
   of highest posterior and take a bootstrap interval over the field's cells.
-- A slide pools its fields' counted cells; its interval is a cluster bootstrap over its fields.
+- A slide pools its fields' counted cells. Its interval accounts for clustering by field: the
+  binomial interval at the effective sample size of the fields' counts (design effect, Kish 1965;
+  degrees of freedom, Korn & Graubard 1998: :mod:`malaria_screen.evaluation.proportion`), never
+  narrower than the pooled cells' binomial interval; a bootstrap method takes the wider of that and
+  its cluster bootstrap over fields, which alone is far too narrow with a few fields.
 - With a site rescorer, its own threshold is used as is (``cc``): it was fitted on that site's labels.
 """
 
@@ -35,6 +39,7 @@ from malaria_screen.evaluation.quantify import (
     make_quantifier,
     params_from_model,
 )
+from malaria_screen.evaluation.proportion import clustered_proportion_ci, proportion_ci
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +71,9 @@ def binomial_ci(k: int, n: int, *, confidence: float = 0.95, method: str = "wils
     ValueError
         If ``k`` is not within ``[0, n]``.
     """
-    from scipy.stats import binomtest
-
     if n < 0 or k < 0 or k > n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return (0.0, 1.0)
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method=method)
-    return (float(max(0.0, ci.low)), float(min(1.0, ci.high)))
+    return proportion_ci(int(k), int(n), confidence=confidence, method=method)
 
 
 def field_quantifier(model: Any, *, rescorer: Any | None = None, method: str | None = None,
@@ -131,10 +131,13 @@ def estimate_parasitemia(quantifier: Quantifier, p: np.ndarray, *, groups: Seque
     p : (n,) ndarray of float
         P(Parasitized) of the counted cells.
     groups : sequence of length n, optional
-        The field of each cell, for a slide: the interval is then a cluster bootstrap over fields
-        (when there are at least two).
+        The field of each cell, for a slide. With at least two fields, a count-based method's
+        interval is the binomial one at the effective sample size of the fields' counts
+        (:func:`~malaria_screen.evaluation.proportion.clustered_proportion_ci`: Kish 1965, Korn &
+        Graubard 1998); another method's is the wider of its cluster bootstrap over fields and that
+        interval of the cells it calls.
     ci_method : {"wilson", "exact"}
-        Binomial interval of a count-based method's single field.
+        Binomial interval of a count-based method (one field, or a slide's effective sample size).
     n_boot, seed : int
         Bootstrap replicates and seed.
 
@@ -143,11 +146,31 @@ def estimate_parasitemia(quantifier: Quantifier, p: np.ndarray, *, groups: Seque
     PrevalenceEstimate
     """
     p = np.asarray(p, np.float64).reshape(-1)
-    n_groups = 0 if groups is None else len(set(np.asarray(groups).tolist()))
-    if isinstance(quantifier, (ClassifyAndCount, PriorCorrected)) and n_groups < 2:
-        k = int(quantifier.labels(p).sum()) if p.size else 0
+    g = None if groups is None else np.asarray(groups)
+    n_groups = 0 if g is None else len(np.unique(g))
+    if isinstance(quantifier, (ClassifyAndCount, PriorCorrected)):
         if not p.size:
             return PrevalenceEstimate(None, (0.0, 1.0), quantifier.name, 0, 0, "empty bag")
-        lo, hi = binomial_ci(k, int(p.size), method=ci_method)
-        return PrevalenceEstimate(k / p.size, (lo, hi), quantifier.name, int(p.size), k, f"{ci_method} binomial interval")
-    return quantifier.estimate(p, groups=None if n_groups < 2 else groups, n_boot=n_boot, seed=seed)
+        called = quantifier.labels(p)
+        k = int(called.sum())
+        if n_groups < 2:
+            lo, hi = binomial_ci(k, int(p.size), method=ci_method)
+            return PrevalenceEstimate(k / p.size, (lo, hi), quantifier.name, int(p.size), k, f"{ci_method} binomial interval")
+        cp = _clustered(called, g, ci_method)
+        return PrevalenceEstimate(k / p.size, cp.ci95, quantifier.name, int(p.size), k, cp.method)
+    est = quantifier.estimate(p, groups=None if n_groups < 2 else g, n_boot=n_boot, seed=seed)
+    if n_groups < 2 or est.prevalence is None:
+        return est
+    # the cluster bootstrap over a few fields is far too narrow (evaluation.proportion): never narrower than the
+    # effective-sample-size interval of the cells the estimate calls
+    cp = _clustered(quantifier.labels(p), g, ci_method)
+    lo, hi = min(est.ci95[0], cp.ci95[0]), max(est.ci95[1], cp.ci95[1])
+    return PrevalenceEstimate(est.prevalence, (lo, hi), est.method, est.n, est.n_called,
+                              f"the wider of: {est.ci_method}; {cp.method}")
+
+
+def _clustered(called: np.ndarray, groups: np.ndarray, ci_method: str):
+    """:func:`clustered_proportion_ci` of the cells ``called`` Parasitized, per group (field)."""
+    _, gid = np.unique(groups, return_inverse=True)
+    return clustered_proportion_ci(np.bincount(gid, weights=called.astype(np.float64)), np.bincount(gid).astype(np.float64),
+                                   method=ci_method)

@@ -277,8 +277,8 @@ def run_smear(
     The parasitemia of each field and of the slide is estimated with ``parasitemia_method``
     (:data:`~malaria_screen.smear.parasitemia.FIELD_METHODS`); default: the prior correction to
     2 % (:func:`~malaria_screen.smear.parasitemia.field_quantifier`; with a rescorer, its own
-    threshold). The slide pools its counted fields' cells; its interval is a cluster bootstrap
-    over those fields.
+    threshold). The slide pools its counted fields' cells; its interval accounts for clustering by
+    field (:func:`~malaria_screen.smear.parasitemia.estimate_parasitemia`).
 
     Parameters
     ----------
@@ -424,7 +424,7 @@ def _remove_unfinished(out: Path, stems: list[str], done_json: set[str], earlier
 
 # Modules :func:`screen_field_file` imports lazily (segmentation, features, the self-check): the
 # fork server of ``smear --workers`` imports them once, so no worker pays ~1 s on its first field.
-_FIELD_JOB_IMPORTS = ("scipy.ndimage", "scipy.stats", "skimage.segmentation", "skimage.measure", "skimage.morphology",
+_FIELD_JOB_IMPORTS = ("scipy.ndimage", "scipy.special", "skimage.segmentation", "skimage.measure", "skimage.morphology",
                      "skimage.filters", "skimage.feature", "skimage.transform", "skimage.exposure", "skimage.draw")
 
 

@@ -5,7 +5,7 @@ Yang et al. 2020): :func:`~malaria_screen.smear.segment.segment_field` → optio
 normalisation (Reinhard 2001 / Macenko 2009, :mod:`malaria_screen.smear.stain`) → NIH-style crops
 (:mod:`malaria_screen.smear.crops`) → the cell classifier in batches → per-cell probability and
 label → field parasitemia = infected / all red cells with a binomial 95 % confidence interval
-(Wilson score interval by default, Clopper-Pearson optional, via ``scipy.stats.binomtest``).
+(Wilson score interval by default, Clopper-Pearson optional: :mod:`malaria_screen.evaluation.proportion`).
 
 The model is duck-typed: any object with ``predict(list_of_uint8_rgb_arrays) -> (N,) float``
 (probability of Parasitized) and a ``threshold`` attribute works, e.g.

@@ -15,9 +15,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from malaria_screen.evaluation.proportion import clustered_proportion_ci
 from malaria_screen.smear.domain import OUT_OF_DOMAIN_ADVICE
 from malaria_screen.smear.gallery import GalleryCell, gallery_cells, select_gallery
-from malaria_screen.smear.parasitemia import binomial_ci
 from malaria_screen.smear.screen import FieldResult, screen_field
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ class SlideResult:
     parasitemia : float or None
         ``n_infected / n_rbc`` over the counted fields (None without a model or cell).
     parasitemia_ci95 : list of float
-        Binomial 95 % interval (fractions).
+        95 % interval (fractions): the binomial one at the counted fields' effective sample size
+        (:func:`~malaria_screen.evaluation.proportion.clustered_proportion_ci`), never narrower than
+        the pooled cells' binomial interval.
     out_of_domain : list of str
         Names of the fields with ``in_domain`` False.
     included_out_of_domain : bool
@@ -124,7 +126,10 @@ def screen_slide(fields: Sequence[tuple[str, np.ndarray]], model: Any, *, domain
     k = sum(r.n_infected for r, c in zip(results, counted) if c)
     ood = [r.image for r in results if r.in_domain is False]
     warnings = [w for w in (out_of_domain_warning(ood, included=include_out_of_domain),) if w]
-    lo, hi = binomial_ci(k, n, method=ci_method) if model is not None else (0.0, 1.0)
+    # fields are clusters of cells: the binomial interval at the fields' effective sample size (evaluation.proportion)
+    per_field = [(r.n_infected, r.n_rbc) for r, c in zip(results, counted) if c]
+    lo, hi = (clustered_proportion_ci([a for a, _ in per_field], [b for _, b in per_field], method=ci_method).ci95
+              if model is not None and n else (0.0, 1.0))
     return SlideResult(
         fields=results, errors=errors, n_rbc=n, n_infected=k,
         parasitemia=(k / n) if (n and model is not None) else None, parasitemia_ci95=[lo, hi],
