@@ -98,6 +98,7 @@ browser-deps:
 export-default: $(STAMP)
 	$(BIN)/malaria-screen export --out src/malaria_screen/assets/default_model/model.onnx
 	$(BIN)/malaria-screen export --int8 --out src/malaria_screen/assets/default_model/model.int8.onnx
+	$(BIN)/malaria-screen domain-fit --data $(MALARIA_SCREEN_DATA) --onnx src/malaria_screen/assets/default_model/model.int8.onnx
 
 # Re-train the bundled default model (the recipe: docs/training.md, docs/model-card.md): HED stain
 # augmentation, the Chula-RBC-12 fields below as extra Uninfected training cells (the others, every

@@ -42,6 +42,42 @@ def test_fp32_matches_torch_on_real_cells_at_any_batch(onnx_fp32, random_run, re
         np.testing.assert_allclose(ox.predict_proba_prepared(real_cells), p_t, atol=1e-4, rtol=0)
 
 
+def test_onnx_gives_the_torch_models_features_and_its_parasitemia_parameters(onnx_fp32, random_run, real_cells):
+    """The graph's second output is the classifier head's input, as Predictor.predict_with_features
+    hooks it (the self-check's space); the file carries the run's quantifier parameters, so smear's
+    prior correction is the same for both back-ends."""
+    from malaria_screen.evaluation.quantify import params_from_model
+    from malaria_screen.inference import OnnxPredictor, Predictor
+
+    pt, ox = Predictor.from_dir(random_run), OnnxPredictor.from_file(onnx_fp32)
+    assert [o.name for o in ox.session.get_outputs()] == ["probs", "features"] and ox.gives_features
+    assert _meta(onnx_fp32)["malaria_screen.onnx_io"] == "cells_nhwc_uint8->probs,features"
+    cells = list(real_cells[:40])
+    p_t, f_t = pt.predict_with_features(cells)
+    ox.batch_size = 16  # several runs of the session
+    p_o, f_o = ox.predict_with_features(cells)
+    assert f_o.shape == f_t.shape and f_t.std() > 1e-3
+    np.testing.assert_allclose(p_o, p_t, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(f_o, f_t, atol=1e-4 * max(1.0, np.abs(f_t).max()), rtol=0)
+    assert params_from_model(ox) == params_from_model(pt)
+
+
+def test_a_file_exported_before_the_features_output_still_screens_without_the_self_check(onnx_fp32, real_cells, tmp_path):
+    from malaria_screen.export.onnx import set_metadata
+    from malaria_screen.inference import OnnxPredictor
+    from malaria_screen.smear.domain import model_features
+
+    old = onnx.load(str(onnx_fp32))
+    del old.graph.output[1]  # the graph of an earlier export: probs only
+    set_metadata(old, {"malaria_screen.onnx_io": "cells_nhwc_uint8->probs"})
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    legacy, new = OnnxPredictor.from_file(tmp_path / "old.onnx"), OnnxPredictor.from_file(onnx_fp32)
+    assert not legacy.gives_features and model_features(legacy, list(real_cells[:3])) is None
+    np.testing.assert_array_equal(legacy.predict_proba_prepared(real_cells), new.predict_proba_prepared(real_cells))
+    with pytest.raises(ValueError, match="no 'features' output"):
+        legacy.predict_with_features(list(real_cells[:3]))
+
+
 def test_int8_is_smaller_records_calibration_and_agrees(onnx_fp32, onnx_int8, random_run, real_cells):
     from malaria_screen.inference import OnnxPredictor
 

@@ -168,6 +168,36 @@ def test_predict_with_features_is_predict_plus_features(samples_dir):
     assert np.median(ref.cell_distances(f)) <= ref.threshold
 
 
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
+def test_bundled_onnx_models_run_the_self_check_with_their_own_reference(name):
+    """smear --model model.int8.onnx checks the domain too (it used to skip it silently): the ONNX
+    graphs return features; int8, whose features are its quantised network's, has its own reference
+    fitted on them (domain-fit --onnx), fp32 shares the folder's."""
+    import hashlib
+
+    from malaria_screen.inference import default_model_dir
+    from malaria_screen.inference.onnx_predictor import OnnxPredictor
+    from malaria_screen.smear.crops import cell_crops
+    from malaria_screen.smear.domain import reference_path_for
+    from malaria_screen.smear.segment import segment_field
+
+    d = default_model_dir()
+    model = OnnxPredictor.from_file(d / name)
+    ref = load_reference(model)
+    own = reference_path_for(d / name)
+    assert (ref.threshold == DomainReference.load(own).threshold) if own.is_file() else (ref.threshold == load_reference(d).threshold)
+    assert name != "model.int8.onnx" or own.is_file(), "run malaria-screen domain-fit --onnx .../model.int8.onnx"
+    sha = hashlib.sha256((d / "weights.safetensors").read_bytes()).hexdigest()
+    assert ref.calibration["model_weights_sha256"] == sha
+    rgb = decode_image(str(DEMO_FIELD))
+    seg = segment_field(rgb)
+    crops = cell_crops(rgb, seg.labels, seg.cells())
+    assert domain_check(model_features(model, crops)[1], ref).in_domain is True
+    photo = _photos()["chelsea"]
+    tiles = [photo[y : y + 64, x : x + 64] for y in range(0, 256, 64) for x in range(0, 256, 64)]
+    assert domain_check(model_features(model, tiles)[1], ref).in_domain is False
+
+
 def test_demo_field_is_in_domain_and_a_photo_out_of_it():
     from malaria_screen.smear.crops import cell_crops
     from malaria_screen.smear.segment import segment_field

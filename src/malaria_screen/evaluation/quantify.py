@@ -560,10 +560,17 @@ class QuantifierParams:
     @classmethod
     def from_json(cls, path: str | Path) -> "QuantifierParams":
         """Read a file written by :meth:`to_json`; unknown keys raise ``ValueError``."""
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), where=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "quantifier parameters") -> "QuantifierParams":
+        """From a dict of :meth:`to_json`'s keys (an ONNX file's ``malaria_screen.quantify`` metadata);
+        unknown keys raise ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
         return cls(**d)
 
 
@@ -571,7 +578,9 @@ def params_from_model(model: Any) -> QuantifierParams:
     """:class:`QuantifierParams` of a loaded cell model (duck-typed: ``threshold``, ``metrics``,
     ``source``).
 
-    In order: ``quantify.json`` in the model's folder; else ``tpr`` / ``fpr`` from its
+    In order: ``quantify.json`` in the model's folder; the parameters an ONNX file carries
+    (``quantify_params``: written by ``malaria-screen export`` from its run folder, so an exported
+    model estimates parasitemia as the PyTorch model it came from); else ``tpr`` / ``fpr`` from its
     ``metrics.json`` (sensitivity and 1 - specificity of its *test* patients, when measured at
     the model's threshold) and ``train_prior`` from ``split.json``'s training cells (without the
     extra negatives of another site, ``train --extra-negatives``: they do not carry the prior of
@@ -585,6 +594,9 @@ def params_from_model(model: Any) -> QuantifierParams:
         folder = folder.parent if (folder.parent / "quantify.json").is_file() else None
     if folder is not None and (folder / "quantify.json").is_file():
         return QuantifierParams.from_json(folder / "quantify.json")
+    carried = getattr(model, "quantify_params", None)
+    if carried:
+        return QuantifierParams.from_dict(carried, where=f"{src}: quantifier parameters")
     m = getattr(model, "metrics", None) or {}
     tpr = fpr = None
     if m.get("sensitivity") is not None and m.get("specificity") is not None and \

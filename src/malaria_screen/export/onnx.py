@@ -3,13 +3,19 @@
 The exported graph is self-contained: it takes letterboxed cells as they come out of the decoder
 and returns class probabilities, so a runtime needs numpy, Pillow and ONNX Runtime only.
 
-Graph contract (``malaria_screen.onnx_io = "cells_nhwc_uint8->probs"``)
------------------------------------------------------------------------
+Graph contract (``malaria_screen.onnx_io = "cells_nhwc_uint8->probs,features"``)
+---------------------------------------------------------------------------------
 input ``cells`` : (N, S, S, 3) uint8
     RGB cells letterboxed to ``S = input_size`` px (aspect kept, black padding;
     :func:`malaria_screen.data.preprocess.letterbox`). ``N`` is a dynamic axis.
 output ``probs`` : (N, num_classes) float32
     Softmax probabilities in ``class_names`` order.
+output ``features`` : (N, D) float32
+    The input of the network's last ``nn.Linear`` (its pooled features), what
+    :meth:`~malaria_screen.inference.predictor.Predictor.predict_with_features` reads with a hook:
+    the self-check (:mod:`malaria_screen.smear.domain`) measures distances there, so it runs on the
+    ONNX and int8 models too. Files exported before this output (contract
+    ``"cells_nhwc_uint8->probs"``) still load, without the self-check.
 
 Inside: ``Cast`` to float32, ``(x - 255 mean) * 1 / (255 std)`` with the training patients'
 mean/std (on ``(N, S, S*3)`` rows, constants repeated per pixel), ``Transpose`` to NCHW, the
@@ -23,8 +29,12 @@ Metadata (``metadata_props``): ``malaria_screen.config`` (the whole ``config.jso
 ``malaria_screen.metrics`` (the run's ``metrics.json``, if any), ``malaria_screen.onnx_io``,
 ``malaria_screen.precision`` (``fp32`` or ``int8-qdq`` / ``int8-qoperator``),
 ``malaria_screen.version``, ``malaria_screen.seen_patients`` (``{"train": [...], "val": [...]}``
-from the run's ``split.json``, so ``evaluate`` leaves them out for an ONNX model too) and, after int8 quantisation, ``malaria_screen.quantization``
-(method, calibration cells and patients).
+from the run's ``split.json``, so ``evaluate`` leaves them out for an ONNX model too),
+``malaria_screen.quantify`` (the parasitemia estimator's parameters,
+:func:`~malaria_screen.evaluation.quantify.params_from_model` of the run: its training prior and
+threshold, so ``smear`` corrects an ONNX model's posteriors to the same prior as the PyTorch
+model's) and, after int8 quantisation, ``malaria_screen.quantization`` (method, calibration cells
+and patients).
 
 int8 uses ONNX Runtime static quantisation (``quantize_static``; Jacob et al., CVPR 2018:
 affine uint8/int8 quantisation with int32 accumulation): weights int8 per output channel,
@@ -38,17 +48,20 @@ import io
 import json
 import logging
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 import malaria_screen
+from malaria_screen.evaluation.quantify import params_from_model
 from malaria_screen.fileio import atomic_write_bytes
 
 __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "FEATURES_NAME",
     "META_CONFIG",
     "MAX_INT8_OPSET",
     "MAX_OPSET",
@@ -62,6 +75,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "cells"
 OUTPUT_NAME = "probs"
+FEATURES_NAME = "features"
 META_CONFIG = "malaria_screen.config"
 META_METRICS = "malaria_screen.metrics"
 META_IO = "malaria_screen.onnx_io"
@@ -69,7 +83,8 @@ META_PRECISION = "malaria_screen.precision"
 META_QUANT = "malaria_screen.quantization"
 META_VERSION = "malaria_screen.version"
 META_SEEN = "malaria_screen.seen_patients"
-IO_CONTRACT = "cells_nhwc_uint8->probs"
+META_QUANTIFY = "malaria_screen.quantify"
+IO_CONTRACT = "cells_nhwc_uint8->probs,features"
 
 #: Opsets :func:`export_onnx` accepts. Tried with every registered architecture (torch 2.14's
 #: TorchScript exporter, ONNX Runtime 1.31): fp32 exports and matches torch from 11 (efficientnet_lite0's
@@ -83,7 +98,7 @@ MAX_INT8_OPSET: int = 17
 
 _DOC = ("malaria-screen cell classifier. Input 'cells': (N, S, S, 3) uint8 RGB, letterboxed to S px "
         "(aspect kept, black padding). Output 'probs': (N, num_classes) float32 softmax in class_names "
-        "order. Preprocessing config (JSON) in metadata_props['malaria_screen.config']. "
+        "order; output 'features': (N, D) float32, the classifier head's input. Preprocessing config (JSON) in metadata_props['malaria_screen.config']. "
         "Research use only; not a medical device.")
 
 
@@ -94,8 +109,13 @@ def _wrapper(net, mean: Sequence[float], std: Sequence[float], size_px: int):
 
     from malaria_screen.data.normalize import pixel_affine
 
+    heads = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    if not heads:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear head to read features from")
+    head = heads[-1]
+
     class _Deployable(torch.nn.Module):
-        """uint8 NHWC cells -> softmax probabilities, normalising as Predictor does."""
+        """uint8 NHWC cells -> (softmax probabilities, the head's input features), normalising as Predictor does."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -107,11 +127,17 @@ def _wrapper(net, mean: Sequence[float], std: Sequence[float], size_px: int):
             self.register_buffer("mean255_row", offset.repeat(size_px))
             self.register_buffer("inv_std255_row", scale.repeat(size_px))
 
-        def forward(self, cells: torch.Tensor) -> torch.Tensor:
+        def forward(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             c = len(mean)
             x = (cells.float().reshape(-1, size_px, size_px * c) - self.mean255_row) * self.inv_std255_row
             x = x.reshape(-1, size_px, size_px, c).permute(0, 3, 1, 2)  # (N, C, S, S)
-            return self.net(x).softmax(-1)
+            captured: list[torch.Tensor] = []  # the head's input, as Predictor.predict_with_features hooks it
+            hook = head.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+            try:
+                probs = self.net(x).softmax(-1)
+            finally:
+                hook.remove()
+            return probs, captured[-1].reshape(captured[-1].shape[0], -1)
 
     return _Deployable().eval()
 
@@ -155,13 +181,13 @@ def export_onnx(predictor, out_path: str | Path, *, opset: int = 17) -> Path:
     Returns
     -------
     Path
-        ``out_path``. The graph maps ``cells (N, S, S, 3) uint8`` to ``probs (N, C) float32``
-        (see the module docstring); ``N`` is dynamic.
+        ``out_path``. The graph maps ``cells (N, S, S, 3) uint8`` to ``probs (N, C) float32`` and
+        ``features (N, D) float32`` (see the module docstring); ``N`` is dynamic.
 
     Raises
     ------
     ValueError
-        If ``opset`` is outside ``MIN_OPSET..MAX_OPSET``.
+        If ``opset`` is outside ``MIN_OPSET..MAX_OPSET``, or the network has no ``nn.Linear`` head.
     onnx.checker.ValidationError
         If the exported graph is invalid.
     """
@@ -178,8 +204,8 @@ def export_onnx(predictor, out_path: str | Path, *, opset: int = 17) -> Path:
     with torch.no_grad():
         torch.onnx.export(
             wrapped, (example,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
+            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}, FEATURES_NAME: {0: "N"}},
         )
     predictor.net.to(getattr(predictor, "device", "cpu"))
     model = onnx.load_model_from_string(buf.getvalue())
@@ -193,6 +219,7 @@ def export_onnx(predictor, out_path: str | Path, *, opset: int = 17) -> Path:
         META_PRECISION: "fp32",
         META_VERSION: malaria_screen.__version__,
         META_SEEN: json.dumps(_seen_patients(predictor.source)),
+        META_QUANTIFY: json.dumps(asdict(params_from_model(predictor))),
     })
     out = _check_and_write(model, Path(out_path))
     log.info("exported %s (%d bytes)", out, out.stat().st_size)

@@ -291,9 +291,25 @@ class CellClassifierBase:
         TypeError
             If ``images`` (or one item of it) is not an image source; the message names the index.
         """
-        items = _image_list(images)
-        if len(items) == 0:
+        cells = self.prepare_all(images)
+        if len(cells) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return self.predict_proba_prepared(cells)
+
+    def prepare_all(self, images: Sequence[ImageSource] | ImageSource) -> np.ndarray:
+        """:meth:`prepare` every image of ``images`` (read as :meth:`predict` reads it): ``(N, S, S, 3) uint8``.
+
+        Raises
+        ------
+        ImageDecodeError
+            If any image cannot be decoded; the message starts with the image's index.
+        TypeError
+            If ``images`` (or one item of it) is not an image source; the message names the index.
+        """
+        items = _image_list(images)
+        s = self.input_size
+        if len(items) == 0:
+            return np.zeros((0, s, s, 3), dtype=np.uint8)
         cells = []
         for i, im in enumerate(items):
             try:
@@ -302,7 +318,7 @@ class CellClassifierBase:
                 raise ImageDecodeError(f"image {i}: {exc}") from exc
             except TypeError as exc:
                 raise TypeError(f"image {i}: {exc}") from exc
-        return self.predict_proba_prepared(np.stack(cells))
+        return np.stack(cells)
 
     def predict(self, images: Sequence[ImageSource] | ImageSource) -> np.ndarray:
         """Probability of Parasitized for each image.

@@ -37,6 +37,10 @@ _META_CONFIG = "malaria_screen.config"  # same keys as malaria_screen.export.onn
 _META_METRICS = "malaria_screen.metrics"
 _META_IO = "malaria_screen.onnx_io"
 _IO_CONTRACT = "cells_nhwc_uint8->probs"
+#: The contract of a graph that also returns the features the self-check needs (exported since 0.x:
+#: ``malaria_screen.export.onnx``); files with the older contract load, without features.
+_IO_CONTRACT_FEATURES = "cells_nhwc_uint8->probs,features"
+_FEATURES_OUTPUT = "features"
 
 
 def read_onnx_metadata(session) -> dict[str, str]:
@@ -83,8 +87,12 @@ class OnnxPredictor(CellClassifierBase):
         self._single_thread: OnnxPredictor | None = None  # overlapped_inference's session, loaded once
         self._single_lock = threading.Lock()
         self._file_id: tuple[int, int, int] | None = None  # the loaded file's (inode, size, mtime)
+        #: The parasitemia estimator's parameters stored at export (``malaria_screen.quantify``), or None.
+        self.quantify_params: dict | None = None
         self._input = session.get_inputs()[0].name
         self._output = session.get_outputs()[0].name
+        names = [o.name for o in session.get_outputs()]
+        self._features = _FEATURES_OUTPUT if _FEATURES_OUTPUT in names[1:] else None
 
     def __reduce__(self):
         """Pickled as its file (an ONNX Runtime session cannot be pickled): unpickling loads
@@ -150,8 +158,9 @@ class OnnxPredictor(CellClassifierBase):
         meta = read_onnx_metadata(session)
         if _META_CONFIG not in meta:
             raise ValueError(f"{path} has no {_META_CONFIG!r} metadata: not exported by `malaria-screen export`")
-        if meta.get(_META_IO, _IO_CONTRACT) != _IO_CONTRACT:
-            raise ValueError(f"{path}: unsupported graph contract {meta.get(_META_IO)!r} (expected {_IO_CONTRACT!r})")
+        if meta.get(_META_IO, _IO_CONTRACT) not in (_IO_CONTRACT, _IO_CONTRACT_FEATURES):
+            raise ValueError(f"{path}: unsupported graph contract {meta.get(_META_IO)!r} "
+                             f"(expected {_IO_CONTRACT!r} or {_IO_CONTRACT_FEATURES!r})")
         cfg = TrainConfig.from_dict(json.loads(meta[_META_CONFIG]))
         inp = session.get_inputs()[0]
         if inp.type != "tensor(uint8)" or len(inp.shape) != 4:
@@ -162,6 +171,11 @@ class OnnxPredictor(CellClassifierBase):
                    seen_patients=json.loads(meta.get("malaria_screen.seen_patients") or "{}"))
         pred.num_threads = num_threads
         pred.providers = providers
+        try:  # the parasitemia estimator's parameters of the run it was exported from (evaluation.quantify)
+            carried = json.loads(meta.get("malaria_screen.quantify") or "null")
+        except ValueError:
+            carried = None
+        pred.quantify_params = carried if isinstance(carried, dict) else None
         pred._file_id = _file_id(path)
         return pred
 
@@ -210,6 +224,52 @@ class OnnxPredictor(CellClassifierBase):
             x = np.ascontiguousarray(cells[s : s + self.batch_size])
             out[s : s + len(x)] = self.session.run([self._output], {self._input: x})[0]
         return out
+
+
+    @property
+    def gives_features(self) -> bool:
+        """Whether the graph also returns the penultimate features (:meth:`predict_with_features`):
+        files exported before that output existed do not, and the self-check is then off."""
+        return self._features is not None
+
+    def predict_with_features(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Probability of Parasitized and the penultimate features of each image, in one pass.
+
+        The graph's ``features`` output: the input of the network's last linear layer, as
+        :meth:`malaria_screen.inference.predictor.Predictor.predict_with_features` reads it from the
+        PyTorch model (fp32: the same to float rounding; int8: the quantised network's), which the
+        self-check (:mod:`malaria_screen.smear.domain`) measures distances in.
+
+        Parameters
+        ----------
+        images : one image, or a sequence of images
+            As :meth:`predict` reads them.
+
+        Returns
+        -------
+        p_parasitized : (N,) ndarray of float32
+        features : (N, D) ndarray of float32
+
+        Raises
+        ------
+        ValueError
+            If the graph has no ``features`` output (re-export it with ``malaria-screen export``),
+            the model has no positive class, or an image cannot be decoded.
+        """
+        if self._features is None:
+            raise ValueError(f"{self.source}: this ONNX graph has no 'features' output; re-export it with "
+                             "`malaria-screen export` to run the self-check on it")
+        if self.positive_index is None:
+            raise ValueError(f"model classes {self.class_names} have no {self.config.positive_class!r}")
+        cells = self.prepare_all(images)
+        probs, feats = [], []
+        for s in range(0, len(cells), self.batch_size):
+            pr, ft = self.session.run([self._output, self._features], {self._input: np.ascontiguousarray(cells[s : s + self.batch_size])})
+            probs.append(pr[:, self.positive_index])
+            feats.append(ft.reshape(len(ft), -1))
+        if not probs:
+            return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(probs).astype(np.float32), np.concatenate(feats).astype(np.float32)
 
 
 def _file_id(path: Path) -> tuple[int, int, int] | None:

@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DOMAIN_FILE", "GATE_LIMITS", "GATE_SIDE", "OUT_OF_DOMAIN_ADVICE", "DomainCheck", "DomainReference",
     "NotASmearError", "SmearCheck", "UNCHECKED", "check_smear", "domain_check", "fit_reference", "load_reference",
-    "model_features", "nih_field_id", "require_smear",
+    "model_features", "nih_field_id", "reference_path_for", "require_smear",
 ]
 
 #: File name of the reference statistics beside a model's ``config.json``.
@@ -266,16 +266,27 @@ class DomainReference:
                    calibration=json.loads(meta.get("calibration", "{}")))
 
 
+def reference_path_for(onnx_file: str | Path) -> Path:
+    """Where an ONNX file's own reference lives: ``<stem>.domain.safetensors`` beside it
+    (``model.int8.onnx`` -> ``model.int8.domain.safetensors``). An int8 network's features are not
+    the fp32 network's (activations quantised: a field's score moves by up to about 2 on IML), so
+    ``malaria-screen domain-fit --onnx FILE`` fits one for it."""
+    p = Path(onnx_file)
+    return p.with_name(f"{p.stem}.domain.safetensors")
+
+
 def load_reference(model: Any) -> DomainReference | None:
-    """The :data:`DOMAIN_FILE` of a loaded model (beside its ``source`` folder or ``.onnx`` file) or of
-    a model folder path; None when there is none or it cannot be read (logged)."""
+    """The self-check reference of a loaded model or of a model folder path: for an ``.onnx`` file,
+    its own :func:`reference_path_for` if present, else the folder's :data:`DOMAIN_FILE`; None when
+    there is none or it cannot be read (logged)."""
     src = model if isinstance(model, (str, os.PathLike)) else getattr(model, "source", None)
     if not src:
         return None
     p = Path(src)
     if not p.exists():
         return None
-    p = (p if p.is_dir() else p.parent) / DOMAIN_FILE
+    own = None if p.is_dir() else reference_path_for(p)
+    p = own if own is not None and own.is_file() else (p if p.is_dir() else p.parent) / DOMAIN_FILE
     if not p.is_file():
         return None
     try:
@@ -287,9 +298,10 @@ def load_reference(model: Any) -> DomainReference | None:
 
 def model_features(model: Any, crops: list[np.ndarray], *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
     """``(p_parasitized (N,), features (N, D))`` of cell crops from one forward pass, or None when the
-    model cannot give features (no ``predict_with_features``: the ONNX and ensemble back-ends)."""
+    model cannot give features (no ``predict_with_features``: the ensemble back-end; an ONNX file
+    exported without a ``features`` output, ``gives_features`` False)."""
     fn = getattr(model, "predict_with_features", None)
-    if fn is None:
+    if fn is None or getattr(model, "gives_features", True) is False:
         return None
     ps, fs = [], []
     for s in range(0, len(crops), batch_size):
@@ -382,7 +394,8 @@ def _quantiles(scores: np.ndarray) -> dict[str, float | None]:
 
 
 def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quantile: float = 99.0,
-                  min_cells: int = 5, progress: Callable[[str], None] | None = None) -> DomainReference:
+                  min_cells: int = 5, progress: Callable[[str], None] | None = None,
+                  model: Any | None = None) -> DomainReference:
     """Fit a model folder's reference and set its threshold: one call, no choice left to the caller.
 
     1. Training cells: every NIH crop of the model's *training* patients (``split.json``), both
@@ -410,6 +423,10 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
         Fewest Uninfected crops of an NIH source image for it to count as a field.
     progress : callable, optional
         Called with progress messages.
+    model : loaded cell model, optional
+        The network whose features are fitted, e.g. an ONNX int8 file of this folder
+        (:class:`~malaria_screen.inference.onnx_predictor.OnnxPredictor`); default: the folder's
+        PyTorch model.
 
     Returns
     -------
@@ -439,9 +456,10 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
     if not chula.is_dir():
         raise FileNotFoundError(f"{chula} is missing (the Chula fields set the threshold)")
     nih = data_dir / "nih_cell_images"
-    model = load_model(model_dir, backend="torch")
-    if not hasattr(model, "predict_with_features"):
-        raise ValueError(f"{model_dir}: this model gives no features (an ensemble?)")
+    model = model if model is not None else load_model(model_dir, backend="torch")
+    if not hasattr(model, "predict_with_features") or getattr(model, "gives_features", True) is False:
+        raise ValueError(f"{model_dir}: this model gives no features (an ensemble, or an ONNX file exported "
+                         "without them: re-export it)")
     classes = list(model.class_names)
 
     files = _nih_files(nih, train, classes)
