@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=120, help="fields (default: all 120 dev fields; a run of a few fields is dominated by start-up)")
     ap.add_argument("--workers", type=int, default=None, help="default: usable cores")
     ap.add_argument("--before-src", default=None, help="src/ of an older checkout, timed on the same fields")
+    ap.add_argument("--backend", default="onnx", choices=["onnx", "torch"],
+                    help="back-end of the in-process runs (default: onnx, what `smear` runs the bundled model on)")
     ap.add_argument("--notes", default="")
     ap.add_argument("--record", default="bench_smear_workers", help="record name (benchmarks/results/NAME.json)")
     args = ap.parse_args()
@@ -87,7 +89,7 @@ def main() -> None:
     files = [str(p) for p in imgs[:: max(1, len(imgs) // args.n)][: args.n]]
     from malaria_screen.smear.domain import load_reference
 
-    model = malaria_screen.load_model()
+    model = malaria_screen.load_model(backend=args.backend)  # as `smear` loads the bundled model by default (onnx)
     domain_ref = load_reference(model)  # the self-check, as `smear` runs it by default
     figures: dict[str, float | int | str] = {"n_fields": len(files), "workers": workers}
     load = [os.getloadavg()[0]]
@@ -117,7 +119,13 @@ def main() -> None:
         subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
         figures[f"cli_w{workers}.s_per_field"] = round((time.perf_counter() - t) / len(files), 4)
         load.append(os.getloadavg()[0])
-        print(f"malaria-screen smear, whole command, {workers} workers: {figures[f'cli_w{workers}.s_per_field']:.3f} s per field (wall)")
+        t = time.perf_counter()  # the same command on the PyTorch back-end (`smear`'s default before ONNX Runtime)
+        subprocess.run([*cmd[:cmd.index("--out") + 1], str(Path(tmp) / "cli_torch"), *cmd[cmd.index("--out") + 2:],
+                        "--backend", "torch"], check=True, capture_output=True, timeout=3600)
+        figures[f"cli_w{workers}_torch.s_per_field"] = round((time.perf_counter() - t) / len(files), 4)
+        load.append(os.getloadavg()[0])
+        print(f"malaria-screen smear, whole command, {workers} workers: {figures[f'cli_w{workers}.s_per_field']:.3f} s per field "
+              f"(wall; --backend torch: {figures[f'cli_w{workers}_torch.s_per_field']:.3f})")
         ref = _untimed(runs["w1"])
         same = _untimed(runs[f"w{workers}"]) == ref
         figures["same_outputs"] = int(same)
@@ -145,9 +153,10 @@ def main() -> None:
     shared = load[0] > 0.5
     write_record(args.record, figures, uses_bundled_model=True, notes=(
         f"{len(files)} IML dev fields (every k-th of 120, 1280x960; speed only, no accuracy claimed), bundled model "
-        f"(torch), the self-check on (as smear runs by default), {workers} worker processes (fork server started before timing). Seconds per field are wall time of run_smear (decode, segment, classify, "
+        f"({args.backend}), the self-check on (as smear runs by default), {workers} worker processes (fork server started before timing). Seconds per field are wall time of run_smear (decode, segment, classify, "
         f"JSON, overlay, report); cli_w{workers}.s_per_field is the whole `malaria-screen smear` command's wall time (interpreter "
-        f"start, imports, model load and workers' start included) over the same fields; w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
+        f"start, imports, model load and workers' start included) over the same fields (default back-end: ONNX Runtime; "
+        f"cli_w{workers}_torch: --backend torch); w1.cpu_s_per_field is process CPU of the one-worker run, segment_cpu_s_per_field that of "
         f"segment_field alone; stage seconds are per field from the one-worker run. Load average {load[0]:.1f} before the "
         f"runs, up to {max(load):.1f} during them (this benchmark's own workers included): "
         + ("machine SHARED with other jobs, wall times pessimistic. " if shared else "no other jobs. ") + args.notes))

@@ -339,3 +339,31 @@ def test_smear_target_prior_moves_the_prior_methods_threshold(tmp_path):
     r = CliRunner().invoke(_app(), ["smear", str(field), "--out", str(tmp_path / "bad"), "--target-prior", "0"])
     assert r.exit_code == 2 and "--target-prior" in r.output
     assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_smear_runs_the_bundled_model_on_onnx_runtime_with_the_same_answers_as_torch(tmp_path, iml_dir):
+    """The default back-end for the bundled model is ONNX Runtime (model.onnx, no torch import); on
+    three IML fields (another microscope) and the bundled demo field it gives PyTorch's cell calls,
+    self-check verdicts and parasitemias, and the cell probabilities to float rounding."""
+    from pathlib import Path
+
+    import malaria_screen
+
+    fields = sorted((iml_dir / "images").iterdir())[:3]
+    fields.append(next((Path(malaria_screen.__file__).parent / "assets" / "demo_field").glob("*.jpg")))
+    out = {}
+    for name, extra in (("default", []), ("torch", ["--backend", "torch"])):
+        r = CliRunner().invoke(_app(), ["smear", *map(str, fields), "--out", str(tmp_path / name), "--workers", "1",
+                                        "--no-overlays", "--quiet", *extra])
+        assert r.exit_code == 0, r.output
+        out[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert out["default"]["settings"]["model"].endswith("model.onnx")
+    assert not out["torch"]["settings"]["model"].endswith(".onnx")
+    for key in ("n_rbc", "n_infected", "parasitemia", "parasitemia_ci95", "out_of_domain"):
+        assert out["default"][key] == out["torch"][key], key
+    for fa, fb in zip(out["default"]["fields"], out["torch"]["fields"]):
+        a = json.loads((tmp_path / "default" / fa["json"]).read_text())
+        b = json.loads((tmp_path / "torch" / fb["json"]).read_text())
+        assert a["in_domain"] == b["in_domain"] is not None and a["domain_score"] == pytest.approx(b["domain_score"], abs=1e-3)
+        assert [c["label"] for c in a["cells"]] == [c["label"] for c in b["cells"]] and a["cells"]
+        assert max(abs(c["p_parasitized"] - d["p_parasitized"]) for c, d in zip(a["cells"], b["cells"])) < 1e-5

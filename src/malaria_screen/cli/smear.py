@@ -24,15 +24,34 @@ from malaria_screen.smear.segment import SegmentConfig
 from malaria_screen.smear.slides import slide_table
 from malaria_screen.smear.stain import STAIN_METHODS
 
-__all__ = ["RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
+__all__ = ["BACKEND_HELP", "Backend", "RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
 
 
-def _load_model(model: Optional[str], no_classify: bool):
+class Backend(str, Enum):
+    """``--backend``: what runs the cell model (see :data:`BACKEND_HELP`)."""
+
+    onnx = "onnx"
+    torch = "torch"
+    auto = "auto"
+
+
+BACKEND_HELP = ("What runs the cell model: onnx (ONNX Runtime; for the bundled model its model.onnx, the same "
+                "probabilities as PyTorch to float rounding, without importing torch: a faster start and less memory), "
+                "torch, or auto (torch for a run folder, ONNX Runtime for an .onnx file). Default: onnx for the bundled "
+                "model, auto with --model.")
+
+
+def _backend(model: Optional[str], backend: Optional["Backend"]) -> str:
+    """The back-end a screening command loads: ``--backend``, else ONNX Runtime for the bundled model."""
+    return backend.value if backend is not None else ("onnx" if model is None else "auto")
+
+
+def _load_model(model: Optional[str], no_classify: bool, backend: str = "auto"):
     if no_classify:
         return None
 
     try:
-        return load_model(model)
+        return load_model(model, backend=backend)
     except FileNotFoundError as exc:
         typer.echo(f"error: cannot load the cell model: {exc}. Pass --model RUN_DIR or --no-classify.", err=True)
         raise typer.Exit(2) from exc
@@ -172,6 +191,7 @@ def smear(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fields screened at once, in worker processes "
                                           "(same outputs as 1). Default: the usable CPU cores."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    backend: Optional[Backend] = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Screen whole thin-smear fields: segment red cells, classify each, report parasitemia.
 
@@ -191,9 +211,10 @@ def smear(
     check_out_dir(out)
     _check_parasitemia_method(parasitemia_method)
     workers = workers or default_workers()
-    if not ray:
-        prestart_workers(workers)  # the workers' imports overlap the model's loading
-    predictor = _load_model(model, no_classify)
+    chosen = _backend(model, backend)
+    if not ray:  # the workers' imports overlap the model's loading
+        prestart_workers(workers, torch=not no_classify and chosen != "onnx" and not str(model or "").endswith(".onnx"))
+    predictor = _load_model(model, no_classify, chosen)
     second = load_rescorer(rescorer, predictor)
     if ray:
         connect_ray(ray)
@@ -273,6 +294,7 @@ def smear_slides(
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write each field's overlay PNG."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fields screened at once. Default: the usable CPU cores."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    backend: Optional[Backend] = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Screen several slides, one folder each, and write a slide table.
 
@@ -282,20 +304,23 @@ def smear_slides(
     at the fields' effective sample size, Korn & Graubard 1998). Exit status 1 if any field failed.
     """
     from malaria_screen.data.parallel import default_workers
+    from malaria_screen.smear.domain import load_reference
     from malaria_screen.smear.report import run_smear
 
     check_out_dir(out)
     names = [p.resolve().name or "slide" for p in slides]
     if len(set(names)) != len(names):
         raise typer.BadParameter(f"slide folders must have different names, got {names}", param_hint="SLIDES")
-    predictor = _load_model(model, no_classify)
+    predictor = _load_model(model, no_classify, _backend(model, backend))
     second = load_rescorer(rescorer, predictor)
     if ray:
         connect_ray(ray)
+    reference = load_reference(predictor) if predictor is not None else None  # the self-check, as smear runs it
     summaries = {}
     for name, folder in zip(names, slides):
         summaries[name] = run_smear([folder], out / name, predictor, segment_config=SegmentConfig(pixel_size_um=pixel_size_um),
-                                    rescorer=second, overlays=overlays, workers=workers or default_workers(), ray=ray)
+                                    rescorer=second, overlays=overlays, workers=workers or default_workers(), ray=ray,
+                                    domain_reference=reference)
         typer.echo(f"{name}: {summaries[name]['n_fields']} field(s), {summaries[name]['n_failed']} failed")
     rows = slide_table(summaries)
     cols = ["slide", "n_fields", "n_failed", "n_rbc", "infected_estimate", "parasitemia", "ci95_low", "ci95_high", "n_effective"]

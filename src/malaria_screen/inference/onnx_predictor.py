@@ -226,6 +226,14 @@ class OnnxPredictor(CellClassifierBase):
         return out
 
 
+    def single_threaded(self) -> "OnnxPredictor":
+        """This model on one intra-op thread, for a worker process that shares the cores with other
+        workers (``smear --workers``): itself when it already runs one thread or has no file, else
+        the same file loaded again with ``num_threads=1`` (the same computation)."""
+        if self.num_threads == 1 or not self.source:
+            return self
+        return OnnxPredictor.from_file(self.source, batch_size=self.batch_size, num_threads=1, providers=self.providers)
+
     @property
     def gives_features(self) -> bool:
         """Whether the graph also returns the penultimate features (:meth:`predict_with_features`):

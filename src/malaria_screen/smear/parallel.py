@@ -5,7 +5,7 @@ any other field, so ``smear --workers N`` hands whole fields to ``N`` worker pro
 ``smear --ray ADDRESS`` to Ray actors (:mod:`malaria_screen.data.ray_map`); the driver gets the
 results back in input order and writes ``summary.json`` and ``report.html`` as a one-worker run
 does, so the outputs are the same (tested). Each worker receives the cell model and rescorer once
-(pickled: an ONNX model is reloaded from its file), runs torch and OpenCV on one thread, and
+(pickled: an ONNX model is reloaded from its file), runs torch, ONNX Runtime and OpenCV on one thread, and
 ignores SIGINT (Ctrl-C stops the driver, which shuts the workers down). A worker's log records
 (WARNING and up) travel back with its result and are emitted by the driver's loggers, so
 ``--quiet`` and log levels act on them as on a one-worker run.
@@ -29,15 +29,18 @@ FieldJob = Callable[[Any, Any, Any], Any]
 _STATE: dict[str, Any] = {}
 
 
-def _one_thread() -> None:
+def _one_thread(model: Any) -> Any:
+    """Torch on one thread in this worker, and the model on one thread (an ONNX Runtime model's
+    ``single_threaded()``): the workers share the cores."""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    single = getattr(model, "single_threaded", None)
+    return single() if callable(single) else model
 
 
 def _init(model: Any, rescorer: Any) -> None:
     init_worker()
-    _one_thread()
-    _STATE["model"], _STATE["rescorer"] = model, rescorer
+    _STATE["model"], _STATE["rescorer"] = _one_thread(model), rescorer
 
 
 class _Collect(logging.Handler):
@@ -76,8 +79,7 @@ def _run(job: FieldJob, item: Any) -> tuple[Any, list[logging.LogRecord]]:
 
 
 def _actor_setup(model: Any, rescorer: Any) -> tuple[Any, Any]:
-    _one_thread()
-    return model, rescorer
+    return _one_thread(model), rescorer
 
 
 def _actor_run(state: tuple[Any, Any], chunk: tuple[FieldJob, list]) -> list:
