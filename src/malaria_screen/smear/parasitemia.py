@@ -14,8 +14,8 @@ posteriors re-weighted to a 2 % prior, Saerens, Latinne & Decaestecker 2002), ch
 - The other methods (``em``, ``acc``, ``pcc``, ``pacc``) label the ``round(prevalence * n)`` cells
   of highest posterior and take a bootstrap interval over the field's cells.
 - A slide pools its fields' counted cells. Its interval accounts for clustering by field: the
-  binomial interval at the effective sample size of the fields' counts (design effect, Kish 1965;
-  degrees of freedom, Korn & Graubard 1998: :mod:`malaria_screen.evaluation.proportion`), never
+  binomial interval at the effective sample size of the fields' counts (design effect: Kish 1965;
+  Korn & Graubard 1998; :mod:`malaria_screen.evaluation.proportion`), never
   narrower than the pooled cells' binomial interval; a bootstrap method takes the wider of that and
   its cluster bootstrap over fields, which alone is far too narrow with a few fields.
 - With a site rescorer, its own threshold is used as is (``cc``): it was fitted on that site's labels.

@@ -4,9 +4,8 @@ Cells of one field share its staining, focus and local parasite density, so they
 independent draws from the slide: a binomial interval over the pooled cells is too narrow when
 fields differ. A slide's parasitemia here is the ratio estimator over its fields,
 ``sum(infected_f) / sum(rbc_f)``, and its 95 % interval the binomial (Wilson) interval at the
-effective sample size that the fields' spread leaves (design effect, Kish 1965; with the degrees
-of freedom of a few fields, Korn & Graubard 1998:
-:func:`~malaria_screen.evaluation.proportion.clustered_proportion_ci`), never narrower than the
+effective sample size that the fields' spread leaves (design effect: Kish 1965; Korn & Graubard
+1998; :func:`~malaria_screen.evaluation.proportion.clustered_proportion_ci`), never narrower than the
 pooled cells' binomial interval. (A cluster bootstrap over fields, used before, gives a zero-width
 interval to two fields with the same count; ``benchmarks/bench_slide_ci.py`` compares them.)
 
