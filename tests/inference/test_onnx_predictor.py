@@ -121,3 +121,24 @@ def test_overlapped_inference_keeps_its_own_session_when_the_file_changed(defaul
     pred = OnnxPredictor.from_file(copy)
     os.utime(copy, ns=(1, 1))  # rewritten since it was loaded: maybe another model
     assert pred.overlapped_inference() == pred.predict_proba_prepared
+
+
+def test_a_pickled_onnx_model_needs_no_file_and_a_worker_copy_runs_one_thread(onnx_fp32, real_cells, tmp_path):
+    """What a smear worker or a Ray actor on another machine receives: the model's bytes, not its
+    path (which need not exist there); single_threaded() is the same computation on one thread."""
+    import pickle
+    import shutil
+
+    from malaria_screen.inference import OnnxPredictor
+
+    f = tmp_path / "m.onnx"
+    shutil.copy(onnx_fp32, f)
+    pred = OnnxPredictor.from_file(f)
+    blob = pickle.dumps(pred)
+    f.unlink()
+    back = pickle.loads(blob)
+    assert back.source == str(f) and back.gives_features and back.quantify_params == pred.quantify_params
+    np.testing.assert_array_equal(back.predict_proba_prepared(real_cells), pred.predict_proba_prepared(real_cells))
+    one = back.single_threaded()
+    assert one.num_threads == 1 and one.single_threaded() is one
+    np.testing.assert_allclose(one.predict_proba_prepared(real_cells), pred.predict_proba_prepared(real_cells), atol=1e-6)

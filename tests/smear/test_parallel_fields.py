@@ -30,9 +30,10 @@ def slide(tmp_path_factory, data_dir):
     return d
 
 
-@pytest.fixture(scope="module")
-def model():
-    return malaria_screen.load_model()
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def model(request):
+    """The bundled model on ONNX Runtime (what ``smear`` runs by default) and on PyTorch."""
+    return malaria_screen.load_model(backend=request.param)
 
 
 @pytest.fixture(scope="module")

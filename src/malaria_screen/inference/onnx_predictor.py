@@ -87,6 +87,7 @@ class OnnxPredictor(CellClassifierBase):
         self._single_thread: OnnxPredictor | None = None  # overlapped_inference's session, loaded once
         self._single_lock = threading.Lock()
         self._file_id: tuple[int, int, int] | None = None  # the loaded file's (inode, size, mtime)
+        self._data: bytes | None = None  # the loaded file's bytes (pickling, single_threaded)
         #: The parasitemia estimator's parameters stored at export (``malaria_screen.quantify``), or None.
         self.quantify_params: dict | None = None
         self._input = session.get_inputs()[0].name
@@ -95,8 +96,9 @@ class OnnxPredictor(CellClassifierBase):
         self._features = _FEATURES_OUTPUT if _FEATURES_OUTPUT in names[1:] else None
 
     def __reduce__(self):
-        """Pickled as its file (an ONNX Runtime session cannot be pickled): unpickling loads
-        :attr:`source` again, with the same batch size and threads.
+        """Pickled as the bytes of its file (an ONNX Runtime session cannot be pickled; the file's
+        path may not exist on another machine of a Ray cluster): unpickling builds the session
+        again from them, with the same batch size and threads, and keeps :attr:`source` as its name.
 
         Raises
         ------
@@ -105,7 +107,7 @@ class OnnxPredictor(CellClassifierBase):
         """
         if not self.source:
             raise TypeError("cannot pickle an OnnxPredictor that was not loaded from a file")
-        return (_reload, (self.source, self.batch_size, self.num_threads))
+        return (_reload, (self.source, self.batch_size, self.num_threads, self._data))
 
     @classmethod
     def from_file(cls, path: str | Path, *, batch_size: int = 256, num_threads: int | None = None,
@@ -134,8 +136,6 @@ class OnnxPredictor(CellClassifierBase):
             If the file is not a malaria-screen ONNX model (no config in its metadata) or its
             input/output contract differs.
         """
-        import onnxruntime as ort
-
         path = Path(path)
         if path.is_dir():
             found = [path / n for n in ONNX_FILE_NAMES if (path / n).is_file()]
@@ -145,6 +145,17 @@ class OnnxPredictor(CellClassifierBase):
             path = found[0]
         if not path.is_file():
             raise FileNotFoundError(f"no such ONNX model: {path}")
+        pred = cls._from_bytes(path.read_bytes(), str(path), batch_size=batch_size, num_threads=num_threads,
+                               providers=providers, allow_spinning=allow_spinning)
+        pred._file_id = _file_id(path)
+        return pred
+
+    @classmethod
+    def _from_bytes(cls, data: bytes, path: str, *, batch_size: int = 256, num_threads: int | None = None,
+                    providers: list[str] | None = None, allow_spinning: bool = False) -> "OnnxPredictor":
+        """:meth:`from_file`'s work on the file's bytes (``path``: its name, for :attr:`source` and messages)."""
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if num_threads:
@@ -152,7 +163,7 @@ class OnnxPredictor(CellClassifierBase):
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         try:
-            session = ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+            session = ort.InferenceSession(data, sess_options=so, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types (InvalidGraph, Fail...)
             raise ValueError(f"cannot load ONNX model {path}: {exc}") from exc
         meta = read_onnx_metadata(session)
@@ -176,7 +187,7 @@ class OnnxPredictor(CellClassifierBase):
         except ValueError:
             carried = None
         pred.quantify_params = carried if isinstance(carried, dict) else None
-        pred._file_id = _file_id(path)
+        pred._data = data
         return pred
 
     def overlapped_inference(self):
@@ -230,9 +241,10 @@ class OnnxPredictor(CellClassifierBase):
         """This model on one intra-op thread, for a worker process that shares the cores with other
         workers (``smear --workers``): itself when it already runs one thread or has no file, else
         the same file loaded again with ``num_threads=1`` (the same computation)."""
-        if self.num_threads == 1 or not self.source:
+        if self.num_threads == 1 or self._data is None:
             return self
-        return OnnxPredictor.from_file(self.source, batch_size=self.batch_size, num_threads=1, providers=self.providers)
+        return OnnxPredictor._from_bytes(self._data, self.source, batch_size=self.batch_size, num_threads=1,
+                                         providers=self.providers)
 
     @property
     def gives_features(self) -> bool:
@@ -289,6 +301,9 @@ def _file_id(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _reload(source: str, batch_size: int, num_threads: int | None) -> OnnxPredictor:
-    """Unpickle an :class:`OnnxPredictor`: load its file again."""
-    return OnnxPredictor.from_file(source, batch_size=batch_size, num_threads=num_threads)
+def _reload(source: str, batch_size: int, num_threads: int | None, data: bytes | None = None) -> OnnxPredictor:
+    """Unpickle an :class:`OnnxPredictor`: from the pickled bytes of its file (or, for a pickle
+    without them, the file at ``source``)."""
+    if data is None:
+        return OnnxPredictor.from_file(source, batch_size=batch_size, num_threads=num_threads)
+    return OnnxPredictor._from_bytes(data, source, batch_size=batch_size, num_threads=num_threads)

@@ -5,7 +5,8 @@ any other field, so ``smear --workers N`` hands whole fields to ``N`` worker pro
 ``smear --ray ADDRESS`` to Ray actors (:mod:`malaria_screen.data.ray_map`); the driver gets the
 results back in input order and writes ``summary.json`` and ``report.html`` as a one-worker run
 does, so the outputs are the same (tested). Each worker receives the cell model and rescorer once
-(pickled: an ONNX model is reloaded from its file), runs torch, ONNX Runtime and OpenCV on one thread, and
+(pickled: an ONNX model travels as its file's bytes, so a Ray node needs no copy of the file), runs torch,
+ONNX Runtime and OpenCV on one thread, and
 ignores SIGINT (Ctrl-C stops the driver, which shuts the workers down). A worker's log records
 (WARNING and up) travel back with its result and are emitted by the driver's loggers, so
 ``--quiet`` and log levels act on them as on a one-worker run.
