@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from typer_text import flat
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -33,7 +34,7 @@ def test_export_int8_prints_side_by_side_and_writes_report(cli, random_run, nih_
     assert rep["precision"] == "int8-qdq" and rep["parity"]["max_abs_diff"] <= 1e-4
     assert rep["calibration"]["n_patients"] == 6 and rep["test_set"]["n_patients"] == 3
     bad = cli("export", "--model", random_run, "--format", "tflite", "--out", out)
-    text = " ".join(bad.output.replace("│", " ").split())
+    text = flat(bad.output)
     assert bad.exit_code == 2 and "Invalid value for '--format'" in text and "'tflite' is not one of 'onnx'" in text, text
     bad = cli("export", "--model", random_run, "--out", tmp_path / "m.pt")
     assert bad.exit_code == 2 and "must end in .onnx" in bad.output, bad.output

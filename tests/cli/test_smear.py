@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from smear_synth import synthetic_field
 from malaria_screen.cli.smear import register
+from typer_text import flat
 
 
 def _app() -> typer.Typer:
@@ -92,7 +93,7 @@ def test_crops_cli_detections(tmp_path, iml_dir):
     assert n > 50 and f"{n - len(list((tmp_path / 'c' / 'Parasitized').glob('*.png')))} Uninfected" in r.output
     bad = CliRunner().invoke(_app(), ["crops", str(iml_dir / "images"), "--annotations", str(tmp_path / "a.json"),
                                       "--out", str(tmp_path / "d"), "--source", "nope"])
-    text = " ".join(bad.output.replace("│", " ").split())
+    text = flat(bad.output)
     assert bad.exit_code == 2 and "Invalid value for '--source'" in text and "'nope' is not one of 'boxes', 'detections'" in text, text
 
 
@@ -194,10 +195,10 @@ def test_smear_empty_folder_duplicates_and_help(tmp_path):
     assert "WARNING: No field images found in" in r.output and "1 input path(s) named a field already given" in r.output
     from malaria_screen.data.io import MAX_PIXELS
 
-    help_text = " ".join(CliRunner().invoke(_app(), ["smear", "--help"]).output.replace("│", " ").split())
+    help_text = flat(CliRunner().invoke(_app(), ["smear", "--help"]).output)
     assert f"up to {MAX_PIXELS // 1_000_000} Mpx" in help_text and "subfolders are not searched" in help_text
     assert "WebP" in help_text and "non-image files such as .json" in help_text and "*_overlay.png" in help_text
-    help_text = " ".join(CliRunner().invoke(_app(), ["smear-eval", "--help"]).output.replace("│", " ").split())
+    help_text = flat(CliRunner().invoke(_app(), ["smear-eval", "--help"]).output)
     assert "~1.15x the cell" in help_text
 
 
@@ -311,7 +312,7 @@ def test_bad_out_annotations_and_field_dir_are_usage_errors(case, tmp_path, iml_
     (tmp_path / "empty").mkdir()
     args, param, msg = _USAGE_ERRORS[case]
     r = CliRunner().invoke(_app(), args.format(fields=fields, ann=ann, tmp=tmp_path).split())
-    text = " ".join(r.output.replace("│", " ").split())
+    text = flat(r.output)
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert "Invalid value" in text and param in text and msg in text, r.output
     assert not (tmp_path / "o").exists()
