@@ -27,6 +27,16 @@ def test_slide_row_pools_fields_and_its_interval_widens_when_fields_disagree():
     assert (one["ci95_low"], one["ci95_high"]) == pytest.approx(binomial_ci(4, 200))
 
 
+def test_slide_row_leaves_out_of_domain_fields_out_unless_asked():
+    fields = [{"n_rbc": 200, "n_infected": 2, "parasitemia": 0.01, "in_domain": True},
+              {"n_rbc": 100, "n_infected": 30, "parasitemia": 0.3, "in_domain": False},
+              {"n_rbc": 100, "n_infected": 1, "parasitemia": 0.01, "in_domain": None}]  # unchecked: counted
+    r = slide_row("s", fields)
+    assert (r["n_fields"], r["n_out_of_domain"], r["n_rbc"]) == (3, 1, 300) and r["parasitemia"] == pytest.approx(3 / 300)
+    r = slide_row("s", fields, include_out_of_domain=True)
+    assert (r["n_rbc"], r["n_out_of_domain"]) == (400, 1) and r["parasitemia"] == pytest.approx(33 / 400)
+
+
 def test_slide_row_uses_each_fields_own_estimate():
     """A field's estimate (parasitemia x RBC) is what enters, not its raw count, so other
     per-field estimators plug in; a field without one enters with its count."""
@@ -52,9 +62,13 @@ def test_smear_slides_writes_one_folder_and_one_row_per_slide(data_dir, tmp_path
     assert [x["slide"] for x in rows] == ["slideA", "slideB"]
     for x in rows:
         s = json.loads((tmp_path / "out" / x["slide"] / "summary.json").read_text())
-        assert int(x["n_fields"]) == s["n_fields"] == 2 and int(x["n_rbc"]) == s["n_rbc"] > 100
-        est = sum(f["parasitemia"] * f["n_rbc"] for f in s["fields"])
-        assert float(x["parasitemia"]) == pytest.approx(est / s["n_rbc"], abs=1e-9)
+        counted = [f for f in s["fields"] if f["in_domain"] is not False]  # the self-check ran, as in smear
+        assert int(x["n_fields"]) == s["n_fields"] == 2 and int(x["n_out_of_domain"]) == 2 - len(counted)
+        assert int(x["n_rbc"]) == s["n_rbc"] == sum(f["n_rbc"] for f in counted)
+        if counted:
+            est = sum(f["parasitemia"] * f["n_rbc"] for f in counted)
+            assert float(x["parasitemia"]) == pytest.approx(est / s["n_rbc"], abs=1e-9)
         assert float(x["ci95_low"]) <= float(x["parasitemia"]) <= float(x["ci95_high"])
     assert json.loads((tmp_path / "out" / "slides.json").read_text())["slides"][0]["slide"] == "slideA"
-    assert np.isfinite(float(rows[1]["parasitemia"]))
+    assert all(f["in_domain"] is not None for x in rows for f in
+               json.loads((tmp_path / "out" / x["slide"] / "summary.json").read_text())["fields"])

@@ -323,7 +323,8 @@ def smear_slides(
                                     domain_reference=reference)
         typer.echo(f"{name}: {summaries[name]['n_fields']} field(s), {summaries[name]['n_failed']} failed")
     rows = slide_table(summaries)
-    cols = ["slide", "n_fields", "n_failed", "n_rbc", "infected_estimate", "parasitemia", "ci95_low", "ci95_high", "n_effective"]
+    cols = ["slide", "n_fields", "n_out_of_domain", "n_failed", "n_rbc", "infected_estimate", "parasitemia", "ci95_low",
+            "ci95_high", "n_effective"]
     atomic_write_text(out / "slides.csv", rows_to_csv(rows, cols))
     atomic_write_json(out / "slides.json", {"slides": rows})
     for r in rows:

@@ -9,7 +9,9 @@ effective sample size that the fields' spread leaves (design effect: Kish 1965; 
 pooled cells' binomial interval. (A cluster bootstrap over fields, used before, gives a zero-width
 interval to two fields with the same count; ``benchmarks/bench_slide_ci.py`` compares them.)
 
-The table is generic over the per-field estimate: ``infected_f`` is whatever each field's entry
+Fields the self-check found outside the model's domain are left out of a slide's totals, as
+``smear`` leaves them out of ``summary.json``'s (``n_out_of_domain`` counts them). The table is
+generic over the per-field estimate: ``infected_f`` is whatever each field's entry
 reports, its parasitemia times its red-cell count (so a field estimated by another method, e.g.
 posteriors corrected to a prior, enters with that estimate), or its count of infected cells when
 it has no parasitemia.
@@ -22,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from malaria_screen.evaluation.proportion import clustered_proportion_ci
+from malaria_screen.smear.slide import counted_fields
 
 __all__ = ["slide_row", "slide_table"]
 
@@ -32,7 +35,8 @@ def _field_counts(field: Mapping[str, Any]) -> tuple[float, float]:
     return n, (float(p) * n if p is not None else float(field["n_infected"]))
 
 
-def slide_row(slide: str, fields: Sequence[Mapping[str, Any]], *, n_failed: int = 0) -> dict[str, Any]:
+def slide_row(slide: str, fields: Sequence[Mapping[str, Any]], *, n_failed: int = 0,
+              include_out_of_domain: bool = False) -> dict[str, Any]:
     """One slide's row: fields, red cells, estimated infected cells, parasitemia and its 95 % CI.
 
     Parameters
@@ -40,22 +44,30 @@ def slide_row(slide: str, fields: Sequence[Mapping[str, Any]], *, n_failed: int 
     slide : str
         The slide's name.
     fields : sequence of mapping
-        Per-field entries of ``summary.json`` (``n_rbc``, ``n_infected``, ``parasitemia``).
+        Per-field entries of ``summary.json`` (``n_rbc``, ``n_infected``, ``parasitemia``, and
+        ``in_domain`` when the self-check ran).
     n_failed : int, default=0
         Fields that could not be screened (reported, not used).
+    include_out_of_domain : bool, default=False
+        Count the fields the self-check found outside the model's domain (``in_domain`` False);
+        by default they are left out of the row's totals, as out of ``summary.json``'s
+        (:func:`~malaria_screen.smear.slide.counted_fields`), and counted in ``n_out_of_domain``.
 
     Returns
     -------
     dict
-        ``slide``, ``n_fields``, ``n_failed``, ``n_rbc``, ``infected_estimate``, ``parasitemia``
-        (None without red cells), ``ci95_low``, ``ci95_high`` ((0, 1) without red cells; with one
-        field, its binomial interval), ``n_effective`` (the cell count the interval was taken at),
-        ``ci_method``.
+        ``slide``, ``n_fields`` (screened), ``n_out_of_domain``, ``n_failed``, ``n_rbc``,
+        ``infected_estimate``, ``parasitemia`` (None without red cells), ``ci95_low``,
+        ``ci95_high`` ((0, 1) without red cells; with one field, its binomial interval),
+        ``n_effective`` (the cell count the interval was taken at), ``ci_method``.
     """
+    n_out = sum(f.get("in_domain") is False for f in fields)
+    keep = counted_fields([f.get("in_domain") for f in fields], include_out_of_domain=include_out_of_domain)
+    fields = [f for f, k in zip(fields, keep) if k]
     counts = np.array([_field_counts(f) for f in fields], np.float64).reshape(-1, 2)
     n_rbc, infected = counts[:, 0], np.minimum(counts[:, 1], counts[:, 0])
     cp = clustered_proportion_ci(infected, n_rbc)
-    return {"slide": slide, "n_fields": len(fields), "n_failed": int(n_failed), "n_rbc": int(n_rbc.sum()),
+    return {"slide": slide, "n_fields": len(keep), "n_out_of_domain": int(n_out), "n_failed": int(n_failed), "n_rbc": int(n_rbc.sum()),
             "infected_estimate": round(float(infected.sum()), 3), "parasitemia": cp.estimate,
             "ci95_low": cp.ci95[0], "ci95_high": cp.ci95[1], "n_effective": round(cp.n_effective, 1), "ci_method": cp.method}
 
@@ -73,4 +85,5 @@ def slide_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[dict[str, An
     list of dict
         In the order of ``summaries``.
     """
-    return [slide_row(name, s["fields"], n_failed=s.get("n_failed", 0)) for name, s in summaries.items()]
+    return [slide_row(name, s["fields"], n_failed=s.get("n_failed", 0),
+                      include_out_of_domain=bool(s.get("include_out_of_domain", False))) for name, s in summaries.items()]
