@@ -37,8 +37,8 @@ _META_CONFIG = "malaria_screen.config"  # same keys as malaria_screen.export.onn
 _META_METRICS = "malaria_screen.metrics"
 _META_IO = "malaria_screen.onnx_io"
 _IO_CONTRACT = "cells_nhwc_uint8->probs"
-#: The contract of a graph that also returns the features the self-check needs (exported since 0.x:
-#: ``malaria_screen.export.onnx``); files with the older contract load, without features.
+#: The contract of a graph that also returns the features the self-check needs (what
+#: ``malaria_screen.export.onnx`` writes now); files with the older contract load, without features.
 _IO_CONTRACT_FEATURES = "cells_nhwc_uint8->probs,features"
 _FEATURES_OUTPUT = "features"
 
