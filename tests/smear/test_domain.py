@@ -198,6 +198,20 @@ def test_bundled_onnx_models_run_the_self_check_with_their_own_reference(name):
     assert domain_check(model_features(model, tiles)[1], ref).in_domain is False
 
 
+def test_an_int8_file_without_its_own_reference_has_no_self_check_rather_than_the_fp32_one(tmp_path, caplog):
+    import shutil
+
+    from malaria_screen.inference import default_model_dir
+    from malaria_screen.inference.onnx_predictor import OnnxPredictor
+
+    d = default_model_dir()
+    for name in ("model.int8.onnx", "model.onnx", DOMAIN_FILE):
+        shutil.copy(d / name, tmp_path / name)
+    assert load_reference(OnnxPredictor.from_file(tmp_path / "model.onnx")) is not None  # fp32: the folder's
+    assert load_reference(OnnxPredictor.from_file(tmp_path / "model.int8.onnx")) is None
+    assert "domain-fit" in caplog.text and "--onnx" in caplog.text
+
+
 def test_demo_field_is_in_domain_and_a_photo_out_of_it():
     from malaria_screen.smear.crops import cell_crops
     from malaria_screen.smear.segment import segment_field

@@ -277,8 +277,12 @@ def reference_path_for(onnx_file: str | Path) -> Path:
 
 def load_reference(model: Any) -> DomainReference | None:
     """The self-check reference of a loaded model or of a model folder path: for an ``.onnx`` file,
-    its own :func:`reference_path_for` if present, else the folder's :data:`DOMAIN_FILE`; None when
-    there is none or it cannot be read (logged)."""
+    its own :func:`reference_path_for` if present, else the folder's :data:`DOMAIN_FILE` (fitted on
+    the PyTorch model's features, which an fp32 export reproduces); None when there is none or it
+    cannot be read (logged). An int8 model (``precision`` ``int8-...``) never falls back to the
+    folder's reference: its quantised features would be scored against another network's
+    statistics, and verdicts near the threshold would move, so without its own reference the
+    self-check is off, with a warning saying how to fit one."""
     src = model if isinstance(model, (str, os.PathLike)) else getattr(model, "source", None)
     if not src:
         return None
@@ -286,6 +290,10 @@ def load_reference(model: Any) -> DomainReference | None:
     if not p.exists():
         return None
     own = None if p.is_dir() else reference_path_for(p)
+    if own is not None and not own.is_file() and str(getattr(model, "precision", "") or "").startswith("int8"):
+        logger.warning("%s is an int8 model without its own self-check reference (%s): the self-check is off; "
+                       "fit one with `malaria-screen domain-fit --model RUN_FOLDER --onnx %s`", p, own.name, p)
+        return None
     p = own if own is not None and own.is_file() else (p if p.is_dir() else p.parent) / DOMAIN_FILE
     if not p.is_file():
         return None
