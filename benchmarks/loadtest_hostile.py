@@ -50,7 +50,7 @@ DEMO_FIELD = REPO / "src" / "malaria_screen" / "assets" / "demo_field" / "chula_
 def get_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="Run folder or .onnx file (default: the bundled model)")
-    p.add_argument("--backend", default="auto", help="torch | onnx | auto")
+    p.add_argument("--backend", default=None, help="torch | onnx | auto (default: serve's own: onnx for the bundled model)")
     p.add_argument("--hostile", type=int, default=45, help="Hostile clients")
     p.add_argument("--hostile-requests", type=int, default=3, help="Requests per hostile client")
     p.add_argument("--normal", type=int, default=5, help="Normal clients")
@@ -274,8 +274,8 @@ def main(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     cells = [(files[i].name, files[i].read_bytes()) for i in rng.choice(len(files), 200, replace=False)]
     port = _free_port()
-    cmd = [sys.executable, "-m", "malaria_screen.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--backend", args.backend] + (["--model", args.model] if args.model else [])
+    cmd = [sys.executable, "-m", "malaria_screen.cli", "serve", "--host", "127.0.0.1", "--port", str(port)] + \
+        (["--backend", args.backend] if args.backend else []) + (["--model", args.model] if args.model else [])
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     mon = Monitor(server.pid)

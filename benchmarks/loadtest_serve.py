@@ -32,7 +32,7 @@ import numpy as np
 def get_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="Run folder or .onnx file (default: the bundled model)")
-    p.add_argument("--backend", default="auto", help="torch | onnx | auto")
+    p.add_argument("--backend", default=None, help="torch | onnx | auto (default: serve's own: onnx for the bundled model)")
     p.add_argument("--clients", type=int, default=50, help="Concurrent clients")
     p.add_argument("--requests", type=int, default=20, help="Requests per client")
     p.add_argument("--images", type=int, default=1, help="Cells per request")
@@ -96,8 +96,8 @@ def main(args: argparse.Namespace) -> dict:
     blobs = [(files[i].name, files[i].read_bytes()) for i in pick]
     payloads = [blobs[j * args.images : (j + 1) * args.images] for j in range(n_payloads)]
     port = _free_port()
-    cmd = [sys.executable, "-m", "malaria_screen.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--backend", args.backend] + (["--model", args.model] if args.model else [])
+    cmd = [sys.executable, "-m", "malaria_screen.cli", "serve", "--host", "127.0.0.1", "--port", str(port)] + \
+        (["--backend", args.backend] if args.backend else []) + (["--model", args.model] if args.model else [])
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

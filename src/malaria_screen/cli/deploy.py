@@ -256,7 +256,9 @@ def app_cmd(
 
 def serve(
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
-    backend: str = typer.Option("auto", help="torch | onnx | auto"),
+    backend: Optional[str] = typer.Option(None, help="torch | onnx | auto. Default: onnx for the bundled model (its "
+                                          "model.onnx: PyTorch's answers without importing torch, so less memory per "
+                                          "process), auto with --model"),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1 = this machine only; put a reverse proxy "
                                              "with TLS in front for anything else: docs/deployment-security.md)"),
     port: int = typer.Option(8000, help="TCP port"),
@@ -289,6 +291,9 @@ def serve(
     from malaria_screen.serve import ServeLimits, ServeSecurity, create_app, load_api_keys
     from malaria_screen.serve.server import run
 
+    backend = backend or ("onnx" if model is None else "auto")
+    if backend not in ("torch", "onnx", "auto"):
+        raise typer.BadParameter(f"--backend must be torch, onnx or auto, got {backend!r}", param_hint="'--backend'")
     try:
         is_onnx = backend == "onnx" or (model is not None and model.suffix.lower() == ".onnx")
         if not is_onnx and backend != "onnx":
