@@ -30,11 +30,11 @@ ALLOWED = {
     "cli.deploy": "app data.dataset data.io data.parallel export.bench export.onnx export.pipeline export.split_cells "
                   "inference.base inference.ensemble inference.gradcam inference.onnx_predictor inference.predictor "
                   "models serve serve.server",
-    "cli.domain": "inference.base smear.domain",
+    "cli.domain": "inference.base inference.onnx_predictor smear.domain",
     "cli.research": "data.datamodule data.dataset data.split models research.cv research.features research.lr_find "
                     "research.model_comparison",
     "cli.smear": "data.io data.parallel smear.crop_export smear.domain smear.evaluate smear.parasitemia smear.report "
-                 "smear.rescore",
+                 "smear.rescore smear.slides",
     # scikit-learn only when metrics are computed
     "export.backend_agreement": "evaluation.metrics",
     "inference.ensemble": "evaluation.metrics",

@@ -21,7 +21,6 @@ from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_
 from malaria_screen.inference import load_model
 from malaria_screen.smear.labels import load_iml_annotations
 from malaria_screen.smear.segment import SegmentConfig
-from malaria_screen.smear.slides import slide_table
 from malaria_screen.smear.stain import STAIN_METHODS
 
 __all__ = ["BACKEND_HELP", "Backend", "RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
@@ -306,6 +305,7 @@ def smear_slides(
     from malaria_screen.data.parallel import default_workers
     from malaria_screen.smear.domain import load_reference
     from malaria_screen.smear.report import run_smear
+    from malaria_screen.smear.slides import slide_table
 
     check_out_dir(out)
     names = [p.resolve().name or "slide" for p in slides]
