@@ -195,15 +195,17 @@ def test_classify_decodes_off_the_event_loop(predictor, sample_pngs, monkeypatch
     assert where == ["worker thread", "worker thread"]
 
 
-def test_field_self_check(demo_field):
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_field_self_check(demo_field, backend):
     """Self-check: a photo or noise is 422 with the reason (never a parasitemia); the demo field, with the
-    bundled PyTorch model and its reference, is screened and in the model's domain."""
+    bundled model (on ONNX Runtime, serve's default, or PyTorch) and its reference, is screened and in
+    the model's domain."""
     pytest.importorskip("skimage")
     import skimage.data
 
     from malaria_screen.inference import load_model
 
-    c = _client(load_model(backend="torch"))
+    c = _client(load_model(backend=backend))
     for name, img in (("chelsea.png", skimage.data.chelsea()),
                       ("noise.png", np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))):
         r = c.post("/v1/field", files=[("file", (name, _png(img), "image/png"))])
