@@ -19,7 +19,7 @@ import numpy as np
 import typer
 
 from malaria_screen.cli.core import check_out_dir, check_out_file, echo_table, list_inputs
-from malaria_screen.cli.smear import RESCORER_HELP, load_rescorer
+from malaria_screen.cli.smear import RESCORER_HELP, load_rescorer, screening_backend
 from malaria_screen.errors import error_text
 from malaria_screen.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, rows_to_csv
 from malaria_screen.inference import load_model
@@ -291,7 +291,7 @@ def serve(
     from malaria_screen.serve import ServeLimits, ServeSecurity, create_app, load_api_keys
     from malaria_screen.serve.server import run
 
-    backend = backend or ("onnx" if model is None else "auto")
+    backend = screening_backend(model, backend)
     if backend not in ("torch", "onnx", "auto"):
         raise typer.BadParameter(f"--backend must be torch, onnx or auto, got {backend!r}", param_hint="'--backend'")
     try:

@@ -23,7 +23,7 @@ from malaria_screen.smear.labels import load_iml_annotations
 from malaria_screen.smear.segment import SegmentConfig
 from malaria_screen.smear.stain import STAIN_METHODS
 
-__all__ = ["BACKEND_HELP", "Backend", "RESCORER_HELP", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
+__all__ = ["BACKEND_HELP", "Backend", "RESCORER_HELP", "screening_backend", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
 
 
 class Backend(str, Enum):
@@ -40,9 +40,11 @@ BACKEND_HELP = ("What runs the cell model: onnx (ONNX Runtime; for the bundled m
                 "model, auto with --model.")
 
 
-def _backend(model: Optional[str], backend: Optional["Backend"]) -> str:
-    """The back-end a screening command loads: ``--backend``, else ONNX Runtime for the bundled model."""
-    return backend.value if backend is not None else ("onnx" if model is None else "auto")
+def screening_backend(model: Optional[object], backend: Optional[str]) -> str:
+    """The back-end ``smear``, ``smear-slides`` and ``serve`` load: ``--backend``, else ONNX Runtime for
+    the bundled model (``model`` None) and ``"auto"`` for a given one."""
+    backend = backend.value if isinstance(backend, Backend) else backend
+    return backend or ("onnx" if model is None else "auto")
 
 
 def _load_model(model: Optional[str], no_classify: bool, backend: str = "auto"):
@@ -210,7 +212,7 @@ def smear(
     check_out_dir(out)
     _check_parasitemia_method(parasitemia_method)
     workers = workers or default_workers()
-    chosen = _backend(model, backend)
+    chosen = screening_backend(model, backend)
     if not ray:  # the workers' imports overlap the model's loading
         prestart_workers(workers, torch=not no_classify and chosen != "onnx" and not str(model or "").endswith(".onnx"))
     predictor = _load_model(model, no_classify, chosen)
@@ -311,7 +313,7 @@ def smear_slides(
     names = [p.resolve().name or "slide" for p in slides]
     if len(set(names)) != len(names):
         raise typer.BadParameter(f"slide folders must have different names, got {names}", param_hint="SLIDES")
-    predictor = _load_model(model, no_classify, _backend(model, backend))
+    predictor = _load_model(model, no_classify, screening_backend(model, backend))
     second = load_rescorer(rescorer, predictor)
     if ray:
         connect_ray(ray)

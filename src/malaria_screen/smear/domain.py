@@ -269,7 +269,7 @@ class DomainReference:
 def reference_path_for(onnx_file: str | Path) -> Path:
     """Where an ONNX file's own reference lives: ``<stem>.domain.safetensors`` beside it
     (``model.int8.onnx`` -> ``model.int8.domain.safetensors``). An int8 network's features are not
-    the fp32 network's (activations quantised: a field's score moves by up to about 2 on IML), so
+    the fp32 network's (activations quantised: a field's score moves by a few units on IML), so
     ``malaria-screen domain-fit --onnx FILE`` fits one for it."""
     p = Path(onnx_file)
     return p.with_name(f"{p.stem}.domain.safetensors")
@@ -304,13 +304,19 @@ def load_reference(model: Any) -> DomainReference | None:
         return None
 
 
+def _gives_features(model: Any) -> bool:
+    """Whether ``model`` returns features: it has ``predict_with_features`` and does not say it cannot
+    (``gives_features`` False: an ONNX file exported without the ``features`` output)."""
+    return hasattr(model, "predict_with_features") and getattr(model, "gives_features", True) is not False
+
+
 def model_features(model: Any, crops: list[np.ndarray], *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
     """``(p_parasitized (N,), features (N, D))`` of cell crops from one forward pass, or None when the
     model cannot give features (no ``predict_with_features``: the ensemble back-end; an ONNX file
     exported without a ``features`` output, ``gives_features`` False)."""
-    fn = getattr(model, "predict_with_features", None)
-    if fn is None or getattr(model, "gives_features", True) is False:
+    if not _gives_features(model):
         return None
+    fn = model.predict_with_features
     ps, fs = [], []
     for s in range(0, len(crops), batch_size):
         p, f = fn(crops[s : s + batch_size])
@@ -465,7 +471,7 @@ def fit_reference(model_dir: str | Path, data_dir: str | Path, *, heldout_quanti
         raise FileNotFoundError(f"{chula} is missing (the Chula fields set the threshold)")
     nih = data_dir / "nih_cell_images"
     model = model if model is not None else load_model(model_dir, backend="torch")
-    if not hasattr(model, "predict_with_features") or getattr(model, "gives_features", True) is False:
+    if not _gives_features(model):
         raise ValueError(f"{model_dir}: this model gives no features (an ensemble, or an ONNX file exported "
                          "without them: re-export it)")
     classes = list(model.class_names)

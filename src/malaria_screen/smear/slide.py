@@ -122,14 +122,13 @@ def screen_slide(fields: Sequence[tuple[str, np.ndarray]], model: Any, *, domain
         if model is not None and (include_out_of_domain or res.in_domain is not False):  # the counted fields' cells
             candidates += gallery_cells(rgb, res, threshold=thr, max_parasitized=max_parasitized, n_uncertain=n_uncertain)
     counted = counted_fields([r.in_domain for r in results], include_out_of_domain=include_out_of_domain)
-    n = sum(r.n_rbc for r, c in zip(results, counted) if c)
-    k = sum(r.n_infected for r, c in zip(results, counted) if c)
+    infected = [r.n_infected for r, c in zip(results, counted) if c]
+    rbc = [r.n_rbc for r, c in zip(results, counted) if c]
+    n, k = sum(rbc), sum(infected)
     ood = [r.image for r in results if r.in_domain is False]
     warnings = [w for w in (out_of_domain_warning(ood, included=include_out_of_domain),) if w]
     # fields are clusters of cells: the binomial interval at the fields' effective sample size (evaluation.proportion)
-    per_field = [(r.n_infected, r.n_rbc) for r, c in zip(results, counted) if c]
-    lo, hi = (clustered_proportion_ci([a for a, _ in per_field], [b for _, b in per_field], method=ci_method).ci95
-              if model is not None and n else (0.0, 1.0))
+    lo, hi = clustered_proportion_ci(infected, rbc, method=ci_method).ci95 if model is not None and n else (0.0, 1.0)
     return SlideResult(
         fields=results, errors=errors, n_rbc=n, n_infected=k,
         parasitemia=(k / n) if (n and model is not None) else None, parasitemia_ci95=[lo, hi],
