@@ -125,6 +125,48 @@ def _score(c: dict, ann: dict, test_fields: list[int], probs_of) -> list:
     return out
 
 
+def _missed(c: dict, ann: dict) -> dict:
+    """Why the infected boxes without a matched detection (IoU >= 0.5) have none.
+
+    For each such box: ``none`` (no detection overlaps it, IoU > 0.05: dropped as a clump, a white
+    cell or debris), ``parts`` (two or more overlapping detections, each smaller than the box: the
+    cell cut in pieces), ``other`` (a detection larger than the box, the cell merged with a
+    neighbour, or one matched to a neighbouring box). Also the median area of the infected boxes,
+    matched and missed, relative to the median Uninfected box of their field (are the missed ones
+    the enlarged cells?)."""
+    from malaria_screen.smear.boxes import box_iou, match_boxes
+
+    kinds = {"none": 0, "parts": 0, "other": 0}
+    ratio = {"matched": [], "missed": []}
+    for f, name in enumerate(str(n) for n in c["names"]):
+        boxes = c["boxes"][c["field"] == f]
+        gt = ann[name]
+        gtb = np.asarray([g.bbox for g in gt], np.float64).reshape(-1, 4)
+        matched = {g for _, g in match_boxes(boxes, gtb, iou_threshold=0.5)}
+        plain = gtb[[not (g.infected or g.ignored) for g in gt]]
+        if not len(plain):
+            continue
+        med = float(np.median(plain[:, 2] * plain[:, 3]))
+        iou = box_iou(boxes, gtb) if len(boxes) else np.zeros((0, len(gt)))
+        for gi, g in enumerate(gt):
+            if not g.infected:
+                continue
+            area = g.bbox[2] * g.bbox[3]
+            ratio["matched" if gi in matched else "missed"].append(area / med)
+            if gi in matched:
+                continue
+            over = np.flatnonzero(iou[:, gi] > 0.05)
+            if not len(over):
+                kinds["none"] += 1
+            elif len(over) >= 2 and all(boxes[o, 2] * boxes[o, 3] < area for o in over):
+                kinds["parts"] += 1
+            else:
+                kinds["other"] += 1
+    out = {f"ceiling.missed.{k}": v for k, v in kinds.items()}
+    out |= {f"ceiling.area_ratio_{k}_median": float(np.median(v)) for k, v in ratio.items() if v}
+    return out
+
+
 def _logit(p) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
     return np.log(p / (1 - p))
@@ -268,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     whole = summarize_iml(base_matches)
     fig |= {"ceiling.sensitivity": whole["infected_sensitivity_perfect_classifier"],
             "ceiling.r": whole["parasitemia_r_perfect_classifier"], "ceiling.mae_pp": whole["parasitemia_mae_pp_perfect_classifier"]}
+    fig |= _missed(c, ann)
     if dom_base:
         fig["domain.base.in_domain_frac"] = float(np.mean(dom_base))
         fig["domain.site.in_domain_frac"] = float(np.mean(dom_site))
@@ -307,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rule:8s} {b:>6s} {se:6.3f} {pp:6.3f} {r:6.3f} {mae:7.3f}  {ms}")
     print(f"constant {CONSTANT:.1%} per field: MAE {fig['constant.mae_pp']:.3f} pp; self-check in-domain: bundled "
           f"{fig.get('domain.base.in_domain_frac', float('nan')):.3f}, site {fig.get('domain.site.in_domain_frac', float('nan')):.3f}")
+    print(f"detection ceiling: sensitivity {fig['ceiling.sensitivity']:.3f}; infected boxes without a detection of their "
+          f"own: {fig['ceiling.missed.none']} no detection, {fig['ceiling.missed.parts']} cut in parts, "
+          f"{fig['ceiling.missed.other']} merged or taken by a neighbour; median box area / field's median Uninfected box: "
+          f"missed {fig.get('ceiling.area_ratio_missed_median', float('nan')):.2f}, matched "
+          f"{fig.get('ceiling.area_ratio_matched_median', float('nan')):.2f}")
     _plot(fig, Path(args.plot))
     if not args.no_record:
         from records import write_record

@@ -68,31 +68,51 @@ def sens_at_spec(y: np.ndarray, p: np.ndarray, spec: float = 0.95) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
+def run_dirs(model_dir: Path) -> list[Path]:
+    """The run folders behind a model folder: itself, or an ensemble folder's members
+    (``malaria-screen ensemble``)."""
+    from malaria_screen.inference.ensemble import is_ensemble_dir
+
+    if is_ensemble_dir(model_dir):
+        spec = json.loads((model_dir / "ensemble.json").read_text())
+        return [model_dir / m for m in spec["members"]]
+    return [model_dir]
+
+
 def heldout_chula_fields(model_dir: Path, chula: Path) -> list[str]:
-    """Chula fields a model was not trained on (all, for a model trained without them)."""
+    """Chula fields a model (every member of an ensemble) was not trained on (all, for a model
+    trained without them)."""
     from malaria_screen.config import TrainConfig
     from malaria_screen.data.extra_negatives import list_point_fields, trained_fields
 
-    used = set(trained_fields(TrainConfig.from_json(model_dir / "config.json"), chula))
+    used = {f for d in run_dirs(model_dir) for f in trained_fields(TrainConfig.from_json(d / "config.json"), chula)}
     return [s for s in list_point_fields(chula) if s not in used]
+
+
+def _split_manifest(model_dir: Path) -> dict:
+    """The model's ``split.json``; an ensemble's members must share their validation and test patients."""
+    mans = [json.loads((d / "split.json").read_text()) for d in run_dirs(model_dir)]
+    for m in mans[1:]:
+        for name in ("val", "test"):
+            if set(m["splits"][name]["patients"]) != set(mans[0]["splits"][name]["patients"]):
+                raise ValueError(f"{model_dir}: the members' {name} patients differ; no common held-out split")
+    return mans[0]
 
 
 def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None, chula_fields: list[str] | None = None) -> dict:
     """All figures of one model folder (see the module docstring); Chula on ``chula_fields``
     (default: the fields it was not trained on)."""
-    from malaria_screen.config import TrainConfig
     from malaria_screen.data.dataset import load_cell_set
     from malaria_screen.data.extra_negatives import point_cell_set
     from malaria_screen.evaluation.metrics import evaluate_predictions
-    from malaria_screen.inference import Predictor
+    from malaria_screen.inference import load_model
     from malaria_screen.training.run import split_from_manifest
 
-    pred = Predictor.from_dir(model_dir)
-    cfg = TrainConfig.from_json(model_dir / "config.json")
+    pred = load_model(model_dir, backend="torch")  # a run folder, or an ensemble of run folders
     pos = pred.positive_index
     fig: dict = {}
-    cells = load_cell_set(data / "nih_cell_images", size_px=cfg.input_size, cache_dir=cache_dir, progress=False)
-    manifest = json.loads((model_dir / "split.json").read_text())
+    cells = load_cell_set(data / "nih_cell_images", size_px=pred.input_size, cache_dir=cache_dir, progress=False)
+    manifest = _split_manifest(model_dir)
     split = split_from_manifest(manifest, cells.relpaths)
     for name in ("val", "test"):
         idx = getattr(split, name)
@@ -109,7 +129,7 @@ def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None
     held = chula_fields if chula_fields is not None else heldout_chula_fields(model_dir, chula)
     if set(held) - set(heldout_chula_fields(model_dir, chula)):
         raise ValueError(f"{model_dir} was trained on some of the Chula fields to evaluate")
-    cs = point_cell_set(chula, size_px=cfg.input_size, class_names=pred.class_names, fields=held)
+    cs = point_cell_set(chula, size_px=pred.input_size, class_names=pred.class_names, fields=held)
     if len(cs):
         p = pred.predict_proba_prepared(cs.images)[:, pos]
         neg = p < pred.threshold

@@ -51,7 +51,7 @@ ALLOWED = {
     "research.cv": "inference.predictor training.run",
     "research.lr_find": "data.datamodule training.module training.run",
     "research.model_comparison": "data.dataset data.split evaluation.report inference.predictor models training.run",
-    "training.run": "data.datamodule training.module",
+    "training.run": "data.datamodule data.transforms training.module",
     # smear's dependencies are optional for the cell endpoints; field workers import inside
     # their error handler, in their own process
     "serve.api": "serve.fieldjob smear.domain smear.screen",

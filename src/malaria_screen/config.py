@@ -85,6 +85,10 @@ class TrainConfig:
     val_fraction, test_fraction : float
         Share of patients held out for validation and test.
     seed : int
+        Seeds initialisation, shuffling and augmentation, and the split unless ``split_seed``.
+    split_seed : int or None
+        Seed of the patient split; None: ``seed``. Runs that differ only in ``seed`` but share
+        ``split_seed`` train on the same patients (an ensemble, the teachers of a distillation).
     label_smoothing : float
     num_workers : int
         DataLoader worker processes (0 = decode in the main process; cells are pre-decoded).
@@ -109,6 +113,14 @@ class TrainConfig:
         are copied from it; its model, input size and classes must match. This is how the cell
         model is adapted to another microscope (fields → ``malaria-screen crops`` → ``train
         --init-from``). Only used when training starts.
+    distill_from : tuple of str
+        Knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the knowledge in a
+        neural network"): run folders of trained teachers (same classes and input size). Their
+        mean class probabilities on each un-augmented training cell, mixed with the cell's label,
+        are the training targets; validation and test keep the plain labels. A teacher must not
+        have trained on a patient of this run's validation or test split (checked). Empty: none.
+    distill_weight : float
+        With ``distill_from``: the target is ``(1 - w) * one_hot(label) + w * teacher_probs``.
     """
 
     model: str = "cellnet"
@@ -137,6 +149,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
+    split_seed: int | None = None
     label_smoothing: float = 0.0
     num_workers: int = 0
     pretrained_weights: str | None = None
@@ -144,6 +157,8 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0
     unfreeze_at_epoch: int | None = None
     init_from: str | None = None
+    distill_from: tuple[str, ...] = ()
+    distill_weight: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -169,6 +184,8 @@ class TrainConfig:
             raise ValueError(f"unfreeze_at_epoch={self.unfreeze_at_epoch} needs freeze_backbone=True and a value >= 1")
         if self.init_from is not None and self.pretrained_weights is not None:
             raise ValueError("init_from (a trained run) and pretrained_weights (ImageNet) are exclusive")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean/std need {self.channels} values, got {self.mean} / {self.std}")
 

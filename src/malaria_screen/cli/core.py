@@ -205,6 +205,9 @@ def train(
     val_fraction: float = typer.Option(0.1, help="Share of PATIENTS for validation"),
     test_fraction: float = typer.Option(0.2, help="Share of PATIENTS for test"),
     seed: int = typer.Option(0, help="Seed of split, initialisation and shuffling"),
+    split_seed: Optional[int] = typer.Option(
+        None, help="Seed of the patient split only (default: --seed): runs with other --seed values and the same "
+        "--split-seed train on the same patients (an ensemble, distillation teachers)"),
     groups: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="CSV path,patient for non-NIH file names"),
     group_per_image: bool = typer.Option(False, help="Group per image when no patient is known (LEAKY; warned)"),
     resume: bool = typer.Option(False, help="Continue a killed run from OUT/checkpoints/last.ckpt"),
@@ -225,6 +228,12 @@ def train(
     init_from: Optional[str] = typer.Option(
         None, help="Fine-tune a trained run folder, or 'default' for the bundled default model (to adapt it to another "
         "microscope's crops): its weights and input normalisation are the start"),
+    distill_from: Optional[list[str]] = typer.Option(
+        None, metavar="RUN_DIR", help="Knowledge distillation (Hinton et al. 2015): a teacher run folder (repeat for several; trained on "
+        "this run's training patients only, e.g. same --split-seed): targets mix each cell's label with the teachers' "
+        "mean probabilities"),
+    distill_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="--distill-from: weight of the teachers' "
+                                         "probabilities in the targets (1 - this: the label)"),
     threshold_rule: ThresholdRule = typer.Option(
         ThresholdRule.fixed, help="fixed: threshold 0.5 | val-count: the threshold at which as many validation cells are called "
         "Parasitized as are Parasitized (count calibration for parasitemia on a low-prevalence site; with --groups, "
@@ -251,7 +260,8 @@ def train(
             early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,
-            init_from=_run_folder(init_from),
+            init_from=_run_folder(init_from), split_seed=split_seed,
+            distill_from=tuple(_run_folder(t) for t in distill_from or ()), distill_weight=distill_weight,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -44,17 +44,22 @@ class CellDataset(Dataset):
     labels : (N,) ndarray of int
     transform : callable
         Applied to each ``(3, S, S) uint8`` tensor.
+    targets : (N, C) ndarray of float, optional
+        Soft training targets (knowledge distillation); items are then ``(x, label, target)``.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform, targets: np.ndarray | None = None) -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # view, no copy
         self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        if self.targets is not None:
+            return self.transform(self.images[i]), self.labels[i], self.targets[i]
         return self.transform(self.images[i]), self.labels[i]
 
 
@@ -70,11 +75,14 @@ class BatchCellDataset(Dataset):
     images : (N, S, S, 3) ndarray of uint8
     labels : (N,) ndarray of int
     batch_transform : callable
+    targets : (N, C) ndarray of float, optional
+        Soft training targets (knowledge distillation); batches are then ``(x, y, targets)``.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_transform) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_transform, targets: np.ndarray | None = None) -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
         self.batch_transform = batch_transform
 
     def __len__(self) -> int:
@@ -82,7 +90,10 @@ class BatchCellDataset(Dataset):
 
     def __getitem__(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return self.batch_transform(self.images[idx].contiguous()), self.labels[idx]
+        x = self.batch_transform(self.images[idx].contiguous())
+        if self.targets is not None:
+            return x, self.labels[idx], self.targets[idx]
+        return x, self.labels[idx]
 
 
 class CellDataModule(L.LightningDataModule):
@@ -106,6 +117,9 @@ class CellDataModule(L.LightningDataModule):
     num_workers : int, default=0
     seed : int, default=0
         Seeds the training shuffle.
+    train_targets : (len(split.train), C) ndarray of float, optional
+        Soft targets of the training cells, in ``split.train`` order (knowledge distillation):
+        training batches are then ``(x, y, targets)``.
     """
 
     def __init__(
@@ -122,8 +136,12 @@ class CellDataModule(L.LightningDataModule):
         hed_sigma: float = 0.05,
         num_workers: int = 0,
         seed: int = 0,
+        train_targets: np.ndarray | None = None,
     ) -> None:
         super().__init__()
+        if train_targets is not None and len(train_targets) != len(split.train):
+            raise ValueError(f"train_targets has {len(train_targets)} rows for {len(split.train)} training cells")
+        self.train_targets = train_targets
         self.cells, self.split = cells, split
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.augment, self.num_workers, self.seed = batch_size, augment, num_workers, seed
@@ -137,7 +155,7 @@ class CellDataModule(L.LightningDataModule):
             ev = eval_transform(self.mean, self.std)
             tr = (BatchAugment(size, self.mean, self.std, hed_sigma=self.hed_sigma, jitter=self.color_jitter, seed=self.seed)
                   if self.augment else ev)
-            self.train_set = BatchCellDataset(c.images[self.split.train], c.labels[self.split.train], tr)
+            self.train_set = BatchCellDataset(c.images[self.split.train], c.labels[self.split.train], tr, self.train_targets)
             self.val_set = BatchCellDataset(c.images[self.split.val], c.labels[self.split.val], ev)
             self.test_set = BatchCellDataset(c.images[self.split.test], c.labels[self.split.test], ev)
             self._log_split()
@@ -145,7 +163,7 @@ class CellDataModule(L.LightningDataModule):
         tr = train_transform(size, self.mean, self.std, augment=self.augment, color_jitter=self.color_jitter,
                              color_augment=self.color_augment)
         ev = eval_transform(self.mean, self.std)
-        self.train_set = CellDataset(c.images[self.split.train], c.labels[self.split.train], tr)
+        self.train_set = CellDataset(c.images[self.split.train], c.labels[self.split.train], tr, self.train_targets)
         self.val_set = CellDataset(c.images[self.split.val], c.labels[self.split.val], ev)
         self.test_set = CellDataset(c.images[self.split.test], c.labels[self.split.test], ev)
         self._log_split()

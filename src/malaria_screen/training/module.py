@@ -144,9 +144,9 @@ class CellClassifier(L.LightningModule):
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x, y = batch
+        x, y, *soft = batch  # (x, y) or, when distilling, (x, y, soft targets (B, C))
         logits = self(x)
-        loss = self._loss(logits, y)
+        loss = self._loss(logits, soft[0] if soft else y)
         self.train_acc(logits, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)

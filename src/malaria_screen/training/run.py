@@ -36,7 +36,7 @@ from malaria_screen.models.registry import build_model
 from malaria_screen.models.weights import load_weights, save_weights
 from malaria_screen.plotting import save_cell_grid, save_training_curves
 
-__all__ = ["train", "TrainResult", "build_net", "split_from_manifest", "concat_cell_sets"]
+__all__ = ["train", "TrainResult", "build_net", "distill_targets", "split_from_manifest", "concat_cell_sets"]
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,10 @@ def train(
         elif cells.size_px != cfg.input_size:
             raise ValueError(f"cells are {cells.size_px} px but config.input_size is {cfg.input_size}")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
+        split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
         if split is None:
             split = patient_split(cells.labels, cells.patients, val_fraction=cfg.val_fraction,
-                                  test_fraction=cfg.test_fraction, seed=cfg.seed, force_test=cfg.test_patients)
+                                  test_fraction=cfg.test_fraction, seed=split_seed, force_test=cfg.test_patients)
         elif cfg.test_patients:
             in_test = {cells.patients[i] for i in split.test}
             if not set(cfg.test_patients) <= in_test:
@@ -221,7 +222,7 @@ def train(
         if len(extra_idx):
             split = SplitIndices(train=np.concatenate([split.train, extra_idx]), val=split.val, test=split.test)
         manifest = split_manifest(split, patients=cells.patients, relpaths=cells.relpaths, labels=cells.labels,
-                                  class_names=cells.class_names, seed=cfg.seed, forced_test_patients=cfg.test_patients)
+                                  class_names=cells.class_names, seed=split_seed, forced_test_patients=cfg.test_patients)
         if len(extra_idx):
             manifest["extra_negatives"] = {"folder": cfg.extra_negatives, "split": "train", "n_cells": int(len(extra_idx)),
                                            "n_fields": len({cells.patients[i] for i in extra_idx})}
@@ -246,13 +247,14 @@ def train(
                             weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing,
                             freeze_backbone=cfg.freeze_backbone, backbone_lr_scale=cfg.backbone_lr_scale,
                             unfreeze_at_epoch=cfg.unfreeze_at_epoch)
+    train_targets = distill_targets(cfg, cells, split, manifest)  # teachers checked before anything is written
     if not resume and is_zero:  # written once the model is known to build (bad weights fail first)
         atomic_write_json(out / "split.json", manifest)
         cfg.to_json(out / "config.json")
         _save_sample_grid(cells, split, out / "samples_grid.png", seed=cfg.seed)
     dm = CellDataModule(cells, split, cfg.mean, cfg.std, batch_size=cfg.batch_size, augment=cfg.augment,
                         color_jitter=cfg.color_jitter, color_augment=cfg.color_augment, hed_sigma=cfg.hed_sigma,
-                        num_workers=cfg.num_workers, seed=cfg.seed)
+                        num_workers=cfg.num_workers, seed=cfg.seed, train_targets=train_targets)
 
     has_val = len(split.val) > 0
     monitor = "val_loss" if has_val else "train_loss"
@@ -341,6 +343,74 @@ def _with_extra_negatives(cells: CellSet, cfg: TrainConfig) -> tuple[CellSet, np
     log.info("extra negatives: %d cells of %d fields from %s (training split only)", len(extra),
              len(set(extra.patients)), cfg.extra_negatives)
     return concat_cell_sets(cells, extra), np.arange(len(cells), len(cells) + len(extra), dtype=np.int64)
+
+
+def distill_targets(cfg: TrainConfig, cells: CellSet, split: SplitIndices, manifest: dict, *,
+                    batch_size: int = 512) -> np.ndarray | None:
+    """Soft targets of the training cells from ``cfg.distill_from``'s teachers (None without).
+
+    Knowledge distillation (Hinton, Vinyals & Dean 2015): each teacher classifies the
+    un-augmented training cells once (its own input normalisation); the target of cell ``i`` is
+    ``(1 - w) * one_hot(label_i) + w * mean_teachers(probs_i)``, ``w = cfg.distill_weight``.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    cells : CellSet
+        ``(N, S, S, 3)`` uint8 cells of this run (extra negatives included).
+    split : SplitIndices
+    manifest : dict
+        This run's ``split.json`` (:func:`~malaria_screen.data.split.split_manifest`).
+    batch_size : int, default=512
+
+    Returns
+    -------
+    (len(split.train), C) float32 ndarray or None
+        Rows in ``split.train`` order; each sums to 1.
+
+    Raises
+    ------
+    ValueError
+        If a teacher folder lacks ``config.json``, ``weights.safetensors`` or ``split.json``, its
+        classes, input size or channels differ, or it trained on a patient of this run's
+        validation or test split, or chose its checkpoint on one of its test patients: the student
+        would learn those patients through it.
+    """
+    if not cfg.distill_from:
+        return None
+    from malaria_screen.data.transforms import eval_transform
+
+    val, test = (set(manifest["splits"][k]["patients"]) for k in ("val", "test"))
+    images = torch.from_numpy(np.ascontiguousarray(cells.images[split.train])).permute(0, 3, 1, 2)
+    probs = []
+    for teacher in cfg.distill_from:
+        run = _init_run_dir(teacher)
+        missing = [n for n in ("config.json", "weights.safetensors", "split.json") if not (run / n).is_file()]
+        if missing:
+            raise ValueError(f"distill_from {teacher!r}: no {', '.join(missing)} in {run}")
+        tcfg = TrainConfig.from_json(run / "config.json")
+        for name in ("input_size", "channels", "class_names"):
+            if getattr(tcfg, name) != getattr(cfg, name):
+                raise ValueError(f"teacher {run} has {name}={getattr(tcfg, name)!r}, this run {getattr(cfg, name)!r}")
+        tsplits = json.loads((run / "split.json").read_text(encoding="utf-8"))["splits"]
+        t_train, t_val = set(tsplits["train"]["patients"]), set(tsplits.get("val", {}).get("patients", []))
+        leak = (t_train & (val | test)) | (t_val & test)  # its validation patients chose its checkpoint
+        if leak:
+            raise ValueError(f"teacher {run} trained on {len(leak)} patient(s) of this run's validation/test split "
+                             f"(e.g. {sorted(leak)[:5]}): distil only from teachers trained on this run's training patients")
+        net = build_net(tcfg, None)
+        load_weights(net, run / "weights.safetensors")
+        net.eval()
+        norm = eval_transform(tcfg.mean, tcfg.std)
+        with torch.inference_mode():
+            p = torch.cat([net(norm(images[i : i + batch_size])).softmax(-1) for i in range(0, len(images), batch_size)])
+        probs.append(p.numpy())
+    teacher_p = np.mean(probs, axis=0)
+    onehot = np.eye(cfg.num_classes, dtype=np.float64)[np.asarray(cells.labels)[split.train]]
+    w = float(cfg.distill_weight)
+    log.info("distillation: %d teacher(s), weight %.2f, teachers' accuracy on the training cells %.4f", len(probs), w,
+             float((teacher_p.argmax(1) == onehot.argmax(1)).mean()))
+    return ((1.0 - w) * onehot + w * teacher_p).astype(np.float32)
 
 
 def _init_run_dir(init_from: str | Path) -> Path:
