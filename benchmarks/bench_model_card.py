@@ -245,7 +245,8 @@ def main() -> None:
         notes = ("NIH: the model's own split.json (patient-level); val patients chose the recipe, test patients did not; "
                  "95% CIs: percentile bootstrap over patients (NIH) or fields (Chula, IML), 1000 replicates, seed 0. "
                  "Chula: fields left out of training only. IML: 120 dev fields' annotation boxes, black outside the cell "
-                 "(box_cell_mask), no IML data used for training or choices. Baselines: ROC-AUC 0.5; majority-class "
+                 "(box_cell_mask), never trained on; docs/model-card.md says which choices they informed (development figures). "
+                 "An ensemble folder (malaria-screen ensemble) is scored as one model on its members' common split. Baselines: ROC-AUC 0.5; majority-class "
                  "accuracy given as *.majority_accuracy. Machine shared by other jobs (no timings here).")
         write_record(args.record, figures, notes=notes, uses_bundled_model=bundled)
 

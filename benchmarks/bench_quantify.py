@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--model", default=None, help="a run folder to score instead of the bundled model (a candidate)")
+    ap.add_argument("--record", default="bench_quantify",
+                    help="record name of the NIH part; the IML part's is NAME_iml (default: bench_quantify, bench_quantify_iml)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -298,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     root = Path(args.data or os.environ.get("MALARIA_SCREEN_DATA") or HERE.parent / ".." / "shared" / "data")
-    model_dir = default_model_dir()
-    model = load_model(None)
+    model_dir = default_model_dir() if args.model is None else Path(args.model)
+    model = load_model(args.model)
+    who = "Bundled model" if args.model is None else f"Candidate model {args.model} (not bundled)"
     cache = Path(args.cache)
     nih = nih_posteriors(model, model_dir, root / "nih_cell_images", cache)
     for part in ("val", "test"):
@@ -317,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:18s} {fig[f'{k}.mae_pp']:6.3f} [{fig[f'{k}.mae_pp_ci95_lo']:.3f}, {fig[f'{k}.mae_pp_ci95_hi']:.3f}]"
                   f" {fig[f'{k}.bias_pp']:+6.2f} {fig[f'{k}.max_abs_err_pp']:6.2f}   {'' if cov is None else f'{cov:.3f}'}")
         if not args.no_record:
-            notes = (f"Bundled model; bags drawn from its {fig['n_test_patients']} TEST patients ({fig['n_test_cells']} cells, "
+            notes = (f"{who}; bags drawn from its {fig['n_test_patients']} TEST patients ({fig['n_test_cells']} cells, "
                      f"{fig['n_test_parasitized']} Parasitized; split.json, seed 0), QuaPy artificial-prevalence protocol: "
                      f"{args.n_prevs} prevalences 0-{100 * args.max_prev:.0f} % x {args.reps} bags of {args.bag_size} cells, "
                      f"seed {args.seed}. ACC/PACC rates from its {fig['n_val_patients']} VALIDATION patients "
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                      "nothing fitted on the test patients. MAE in percentage points; CI of the MAE: percentile bootstrap "
                      f"over bags (1,000 reps); each bag's own interval: bootstrap over cells ({args.n_boot} reps). "
                      "These bags chose the default method of predict's summary (the lowest MAE).")
-            write_record("bench_quantify", fig, notes=notes, uses_bundled_model=True)
+            write_record(args.record, fig, notes=notes, uses_bundled_model=args.model is None)
 
     if args.part in ("all", "iml"):
         from malaria_screen.smear.labels import load_iml_annotations
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{fig['cv.const.slide.mae_pp']:.3f}; constant 1.3 %: field MAE {fig['const_1.3.field.mae_pp']:.3f}; "
               f"median of all fields (in hindsight): {fig['const_median_insample.field.mae_pp']:.3f}")
         if not args.no_record:
-            notes = (f"Bundled model (NIH only, never trained on IML); the {fig['n_fields']} IML_Malaria dev fields "
+            notes = (f"{who} (NIH only, never trained on IML); the {fig['n_fields']} IML_Malaria dev fields "
                      f"({fig['n_gt_rbc']} annotated RBC, {fig['n_gt_infected']} infected), sorted by name. 'fixed.*': "
                      "each method with parameters set on NIH only (no IML label), all fields. 'cv.*': "
                      f"{args.folds} blocked folds of contiguous frames; in each fold the method and its parameter "
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.slide_fields} contiguous frames within one block ({fig['n_slides']} slides); its interval is a "
                      "cluster bootstrap over its fields (200 reps). MAE in percentage points. These fields chose smear's "
                      "default method (with the NIH bags), only through the blocked folds.")
-            write_record("bench_quantify_iml", fig, notes=notes, uses_bundled_model=True)
+            write_record(f"{args.record}_iml", fig, notes=notes, uses_bundled_model=args.model is None)
     return 0
 
 
