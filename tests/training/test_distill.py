@@ -70,7 +70,7 @@ def test_a_teacher_that_saw_the_students_test_patients_is_refused(subset, tmp_pa
     res = _train(data, student, root / "cache", "--test-patients", ",".join(seen), "--distill-from", str(teacher))
     assert res.exit_code == 2
     out = flat(res.output)
-    assert "trained on 2 patient(s)" in out and "validation/test split" in out and all(p in out for p in seen)
+    assert "2 patient(s) of this run's validation/test split" in out and all(p in out for p in seen)
     assert not (student / "split.json").exists() and not (student / "weights.safetensors").exists()
 
 

@@ -204,7 +204,7 @@ def train(
     early_stopping: int = typer.Option(0, help="Stop after N epochs without val-loss improvement; 0 disables"),
     val_fraction: float = typer.Option(0.1, help="Share of PATIENTS for validation"),
     test_fraction: float = typer.Option(0.2, help="Share of PATIENTS for test"),
-    seed: int = typer.Option(0, help="Seed of split, initialisation and shuffling"),
+    seed: int = typer.Option(0, help="Seed of initialisation, shuffling and augmentation, and of the split unless --split-seed"),
     split_seed: Optional[int] = typer.Option(
         None, help="Seed of the patient split only (default: --seed): runs with other --seed values and the same "
         "--split-seed train on the same patients (an ensemble, distillation teachers)"),

@@ -396,7 +396,8 @@ def distill_targets(cfg: TrainConfig, cells: CellSet, split: SplitIndices, manif
         t_train, t_val = set(tsplits["train"]["patients"]), set(tsplits.get("val", {}).get("patients", []))
         leak = (t_train & (val | test)) | (t_val & test)  # its validation patients chose its checkpoint
         if leak:
-            raise ValueError(f"teacher {run} trained on {len(leak)} patient(s) of this run's validation/test split "
+            raise ValueError(f"teacher {run} trained on (or chose its checkpoint on) {len(leak)} patient(s) of this run's "
+                             f"validation/test split "
                              f"(e.g. {sorted(leak)[:5]}): distil only from teachers trained on this run's training patients")
         net = build_net(tcfg, None)
         load_weights(net, run / "weights.safetensors")
