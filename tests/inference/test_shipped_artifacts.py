@@ -76,15 +76,25 @@ def test_metrics_json_is_what_the_weights_give(shipped, default_model_dir):
     assert shipped_m["roc_auc"] == pytest.approx(m["roc_auc"], abs=1e-6)
 
 
+#: How far the int8 file's figures may move between machines, in test cells: ONNX Runtime's int8
+#: kernels differ by instruction set (AVX2's u8s8 products pass through saturating 16-bit sums,
+#: AVX-512 VNNI's do not), so the same file gives slightly other probabilities on another CPU: its
+#: report, written on an AVX2 machine, was one cell of 6,156 off on an AVX-512 VNNI one. fp32 gives
+#: the same calls everywhere (its probabilities differ in the seventh digit at most).
+INT8_CELLS_ACROSS_MACHINES = 3
+
+
 def test_export_reports_describe_the_shipped_files(shipped, default_model_dir):
-    """``model*.report.json`` (written by the export beside each file) quote what the file gives now."""
+    """``model*.report.json`` (written by the export beside each file) quote what the file gives now
+    (the int8 file: within :data:`INT8_CELLS_ACROSS_MACHINES` cells, on any CPU)."""
     cfg, _, cells, p = shipped
     t = cfg["threshold"]
-    for name, backend in (("model.onnx", "onnx-fp32"), ("model.int8.onnx", "onnx-int8")):
+    n = len(cells.y)
+    for name, backend, cells_off in (("model.onnx", "onnx-fp32", 0), ("model.int8.onnx", "onnx-int8", INT8_CELLS_ACROSS_MACHINES)):
         rep_file = default_model_dir / name.replace(".onnx", ".report.json")
         if not rep_file.is_file():
             continue
         row = {r["backend"]: r for r in json.loads(rep_file.read_text())["test"]}[backend]
-        assert row["n_cells"] == len(cells.y)
-        assert row["accuracy"] == pytest.approx(np.mean((p[name] >= t) == (cells.y == 1)), abs=1e-9), name
-        assert row["roc_auc"] == pytest.approx(roc_auc_score(cells.y, p[name]), abs=1e-6), name
+        assert row["n_cells"] == n
+        assert row["accuracy"] == pytest.approx(np.mean((p[name] >= t) == (cells.y == 1)), abs=cells_off / n + 1e-9), name
+        assert row["roc_auc"] == pytest.approx(roc_auc_score(cells.y, p[name]), abs=1e-6 if cells_off == 0 else 1e-3), name
