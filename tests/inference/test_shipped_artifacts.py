@@ -79,7 +79,7 @@ def test_metrics_json_is_what_the_weights_give(shipped, default_model_dir):
 #: How far the int8 file's figures may move between machines, in test cells: ONNX Runtime's int8
 #: kernels differ by instruction set (AVX2's u8s8 products pass through saturating 16-bit sums,
 #: AVX-512 VNNI's do not), so the same file gives slightly other probabilities on another CPU: its
-#: report, written on an AVX2 machine, was one cell of 6,156 off on an AVX-512 VNNI one. fp32 gives
+#: report, written on an earlier machine, was one cell of 6,156 off on an AVX-512 VNNI one. fp32 gives
 #: the same calls everywhere (its probabilities differ in the seventh digit at most).
 INT8_CELLS_ACROSS_MACHINES = 3
 
