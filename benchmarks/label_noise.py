@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
     cells = load_cell_set(data, size_px=base.input_size, progress=False)
     split = split_from_manifest(json.loads((base_dir / "split.json").read_text()), cells.relpaths)
     tr, labels = split.train, np.asarray(cells.labels)
-    t0 = time.perf_counter()
 
     oof = np.full((len(tr), base.num_classes), np.nan, np.float32)
     fold_acc = []
@@ -127,7 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
         "n_flagged": int(len(flagged)),
         **{f"n_flagged.{n}": int((labels[flagged] == c).sum()) for c, n in enumerate(cells.class_names)},
         "smoothing": args.smoothing,
-        "seconds": round(time.perf_counter() - t0, 1),
     }
     if not args.no_record:
         write_record("label_noise", figures, notes=(
