@@ -40,30 +40,29 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from malaria_screen.config import TrainConfig
 from malaria_screen.data.dataset import load_cell_set
 from malaria_screen.data.split import SplitIndices, patient_folds
-from malaria_screen.data.transforms import eval_transform
+from malaria_screen.inference import load_model
 from malaria_screen.inference.base import default_model_dir
-from malaria_screen.models.weights import load_weights
-from malaria_screen.training.run import build_net, split_from_manifest, train
+from malaria_screen.training.run import split_from_manifest, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from records import write_record  # noqa: E402
 
 
-def _probs(run: Path, images: np.ndarray) -> np.ndarray:
-    """``(N, C)`` softmax probabilities of a run folder's network on ``(N, S, S, 3) uint8`` cells."""
-    cfg = TrainConfig.from_json(run / "config.json")
-    net = build_net(cfg, None)
-    load_weights(net, run / "weights.safetensors")
-    net.eval()
-    norm = eval_transform(cfg.mean, cfg.std)
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    with torch.inference_mode():
-        return torch.cat([net(norm(x[i : i + 512])).softmax(-1) for i in range(0, len(x), 512)]).numpy()
+def _reusable(run: Path, relpaths: list[str], train_idx: np.ndarray, cfg: TrainConfig) -> bool:
+    """Whether ``run`` is a finished run of ``cfg`` on exactly these NIH training cells (then it is
+    reused: the experiment resumes; a run of other folds or settings is an error)."""
+    if not (run / "weights.safetensors").is_file():
+        return False
+    files = set(json.loads((run / "split.json").read_text())["splits"]["train"]["files"])
+    want = {relpaths[i] for i in train_idx}
+    same = TrainConfig.from_json(run / "config.json").replace(mean=cfg.mean, std=cfg.std) == cfg
+    if not same or want - files or not (files - want).isdisjoint(relpaths):
+        raise ValueError(f"{run} holds a run of other settings or cells: remove it or pass another --runs")
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,10 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     pats = [cells.patients[i] for i in tr]
     for k, (a, b) in enumerate(patient_folds(labels[tr], pats, n_splits=args.folds, seed=base.seed)):
         out = runs / f"fold{k}"
-        if not (out / "weights.safetensors").is_file():  # a finished fold is reused (resumable experiment)
-            train(data, out, base.replace(test_patients=()), cells=cells, progress=False,
-                  split=SplitIndices(train=tr[a], val=split.val, test=tr[b]))
-        oof[b] = _probs(out, cells.images[tr[b]])
+        fold_cfg = base.replace(test_patients=())
+        if not _reusable(out, cells.relpaths, tr[a], fold_cfg):
+            train(data, out, fold_cfg, cells=cells, progress=False, split=SplitIndices(train=tr[a], val=split.val, test=tr[b]))
+        oof[b] = load_model(str(out), backend="torch").predict_proba_prepared(cells.images[tr[b]])
         fold_acc.append(float((oof[b].argmax(1) == labels[tr[b]]).mean()))
         print(f"fold {k}: {len(a)} training cells, {len(b)} scored, accuracy {fold_acc[-1]:.4f}", flush=True)
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for name, (cfg, keep) in candidates.items():
         out = runs / name
-        if not (out / "weights.safetensors").is_file():
+        if not _reusable(out, cells.relpaths, keep, cfg):
             train(data, out, cfg, cells=cells, progress=False, split=SplitIndices(train=keep, val=split.val, test=split.test))
         print(f"{name}: {len(keep)} NIH training cells -> {out}", flush=True)
 
