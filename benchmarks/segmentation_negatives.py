@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     both = concat_cell_sets(cells, neg)
     extra = np.arange(len(cells), len(both), dtype=np.int64)
     cfg = base.replace(extra_negatives=None, extra_negative_fields=())  # in place of the point cuts
-    if not (out / "weights.safetensors").is_file():
+    if (out / "weights.safetensors").is_file():  # a finished run is reused, if it is this one
+        done = json.loads((out / "split.json").read_text()).get("extra_negatives") or {}
+        if TrainConfig.from_json(out / "config.json").replace(mean=cfg.mean, std=cfg.std) != cfg or \
+                done.get("n_cells") != len(extra):
+            raise ValueError(f"{out} holds a run of other settings or negatives: remove it or pass another --out")
+    else:
         train(data, out, cfg, cells=both, progress=False,
               split=SplitIndices(train=np.concatenate([split.train, extra]), val=split.val, test=split.test))
         manifest = json.loads((out / "split.json").read_text())
