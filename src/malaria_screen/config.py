@@ -121,6 +121,13 @@ class TrainConfig:
         have trained on a patient of this run's validation or test split (checked). Empty: none.
     distill_weight : float
         With ``distill_from``: the target is ``(1 - w) * one_hot(label) + w * teacher_probs``.
+    weight_average_from : float or None
+        Weight averaging (stochastic weight averaging, Izmailov et al. 2018, "Averaging weights
+        leads to wider optima and better generalization"; averaged after every step as in SWAD,
+        Cha et al. 2021, a domain-generalisation method): from this share of the training steps
+        on (in ``[0, 1)``), an equal-weight running average of the weights and BatchNorm buffers
+        (Lightning's ``WeightAveraging`` callback) is what validation scores, checkpoints hold
+        and the run keeps. None: off (the last or best weights themselves).
     """
 
     model: str = "cellnet"
@@ -159,6 +166,7 @@ class TrainConfig:
     init_from: str | None = None
     distill_from: tuple[str, ...] = ()
     distill_weight: float = 0.5
+    weight_average_from: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -186,6 +194,8 @@ class TrainConfig:
             raise ValueError("init_from (a trained run) and pretrained_weights (ImageNet) are exclusive")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.weight_average_from is not None and not 0.0 <= self.weight_average_from < 1.0:
+            raise ValueError(f"weight_average_from must be in [0, 1) or None, got {self.weight_average_from}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean/std need {self.channels} values, got {self.mean} / {self.std}")
 

@@ -234,6 +234,9 @@ def train(
         "mean probabilities"),
     distill_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="--distill-from: weight of the teachers' "
                                          "probabilities in the targets (1 - this: the label)"),
+    weight_average_from: Optional[float] = typer.Option(
+        None, min=0.0, max=0.999, help="Weight averaging (SWA, Izmailov et al. 2018; dense as in SWAD): average the weights "
+        "of every step from this share of training on (e.g. 0.5) and keep the average"),
     threshold_rule: ThresholdRule = typer.Option(
         ThresholdRule.fixed, help="fixed: threshold 0.5 | val-count: the threshold at which as many validation cells are called "
         "Parasitized as are Parasitized (count calibration for parasitemia on a low-prevalence site; with --groups, "
@@ -262,6 +265,7 @@ def train(
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,
             init_from=_run_folder(init_from), split_seed=split_seed,
             distill_from=tuple(_run_folder(t) for t in distill_from or ()), distill_weight=distill_weight,
+            weight_average_from=weight_average_from,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

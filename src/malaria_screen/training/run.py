@@ -268,6 +268,8 @@ def train(
     ]
     if cfg.early_stopping_patience > 0 and has_val:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience))
+    if cfg.weight_average_from is not None:
+        callbacks.append(_weight_averaging(cfg.weight_average_from))
     trainer = L.Trainer(
         default_root_dir=out,
         max_epochs=cfg.epochs,
@@ -311,6 +313,51 @@ def train(
         })
     return TrainResult(run_dir=out, config=cfg, cells=cells, split=split, seconds=seconds, epochs_run=int(trainer.current_epoch),
                        is_global_zero=bool(trainer.is_global_zero))
+
+
+def _weight_averaging(start_fraction: float):
+    """Lightning's ``WeightAveraging`` (equal weights: SWA) over the steps from ``start_fraction``
+    of training on, scored and checkpointed only once it holds at least one step.
+
+    Lightning's callback swaps its average in for every validation and writes it into every
+    checkpoint from the start, when it is still the untrained copy made at set-up; before the
+    first averaged step this one leaves the model as it is, so early validation losses, ``best``
+    and ``last`` hold the trained weights. Resuming restores the average and its count (the
+    callback's own checkpoint state).
+    """
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    class _SWA(WeightAveraging):
+        start_step = 0
+
+        def on_train_start(self, trainer, pl_module):
+            self.start_step = int(start_fraction * trainer.estimated_stepping_batches)
+
+        def should_update(self, step_idx=None, epoch_idx=None):
+            return step_idx is not None and step_idx >= self.start_step
+
+        def _started(self) -> bool:
+            return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            self._swapped = self._started()
+            if self._swapped:
+                super().on_validation_epoch_start(trainer, pl_module)
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if getattr(self, "_swapped", False):
+                super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            if self._started():
+                super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+        def on_train_end(self, trainer, pl_module):
+            if self._started():
+                super().on_train_end(trainer, pl_module)
+
+    return _SWA()
 
 
 def _read_groups(groups_csv: str | Path | None) -> dict[str, str] | None:
