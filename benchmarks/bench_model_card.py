@@ -99,9 +99,10 @@ def _split_manifest(model_dir: Path) -> dict:
     return mans[0]
 
 
-def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None, chula_fields: list[str] | None = None) -> dict:
+def evaluate_model(model_dir: Path, data: Path, iml_crops, cache_dir: str | None, chula_fields: list[str] | None = None) -> dict:
     """All figures of one model folder (see the module docstring); Chula on ``chula_fields``
-    (default: the fields it was not trained on)."""
+    (default: the fields it was not trained on); ``iml_crops``: ``size_px -> CellSet`` of the IML
+    crops at the model's input size, or None."""
     from malaria_screen.data.dataset import load_cell_set
     from malaria_screen.data.extra_negatives import point_cell_set
     from malaria_screen.evaluation.metrics import evaluate_predictions
@@ -138,7 +139,8 @@ def evaluate_model(model_dir: Path, data: Path, iml_cells, cache_dir: str | None
         fig["chula_heldout.specificity_ci_lo"], fig["chula_heldout.specificity_ci_hi"] = _field_bootstrap(
             groups, lambda gs: float(np.concatenate(gs).mean()))
         fig["chula_heldout.n_fields"], fig["chula_heldout.n_cells"] = len(groups), int(len(cs))
-    if iml_cells is not None:
+    if iml_crops is not None:
+        iml_cells = iml_crops(pred.input_size)
         p = pred.predict_proba_prepared(iml_cells.images)[:, pos]
         y = (np.asarray(iml_cells.labels) == iml_cells.class_names.index("Parasitized")).astype(int)
         pats = np.asarray(iml_cells.patients)
@@ -194,8 +196,9 @@ def sample_score() -> dict:
             "samples.n_patients": len({parse_nih_patient_id(f.name) for f in files})}
 
 
-def load_iml_crops(data: Path, crops_dir: str | None, size_px: int):
-    """The IML dev box crops (masked black outside the cell) as a CellSet grouped by field."""
+def load_iml_crops(data: Path, crops_dir: str | None):
+    """The IML dev box crops (masked black outside the cell): a function ``size_px -> CellSet``
+    (grouped by field, loaded once per size), the crops written once."""
     from malaria_screen.data.dataset import load_cell_set
 
     if crops_dir is None:
@@ -206,7 +209,14 @@ def load_iml_crops(data: Path, crops_dir: str | None, size_px: int):
         iml = data / "iml_malaria_dev"
         export_annotation_crops(iml / "images", load_iml_annotations(iml / "annotations.json"), crops_dir, mask_cells=True)
     d = Path(crops_dir)
-    return load_cell_set(d, size_px=size_px, cache_dir="", groups_csv=d / "groups.csv", progress=False)
+    sets: dict = {}
+
+    def at(size_px: int):
+        if size_px not in sets:
+            sets[size_px] = load_cell_set(d, size_px=size_px, cache_dir="", groups_csv=d / "groups.csv", progress=False)
+        return sets[size_px]
+
+    return at
 
 
 def main() -> None:
@@ -227,7 +237,7 @@ def main() -> None:
     data = Path(args.data)
     bundled = args.model is None
     model = default_model_dir() if bundled else Path(args.model)
-    iml = load_iml_crops(data, args.iml_crops, 64) if (data / "iml_malaria_dev").is_dir() else None
+    iml = load_iml_crops(data, args.iml_crops) if (data / "iml_malaria_dev").is_dir() else None
     figures = evaluate_model(model, data, iml, args.cache_dir)
     figures.update(model_figures(model))
     if bundled:
