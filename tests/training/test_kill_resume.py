@@ -82,3 +82,34 @@ def test_sigkill_mid_run_then_resume_finishes_on_the_same_split(nih_dir, tmp_pat
     # the resumed process saved its own checkpoints past the killed one (Lightning's last save after
     # the final epoch stores the epoch counter already advanced: 3 here, measured)
     assert ckpt["epoch"] >= 2 > killed_at
+
+
+def test_weight_averaging_survives_a_sigkill_and_resume(nih_dir, tmp_path, make_subset):
+    """``--weight-average-from 0``: every step is averaged; after a SIGKILL and ``--resume`` the
+    average holds every step of both processes (restarted, it would count only the resumed ones)."""
+    data = make_subset(nih_dir, tmp_path / "data", PATIENTS)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--no-progress", "--cache-dir", str(cache)]
+    proc = _train([str(data), "--out", str(run), "--epochs", "3", "--batch-size", "8", "--val-fraction", "0.2",
+                   "--test-fraction", "0.3", "--weight-average-from", "0", *common], tmp_path)
+    _wait_for_checkpoint(run / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, out
+    killed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert killed["epoch"] < 2 and int(killed["averaging_state"]["n_averaged"]) == killed["global_step"] > 0
+
+    res = _train([str(data), "--out", str(run), "--resume", *common], tmp_path)
+    out, _ = res.communicate(timeout=900)
+    assert res.returncode == 0, out
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] > killed["global_step"]
+    assert int(final["averaging_state"]["n_averaged"]) == final["global_step"]
+    # the kept weights are a checkpoint's average (every checkpoint of this run holds one)
+    from safetensors.torch import load_file
+
+    info = json.loads((run / "train_info.json").read_text())
+    best = torch.load(run / "checkpoints" / info["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert "current_model_state" in best
+    kept = load_file(run / "weights.safetensors")
+    assert all(torch.equal(v, best["state_dict"]["net." + k]) for k, v in kept.items())
