@@ -10,8 +10,9 @@ For ``--model`` (default: the bundled model) and every ``--compare`` model, on t
 dev fields (never trained on):
 
 - every field is screened as ``smear`` screens it (:func:`malaria_screen.smear.screen.screen_field`,
-  default settings), and every annotated box is cut as the model card's IML crops are (box plus
-  2 px, black outside :func:`malaria_screen.smear.crops.box_cell_mask`; ``difficult`` boxes left out);
+  default settings), and every annotated box is cut as the model card's IML crops are
+  (:func:`malaria_screen.smear.crop_export.annotation_crop`: box plus 2 px, black outside the cell;
+  ``difficult`` boxes left out);
 - detections are matched one-to-one to the boxes (:func:`malaria_screen.smear.boxes.match_boxes`,
   IoU >= 0.5).
 
@@ -64,7 +65,7 @@ def score_model(model_path: Path | None, iml: Path) -> dict[str, float]:
     from malaria_screen import load_model
     from malaria_screen.data.io import check_colour, decode_image
     from malaria_screen.smear.boxes import match_boxes
-    from malaria_screen.smear.crops import box_cell_mask
+    from malaria_screen.smear.crop_export import annotation_crop
     from malaria_screen.smear.labels import load_iml_annotations
     from malaria_screen.smear.screen import screen_field
 
@@ -75,19 +76,12 @@ def score_model(model_path: Path | None, iml: Path) -> dict[str, float]:
     for name in sorted(ann):
         rgb = check_colour(decode_image(iml / "images" / name))
         res = screen_field(rgb, model, image_name=name)
-        H, W = rgb.shape[:2]
         boxes, crops = [], []
         for b in ann[name]:
-            if b.ignored:
-                continue
-            x, yy, w, h = (int(round(v)) for v in b.bbox)
-            x0, y0, x1, y1 = max(0, x - 2), max(0, yy - 2), min(W, x + w + 2), min(H, yy + h + 2)
-            if x1 - x0 < 4 or y1 - y0 < 4:
-                continue
-            c = rgb[y0:y1, x0:x1].copy()
-            c[~box_cell_mask(c)] = 0
-            boxes.append(b)
-            crops.append(c)
+            c = None if b.ignored else annotation_crop(rgb, b.bbox)
+            if c is not None:
+                boxes.append(b)
+                crops.append(c)
         pb = np.asarray(model.predict(crops), np.float64) if crops else np.zeros(0)
         det_boxes = np.asarray([c.bbox for c in res.cells], np.float64).reshape(-1, 4)
         det_p = np.asarray([c.p_parasitized for c in res.cells], np.float64)

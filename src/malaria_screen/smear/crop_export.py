@@ -26,7 +26,7 @@ from malaria_screen.smear.labels import IGNORED_TYPES, INFECTED_TYPES, label_det
 from malaria_screen.smear.segment import SegmentConfig, segment_field
 from malaria_screen.smear.stain import check_stain_method, normalize_stain
 
-__all__ = ["ExportInterrupted", "ExportSummary", "export_annotation_crops", "export_detection_crops"]
+__all__ = ["ExportInterrupted", "ExportSummary", "annotation_crop", "export_annotation_crops", "export_detection_crops"]
 
 
 @dataclass
@@ -49,6 +49,38 @@ class ExportInterrupted(KeyboardInterrupt):
     def __init__(self, summary: ExportSummary) -> None:
         super().__init__(f"interrupted after {summary.n_fields} field(s)")
         self.summary = summary
+
+
+def annotation_crop(rgb: np.ndarray, bbox, *, margin_px: int = 2, mask_cells: bool = True) -> np.ndarray | None:
+    """Cut one annotated cell as :func:`export_annotation_crops` writes it.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) ndarray of uint8
+        The field.
+    bbox : (x, y, w, h)
+        The annotated box, px (rounded to whole pixels).
+    margin_px : int
+        Margin around the box, px (clipped to the image).
+    mask_cells : bool
+        Black out pixels outside the cell (:func:`~malaria_screen.smear.crops.box_cell_mask`,
+        as in the NIH crops); False keeps the whole box.
+
+    Returns
+    -------
+    (h, w, 3) ndarray of uint8, or None
+        None when the clipped box is narrower or lower than 4 px (nothing to classify).
+    """
+    H, W = rgb.shape[:2]
+    x, y, w, h = (int(round(v)) for v in bbox)
+    x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
+    x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        return None
+    crop = rgb[y0:y1, x0:x1].copy()
+    if mask_cells:
+        crop[~box_cell_mask(crop)] = 0
+    return crop
 
 
 def export_annotation_crops(
@@ -102,21 +134,15 @@ def export_annotation_crops(
     try:
         for name, rgb in decoded_fields(Path(field_dir), sorted(annotations), errors):
             stem = Path(name).stem
-            H, W = rgb.shape[:2]
             n_skipped = 0
             for k, box in enumerate(annotations[name]):
                 if box.type in IGNORED_TYPES:
                     n_skipped += 1
                     continue
-                x, y, w, h = (int(round(v)) for v in box.bbox)
-                x0, y0 = max(0, x - margin_px), max(0, y - margin_px)
-                x1, y1 = min(W, x + w + margin_px), min(H, y + h + margin_px)
-                if x1 - x0 < 4 or y1 - y0 < 4:
+                crop = annotation_crop(rgb, box.bbox, margin_px=margin_px, mask_cells=mask_cells)
+                if crop is None:
                     n_skipped += 1
                     continue
-                crop = rgb[y0:y1, x0:x1].copy()
-                if mask_cells:
-                    crop[~box_cell_mask(crop)] = 0
                 writer.write("Parasitized" if box.type in inf_types else "Uninfected", f"{stem}_cell_{k}.png", crop, stem)
             writer.end_field(n_skipped)
     except KeyboardInterrupt:

@@ -329,6 +329,7 @@ def _weight_averaging(start_fraction: float):
 
     class _SWA(WeightAveraging):
         start_step = 0
+        _swapped = False  # the average is in the model for this validation
 
         def on_train_start(self, trainer, pl_module):
             self.start_step = int(start_fraction * trainer.estimated_stepping_batches)
@@ -345,7 +346,7 @@ def _weight_averaging(start_fraction: float):
                 super().on_validation_epoch_start(trainer, pl_module)
 
         def on_validation_epoch_end(self, trainer, pl_module):
-            if getattr(self, "_swapped", False):
+            if self._swapped:
                 super().on_validation_epoch_end(trainer, pl_module)
             self._swapped = False
 
