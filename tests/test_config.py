@@ -32,6 +32,10 @@ def test_validation():
         TrainConfig(hed_sigma=1.0)
     with pytest.raises(ValueError, match="extra_negatives"):
         TrainConfig(extra_negative_fields=("1",))
+    with pytest.raises(ValueError, match="synthetic_positives needs extra_negatives"):
+        TrainConfig(synthetic_positives=0.5)
+    with pytest.raises(ValueError, match=r"synthetic_positives must be in \[0, 1\]"):
+        TrainConfig(extra_negatives="x", synthetic_positives=1.5)
 
 
 def test_config_without_new_keys_loads_with_defaults(tmp_path):

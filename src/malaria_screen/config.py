@@ -80,6 +80,11 @@ class TrainConfig:
     extra_negative_fields : tuple of str
         Field stems of ``extra_negatives`` to use (empty: all); the others stay unseen, e.g.
         to measure specificity on that site.
+    synthetic_positives : float
+        Share of the extra negatives that also join the training split as a synthetic
+        Parasitized copy, an NIH training parasite pasted into the cell in optical density
+        (:func:`malaria_screen.data.synthetic.synthetic_positives`); 0 (default) adds none.
+        Needs ``extra_negatives``.
     early_stopping_patience : int
         Epochs without val-loss improvement before stopping; 0 disables.
     val_fraction, test_fraction : float
@@ -152,6 +157,7 @@ class TrainConfig:
     test_patients: tuple[str, ...] = ()
     extra_negatives: str | None = None
     extra_negative_fields: tuple[str, ...] = ()
+    synthetic_positives: float = 0.0
     early_stopping_patience: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -186,6 +192,10 @@ class TrainConfig:
             raise ValueError(f"hed_sigma must be in [0, 1), got {self.hed_sigma}")
         if self.extra_negative_fields and self.extra_negatives is None:
             raise ValueError("extra_negative_fields needs extra_negatives (the folder they come from)")
+        if not 0.0 <= self.synthetic_positives <= 1.0:
+            raise ValueError(f"synthetic_positives must be in [0, 1], got {self.synthetic_positives}")
+        if self.synthetic_positives and self.extra_negatives is None:
+            raise ValueError("synthetic_positives needs extra_negatives (the cells the parasites are pasted into)")
         if not self.backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if self.unfreeze_at_epoch is not None and (not self.freeze_backbone or self.unfreeze_at_epoch < 1):

@@ -201,6 +201,9 @@ def train(
         "labels/N.txt, a point per red cell): its cells join the TRAINING split as Uninfected, one group per field"),
     extra_negative_fields: Optional[str] = typer.Option(
         None, help="Comma-separated field stems of --extra-negatives to use (default all); the rest stay unseen"),
+    synthetic_positives: float = typer.Option(
+        0.0, help="Share of the --extra-negatives cells that also join training as a synthetic Parasitized copy "
+        "(an NIH training parasite pasted in optical density); 0 adds none"),
     early_stopping: int = typer.Option(0, help="Stop after N epochs without val-loss improvement; 0 disables"),
     val_fraction: float = typer.Option(0.1, help="Share of PATIENTS for validation"),
     test_fraction: float = typer.Option(0.2, help="Share of PATIENTS for test"),
@@ -260,6 +263,7 @@ def train(
             test_patients=_patient_list(test_patients),
             extra_negatives=str(extra_negatives) if extra_negatives is not None else None,
             extra_negative_fields=tuple(f.strip() for f in extra_negative_fields.split(",") if f.strip()) if extra_negative_fields else (),
+            synthetic_positives=synthetic_positives,
             early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _NIH_PATIENT = re.compile(r"^C\d+[A-Za-z]*?P(\d+)")
 #: Cells cut around the annotated points of a field (:mod:`malaria_screen.data.extra_negatives`):
 #: ``<folder>/images/<stem>.<ext>#<k>``, grouped by field as ``<folder>:<stem>``.
-_POINT_CELL = re.compile(r"^(?P<folder>[^/#]+)/images/(?P<stem>[^/#]+)\.[A-Za-z0-9]+#\d+$")
+_POINT_CELL = re.compile(r"^(?P<folder>[^/#]+)/images/(?P<stem>[^/#]+)\.[A-Za-z0-9]+#\d+(?:\+parasite)?$")
 _NIH_CONTROL = re.compile(r"^(C\d+[A-Za-z_]*?)(?:_IMG|_original|IMG_)", re.IGNORECASE)
 
 
@@ -107,7 +107,8 @@ def patient_ids_from_names(
 ) -> list[str]:
     """Patient id of each image, by the first rule that applies: ``groups``, then a point-cut cell
     of another site's field (``<folder>/images/<stem>.<ext>#<k>`` → ``<folder>:<stem>``, as
-    :mod:`malaria_screen.data.extra_negatives` names them), then the NIH file-name pattern.
+    :mod:`malaria_screen.data.extra_negatives` names them; ``...#<k>+parasite`` for its synthetic
+    Parasitized copy, :mod:`malaria_screen.data.synthetic`), then the NIH file-name pattern.
 
     Parameters
     ----------

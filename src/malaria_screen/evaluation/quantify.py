@@ -611,10 +611,13 @@ def params_from_model(model: Any) -> QuantifierParams:
             # Extra negatives from another microscope (Chula-RBC-12, `train --extra-negatives`) are a
             # separate cluster of the model's feature space: they do not shape its posteriors on the
             # cells it screens, so the prior those posteriors carry is that of the NIH training cells.
+            # So are the synthetic Parasitized copies of those cells (`train --synthetic-positives`).
             extra = int((manifest.get("extra_negatives") or {}).get("n_cells", 0))
-            pos = float(n.get("Parasitized", 0))
+            syn = int((manifest.get("synthetic_positives") or {}).get("n_cells", 0))
+            pos = float(n.get("Parasitized", 0)) - syn
             prior = pos / (pos + float(n.get("Uninfected", 0)) - extra)
-            where = "training cells (split.json)" + (f", without {extra} extra negatives" if extra else "")
+            where = "training cells (split.json)" + (f", without {extra} extra negatives" if extra else "") + \
+                (f" and {syn} synthetic positives" if syn else "")
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             prior = None
     if prior is None and m.get("n_cells"):

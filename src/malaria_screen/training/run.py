@@ -30,6 +30,7 @@ from malaria_screen.config import TrainConfig
 from malaria_screen.data.dataset import CellSet, load_cell_set
 from malaria_screen.data.extra_negatives import point_cell_set
 from malaria_screen.data.patients import read_groups_csv
+from malaria_screen.data.synthetic import synthetic_positives
 from malaria_screen.data.split import SplitIndices, check_leak_free, patient_split, split_manifest
 from malaria_screen.fileio import atomic_write_json
 from malaria_screen.models.registry import build_model
@@ -199,7 +200,9 @@ def train(
         if cells is None:
             cells = load_cell_set(data_dir, size_px=cfg.input_size, cache_dir=cache_dir, groups_csv=groups_csv,
                                   group_per_image=group_per_image, progress=progress)
-        cells, _ = _with_extra_negatives(cells, cfg)
+        cells, extra_idx = _with_extra_negatives(cells, cfg)
+        if cfg.synthetic_positives:  # rebuilt from the saved split's training donors: the same cells
+            cells, _ = _with_synthetic_positives(cells, split_from_manifest(manifest, cells.relpaths).train, extra_idx, cfg)
         split = split_from_manifest(manifest, cells.relpaths)
         log.info("resuming %s from %s", out, last_ckpt)
     else:
@@ -221,11 +224,18 @@ def train(
         cells, extra_idx = _with_extra_negatives(cells, cfg)
         if len(extra_idx):
             split = SplitIndices(train=np.concatenate([split.train, extra_idx]), val=split.val, test=split.test)
+        syn_idx = np.zeros(0, np.int64)
+        if cfg.synthetic_positives:
+            cells, syn_idx = _with_synthetic_positives(cells, split.train, extra_idx, cfg)
+            split = SplitIndices(train=np.concatenate([split.train, syn_idx]), val=split.val, test=split.test)
         manifest = split_manifest(split, patients=cells.patients, relpaths=cells.relpaths, labels=cells.labels,
                                   class_names=cells.class_names, seed=split_seed, forced_test_patients=cfg.test_patients)
         if len(extra_idx):
             manifest["extra_negatives"] = {"folder": cfg.extra_negatives, "split": "train", "n_cells": int(len(extra_idx)),
                                            "n_fields": len({cells.patients[i] for i in extra_idx})}
+        if len(syn_idx):
+            manifest["synthetic_positives"] = {"split": "train", "n_cells": int(len(syn_idx)),
+                                               "fraction": cfg.synthetic_positives}
         check_leak_free(manifest, groups=_read_groups(groups_csv), per_image=group_per_image)
         mean, std = channel_stats(cells.images[split.train])
         cfg = cfg.replace(class_names=tuple(cells.class_names), mean=mean, std=std)
@@ -391,6 +401,28 @@ def _with_extra_negatives(cells: CellSet, cfg: TrainConfig) -> tuple[CellSet, np
     log.info("extra negatives: %d cells of %d fields from %s (training split only)", len(extra),
              len(set(extra.patients)), cfg.extra_negatives)
     return concat_cell_sets(cells, extra), np.arange(len(cells), len(cells) + len(extra), dtype=np.int64)
+
+
+def _with_synthetic_positives(cells: CellSet, train_idx: np.ndarray, extra_idx: np.ndarray,
+                              cfg: TrainConfig) -> tuple[CellSet, np.ndarray]:
+    """``cells`` plus synthetic Parasitized copies of a share of the extra negatives, and their indices.
+
+    Donors are the training split's Parasitized cells that are not extra negatives (NIH cells of
+    training patients only); each synthetic cell keeps its host's field as its group, so it sits
+    in the training split with it. Seeded by ``cfg.seed``: a resumed run rebuilds the same cells.
+    """
+    pos = cells.class_names.index("Parasitized")
+    extra = set(extra_idx.tolist())
+    donors = np.asarray([i for i in train_idx if cells.labels[i] == pos and int(i) not in extra], dtype=np.int64)
+    images, host = synthetic_positives(cells.images[extra_idx], cells.images[donors],
+                                       fraction=cfg.synthetic_positives, seed=cfg.seed)
+    hosts = extra_idx[host]
+    syn = CellSet(images=images, labels=np.full(len(images), pos, np.int64),
+                  patients=[cells.patients[i] for i in hosts],
+                  relpaths=[f"{cells.relpaths[i]}+parasite" for i in hosts],
+                  class_names=list(cells.class_names), root=cells.root, size_px=cells.size_px)
+    log.info("synthetic positives: %d cells (NIH training parasites pasted into extra negatives)", len(syn))
+    return concat_cell_sets(cells, syn), np.arange(len(cells), len(cells) + len(syn), dtype=np.int64)
 
 
 def distill_targets(cfg: TrainConfig, cells: CellSet, split: SplitIndices, manifest: dict, *,
