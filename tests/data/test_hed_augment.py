@@ -76,3 +76,30 @@ def test_bad_inputs_raise():
         hed_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.ones(3, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError):
         BatchAugment(16, (0.5,) * 3, (0.25,) * 3, hed_sigma=1.5)
+
+
+def test_training_batches_are_augmented_after_the_transfer_to_the_device(samples_dir):
+    """Batched (HED) training: the loader serves uint8 batches and the DataModule's
+    ``on_after_batch_transfer`` augments them where they are (on a GPU, on the GPU); on the CPU
+    that is exactly BatchAugment on the loader's batch, and validation batches pass through."""
+    from types import SimpleNamespace
+
+    from malaria_screen.data.datamodule import CellDataModule
+    from malaria_screen.data.dataset import load_cell_set
+    from malaria_screen.data.split import SplitIndices
+
+    cells = load_cell_set(samples_dir, size_px=32)
+    n = len(cells)
+    split = SplitIndices(train=np.arange(n - 4), val=np.arange(n - 4, n), test=np.arange(n - 4, n))
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    dm = CellDataModule(cells, split, mean, std, batch_size=8, color_augment="hed", hed_sigma=0.3, seed=5)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.dtype == torch.uint8 and x.shape == (8, 3, 32, 32)
+    dm.trainer = SimpleNamespace(training=True)
+    got, y2 = dm.on_after_batch_transfer((x, y), 0)
+    want = BatchAugment(32, mean, std, hed_sigma=0.3, jitter=0.1, seed=5)(x)
+    assert torch.equal(got, want) and torch.equal(y, y2) and got.dtype == torch.float32
+    dm.trainer = SimpleNamespace(training=False)
+    v, _ = next(iter(dm.val_dataloader()))
+    assert v.dtype == torch.float32 and dm.on_after_batch_transfer((v, y), 0)[0] is v

@@ -435,6 +435,10 @@ def predict(
                                           "Default: the usable CPU cores"),
     quiet: bool = typer.Option(False, help="Do not print the results table"),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    device: str = typer.Option("cpu", help="Torch device of the network with --backend torch: cpu, cuda, cuda:1, ... "
+                               "(decoding stays on the CPU cores)"),
+    precision: str = typer.Option("32", help="Inference precision with --backend torch: 32, or 16-mixed / bf16-mixed "
+                                  "on a GPU (a few cells near the threshold may change label)"),
 ) -> None:
     """Classify cell images; one row per file: path, label, p_parasitized, error.
 
@@ -457,7 +461,10 @@ def predict(
     if len(files) < len(listed):
         typer.echo(f"note: {len(listed) - len(files)} path(s) named a file already given by another path: "
                    "each file is classified once", err=True)
-    pred = _load_predictor(model, backend, batch_size=batch_size)
+    on_device = {"device": device, "precision": precision} if (device, precision) != ("cpu", "32") else {}
+    if on_device and (backend != "torch" or ray):
+        raise typer.BadParameter("--device and --precision apply to --backend torch, without --ray")
+    pred = _load_predictor(model, backend, batch_size=batch_size, **on_device)
     if ray:
         from malaria_screen.inference.distributed import predict_files_ray
 

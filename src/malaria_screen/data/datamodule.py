@@ -96,6 +96,10 @@ class BatchCellDataset(Dataset):
         return x, self.labels[idx]
 
 
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class CellDataModule(L.LightningDataModule):
     """Train/val/test loaders of one patient-level split.
 
@@ -147,14 +151,17 @@ class CellDataModule(L.LightningDataModule):
         self.batch_size, self.augment, self.num_workers, self.seed = batch_size, augment, num_workers, seed
         self.color_jitter, self.color_augment, self.hed_sigma = color_jitter, color_augment, hed_sigma
         self.batched = color_augment == "hed"
+        self._device_augment = None  # BatchAugment run after the batch reaches the device (batched training)
 
     def setup(self, stage: str | None = None) -> None:
         size = self.cells.size_px
         c = self.cells
         if self.batched:
             ev = eval_transform(self.mean, self.std)
-            tr = (BatchAugment(size, self.mean, self.std, hed_sigma=self.hed_sigma, jitter=self.color_jitter, seed=self.seed)
-                  if self.augment else ev)
+            if self.augment:  # the loader serves uint8 batches; on_after_batch_transfer augments them on the device
+                self._device_augment = BatchAugment(size, self.mean, self.std, hed_sigma=self.hed_sigma,
+                                                    jitter=self.color_jitter, seed=self.seed)
+            tr = _as_is if self.augment else ev
             self.train_set = BatchCellDataset(c.images[self.split.train], c.labels[self.split.train], tr, self.train_targets)
             self.val_set = BatchCellDataset(c.images[self.split.val], c.labels[self.split.val], ev)
             self.test_set = BatchCellDataset(c.images[self.split.test], c.labels[self.split.test], ev)
@@ -167,6 +174,22 @@ class CellDataModule(L.LightningDataModule):
         self.val_set = CellDataset(c.images[self.split.val], c.labels[self.split.val], ev)
         self.test_set = CellDataset(c.images[self.split.test], c.labels[self.split.test], ev)
         self._log_split()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augment a training batch where it now is (Lightning hook): on a GPU, on the GPU.
+
+        Only batched training (``color_augment="hed"`` with ``augment``) is served as ``(B, 3, S, S)
+        uint8`` and augmented here, by :class:`~malaria_screen.data.transforms.BatchAugment`; on the
+        CPU this is the same computation, in the same order, as augmenting in the loader. Every
+        other batch passes through.
+        """
+        trainer = getattr(self, "trainer", None)
+        if self._device_augment is None or trainer is None or not trainer.training:
+            return batch
+        x, *rest = batch
+        if x.dtype != torch.uint8:
+            return batch
+        return (self._device_augment(x), *rest)
 
     def _log_split(self) -> None:
         c = self.cells

@@ -151,11 +151,12 @@ def hed_augment(rgb_uint8: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
     b = rgb_uint8.shape[0]
     if alpha.shape != (b, 3) or beta.shape != (b, 3):
         raise ValueError(f"alpha and beta must be ({b}, 3), got {tuple(alpha.shape)} and {tuple(beta.shape)}")
-    od = _OD_LUT.to(torch.float32)[rgb_uint8.long()]  # (B, 3, H, W)
+    dev = rgb_uint8.device
+    od = _OD_LUT.to(device=dev, dtype=torch.float32)[rgb_uint8.long()]  # (B, 3, H, W)
     # Per cell: od' = ((od^T M_hed) * alpha + beta) M_rgb, folded into one 3x3 matrix and one offset.
-    m_hed, m_rgb = _HED_FROM_RGB.to(torch.float32), _RGB_FROM_HED.to(torch.float32)
-    mix = torch.einsum("cd,bd,de->bce", m_hed, alpha.float(), m_rgb)  # (B, 3 in, 3 out)
-    off = torch.einsum("bd,de->be", beta.float(), m_rgb)  # (B, 3 out)
+    m_hed, m_rgb = _HED_FROM_RGB.to(device=dev, dtype=torch.float32), _RGB_FROM_HED.to(device=dev, dtype=torch.float32)
+    mix = torch.einsum("cd,bd,de->bce", m_hed, alpha.to(dev).float(), m_rgb)  # (B, 3 in, 3 out)
+    off = torch.einsum("bd,de->be", beta.to(dev).float(), m_rgb)  # (B, 3 out)
     od2 = torch.einsum("bchw,bce->behw", od, mix) + off[:, :, None, None]
     out = torch.exp(-od2).clamp_(0.0, 1.0)
     black = (rgb_uint8 == 0).all(dim=1, keepdim=True)
@@ -170,6 +171,8 @@ class BatchAugment:
     stain augmentation (:func:`hed_augment`, strength ``hed_sigma``), brightness and contrast
     jitter ± ``jitter``, then normalisation by ``mean``/``std``. Everything is one vectorised
     pass over the batch (no per-cell Python), drawn from the module's own seeded generator.
+    It runs on the batch's device (a batch on a GPU is augmented there); the random draws come
+    from a CPU generator and are moved to that device, so a seed gives the same cells on any device.
 
     Parameters
     ----------
@@ -198,36 +201,37 @@ class BatchAugment:
         self.mean, self.std = tuple(mean), tuple(std)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _u(self, *shape: int, lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.gen) * (hi - lo) + lo
+    def _u(self, *shape: int, lo: float, hi: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        return (torch.rand(*shape, generator=self.gen) * (hi - lo) + lo).to(device)
 
     def geometric(self, x: torch.Tensor) -> torch.Tensor:
         """Random dihedral transform and padded random crop of a ``(B, 3, S, S)`` uint8 batch."""
         b, _, s, _ = x.shape
-        flips = torch.rand(b, 3, generator=self.gen) < 0.5
+        dev = x.device
+        flips = (torch.rand(b, 3, generator=self.gen) < 0.5).to(dev)
         x = torch.where(flips[:, 0, None, None, None], x.flip(-1), x)
         x = torch.where(flips[:, 1, None, None, None], x.flip(-2), x)
         x = torch.where(flips[:, 2, None, None, None], x.transpose(-1, -2), x)
         p = self.pad
         xp = torch.nn.functional.pad(x, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (b,), generator=self.gen)
-        ox = torch.randint(0, 2 * p + 1, (b,), generator=self.gen)
-        ar = torch.arange(s)
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=self.gen).to(dev)
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=self.gen).to(dev)
+        ar = torch.arange(s, device=dev)
         rows, cols = (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]
-        return xp.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2).contiguous()
+        return xp.permute(0, 2, 3, 1)[torch.arange(b, device=dev)[:, None, None], rows, cols].permute(0, 3, 1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S) uint8`` → augmented, normalised ``(B, 3, S, S) float32``."""
         b = x.shape[0]
         x = self.geometric(x)
         sg = self.hed_sigma
-        alpha, beta = self._u(b, 3, lo=1 - sg, hi=1 + sg), self._u(b, 3, lo=-sg, hi=sg)
+        alpha, beta = self._u(b, 3, lo=1 - sg, hi=1 + sg), self._u(b, 3, lo=-sg, hi=sg)  # drawn on the CPU: same on any device
         black = (x == 0).all(dim=1, keepdim=True)
         out = hed_augment(x, alpha, beta) if sg > 0 else x.float() / 255.0
         if self.jitter > 0:
             j = self.jitter
-            bright = self._u(b, 1, 1, 1, lo=1 - j, hi=1 + j)
-            contrast = self._u(b, 1, 1, 1, lo=1 - j, hi=1 + j)
+            bright = self._u(b, 1, 1, 1, lo=1 - j, hi=1 + j, device=x.device)
+            contrast = self._u(b, 1, 1, 1, lo=1 - j, hi=1 + j, device=x.device)
             grey = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).mean(dim=(1, 2))[:, None, None, None]
             out = ((out * bright - grey * bright) * contrast + grey * bright).clamp_(0.0, 1.0).masked_fill_(black, 0.0)
         return normalize_pixels(out.mul_(255.0), self.mean, self.std)

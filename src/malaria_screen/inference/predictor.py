@@ -40,15 +40,32 @@ class Predictor(CellClassifierBase):
         Test-patient metrics shipped with the model (``metrics.json``), for display.
     batch_size : int, default=256
     device : str, default="cpu"
+        A torch device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    precision : {"32", "16-mixed", "bf16-mixed"}, default="32"
+        Inference precision; the mixed ones run the network under ``torch.autocast`` (float16 or
+        bfloat16 matrix products, float32 probabilities). They are for GPUs: a few cells near
+        the threshold may change label.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is a CUDA device and PyTorch sees no CUDA GPU, or ``precision`` is unknown.
     """
 
     backend = "torch"
 
+    #: Inference precisions and the autocast dtype each runs the network in (None: float32).
+    PRECISIONS = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
     def __init__(self, net: torch.nn.Module, config: TrainConfig, *, metrics: dict | None = None,
-                 batch_size: int = 256, device: str = "cpu", source: str | None = None) -> None:
+                 batch_size: int = 256, device: str = "cpu", precision: str = "32", source: str | None = None) -> None:
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here (torch {torch.__version__})")
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}")
         super().__init__(config, metrics=metrics, batch_size=batch_size, source=source)
         self.net = net.to(device).eval()
-        self.device = device
+        self.device, self.precision = device, precision
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -95,7 +112,10 @@ class Predictor(CellClassifierBase):
         for s in range(0, len(cells), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(cells[s : s + self.batch_size])).to(self.device)
             x = normalize_pixels(x.permute(0, 3, 1, 2), self.config.mean, self.config.std)
-            out[s : s + len(x)] = self.net(x).softmax(-1).float().cpu().numpy()
+            dtype = self.PRECISIONS[self.precision]
+            with torch.autocast(torch.device(self.device).type, dtype=dtype, enabled=dtype is not None):
+                logits = self.net(x)
+            out[s : s + len(x)] = logits.float().softmax(-1).cpu().numpy()
         return out
 
     @torch.inference_mode()
