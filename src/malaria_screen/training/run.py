@@ -30,8 +30,8 @@ from malaria_screen.config import TrainConfig
 from malaria_screen.data.dataset import CellSet, load_cell_set
 from malaria_screen.data.extra_negatives import point_cell_set
 from malaria_screen.data.patients import read_groups_csv
-from malaria_screen.data.synthetic import synthetic_positives
 from malaria_screen.data.split import SplitIndices, check_leak_free, patient_split, split_manifest
+from malaria_screen.data.synthetic import synthetic_positives
 from malaria_screen.fileio import atomic_write_json
 from malaria_screen.models.registry import build_model
 from malaria_screen.models.weights import load_weights, save_weights
@@ -411,7 +411,9 @@ def _with_synthetic_positives(cells: CellSet, train_idx: np.ndarray, extra_idx: 
     training patients only); each synthetic cell keeps its host's field as its group, so it sits
     in the training split with it. Seeded by ``cfg.seed``: a resumed run rebuilds the same cells.
     """
-    pos = cells.class_names.index("Parasitized")
+    if cfg.positive_class not in cells.class_names:
+        raise ValueError(f"synthetic_positives needs a {cfg.positive_class!r} class, the data has {cells.class_names}")
+    pos = cells.class_names.index(cfg.positive_class)
     extra = set(extra_idx.tolist())
     donors = np.asarray([i for i in train_idx if cells.labels[i] == pos and int(i) not in extra], dtype=np.int64)
     images, host = synthetic_positives(cells.images[extra_idx], cells.images[donors],
