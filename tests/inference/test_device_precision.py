@@ -25,6 +25,8 @@ def test_device_and_precision_need_the_torch_backend(tmp_path, samples_dir):
     assert res.exit_code == 2 and "--backend torch" in res.output
     with pytest.raises(ValueError, match="precision must be one of"):
         load_model(backend="torch", precision="8")
+    with pytest.raises(ValueError, match="not a torch device"):
+        load_model(backend="torch", device="gpu:zero")
 
 
 def test_mixed_precision_keeps_the_calls_of_float32(samples_dir):

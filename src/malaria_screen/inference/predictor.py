@@ -49,7 +49,8 @@ class Predictor(CellClassifierBase):
     Raises
     ------
     ValueError
-        If ``device`` is a CUDA device and PyTorch sees no CUDA GPU, or ``precision`` is unknown.
+        If ``device`` is not a torch device, or a CUDA device where PyTorch sees no CUDA GPU, or
+        ``precision`` is unknown.
     """
 
     backend = "torch"
@@ -59,6 +60,10 @@ class Predictor(CellClassifierBase):
 
     def __init__(self, net: torch.nn.Module, config: TrainConfig, *, metrics: dict | None = None,
                  batch_size: int = 256, device: str = "cpu", precision: str = "32", source: str | None = None) -> None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"not a torch device: {device!r} ({exc})") from None
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here (torch {torch.__version__})")
         if precision not in self.PRECISIONS:
