@@ -333,7 +333,9 @@ def _weight_averaging(start_fraction: float):
     checkpoint from the start, when it is still the untrained copy made at set-up; before the
     first averaged step this one leaves the model as it is, so early validation losses, ``best``
     and ``last`` hold the trained weights. Resuming restores the average and its count (the
-    callback's own checkpoint state).
+    callback's own checkpoint state). Upstream: Lightning-AI/pytorch-lightning issue #21724 (the
+    validation swap; open, with fixes proposed in PRs #21732 and #21754); the checkpoint side is
+    guarded here too.
     """
     from lightning.pytorch.callbacks import WeightAveraging
 
