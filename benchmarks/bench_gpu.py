@@ -61,10 +61,10 @@ def main() -> None:
         raise SystemExit(2)
     device = "cuda" if gpu else "cpu"
     record = args.record or ("bench_gpu_infer" if gpu else None)
-    cells = load_cell_set(args.data_dir, size_px=64, progress=False)
+    ref = load_model(args.model, backend="torch")  # CPU float32: the answers every other row is held to
+    cells = load_cell_set(args.data_dir, size_px=ref.input_size, progress=False)
     images = cells.images[: args.max_cells]
     files = [str(f) for f in list_image_files([args.data_dir])][: args.max_cells]
-    ref = load_model(args.model, backend="torch")  # CPU float32: the answers every other row is held to
     ref_labels = ref.predict_proba_prepared(images)[:, ref.positive_index] >= ref.threshold
     figures: dict[str, float | int | str] = {"n_cells": len(images), "device": torch.cuda.get_device_name(0) if gpu else "cpu",
                                              "cpu_cores": os.cpu_count() or 0}

@@ -187,8 +187,6 @@ class CellDataModule(L.LightningDataModule):
         if self._device_augment is None or trainer is None or not trainer.training:
             return batch
         x, *rest = batch
-        if x.dtype != torch.uint8:
-            return batch
         return (self._device_augment(x), *rest)
 
     def _log_split(self) -> None:

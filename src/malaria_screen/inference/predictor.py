@@ -61,16 +61,17 @@ class Predictor(CellClassifierBase):
     def __init__(self, net: torch.nn.Module, config: TrainConfig, *, metrics: dict | None = None,
                  batch_size: int = 256, device: str = "cpu", precision: str = "32", source: str | None = None) -> None:
         try:
-            torch.device(device)
+            kind = torch.device(device).type
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"not a torch device: {device!r} ({exc})") from None
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
+        if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU here (torch {torch.__version__})")
         if precision not in self.PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}")
         super().__init__(config, metrics=metrics, batch_size=batch_size, source=source)
         self.net = net.to(device).eval()
         self.device, self.precision = device, precision
+        self._autocast = (kind, self.PRECISIONS[precision])  # torch.autocast's device type and dtype (None: off)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -117,8 +118,8 @@ class Predictor(CellClassifierBase):
         for s in range(0, len(cells), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(cells[s : s + self.batch_size])).to(self.device)
             x = normalize_pixels(x.permute(0, 3, 1, 2), self.config.mean, self.config.std)
-            dtype = self.PRECISIONS[self.precision]
-            with torch.autocast(torch.device(self.device).type, dtype=dtype, enabled=dtype is not None):
+            kind, dtype = self._autocast
+            with torch.autocast(kind, dtype=dtype, enabled=dtype is not None):
                 logits = self.net(x)
             out[s : s + len(x)] = logits.float().softmax(-1).cpu().numpy()
         return out

@@ -416,8 +416,7 @@ def _with_synthetic_positives(cells: CellSet, train_idx: np.ndarray, extra_idx: 
     if cfg.positive_class not in cells.class_names:
         raise ValueError(f"synthetic_positives needs a {cfg.positive_class!r} class, the data has {cells.class_names}")
     pos = cells.class_names.index(cfg.positive_class)
-    extra = set(extra_idx.tolist())
-    donors = np.asarray([i for i in train_idx if cells.labels[i] == pos and int(i) not in extra], dtype=np.int64)
+    donors = train_idx[(cells.labels[train_idx] == pos) & ~np.isin(train_idx, extra_idx)]
     images, host = synthetic_positives(cells.images[extra_idx], cells.images[donors],
                                        fraction=cfg.synthetic_positives, seed=cfg.seed)
     hosts = extra_idx[host]
