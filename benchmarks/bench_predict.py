@@ -4,17 +4,20 @@ For each file set (the NIH cells as stored here, lossless WebP; and the same cel
 public NIH release and users have them, written losslessly to a temp folder: identical pixels):
 
 - per-stage CPU cost per cell, one process, one thread: decode, cell-size + grayscale check,
-  letterbox, inference (batch 256, the one-thread session ``predict_files`` runs beside its
-  workers; also timed on ONNX Runtime's default threads, for reference);
+  letterbox, inference (the one-thread session ``predict_files``' workers run, in their batches of
+  ``CLASSIFY_CHUNK``; also timed on ONNX Runtime's default threads at batch 256, for reference);
 - the decode ceiling: files decoded (and dropped) by ``--workers`` processes, cells/s wall;
-- ``predict_files`` end to end (decode, check and letterbox in worker processes, inference here),
+- ``predict_files`` end to end (decode, check, letterbox and inference in worker processes),
   cells/s wall, and its ratio to the ceiling; the CPU-bound rate ``workers / sum(stage costs)``;
 - the CPU time of that end-to-end run per cell, in this process and in the workers (read from the
   fork server, which reaps them), and the rate it allows on ``workers`` cores: steady on a shared
   machine, and it counts what the stages miss (transfer, batching, per-file overhead);
 - the same with decoding in threads (the previous ``predict``), for reference;
 - the labels of the two runs, which must agree file for file; with ``--before-src``, also those of
-  the older code (same model, same files) and the largest difference in ``p_parasitized``.
+  the older code (same model, same files) and the largest difference in ``p_parasitized``;
+- the whole ``malaria-screen predict`` command on the PNG folder (start-up, listing, the CSV,
+  ``summary.json``, the printed table), and on one cell (the fixed cost); with ``--before-src``,
+  the older code's command too.
 
 Timings on a shared machine are noisy: the record states the load average seen during the run;
 CPU times and per-stage ratios measured in one run are the steadier figures.
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def _stages(pred, files: list[str]) -> dict[str, float]:
     """Per-cell CPU milliseconds of each stage, one process, one thread."""
     from malaria_screen.data.io import check_cell_size, check_colour, decode_image
+    from malaria_screen.data.parallel import CLASSIFY_CHUNK
     from malaria_screen.data.preprocess import letterbox
 
     t = time.process_time()
@@ -54,7 +58,12 @@ def _stages(pred, files: list[str]) -> dict[str, float]:
     t = time.process_time()
     cells = np.stack([letterbox(r, pred.input_size) for r in rgbs])
     lb = time.process_time() - t
-    infer = pred.overlapped_inference()  # what predict_files runs beside its decoding workers
+    remote = pred.worker_classifier()
+    if remote is not None:  # what predict_files' workers run: one thread, batches of CLASSIFY_CHUNK
+        def infer(c):
+            return np.concatenate([remote.predict_proba_prepared(c[i : i + CLASSIFY_CHUNK]) for i in range(0, len(c), CLASSIFY_CHUNK)])
+    else:
+        infer = pred.overlapped_inference()  # what predict_files runs beside its decoding workers
     infer(cells[:256])  # the one-thread session is loaded on first use
     t = time.process_time()
     infer(cells)
@@ -145,6 +154,19 @@ def _before(src: str, model: str, files: list[str], tmp: str) -> tuple[float, li
     return float(rate), rows
 
 
+def _command(folder: str, model: str, out: Path, src: str | None = None) -> float:
+    """Wall seconds of the whole ``malaria-screen predict FOLDER --model MODEL --out OUT`` command
+    (interpreter start, imports, listing, classification, the CSV, ``summary.json`` and the printed
+    table), the way a user runs it; with ``src``, the code of an older checkout's ``src/``."""
+    import subprocess
+
+    env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "malaria_screen.cli", "predict", folder, "--model", model, "--out", str(out)],
+                   env=env, capture_output=True, text=True, check=True, timeout=1800)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir", help="NIH cell folder (Parasitized/, Uninfected/)")
@@ -229,12 +251,25 @@ def main() -> None:
             if cpu is not None:
                 print(f"{name}: predict_files CPU per cell, all processes: {sum(cpu):.3f} ms (here {cpu[0]:.3f}, workers "
                       f"{cpu[1]:.3f}): CPU-bound at {workers * 1e3 / sum(cpu):,.0f} cells/s on {workers} cores")
+        # The whole command on the PNG folder, as the issue measures it (best of 2: page cache warm).
+        cmd = min(_command(tmp, model, Path(tmp) / "cmd" / "r.csv") for _ in range(2))
+        one = min(_command(png[0], model, Path(tmp) / "cmd" / "one.csv") for _ in range(2))
+        figures.update({"png.command_seconds": round(cmd, 3), "png.command_cells_per_s": round(len(png) / cmd),
+                        "command_one_cell_seconds": round(one, 3)})
+        line = (f"png: the whole `malaria-screen predict` command on {len(png)} cells: {cmd:.2f} s, "
+                f"{len(png) / cmd:,.0f} cells/s (one cell: {one:.2f} s)")
+        if args.before_src:
+            old = min(_command(tmp, model, Path(tmp) / "cmd" / "old.csv", args.before_src) for _ in range(2))
+            figures.update({"png.before_command_seconds": round(old, 3), "png.before_command_cells_per_s": round(len(png) / old)})
+            line += f" | before: {old:.2f} s, {len(png) / old:,.0f} cells/s"
+        print(line)
+        load.append(os.getloadavg()[0])
     figures["load_avg_start"], figures["load_avg_max"] = round(load[0], 2), round(max(load), 2)
     figures["decoders"] = ", ".join(f"{k}: {v}" for k, v in fast_decoders().items())
     shared = load[0] > 0.5  # during the runs the load counts this benchmark's own workers; before them, other jobs'
     notes = (f"{len(webp)} NIH cells (every k-th file of {args.data_dir}; patients seen in training included: "
              f"speed only, labels compared between runs), model {Path(model).name}. Per-stage costs are CPU time in one "
-             f"process; e2e_*cpu* are CPU time of the end-to-end run (this process + decoding workers); cells/s are wall time. Load average {load[0]:.1f} before the runs, up to {max(load):.1f} "
+             f"process; e2e_*cpu* are CPU time of the end-to-end run (this process + the workers that decode and classify); cells/s are wall time. Load average {load[0]:.1f} before the runs, up to {max(load):.1f} "
              f"during them on {workers} cores (this benchmark's own workers included): "
              + ("machine SHARED with other jobs, wall-time figures are pessimistic. " if shared else "no other jobs. ")
              + args.notes)

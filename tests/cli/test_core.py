@@ -153,3 +153,25 @@ def test_table_cells_are_literal_text_and_long_rows_are_not_wrapped(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[2].rstrip() == "a     " + cell and lines[3].rstrip() == "bb    c"
     assert lines[0].rstrip() == "name  note"
+
+
+def test_predict_prints_at_most_its_table_rows_failed_files_first_and_writes_every_row(nih_dir, tmp_path):
+    """On thousands of cells the printed table would cost more than classifying them: it shows
+    ``PREDICT_TABLE_ROWS`` rows, the failed files among them, and says where the rest are."""
+    import re
+
+    from malaria_screen.cli.core import PREDICT_TABLE_ROWS
+
+    cells = sorted(nih_dir.glob("*/*"))[:: 200][: PREDICT_TABLE_ROWS + 10]
+    bad = tmp_path / "zz_not_an_image.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "p.csv"
+    r = _run("predict", *cells, bad, "--out", out)
+    assert r.exit_code == 1, r.output  # one file failed
+    assert len(list(csv.DictReader(out.open()))) == len(cells) + 1
+    lines = r.output.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["file"])
+    shown = [re.split(r"\s{2,}", ln.strip())[0] for ln in lines[start + 2 : start + 2 + PREDICT_TABLE_ROWS]]
+    assert bad.name in shown and len(set(shown)) == PREDICT_TABLE_ROWS
+    assert shown[:-1] == [c.name[:48] for c in cells[: PREDICT_TABLE_ROWS - 1]]  # input order kept
+    assert f"the table shows {PREDICT_TABLE_ROWS} of {len(cells) + 1} rows, failed files first" in r.output

@@ -58,3 +58,27 @@ def test_on_the_shared_data_it_takes_exactly_the_image_files(data_dir):
         assert [p for p in list_image_files([d]) if p.parent == d] == want, d
         n += len(want)
     assert n > 20_000  # the NIH crops, the IML and Chula fields, the sample PNGs
+
+
+def test_unique_real_paths_resolves_as_realpath_does_with_each_folder_resolved_once(tmp_path, monkeypatch, samples_dir):
+    """Each folder is resolved once and reused; two spellings still name one file exactly when
+    their os.path.realpath is equal: files, links to files, links to folders, ``..``, missing files
+    and broken links."""
+    from malaria_screen.data.dataset import unique_real_paths
+
+    monkeypatch.chdir(tmp_path)
+    src = next(iter(sorted(samples_dir.glob("*/*.png"))))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(src.read_bytes())
+    os.symlink(tmp_path / "a", tmp_path / "to_a")
+    os.symlink(tmp_path / "a" / "x.png", tmp_path / "b" / "link.png")
+    os.symlink("no_such_target", tmp_path / "b" / "broken.png")
+    spellings = ["a/x.png", "./a/x.png", "b/../a/x.png", "to_a/x.png", "b/link.png", "to_a/../b/link.png",
+                 "b/broken.png", "a/missing.png", "nowhere/x.png", "a/.", "a/..", str(tmp_path / "to_a" / "x.png")]
+    first = {}
+    for s in spellings:
+        first.setdefault(os.path.realpath(s), s)
+    kept = unique_real_paths(spellings)
+    assert [str(p) for p in kept] == [str(Path(s)) for s in first.values()]
+    assert [str(p) for p in kept] == ["a/x.png", "b/broken.png", "a/missing.png", "nowhere/x.png", "a", "a/.."]  # Path("a/.") is "a"

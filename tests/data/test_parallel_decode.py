@@ -5,7 +5,13 @@ import pytest
 from PIL import Image
 
 import malaria_screen
-from malaria_screen.data.parallel import WORKER_MAX_PIXELS, iter_prepared_cells, prepare_cell, prepare_cell_files
+from malaria_screen.data.parallel import (
+    WORKER_MAX_PIXELS,
+    iter_classified_cells,
+    iter_prepared_cells,
+    prepare_cell,
+    prepare_cell_files,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +69,51 @@ def test_predict_files_in_processes_equals_threads(mixed_files):
     assert [(r.label, r.error) for r in procs] == [(r.label, r.error) for r in threads]
     np.testing.assert_allclose([r.p_parasitized or 0.0 for r in procs], [r.p_parasitized or 0.0 for r in threads], atol=1e-6)
     assert sum(r.error is not None for r in procs) == 4
+
+
+@pytest.fixture(scope="module")
+def int8_model(default_model_dir):
+    from malaria_screen.inference.onnx_predictor import OnnxPredictor
+
+    return OnnxPredictor.from_file(default_model_dir / "model.int8.onnx")
+
+
+def test_workers_that_classify_give_the_probabilities_of_this_process(mixed_files, int8_model):
+    """The bundled int8 model run by the workers (one thread each) and here: the same bits, the
+    same errors, in order; the file over the workers' pixel cap is classified here."""
+    ref = []
+    for p in mixed_files:
+        try:
+            ref.append((int8_model.predict_proba_prepared(prepare_cell(p, 64)[None])[0], None))
+        except Exception as exc:  # noqa: BLE001
+            ref.append((None, str(exc)))
+    got = list(iter_classified_cells(mixed_files, 64, workers=2, chunk=64, classifier=int8_model.worker_classifier(),
+                                     local=lambda p: int8_model.predict_proba_prepared(prepare_cell(p, 64)[None])[0]))
+    assert [e for _, e in got] == [e for _, e in ref]
+    for p, (g, _), (r, _) in zip(mixed_files, got, ref):
+        if r is None:
+            assert g is None, p
+        else:
+            np.testing.assert_array_equal(g, r, err_msg=p)
+    assert got[mixed_files.index(next(p for p in mixed_files if p.endswith("big.png")))][0] is not None
+
+
+def test_an_inference_failure_in_a_worker_fails_its_cells_not_the_run(mixed_files, int8_model):
+    """Cells prepared at a size the model does not take: every cell a worker prepared gets the
+    model's error, the files that failed before keep their own, and the run ends normally."""
+    got = list(iter_classified_cells(mixed_files, 48, workers=2, chunk=64, classifier=int8_model.worker_classifier(),
+                                     local=lambda p: int8_model.predict_proba_prepared(prepare_cell(p, 64)[None])[0]))
+    names = [p.rsplit("/", 1)[-1] for p in mixed_files]
+    assert len(got) == len(mixed_files)
+    assert [n for n, (g, _) in zip(names, got) if g is not None] == ["big.png"]  # deferred: classified here
+    errors = {n: e for n, (_, e) in zip(names, got) if e}
+    assert sum(e.startswith("inference failed: ") and "64" in e for e in errors.values()) == len(mixed_files) - 5
+    assert not any(errors[k].startswith("inference failed") for k in ("junk.png", "missing.png", "dot.png", "grey.png"))
+
+
+def test_onnx_predict_files_classifies_in_the_workers_with_the_answers_of_threads(mixed_files, int8_model):
+    assert int8_model.worker_classifier().num_threads == 1
+    threads = list(int8_model.predict_files(mixed_files, workers=2, processes=False))
+    procs = list(int8_model.predict_files(mixed_files, workers=2, processes=True))
+    assert [r.path for r in procs] == mixed_files
+    assert [(r.label, r.p_parasitized, r.error) for r in procs] == [(r.label, r.p_parasitized, r.error) for r in threads]

@@ -194,3 +194,18 @@ def test_params_from_the_bundled_model_files():
     for name in METHODS:
         if name != "pacc" or prm.ptpr is not None:
             assert 0.0 <= make_quantifier(name, prm).predict([0.01, 0.2, 0.7, 0.99]) <= 1.0
+
+
+def test_em_interval_is_the_same_whatever_block_of_replicates_it_iterates(digits, monkeypatch):
+    """EM's bootstrap iterates cache-sized blocks of replicates; every replicate converges on its
+    own, so the interval is the same bits as with all replicates in one block."""
+    import malaria_screen.evaluation.quantify as quantify
+
+    q = EMQ(train_prior=float(digits["y_tr"].mean()))
+    p = digits["p_te"]
+    blocked = q.estimate(p, n_boot=400, seed=3)
+    assert quantify._EM_BLOCK // p.size < 400  # more than one block
+    monkeypatch.setattr(quantify, "_EM_BLOCK", 400 * p.size)
+    assert q.estimate(p, n_boot=400, seed=3) == blocked
+    monkeypatch.setattr(quantify, "_EM_BLOCK", 1)  # one replicate at a time
+    assert q.estimate(p, n_boot=400, seed=3) == blocked

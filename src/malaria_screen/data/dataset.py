@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,26 @@ def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def _real_path(path: str, folders: dict[str, str]) -> str:
+    """``os.path.realpath(path)``, with the folder's resolution looked up in (and added to) ``folders``.
+
+    realpath resolves a path component by component, so a file that is not itself a symbolic
+    link resolves to its resolved folder joined with its name; a link, ``.`` or ``..`` is left to
+    realpath itself. A missing file is not a link: it too is its folder's path plus its name."""
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(path)
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return os.path.realpath(path)
+    except OSError:  # missing or unreadable: realpath keeps the name as it stands
+        pass
+    real_head = folders.get(head)
+    if real_head is None:
+        real_head = folders[head] = os.path.realpath(head or os.curdir)
+    return os.path.join(real_head, tail)
+
+
 def unique_real_paths(paths: Sequence[str | Path]) -> list[Path]:
     """``paths`` without the repeats of a file already named by another spelling or link.
 
@@ -98,8 +119,9 @@ def unique_real_paths(paths: Sequence[str | Path]) -> list[Path]:
     """
     seen: set[str] = set()
     out: list[Path] = []
+    folders: dict[str, str] = {}  # each folder resolved once: one lstat per file, not one per component
     for p in map(Path, paths):
-        key = os.path.realpath(p)
+        key = _real_path(str(p), folders)
         if key not in seen:
             seen.add(key)
             out.append(p)

@@ -38,5 +38,7 @@ def cluster_bootstrap_weights(groups: Sequence, *, n_boot: int = 1000, seed: int
     _, gid = np.unique(np.asarray(groups), return_inverse=True)
     n_g = int(gid.max()) + 1 if gid.size else 0
     draws = np.random.default_rng(seed).integers(0, max(n_g, 1), size=(n_boot, n_g))
-    weights = np.stack([np.bincount(d, minlength=n_g) for d in draws]) if n_boot else np.zeros((0, n_g), np.int64)
+    # one bincount over all replicates, each offset by its row: the counts of a per-row loop
+    offsets = (np.arange(n_boot, dtype=np.int64) * n_g)[:, None]
+    weights = np.bincount((draws + offsets).ravel(), minlength=n_boot * n_g).reshape(n_boot, n_g).astype(np.int64)
     return weights, gid.reshape(-1)

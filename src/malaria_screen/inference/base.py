@@ -35,7 +35,7 @@ from malaria_screen.data.io import (
     SizeHook,
     decode_image,
 )
-from malaria_screen.data.parallel import default_workers, iter_prepared_cells, prepare_cell
+from malaria_screen.data.parallel import CLASSIFY_CHUNK, default_workers, iter_classified_cells, iter_prepared_cells, prepare_cell
 from malaria_screen.data.preprocess import letterbox
 
 __all__ = ["CellClassifierBase", "FileResult", "decode_fast", "default_model_dir", "iter_file_batches", "prepare_or_error",
@@ -273,6 +273,18 @@ class CellClassifierBase:
         """
         return self.predict_proba_prepared
 
+    def worker_classifier(self) -> "CellClassifierBase | None":
+        """A picklable copy of this classifier that :meth:`predict_files`' worker processes run
+        themselves (each decodes, letterboxes **and classifies** its chunks), or None to classify
+        here what the workers prepare (the default).
+
+        A back-end returns one when the copy gives the same probabilities in a worker as this
+        classifier does here and is cheap to send and load:
+        :class:`~malaria_screen.inference.onnx_predictor.OnnxPredictor` on the CPU does (its
+        file's bytes, one intra-op thread per worker).
+        """
+        return None
+
     def _check_cells(self, cells: np.ndarray) -> None:
         s = self.input_size
         if cells.ndim != 4 or cells.shape[1:] != (s, s, 3):
@@ -364,7 +376,9 @@ class CellClassifierBase:
         Decoding runs ahead of, and overlaps, inference of the previous batch: in ``workers``
         processes (:func:`~malaria_screen.data.parallel.iter_prepared_cells`; every core busy,
         files over 4 Mpx decoded here under the pixel budget) or in ``workers`` threads sharing
-        this classifier's :class:`~malaria_screen.data.io.PixelBudget`.
+        this classifier's :class:`~malaria_screen.data.io.PixelBudget`. With processes, a
+        classifier that has a :meth:`worker_classifier` is run by the workers themselves
+        (:func:`~malaria_screen.data.parallel.iter_classified_cells`), with the same answers.
 
         Parameters
         ----------
@@ -390,6 +404,14 @@ class CellClassifierBase:
             processes = len(paths) > self.PROCESS_MIN_FILES and (workers or default_workers()) > 1
         if processes:
             workers = workers or default_workers()
+            remote = self.worker_classifier()
+            if remote is not None:  # workers classify: only probabilities come back
+                rows = iter_classified_cells(paths, self.input_size, workers=workers, classifier=remote,
+                                             local=self._classify_file, chunk=self._worker_chunk(len(paths), workers))
+                batches = ((paths[i : i + chunk], [next(rows) for _ in range(min(chunk, len(paths) - i))])
+                           for i in range(0, len(paths), chunk))
+                yield from self._predict_batches(batches, lambda probs: probs)  # the rows are probabilities already
+                return
             cells = iter_prepared_cells(paths, self.input_size, workers=workers, local=self.prepare_file)
             batches = ((paths[i : i + chunk], [next(cells) for _ in range(min(chunk, len(paths) - i))])
                        for i in range(0, len(paths), chunk))
@@ -397,6 +419,16 @@ class CellClassifierBase:
             workers = workers or min(8, default_workers() + 2)
             batches = iter_file_batches(paths, self.prepare_file, chunk=chunk, workers=workers)
         yield from self._predict_batches(batches, self.overlapped_inference() if paths else self.predict_proba_prepared)
+
+    def _classify_file(self, path: str) -> np.ndarray:
+        """``(num_classes,) float32`` probabilities of one cell file, here (:meth:`prepare_file`)."""
+        return self.predict_proba_prepared(self.prepare_file(path)[None])[0]
+
+    @staticmethod
+    def _worker_chunk(n_files: int, workers: int) -> int:
+        """Files per worker task: :data:`~malaria_screen.data.parallel.CLASSIFY_CHUNK`, fewer when
+        that would not give every worker 4 tasks (the last tasks would leave cores idle)."""
+        return max(8, min(CLASSIFY_CHUNK, -(-n_files // (4 * workers))))
 
     def classify_prepared(self, names: Sequence[str], prepared: Sequence[tuple[np.ndarray | None, str | None]]
                           ) -> list[FileResult]:
