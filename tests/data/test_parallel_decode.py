@@ -117,3 +117,32 @@ def test_onnx_predict_files_classifies_in_the_workers_with_the_answers_of_thread
     procs = list(int8_model.predict_files(mixed_files, workers=2, processes=True))
     assert [r.path for r in procs] == mixed_files
     assert [(r.label, r.p_parasitized, r.error) for r in procs] == [(r.label, r.p_parasitized, r.error) for r in threads]
+
+
+class _DiesInWorker:
+    """A classifier whose worker process dies on its first batch (as a crash in native code or the
+    OOM killer would end it)."""
+
+    class_names = ("Parasitized", "Uninfected")
+
+    def predict_proba_prepared(self, cells):
+        import os
+
+        os._exit(3)
+
+
+def test_if_a_worker_dies_this_process_classifies_the_rest_with_the_same_answers(mixed_files, int8_model):
+    def here(p):
+        return int8_model.predict_proba_prepared(prepare_cell(p, 64)[None])[0]
+
+    files = mixed_files[:200] + mixed_files[300:305]
+    got = list(iter_classified_cells(files, 64, workers=2, chunk=32, classifier=_DiesInWorker(), local=here))
+    assert len(got) == len(files)
+    for p, (g, e) in zip(files, got):
+        try:
+            ref = here(p)
+        except Exception as exc:  # noqa: BLE001
+            assert g is None and e == str(exc), p
+            continue
+        assert e is None, p
+        np.testing.assert_array_equal(g, ref, err_msg=p)

@@ -208,25 +208,41 @@ def start_fork_server(preload: Sequence[str] = ()) -> None:
         _forkserver.ensure_running()
 
 
-def _ordered_results(pool: ProcessPoolExecutor, task_fn: Callable, tasks: list[list[str]], *args, ahead: int,
-                     **kwargs) -> Iterator[tuple[list[str], Optional[tuple]]]:
-    """Run ``task_fn(task, *args, **kwargs)`` for every task in ``pool``, at most ``ahead`` queued,
-    and yield ``(task, result)`` in task order; ``result`` is None for every task from the one
-    whose worker died on (the pool is broken: the caller does the rest itself)."""
+def _in_order(pool: ProcessPoolExecutor, task_fn: Callable, tasks: list[list[str]], size_px: int, max_pixels: int, *,
+              local: Callable[[str], object], ahead: int) -> Iterator[tuple[Optional[object], Optional[str]]]:
+    """Run ``task_fn(task, size_px, max_pixels=...) -> (rows, errors, deferred)`` for every task in
+    ``pool``, at most ``ahead`` queued, and yield one ``(row, error)`` per path in order: a worker's
+    row, its error, or ``local(path)``'s for a deferred file and for every file from the task a
+    worker died on (the pool is broken: this process does the rest). Shuts the pool down."""
     futures: dict[int, Future] = {}
-    for ti in range(min(ahead, len(tasks))):
-        futures[ti] = pool.submit(task_fn, tasks[ti], *args, **kwargs)
     broken = False
-    for ti, task in enumerate(tasks):
-        result = None
-        if not broken:
-            try:
-                result = futures.pop(ti).result()
-            except BrokenProcessPool:
-                broken = True
-        if not broken and ti + ahead < len(tasks):
-            futures[ti + ahead] = pool.submit(task_fn, tasks[ti + ahead], *args, **kwargs)
-        yield task, result
+    try:
+        for ti in range(min(ahead, len(tasks))):
+            futures[ti] = pool.submit(task_fn, tasks[ti], size_px, max_pixels=max_pixels)
+        for ti, task in enumerate(tasks):
+            result = None
+            if not broken:
+                try:
+                    result = futures.pop(ti).result()
+                except BrokenProcessPool:
+                    broken = True
+            if not broken and ti + ahead < len(tasks):
+                futures[ti + ahead] = pool.submit(task_fn, tasks[ti + ahead], size_px, max_pixels=max_pixels)
+            if result is None:
+                yield from (_run_local(local, p) for p in task)
+                continue
+            rows, errors, deferred = result
+            k = 0
+            for i, p in enumerate(task):
+                if i in deferred:
+                    yield _run_local(local, p)
+                elif errors[i] is None:
+                    yield rows[k], None
+                    k += 1
+                else:
+                    yield None, errors[i]
+    finally:
+        pool.shutdown(wait=not broken, cancel_futures=True)
 
 
 def _run_local(local: Callable[[str], object], p: str) -> tuple[Optional[object], Optional[str]]:
@@ -275,26 +291,7 @@ def iter_prepared_cells(paths: Sequence[str], size_px: int, *, workers: int, loc
     if not tasks:
         return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(), initializer=init_worker)
-    broken = False
-    try:
-        for task, result in _ordered_results(pool, prepare_cell_files, tasks, size_px, max_pixels=max_pixels,
-                                             ahead=4 * workers):
-            if result is None:  # the pool died: this process prepares the rest itself
-                broken = True
-                yield from (_run_local(local, p) for p in task)
-                continue
-            cells, errors, deferred = result
-            k = 0
-            for i, p in enumerate(task):
-                if i in deferred:
-                    yield _run_local(local, p)
-                elif errors[i] is None:
-                    yield cells[k], None
-                    k += 1
-                else:
-                    yield None, errors[i]
-    finally:
-        pool.shutdown(wait=not broken, cancel_futures=True)
+    yield from _in_order(pool, prepare_cell_files, tasks, size_px, max_pixels, local=local, ahead=4 * workers)
 
 
 #: Files per task of :func:`iter_classified_cells` (and per inference batch in a worker) by default:
@@ -349,8 +346,8 @@ def iter_classified_cells(paths: Sequence[str], size_px: int, *, workers: int, c
     Each worker receives ``classifier`` once (pickled; an ONNX model travels as its file's bytes)
     and classifies the cells of its own chunks, so only ``num_classes`` floats per cell come back
     instead of the ``(S, S, 3)`` cell, and this process does almost nothing but collect: on 2 cores
-    about a third more cells/s than decoding in the workers and classifying here
-    (``benchmarks/bench_predict.py``). The answers are the classifier's own: it must give the same
+    8-11 % more cells/s than decoding in the workers and classifying here, the same total CPU
+    (``benchmarks/bench_predict.py``, twenty-fourth stop). The answers are the classifier's own: it must give the same
     probabilities in a worker as here (one intra-op thread per worker).
 
     Parameters
@@ -384,23 +381,4 @@ def iter_classified_cells(paths: Sequence[str], size_px: int, *, workers: int, c
         return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context([type(classifier).__module__]),
                                initializer=init_classifier_worker, initargs=(classifier,))
-    broken = False
-    try:
-        for task, result in _ordered_results(pool, classify_cell_files, tasks, size_px, max_pixels=max_pixels,
-                                             ahead=8 * workers):
-            if result is None:  # the pool died: this process classifies the rest itself
-                broken = True
-                yield from (_run_local(local, p) for p in task)
-                continue
-            probs, errors, deferred = result
-            k = 0
-            for i, p in enumerate(task):
-                if i in deferred:
-                    yield _run_local(local, p)
-                elif errors[i] is None:
-                    yield probs[k], None
-                    k += 1
-                else:
-                    yield None, errors[i]
-    finally:
-        pool.shutdown(wait=not broken, cancel_futures=True)
+    yield from _in_order(pool, classify_cell_files, tasks, size_px, max_pixels, local=local, ahead=8 * workers)

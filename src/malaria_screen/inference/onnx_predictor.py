@@ -243,9 +243,9 @@ class OnnxPredictor(CellClassifierBase):
         file rewritten since does not matter), or None when it runs on other execution providers
         than the CPU's or was not loaded from a file.
 
-        With the workers classifying, this process only collects probabilities: 3,632-3,767
-        cells/s against 2,640-2,871 with inference here, same probabilities to the last bit
-        (4,096 NIH PNG cells, int8 model, 2 cores; the comparison of the twenty-fourth stop).
+        With the workers classifying, this process only collects probabilities: 4,389 NIH PNG
+        cells/s against 4,073 with inference here, same probabilities to the last bit (6,982
+        cells, int8 model, 2 cores; ``benchmarks/bench_predict.py``, twenty-fourth stop).
         """
         if self._data is None or not self.source or self.providers not in (None, ["CPUExecutionProvider"]):
             return None
