@@ -25,7 +25,7 @@ ALLOWED = {
     # the CLI: command groups are imported for --help; what a command needs is imported when it
     # runs (Pillow, OpenCV, torch, scikit-learn, ...; quantify, parasitemia and model_comparison are
     # light but cost CLI start-up time for no --help use)
-    "cli.core": "data.dataset evaluation.quantify evaluation.report inference.base inference.distributed "
+    "cli.core": "data.dataset data.parallel evaluation.quantify evaluation.report inference.base inference.distributed "
                 "inference.run_evaluation models research.multiclass training.run",
     "cli.deploy": "app data.dataset data.io data.parallel export.bench export.onnx export.pipeline export.split_cells "
                   "inference.base inference.ensemble inference.gradcam inference.onnx_predictor inference.predictor "
