@@ -175,3 +175,17 @@ def test_predict_prints_at_most_its_table_rows_failed_files_first_and_writes_eve
     assert bad.name in shown and len(set(shown)) == PREDICT_TABLE_ROWS
     assert shown[:-1] == [c.name[:48] for c in cells[: PREDICT_TABLE_ROWS - 1]]  # input order kept
     assert f"the table shows {PREDICT_TABLE_ROWS} of {len(cells) + 1} rows, failed files first" in r.output
+
+
+def test_predict_runs_the_bundled_model_onnx_with_pytorchs_labels(four_samples, tmp_path):
+    """Without ``--model``, ``predict`` runs the bundled ``model.onnx`` (as ``smear`` and ``serve``
+    do); ``--backend torch`` gives the same labels and probabilities to float rounding."""
+    import json
+
+    default, torch_out = tmp_path / "d.csv", tmp_path / "t.csv"
+    assert _run("predict", *four_samples, "--out", default, "--quiet").exit_code == 0
+    assert _run("predict", *four_samples, "--out", torch_out, "--quiet", "--backend", "torch").exit_code == 0
+    assert json.loads((tmp_path / "d.summary.json").read_text())["model"].endswith("model.onnx")
+    a, b = list(csv.DictReader(default.open())), list(csv.DictReader(torch_out.open()))
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert max(abs(float(x["p_parasitized"]) - float(y["p_parasitized"])) for x, y in zip(a, b)) <= 2e-6

@@ -36,6 +36,28 @@ log = logging.getLogger("malaria_screen.cli")
 _PLAIN_BOX = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
 
 
+class Backend(str, Enum):
+    """``--backend``: what runs the cell model (see :data:`BACKEND_HELP`)."""
+
+    onnx = "onnx"
+    torch = "torch"
+    auto = "auto"
+
+
+BACKEND_HELP = ("What runs the cell model: onnx (ONNX Runtime; for the bundled model its model.onnx, the same "
+                "probabilities as PyTorch to float rounding, without importing torch: a faster start and less memory), "
+                "torch, or auto (torch for a run folder, ONNX Runtime for an .onnx file). Default: onnx for the bundled "
+                "model, auto with --model.")
+
+
+def screening_backend(model: Optional[object], backend: Optional[str]) -> str:
+    """The back-end ``predict``, ``smear``, ``smear-slides`` and ``serve`` load: ``--backend``, else
+    ONNX Runtime for the bundled model (``model`` None: its ``model.onnx``, PyTorch's probabilities to
+    float rounding, and ``predict``'s workers can run it) and ``"auto"`` for a given one."""
+    backend = backend.value if isinstance(backend, Backend) else backend
+    return backend or ("onnx" if model is None else "auto")
+
+
 def echo_table(rows: list[list[str]], header: list[str]) -> None:
     """Print ``rows`` under ``header`` as a table (``rich.table.Table``) on standard output.
 
@@ -435,7 +457,7 @@ def predict(
     paths: List[Path] = typer.Argument(..., help="Image files and/or folders (recursive)"),
     out: Path = typer.Option(..., "--out", "-o", help="Results file: .csv or .json"),
     model: Optional[Path] = typer.Option(None, help="Run folder or .onnx file; default: the bundled model"),
-    backend: str = typer.Option("auto", help="torch | onnx | auto (onnx for .onnx files, or when torch is not installed)"),
+    backend: Optional[Backend] = typer.Option(None, "--backend", help=BACKEND_HELP),
     batch_size: int = typer.Option(256, min=1, help="Cells per inference batch"),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes that decode (and, with an ONNX model, classify) "
                                           "the files (threads for up to 512 files). "
@@ -473,6 +495,7 @@ def predict(
         typer.echo(f"note: {len(listed) - len(files)} path(s) named a file already given by another path: "
                    "each file is classified once", err=True)
     on_device = {"device": device, "precision": precision} if (device, precision) != ("cpu", "32") else {}
+    backend = screening_backend(model, backend)  # the bundled model: its model.onnx, which the workers can run
     if on_device and (backend != "torch" or ray):
         raise typer.BadParameter("--device and --precision apply to --backend torch, without --ray")
     if not ray and len(files) > CellClassifierBase.PROCESS_MIN_FILES and (workers or default_workers()) > 1:

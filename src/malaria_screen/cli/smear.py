@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from malaria_screen.cli.core import RAY_HELP, check_out_dir, connect_ray
+from malaria_screen.cli.core import BACKEND_HELP, RAY_HELP, Backend, check_out_dir, connect_ray, screening_backend
 from malaria_screen.errors import error_text
 from malaria_screen.evaluation.quantify import DEFAULT_TARGET_PRIOR
 from malaria_screen.fileio import atomic_write_json, atomic_write_text, rows_to_csv
@@ -24,27 +24,6 @@ from malaria_screen.smear.segment import SegmentConfig
 from malaria_screen.smear.stain import STAIN_METHODS
 
 __all__ = ["BACKEND_HELP", "Backend", "RESCORER_HELP", "screening_backend", "crops", "fit_rescorer", "load_rescorer", "register", "smear", "smear_eval"]
-
-
-class Backend(str, Enum):
-    """``--backend``: what runs the cell model (see :data:`BACKEND_HELP`)."""
-
-    onnx = "onnx"
-    torch = "torch"
-    auto = "auto"
-
-
-BACKEND_HELP = ("What runs the cell model: onnx (ONNX Runtime; for the bundled model its model.onnx, the same "
-                "probabilities as PyTorch to float rounding, without importing torch: a faster start and less memory), "
-                "torch, or auto (torch for a run folder, ONNX Runtime for an .onnx file). Default: onnx for the bundled "
-                "model, auto with --model.")
-
-
-def screening_backend(model: Optional[object], backend: Optional[str]) -> str:
-    """The back-end ``smear``, ``smear-slides`` and ``serve`` load: ``--backend``, else ONNX Runtime for
-    the bundled model (``model`` None) and ``"auto"`` for a given one."""
-    backend = backend.value if isinstance(backend, Backend) else backend
-    return backend or ("onnx" if model is None else "auto")
 
 
 def _load_model(model: Optional[str], no_classify: bool, backend: str = "auto"):
