@@ -346,7 +346,7 @@ def iter_classified_cells(paths: Sequence[str], size_px: int, *, workers: int, c
     Each worker receives ``classifier`` once (pickled; an ONNX model travels as its file's bytes)
     and classifies the cells of its own chunks, so only ``num_classes`` floats per cell come back
     instead of the ``(S, S, 3)`` cell, and this process does almost nothing but collect: on 2 cores
-    8-11 % more cells/s than decoding in the workers and classifying here, the same total CPU
+    6-9 % more cells/s than decoding in the workers and classifying here, about the same total CPU
     (``benchmarks/bench_predict.py``, twenty-fourth stop). The answers are the classifier's own:
     it must give the same probabilities in a worker as here (one intra-op thread per worker).
 
