@@ -67,6 +67,11 @@ class TrainConfig:
         ``color_augment="hed"``: each stain channel's optical density is scaled by
         α ~ U(1 - σ, 1 + σ) and shifted by β ~ U(-σ, σ) per cell (Tellez et al. 2019: 0.05
         "HED-light", 0.2 "HED-strong").
+    blur_sigma : float
+        ``color_augment="hed"``: each training cell is blurred by a Gaussian of standard
+        deviation ~ U(0, ``blur_sigma``) px at the model's input size (the "morphology"
+        augmentations of Tellez et al. 2019: another microscope's optics and compression blur
+        differently); 0 (the default) draws nothing, so runs without it are unchanged.
     test_patients : tuple of str
         Patients forced into the test split (e.g. those of the bundled sample images, so that
         the demo runs on held-out patients); the rest is split as usual, with the test share
@@ -154,6 +159,7 @@ class TrainConfig:
     color_jitter: float = 0.1
     color_augment: str = "jitter"
     hed_sigma: float = 0.05
+    blur_sigma: float = 0.0
     test_patients: tuple[str, ...] = ()
     extra_negatives: str | None = None
     extra_negative_fields: tuple[str, ...] = ()
@@ -190,6 +196,10 @@ class TrainConfig:
             raise ValueError(f"color_augment must be one of {COLOR_AUGMENTS}, got {self.color_augment!r}")
         if not 0.0 <= self.hed_sigma < 1.0:
             raise ValueError(f"hed_sigma must be in [0, 1), got {self.hed_sigma}")
+        if not 0.0 <= self.blur_sigma <= 4.0:
+            raise ValueError(f"blur_sigma must be in [0, 4] px, got {self.blur_sigma}")
+        if self.blur_sigma and self.color_augment != "hed":
+            raise ValueError("blur_sigma needs color_augment='hed' (the batched augmentation)")
         if self.extra_negative_fields and self.extra_negatives is None:
             raise ValueError("extra_negative_fields needs extra_negatives (the folder they come from)")
         if not 0.0 <= self.synthetic_positives <= 1.0:

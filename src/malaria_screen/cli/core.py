@@ -215,6 +215,9 @@ def train(
     hed_sigma: float = typer.Option(
         0.05, min=0.0, max=0.99, help="--color-augment hed: stain scale U(1-s,1+s) and shift U(-s,s) per HED channel "
         "(Tellez et al. 2019: 0.05 light, 0.2 strong)"),
+    blur_sigma: float = typer.Option(
+        0.0, min=0.0, max=4.0, help="--color-augment hed: blur each training cell by a Gaussian of sigma U(0, s) px "
+        "at the input size (Tellez et al. 2019's morphology augmentation); 0: off"),
     test_patients: Optional[str] = typer.Option(
         None, help="Patients forced into the TEST split: comma-separated ids, or a folder whose image file names give "
         "them (e.g. the bundled samples, so that the demo runs on held-out patients)"),
@@ -281,7 +284,7 @@ def train(
         cfg = TrainConfig(
             model=model, input_size=input_size or default_input_size(model), epochs=epochs, batch_size=batch_size,
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, grad_clip=grad_clip, augment=augment,
-            color_jitter=color_jitter, color_augment=color_augment, hed_sigma=hed_sigma,
+            color_jitter=color_jitter, color_augment=color_augment, hed_sigma=hed_sigma, blur_sigma=blur_sigma,
             test_patients=_patient_list(test_patients),
             extra_negatives=str(extra_negatives) if extra_negatives is not None else None,
             extra_negative_fields=tuple(f.strip() for f in extra_negative_fields.split(",") if f.strip()) if extra_negative_fields else (),

@@ -118,6 +118,8 @@ class CellDataModule(L.LightningDataModule):
         whole uint8 batches (:class:`~.transforms.BatchAugment`, with ``hed_sigma`` and
         ``color_jitter``) and serves every split in batches.
     hed_sigma : float, default=0.05
+    blur_sigma : float, default=0.0
+        Gaussian blur of the batched augmentation, px (:class:`~.transforms.BatchAugment`).
     num_workers : int, default=0
     seed : int, default=0
         Seeds the training shuffle.
@@ -138,6 +140,7 @@ class CellDataModule(L.LightningDataModule):
         color_jitter: float = 0.1,
         color_augment: str = "jitter",
         hed_sigma: float = 0.05,
+        blur_sigma: float = 0.0,
         num_workers: int = 0,
         seed: int = 0,
         train_targets: np.ndarray | None = None,
@@ -150,6 +153,7 @@ class CellDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.augment, self.num_workers, self.seed = batch_size, augment, num_workers, seed
         self.color_jitter, self.color_augment, self.hed_sigma = color_jitter, color_augment, hed_sigma
+        self.blur_sigma = blur_sigma
         self.batched = color_augment == "hed"
         self._device_augment = None  # BatchAugment run after the batch reaches the device (batched training)
 
@@ -160,7 +164,7 @@ class CellDataModule(L.LightningDataModule):
             ev = eval_transform(self.mean, self.std)
             if self.augment:  # the loader serves uint8 batches; on_after_batch_transfer augments them on the device
                 self._device_augment = BatchAugment(size, self.mean, self.std, hed_sigma=self.hed_sigma,
-                                                    jitter=self.color_jitter, seed=self.seed)
+                                                    jitter=self.color_jitter, blur_sigma=self.blur_sigma, seed=self.seed)
             tr = _as_is if self.augment else ev
             self.train_set = BatchCellDataset(c.images[self.split.train], c.labels[self.split.train], tr, self.train_targets)
             self.val_set = BatchCellDataset(c.images[self.split.val], c.labels[self.split.val], ev)

@@ -168,8 +168,9 @@ class BatchAugment:
 
     Per cell, independently: one of the 8 flips/90-degree rotations (label-preserving for a
     cell seen from above), a random crop of the black-padded cell (padding ``S // 16``), HED
-    stain augmentation (:func:`hed_augment`, strength ``hed_sigma``), brightness and contrast
-    jitter ± ``jitter``, then normalisation by ``mean``/``std``. Everything is one vectorised
+    stain augmentation (:func:`hed_augment`, strength ``hed_sigma``), optionally a Gaussian blur
+    of the cell (:meth:`blur`, ``blur_sigma``), brightness and contrast jitter ± ``jitter``, then
+    normalisation by ``mean``/``std``. Everything is one vectorised
     pass over the batch (no per-cell Python), drawn from the module's own seeded generator.
     It runs on the batch's device (a batch on a GPU is augmented there); the random draws come
     from a CPU generator and are moved to that device, so a seed gives the same cells on any device.
@@ -184,18 +185,24 @@ class BatchAugment:
         α ~ U(1 - σ, 1 + σ), β ~ U(-σ, σ) per stain channel; 0 disables.
     jitter : float, default=0.1
         Brightness and contrast factors ~ U(1 - j, 1 + j); 0 disables.
+    blur_sigma : float, default=0.0
+        Per cell, a Gaussian blur of standard deviation ~ U(0, ``blur_sigma``) px; 0 disables
+        and draws nothing (the random stream, hence the cells, stay those of a run without it).
     seed : int, default=0
 
     Raises
     ------
     ValueError
-        If ``hed_sigma`` or ``jitter`` is outside [0, 1).
+        If ``hed_sigma`` or ``jitter`` is outside [0, 1), or ``blur_sigma`` outside [0, 4].
     """
 
     def __init__(self, size_px: int, mean: Sequence[float], std: Sequence[float], *, hed_sigma: float = 0.05,
-                 jitter: float = 0.1, seed: int = 0) -> None:
+                 jitter: float = 0.1, blur_sigma: float = 0.0, seed: int = 0) -> None:
         if not 0.0 <= hed_sigma < 1.0 or not 0.0 <= jitter < 1.0:
             raise ValueError(f"hed_sigma and jitter must be in [0, 1), got {hed_sigma} and {jitter}")
+        if not 0.0 <= blur_sigma <= 4.0:
+            raise ValueError(f"blur_sigma must be in [0, 4] px, got {blur_sigma}")
+        self.blur_sigma = blur_sigma
         self.size_px, self.pad = size_px, max(1, size_px // 16)
         self.hed_sigma, self.jitter = hed_sigma, jitter
         self.mean, self.std = tuple(mean), tuple(std)
@@ -220,6 +227,30 @@ class BatchAugment:
         rows, cols = (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]
         return xp.permute(0, 2, 3, 1)[torch.arange(b, device=dev)[:, None, None], rows, cols].permute(0, 3, 1, 2).contiguous()
 
+    def blur(self, out: torch.Tensor, black: torch.Tensor) -> torch.Tensor:
+        """Blur each cell of a ``(B, 3, S, S)`` float batch by a Gaussian of its own standard
+        deviation ~ U(0, ``blur_sigma``) px, inside the cell only: a normalised convolution
+        (the blurred image over the blurred mask), so the black letterbox or mask around a cell
+        neither darkens its rim nor spreads; ``black`` ``(B, 1, S, S)`` bool marks it."""
+        b, c, s, _ = out.shape
+        r = max(1, math.ceil(3 * self.blur_sigma))
+        sigma = self._u(b, lo=0.0, hi=self.blur_sigma).clamp_min(1e-3)  # drawn on the CPU: same on any device
+        t = torch.arange(-r, r + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+        k = (k / k.sum(1, keepdim=True)).to(out.device)  # (B, 2r + 1); a tiny sigma is the identity
+        keep = (~black).to(out.dtype)
+
+        def conv(x: torch.Tensor) -> torch.Tensor:  # separable, one kernel per cell (grouped)
+            ch = x.shape[1]
+            kk = k.repeat_interleave(ch, 0)
+            x = x.reshape(1, b * ch, s, s)
+            x = torch.nn.functional.conv2d(x, kk[:, None, None, :], padding=(0, r), groups=b * ch)
+            x = torch.nn.functional.conv2d(x, kk[:, None, :, None], padding=(r, 0), groups=b * ch)
+            return x.reshape(b, ch, s, s)
+
+        num, den = conv(out * keep), conv(keep)
+        return torch.where(black, torch.zeros_like(out), num / den.clamp_min(1e-6)).clamp_(0.0, 1.0)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S) uint8`` → augmented, normalised ``(B, 3, S, S) float32``."""
         b = x.shape[0]
@@ -228,6 +259,8 @@ class BatchAugment:
         alpha, beta = self._u(b, 3, lo=1 - sg, hi=1 + sg), self._u(b, 3, lo=-sg, hi=sg)  # drawn on the CPU: same on any device
         black = (x == 0).all(dim=1, keepdim=True)
         out = hed_augment(x, alpha, beta) if sg > 0 else x.float() / 255.0
+        if self.blur_sigma > 0:
+            out = self.blur(out, black)
         if self.jitter > 0:
             j = self.jitter
             bright = self._u(b, 1, 1, 1, lo=1 - j, hi=1 + j, device=x.device)

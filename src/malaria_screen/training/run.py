@@ -264,7 +264,7 @@ def train(
         _save_sample_grid(cells, split, out / "samples_grid.png", seed=cfg.seed)
     dm = CellDataModule(cells, split, cfg.mean, cfg.std, batch_size=cfg.batch_size, augment=cfg.augment,
                         color_jitter=cfg.color_jitter, color_augment=cfg.color_augment, hed_sigma=cfg.hed_sigma,
-                        num_workers=cfg.num_workers, seed=cfg.seed, train_targets=train_targets)
+                        blur_sigma=cfg.blur_sigma, num_workers=cfg.num_workers, seed=cfg.seed, train_targets=train_targets)
 
     has_val = len(split.val) > 0
     monitor = "val_loss" if has_val else "train_loss"
