@@ -30,6 +30,11 @@ def test_validation():
     assert TrainConfig(color_augment="hed", hed_sigma=0.2).hed_sigma == 0.2
     with pytest.raises(ValueError, match="hed_sigma"):
         TrainConfig(hed_sigma=1.0)
+    assert TrainConfig(color_augment="hed", blur_sigma=1.5).blur_sigma == 1.5
+    with pytest.raises(ValueError, match="blur_sigma must be"):
+        TrainConfig(color_augment="hed", blur_sigma=5.0)
+    with pytest.raises(ValueError, match="blur_sigma needs color_augment='hed'"):
+        TrainConfig(blur_sigma=1.0)
     with pytest.raises(ValueError, match="extra_negatives"):
         TrainConfig(extra_negative_fields=("1",))
     with pytest.raises(ValueError, match="synthetic_positives needs extra_negatives"):

@@ -103,3 +103,32 @@ def test_training_batches_are_augmented_after_the_transfer_to_the_device(samples
     dm.trainer = SimpleNamespace(training=False)
     v, _ = next(iter(dm.val_dataloader()))
     assert v.dtype == torch.float32 and dm.on_after_batch_transfer((v, y), 0)[0] is v
+
+
+def test_blur_smooths_real_cells_inside_their_mask_only(samples_dir):
+    """``blur_sigma``: the bundled sample cells lose high-frequency energy (a Laplacian's mean
+    inside the cell), keep their mean colour and their black surround; the other draws (flips,
+    crop, stain) are the same as without blur, and ``blur_sigma=0`` draws nothing."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.data.preprocess import letterbox
+
+    files = sorted(samples_dir.glob("*/*.png"))
+    x = torch.from_numpy(np.stack([letterbox(decode_image(f), 64) for f in files])).permute(0, 3, 1, 2).contiguous()
+    unit = ((0.0,) * 3, (1 / 255,) * 3)  # outputs on the 0-255 scale
+    plain = BatchAugment(64, *unit, hed_sigma=0.0, jitter=0.0, seed=3)(x)
+    blurred = BatchAugment(64, *unit, hed_sigma=0.0, jitter=0.0, blur_sigma=2.0, seed=3)(x)
+    black = (plain == 0).all(1)
+    assert torch.equal((blurred == 0).all(1), black)
+    inside = torch.nn.functional.max_pool2d(black[:, None].float(), 5, 1, 2)[:, 0] == 0  # away from the rim
+    lap = torch.tensor([[[[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]]])
+
+    def hf(t):
+        return torch.nn.functional.conv2d(t.mean(1, keepdim=True), lap, padding=1).abs()[:, 0][inside].mean()
+
+    assert hf(blurred) < 0.85 * hf(plain)
+    assert abs(float(blurred.mean(1)[~black].mean() - plain.mean(1)[~black].mean())) < 2.0  # grey levels of 0-255
+    zero = BatchAugment(64, *unit, hed_sigma=0.3, jitter=0.1, blur_sigma=0.0, seed=3)
+    same = BatchAugment(64, *unit, hed_sigma=0.3, jitter=0.1, seed=3)
+    assert torch.equal(zero(x), same(x))
+    with pytest.raises(ValueError):
+        BatchAugment(16, (0.5,) * 3, (0.25,) * 3, blur_sigma=5.0)
