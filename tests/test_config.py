@@ -41,6 +41,9 @@ def test_validation():
         TrainConfig(synthetic_positives=0.5)
     with pytest.raises(ValueError, match=r"synthetic_positives must be in \[0, 1\]"):
         TrainConfig(extra_negatives="x", synthetic_positives=1.5)
+    assert TrainConfig(mixstyle=0.5).mixstyle_layers == ("features.0", "features.2")
+    with pytest.raises(ValueError, match=r"mixstyle must be in \[0, 1\]"):
+        TrainConfig(mixstyle=1.5)
 
 
 def test_config_without_new_keys_loads_with_defaults(tmp_path):

@@ -138,6 +138,16 @@ class TrainConfig:
         on (in ``[0, 1)``), an equal-weight running average of the weights and BatchNorm buffers
         (Lightning's ``WeightAveraging`` callback) is what validation scores, checkpoints hold
         and the run keeps. None: off (the last or best weights themselves).
+    mixstyle : float
+        MixStyle (Zhou et al. 2021, "Domain generalization with MixStyle", a
+        domain-generalisation method): while training, with this probability per batch and
+        layer, each cell's channel-wise feature mean and standard deviation after the
+        ``mixstyle_layers`` are replaced by a random mix of its own and another cell's
+        (:mod:`malaria_screen.models.mixstyle`); identity at evaluation, so the weights and the
+        ONNX graph are those of a plain run. 0 (default): off, nothing drawn.
+    mixstyle_layers : tuple of str
+        The sub-modules (``named_modules`` names) after which MixStyle mixes; the default is
+        ``cellnet``'s stem and first stage (the paper's "first stages").
     """
 
     model: str = "cellnet"
@@ -179,6 +189,8 @@ class TrainConfig:
     distill_from: tuple[str, ...] = ()
     distill_weight: float = 0.5
     weight_average_from: float | None = None
+    mixstyle: float = 0.0
+    mixstyle_layers: tuple[str, ...] = ("features.0", "features.2")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -216,6 +228,8 @@ class TrainConfig:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if self.weight_average_from is not None and not 0.0 <= self.weight_average_from < 1.0:
             raise ValueError(f"weight_average_from must be in [0, 1) or None, got {self.weight_average_from}")
+        if not 0.0 <= self.mixstyle <= 1.0:
+            raise ValueError(f"mixstyle must be in [0, 1], got {self.mixstyle}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean/std need {self.channels} values, got {self.mean} / {self.std}")
 

@@ -265,6 +265,11 @@ def train(
     weight_average_from: Optional[float] = typer.Option(
         None, min=0.0, max=0.999, help="Weight averaging (SWA, Izmailov et al. 2018; dense as in SWAD): average the weights "
         "of every step from this share of training on (e.g. 0.5) and keep the average"),
+    mixstyle: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="MixStyle (Zhou et al. 2021, domain generalisation): mix the cells' feature statistics "
+        "after the --mixstyle-layers with this probability per batch while training (e.g. 0.5); 0: off"),
+    mixstyle_layers: str = typer.Option(
+        "features.0,features.2", help="--mixstyle: comma-separated sub-module names (cellnet: stem and first stage)"),
     threshold_rule: ThresholdRule = typer.Option(
         ThresholdRule.fixed, help="fixed: threshold 0.5 | val-count: the threshold at which as many validation cells are called "
         "Parasitized as are Parasitized (count calibration for parasitemia on a low-prevalence site; with --groups, "
@@ -294,7 +299,8 @@ def train(
             backbone_lr_scale=backbone_lr_scale, unfreeze_at_epoch=unfreeze_at_epoch,
             init_from=_run_folder(init_from), split_seed=split_seed,
             distill_from=tuple(_run_folder(t) for t in distill_from or ()), distill_weight=distill_weight,
-            weight_average_from=weight_average_from,
+            weight_average_from=weight_average_from, mixstyle=mixstyle,
+            mixstyle_layers=tuple(n.strip() for n in mixstyle_layers.split(",") if n.strip()),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -11,6 +11,9 @@ Transfer learning (Yosinski et al. 2014; Rajaraman et al. 2018): the network's *
 in eval mode (running statistics fixed); ``backbone_lr_scale`` gives the backbone a smaller
 learning rate when fine-tuning; ``unfreeze_at_epoch`` trains the head first and the whole
 network from that epoch on (gradual unfreezing, Howard & Ruder 2018).
+
+MixStyle (Zhou et al. 2021, :mod:`malaria_screen.models.mixstyle`): ``mixstyle > 0`` mixes the
+feature statistics of the training instances after the named layers; identity at evaluation.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
+
+from malaria_screen.models.mixstyle import attach_mixstyle
 
 __all__ = ["CellClassifier", "split_backbone_head"]
 
@@ -72,12 +77,18 @@ class CellClassifier(L.LightningModule):
     unfreeze_at_epoch : int, optional
         With ``freeze_backbone``: unfreeze the backbone at the start of this 0-based epoch.
         Not supported with DDP (parameters unfrozen later are not synchronised).
+    mixstyle : float, default=0.0
+        Probability per batch and layer of MixStyle (Zhou et al. 2021) while training; 0: off
+        (nothing attached, nothing drawn).
+    mixstyle_layers : tuple of str, default=()
+        Sub-modules of ``net`` (``named_modules`` names) whose outputs MixStyle mixes.
 
     Raises
     ------
     ValueError
-        If freezing is asked of a network without a ``classifier``/``head``, or
-        ``unfreeze_at_epoch`` is given without ``freeze_backbone``.
+        If freezing is asked of a network without a ``classifier``/``head``,
+        ``unfreeze_at_epoch`` is given without ``freeze_backbone``, or ``mixstyle_layers``
+        names no sub-module of ``net``.
     """
 
     def __init__(
@@ -94,6 +105,8 @@ class CellClassifier(L.LightningModule):
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
         unfreeze_at_epoch: int | None = None,
+        mixstyle: float = 0.0,
+        mixstyle_layers: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         if unfreeze_at_epoch is not None and not freeze_backbone:
@@ -102,6 +115,8 @@ class CellClassifier(L.LightningModule):
             raise ValueError(f"backbone_lr_scale must be > 0, got {backbone_lr_scale}")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
+        if mixstyle:
+            attach_mixstyle(net, mixstyle_layers, p=mixstyle)
         self._backbone_frozen = False
         if freeze_backbone or backbone_lr_scale != 1.0:
             self._backbone, self._head = split_backbone_head(net)

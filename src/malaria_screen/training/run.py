@@ -256,7 +256,8 @@ def train(
     system = CellClassifier(net, num_classes=cfg.num_classes, positive_index=pos, optimizer=cfg.optimizer, lr=cfg.lr,
                             weight_decay=cfg.weight_decay, scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing,
                             freeze_backbone=cfg.freeze_backbone, backbone_lr_scale=cfg.backbone_lr_scale,
-                            unfreeze_at_epoch=cfg.unfreeze_at_epoch)
+                            unfreeze_at_epoch=cfg.unfreeze_at_epoch, mixstyle=cfg.mixstyle,
+                            mixstyle_layers=cfg.mixstyle_layers)
     train_targets = distill_targets(cfg, cells, split, manifest)  # teachers checked before anything is written
     if not resume and is_zero:  # written once the model is known to build (bad weights fail first)
         atomic_write_json(out / "split.json", manifest)
