@@ -73,3 +73,13 @@ def test_mixstyle_rejects_unknown_layers_and_bad_probabilities():
         attach_mixstyle(net, (), p=0.5)
     with pytest.raises(ValueError, match=r"p must be in \(0, 1\]"):
         attach_mixstyle(net, ("features.0",), p=0.0)
+
+
+def test_train_refuses_unknown_mixstyle_layers_before_it_reads_cells_or_makes_the_folder(tmp_path):
+    from malaria_screen.config import TrainConfig
+    from malaria_screen.training.run import train
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"\['stem'\] are not sub-modules of CellNet"):
+        train(tmp_path / "no_such_data", out, TrainConfig(mixstyle=0.5, mixstyle_layers=("stem",)))
+    assert not out.exists()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["MIXSTYLE_ALPHA", "attach_mixstyle", "mixstyle"]
+__all__ = ["MIXSTYLE_ALPHA", "attach_mixstyle", "mixstyle", "mixstyle_layers"]
 
 #: Beta(α, α) of the mixing weight: the paper's value (0.1: mostly close to one of the two styles).
 MIXSTYLE_ALPHA: float = 0.1
@@ -84,16 +84,28 @@ def attach_mixstyle(net: nn.Module, layers: Sequence[str], *, p: float,
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"p must be in (0, 1], got {p}")
-    modules = dict(net.named_modules())
-    missing = [name for name in layers if name not in modules or name == ""]
-    if not layers or missing:
-        options = ", ".join(n for n in list(modules)[1:13])
-        raise ValueError(f"MixStyle layers {missing or '(none)'} are not sub-modules of {type(net).__name__} "
-                         f"(some that are: {options})")
+    modules = mixstyle_layers(net, layers)
 
     def hook(module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
         if module.training and torch.rand(()) < p:
             return mixstyle(output, alpha=alpha)
         return output
 
-    return [modules[name].register_forward_hook(hook) for name in layers]
+    return [m.register_forward_hook(hook) for m in modules]
+
+
+def mixstyle_layers(net: nn.Module, layers: Sequence[str]) -> list[nn.Module]:
+    """The sub-modules of ``net`` named ``layers`` (``named_modules`` names), in that order.
+
+    Raises
+    ------
+    ValueError
+        If ``layers`` is empty or a name is not a sub-module of ``net`` (the message lists some that are).
+    """
+    modules = dict(net.named_modules())
+    missing = [name for name in layers if name not in modules or name == ""]
+    if not layers or missing:
+        options = ", ".join(n for n in list(modules)[1:13])
+        raise ValueError(f"MixStyle layers {missing or '(none)'} are not sub-modules of {type(net).__name__} "
+                         f"(some that are: {options})")
+    return [modules[name] for name in layers]

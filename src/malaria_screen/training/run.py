@@ -33,6 +33,7 @@ from malaria_screen.data.patients import read_groups_csv
 from malaria_screen.data.split import SplitIndices, check_leak_free, patient_split, split_manifest
 from malaria_screen.data.synthetic import synthetic_positives
 from malaria_screen.fileio import atomic_write_json
+from malaria_screen.models.mixstyle import mixstyle_layers
 from malaria_screen.models.registry import build_model
 from malaria_screen.models.weights import load_weights, save_weights
 from malaria_screen.plotting import save_cell_grid, save_training_curves
@@ -167,7 +168,8 @@ def train(
         On resume without a checkpoint.
     ValueError
         If the split leaks patients or the data cannot be grouped; if ``pretrained_weights`` is
-        set for a model that takes no weights; if gradual unfreezing is combined with DDP.
+        set for a model that takes no weights; if gradual unfreezing is combined with DDP; if
+        ``mixstyle_layers`` names no sub-module of the model (before the run folder is made).
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -186,6 +188,8 @@ def train(
     # Lightning's DDP launcher re-runs the command with LOCAL_RANK/RANK set: known before the
     # Trainer exists, so the other ranks can keep their hands off the run folder from the start.
     is_zero = getattr(rank_zero_only, "rank", 0) == 0
+    if config is not None and config.mixstyle and not resume:  # a wrong layer name fails before any cell is read
+        mixstyle_layers(build_net(config, None), config.mixstyle_layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
