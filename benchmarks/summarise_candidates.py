@@ -13,7 +13,9 @@ mean PPV, the mean EM error on the NIH bags, the mean sensitivity and PPV with t
 point chosen in blocked folds (``cv_sens``); and, seed for seed against the bundled recipe's run
 of the same seed (``--seed S --split-seed 0``, the same patients): the mean difference in
 out-of-the-box sensitivity and the number of seeds where the candidate finds more infected
-cells. No figure is measured anew: this is arithmetic on the records named in its notes, which
+cells; where ``bench_same_cell`` records exist (:data:`DETECTIONS`), the same for the
+sensitivity among all of ``smear``'s detections at a false-positive rate of 0.5 %, which no
+threshold moves (ranking, not calibration). No figure is measured anew: this is arithmetic on the records named in its notes, which
 say what each was measured on. Nothing here chose a model (every candidate was judged by the
 rule written before its runs, in the model card).
 """
@@ -53,6 +55,28 @@ RECIPES: dict[str, tuple[str, dict[int, str]]] = {
     "mixstyle": ("MixStyle 0.5", {s: f"candidate_mixstyle_seed{s}_quantify" for s in range(3)}),
 }
 
+#: recipe key -> {seed: (bench_same_cell record, key prefix of that run)}: the sensitivity among all
+#: of `smear`'s detections at a false-positive rate of 0.5 % (``fields.sens_at_fpr_0.005``), a
+#: ranking measure that no threshold or prior moves. Recipes without such records are left out.
+DETECTIONS: dict[str, dict[int, tuple[str, str]]] = {
+    "bundled": {0: ("same_cell", ""), 1: ("same_cell_plain_seeds", "seed1."), 2: ("same_cell_plain_seeds", "seed2.")},
+    "hed02": {s: ("same_cell", f"hed02_seed{s}.") for s in range(2)},
+    "swa": {s: ("same_cell", f"swa_seed{s}.") for s in range(3)},
+    "px96": {s: ("same_cell", f"px96_seed{s}.") for s in range(3)},
+    "synthetic": {s: ("same_cell_synthetic", f"syn_seed{s}.") for s in range(3)},
+    "blur": {s: ("same_cell_blur_mixstyle", f"blur_seed{s}.") for s in range(3)},
+    "mixstyle": {s: ("same_cell_blur_mixstyle", f"mixstyle_seed{s}.") for s in range(3)},
+}
+DETECTION_KEY = "fields.sens_at_fpr_0.005"
+
+
+def _detections(key: str, results: Path) -> dict[int, float]:
+    out = {}
+    for seed, (record, prefix) in DETECTIONS.get(key, {}).items():
+        figures = json.loads((results / f"{record}.json").read_text(encoding="utf-8"))["figures"]
+        out[seed] = figures[prefix + DETECTION_KEY]
+    return out
+
 
 def _figures(name: str, results: Path) -> dict[str, float]:
     nih = json.loads((results / f"{name}.json").read_text(encoding="utf-8"))["figures"]
@@ -67,9 +91,10 @@ def summarise(results: Path = RESULTS_DIR) -> dict[str, float | int]:
     Raises
     ------
     FileNotFoundError
-        If a record named in :data:`RECIPES` is missing.
+        If a record named in :data:`RECIPES` or :data:`DETECTIONS` is missing.
     """
     plain = {s: _figures(n, results) for s, n in RECIPES["bundled"][1].items()}
+    plain_det = _detections("bundled", results)
     out: dict[str, float | int] = {}
     for key, (_, runs) in RECIPES.items():
         figs = {s: _figures(n, results) for s, n in runs.items()}
@@ -84,6 +109,13 @@ def summarise(results: Path = RESULTS_DIR) -> dict[str, float | int]:
             diff = [figs[s]["sens"] - plain[s]["sens"] for s in figs]
             out[f"{key}.sens_diff_mean"] = float(np.mean(diff))
             out[f"{key}.n_seeds_more"] = int(sum(d > 0 for d in diff))
+        det = _detections(key, results)
+        if det:
+            out[f"{key}.det_sens_mean"] = float(np.mean(list(det.values())))
+            if key != "bundled":
+                ddiff = [det[s] - plain_det[s] for s in det]
+                out[f"{key}.det_diff_mean"] = float(np.mean(ddiff))
+                out[f"{key}.det_n_seeds_more"] = int(sum(d > 0 for d in ddiff))
     return out
 
 
@@ -97,13 +129,18 @@ def main() -> None:
     for key, (desc, _) in RECIPES.items():
         g = {k.split(".", 1)[1]: v for k, v in figures.items() if k.split(".", 1)[0] == key}
         vs = "" if key == "bundled" else f"{g['sens_diff_mean']:+.3f} ({g['n_seeds_more']} of {g['n_seeds']} more)"
+        if "det_sens_mean" in g:
+            vs += f"  detections {g['det_sens_mean']:.3f}"
+            vs += f" {g['det_diff_mean']:+.3f} ({g['det_n_seeds_more']} more)" if key != "bundled" else ""
         print(f"{desc:{width}}  {g['n_seeds']:5d}  {g['sens_mean']:.3f} [{g['sens_min']:.3f}, {g['sens_max']:.3f}]  "
               f"{g['ppv_mean']:.3f}  {g['em_mean']:7.2f}  {g['cv_sens_mean']:.3f}/{g['cv_ppv_mean']:.3f}     {vs}")
-    names = sorted({n for _, runs in RECIPES.values() for n in runs.values()})
+    names = sorted({n for _, runs in RECIPES.values() for n in runs.values()}
+                   | {r for runs in DETECTIONS.values() for r, _ in runs.values()})
     notes = ("Arithmetic on bench_quantify records, no new measurement: out-of-the-box ('fixed.prior', smear's "
              "default prior correction to 2 %, no IML label) infected-cell sensitivity and PPV over the 120 IML dev "
              "fields (185 infected boxes), EM MAE on bags of each run's own NIH test patients, and 'cv_sens' "
-             "(operating point chosen in 5 blocked folds of the IML fields). Seed S of a candidate is compared "
+             "(operating point chosen in 5 blocked folds of the IML fields); 'det_*': bench_same_cell's sensitivity "
+             "among all of smear's detections on the same fields at a false-positive rate of 0.5 %. Seed S of a candidate is compared "
              "with seed S of the bundled recipe (same patient split). Records: " + ", ".join(names) + ". "
              "Describes candidates already judged (model card rule); chooses nothing.")
     path = write_record(args.record, figures, notes=notes)
