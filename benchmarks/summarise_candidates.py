@@ -15,9 +15,9 @@ of the same seed (``--seed S --split-seed 0``, the same patients): the mean diff
 out-of-the-box sensitivity and the number of seeds where the candidate finds more infected
 cells; where ``bench_same_cell`` records exist (:data:`DETECTIONS`), the same for the
 sensitivity among all of ``smear``'s detections at a false-positive rate of 0.5 %, which no
-threshold moves (ranking, not calibration). No figure is measured anew: this is arithmetic on the records named in its notes, which
-say what each was measured on. Nothing here chose a model (every candidate was judged by the
-rule written before its runs, in the model card).
+threshold moves (ranking, not calibration). No figure is measured anew: this is arithmetic on
+the records named in its notes, which say what each was measured on. Nothing here chose a model
+(every candidate was judged by the rule written before its runs, in the model card).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -70,17 +71,19 @@ DETECTIONS: dict[str, dict[int, tuple[str, str]]] = {
 DETECTION_KEY = "fields.sens_at_fpr_0.005"
 
 
+@lru_cache(maxsize=None)
+def _record(results: Path, name: str) -> dict[str, float]:
+    """The figures of ``results/<name>.json`` (each record read once: several runs share one)."""
+    return json.loads((results / f"{name}.json").read_text(encoding="utf-8"))["figures"]
+
+
 def _detections(key: str, results: Path) -> dict[int, float]:
-    out = {}
-    for seed, (record, prefix) in DETECTIONS.get(key, {}).items():
-        figures = json.loads((results / f"{record}.json").read_text(encoding="utf-8"))["figures"]
-        out[seed] = figures[prefix + DETECTION_KEY]
-    return out
+    return {seed: _record(results, record)[prefix + DETECTION_KEY]
+            for seed, (record, prefix) in DETECTIONS.get(key, {}).items()}
 
 
 def _figures(name: str, results: Path) -> dict[str, float]:
-    nih = json.loads((results / f"{name}.json").read_text(encoding="utf-8"))["figures"]
-    iml = json.loads((results / f"{name}_iml.json").read_text(encoding="utf-8"))["figures"]
+    nih, iml = _record(results, name), _record(results, f"{name}_iml")
     return {"sens": iml["fixed.prior.infected_sensitivity"], "ppv": iml["fixed.prior.infected_ppv"],
             "em": nih["em.mae_pp"], "cv_sens": iml["cv_sens.infected_sensitivity"], "cv_ppv": iml["cv_sens.infected_ppv"]}
 

@@ -292,7 +292,7 @@ def train(
             color_jitter=color_jitter, color_augment=color_augment, hed_sigma=hed_sigma, blur_sigma=blur_sigma,
             test_patients=_patient_list(test_patients),
             extra_negatives=str(extra_negatives) if extra_negatives is not None else None,
-            extra_negative_fields=tuple(f.strip() for f in extra_negative_fields.split(",") if f.strip()) if extra_negative_fields else (),
+            extra_negative_fields=_comma_list(extra_negative_fields),
             synthetic_positives=synthetic_positives,
             early_stopping_patience=early_stopping, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
             num_workers=num_workers, pretrained_weights=weights, freeze_backbone=freeze,
@@ -300,7 +300,7 @@ def train(
             init_from=_run_folder(init_from), split_seed=split_seed,
             distill_from=tuple(_run_folder(t) for t in distill_from or ()), distill_weight=distill_weight,
             weight_average_from=weight_average_from, mixstyle=mixstyle,
-            mixstyle_layers=tuple(n.strip() for n in mixstyle_layers.split(",") if n.strip()),
+            mixstyle_layers=_comma_list(mixstyle_layers),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -335,6 +335,11 @@ def train(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     _print_metrics(m)
+
+
+def _comma_list(spec: Optional[str]) -> tuple[str, ...]:
+    """The non-empty, stripped items of a comma-separated option, in order (``()`` for None or "")."""
+    return tuple(item.strip() for item in (spec or "").split(",") if item.strip())
 
 
 def _patient_list(spec: Optional[str]) -> tuple[str, ...]:
