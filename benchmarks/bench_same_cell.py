@@ -52,7 +52,7 @@ import numpy as np
 FPRS = (0.002, 0.005)
 
 
-def _sens_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float, n_pos: int | None = None) -> float:
+def sens_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float, n_pos: int | None = None) -> float:
     """Share of ``n_pos`` (default ``len(pos)``) positives scored above the (1 - fpr) quantile of ``neg``."""
     t = float(np.quantile(neg, 1.0 - fpr))
     return float((pos > t).sum() / (len(pos) if n_pos is None else n_pos))
@@ -105,8 +105,8 @@ def score_model(model_path: Path | None, iml: Path) -> dict[str, float]:
     }
     neg_fields = np.concatenate([p_seg[m & (y == 0)], other])
     for fpr in FPRS:
-        fig[f"box.sens_at_fpr_{fpr}"] = _sens_at_fpr(p_box[y == 1], p_box[y == 0], fpr)
-        fig[f"fields.sens_at_fpr_{fpr}"] = _sens_at_fpr(p_seg[m & (y == 1)], neg_fields, fpr, n_pos=n_inf)
+        fig[f"box.sens_at_fpr_{fpr}"] = sens_at_fpr(p_box[y == 1], p_box[y == 0], fpr)
+        fig[f"fields.sens_at_fpr_{fpr}"] = sens_at_fpr(p_seg[m & (y == 1)], neg_fields, fpr, n_pos=n_inf)
     return fig
 
 
