@@ -184,3 +184,29 @@ def test_cli_app_takes_keys_from_the_environment(onnx_fp32, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_api_sessions_folders_are_swept(onnx_fp32, sample_pngs, tmp_path):
+    """A client of the app's HTTP API never closes a tab, so Gradio's ``unload`` never deletes its
+    session folder: a later click deletes every other session's folder in which nothing was
+    written for ``session_ttl_s``; the calling session's own is kept."""
+    from gradio_client import Client, handle_file
+
+    from malaria_screen.app import AppLimits, launch, sweep_sessions
+    from malaria_screen.inference import OnnxPredictor
+
+    port = _free_port()
+    work = tmp_path / "w"
+    demo = launch(OnnxPredictor.from_file(onnx_fp32), port=port, prevent_thread_lock=True, work_dir=work,
+                  limits=AppLimits(session_ttl_s=1))
+    try:
+        seen = []
+        for _ in range(3):
+            Client(f"http://127.0.0.1:{port}", verbose=False).predict([handle_file(str(sample_pngs[0]))], api_name="/classify")
+            now = sorted(p.name for p in work.iterdir())
+            assert len(now) == 1 and now[0] not in seen, (now, seen)  # the older sessions' folders are gone
+            seen += now
+            time.sleep(1.5)
+        assert sweep_sessions(work, 1.0) == seen[-1:] and not any(work.iterdir())
+    finally:
+        demo.close()

@@ -153,6 +153,25 @@ def test_slide_handler_totals_flags_and_gallery(demo_field, tmp_path):
     assert screen_slide_files(model, []) == ("No field uploaded.", [], [], [])
 
 
+def test_slide_handler_keeps_two_fields_of_one_name_apart(demo_field, tmp_path):
+    """Two uploads named alike (from two folders): two rows, two overlays, each with its own name."""
+    pytest.importorskip("skimage")
+    from PIL import Image
+
+    from malaria_screen.app import screen_slide_files
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.inference import load_model
+
+    rgb = decode_image(demo_field)
+    for folder, img in (("a", rgb), ("b", np.ascontiguousarray(rgb[:, ::-1]))):  # the second mirrored: other pixels
+        (tmp_path / folder).mkdir()
+        Image.fromarray(img).save(tmp_path / folder / "field.png")
+    _, overlays, table, _ = screen_slide_files(load_model(), [str(tmp_path / "a" / "field.png"), str(tmp_path / "b" / "field.png")])
+    assert [r[0] for r in table] == ["field.png", "field (2).png"]
+    assert [cap.split(":")[0] for _, cap in overlays] == ["field.png", "field (2).png"]
+    assert not np.array_equal(overlays[0][0], overlays[1][0])  # each field's own overlay
+
+
 @pytest.mark.browser
 def test_whole_field_tab_in_headless_chromium(playwright_api, random_run, demo_field, tmp_path):
     """The app opens on the 'Whole field' tab; clicking the example thumbnail screens it: the page

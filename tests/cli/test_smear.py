@@ -243,7 +243,7 @@ def test_interrupted_smear_and_crops_exit_130(tmp_path, monkeypatch):
     real_png = report._png_bytes
 
     def png(rgb):  # the second field is interrupted after its JSON was written
-        if (tmp_path / "o" / ".f2.json.part").exists():
+        if (tmp_path / "o" / report._part_names("f2")[0]).exists():
             raise KeyboardInterrupt
         return real_png(rgb)
 

@@ -78,3 +78,15 @@ def test_sampled_check_reads_a_grid():
     img2 = np.full((640, 640, 3), 128, np.uint8)
     img2[step // 2 + 1, step // 2] = (200, 50, 50)
     assert not _sampled_is_colour(img2) and _full_scan_is_colour(img2)
+
+
+def test_a_strip_thinner_than_half_a_step_is_checked_not_crashed(samples_dir):
+    """A 1-pixel-high (or -wide) strip cut from a real cell: the grid's offset stays inside the
+    image, so the strip is judged by its pixels (colour), and its grayscale copy is refused."""
+    cell = decode_image(sorted(samples_dir.glob("Parasitized/*.png"))[0])
+    row = np.ascontiguousarray(np.tile(cell[cell.shape[0] // 2 : cell.shape[0] // 2 + 1], (1, 100, 1)))  # 1 x ~13,000 px
+    for strip in (row, np.ascontiguousarray(row.transpose(1, 0, 2))):
+        assert strip.shape[0] == 1 or strip.shape[1] == 1
+        assert _sampled_is_colour(strip) == _full_scan_is_colour(strip) is True
+        grey = np.repeat(strip[..., :1], 3, axis=2)
+        assert not _sampled_is_colour(grey)

@@ -146,3 +146,36 @@ def test_if_a_worker_dies_this_process_classifies_the_rest_with_the_same_answers
             continue
         assert e is None, p
         np.testing.assert_array_equal(g, ref, err_msg=p)
+
+
+class _DiesOnThirdBatch:
+    """A classifier whose worker process dies on its third batch, after two good ones."""
+
+    class_names = ("Parasitized", "Uninfected")
+
+    def predict_proba_prepared(self, cells):
+        import os
+
+        n = int(os.environ.get("MALARIA_SCREEN_TEST_BATCHES", "0")) + 1
+        os.environ["MALARIA_SCREEN_TEST_BATCHES"] = str(n)  # this worker process's own count
+        if n == 3:
+            os._exit(3)
+        return np.tile(np.float32([0.25, 0.75]), (len(cells), 1))
+
+
+def test_a_worker_death_noticed_when_queueing_more_work_loses_nothing(mixed_files):
+    """The pool can break between two results: the next task's submission then fails, not a
+    result. The run still gives every file's row, in order: the workers' rows before the death,
+    this process's after it."""
+    import time
+
+    files = mixed_files[:100]
+    rows = []
+    for i, (g, e) in enumerate(iter_classified_cells(files, 64, workers=1, chunk=10, classifier=_DiesOnThirdBatch(),
+                                                        local=lambda p: np.float32([1.0, 0.0]))):
+        rows.append((g, e))
+        if i == 0:
+            time.sleep(2.0)  # the worker finishes its second chunk and dies on its third meanwhile
+    assert len(rows) == len(files) and all(e is None for _, e in rows)
+    from_workers = [k for k, (g, _) in enumerate(rows) if g[0] == np.float32(0.25)]
+    assert from_workers == list(range(20))  # the two good chunks; the rest was classified here

@@ -113,3 +113,20 @@ def test_forced_test_patients_all_land_in_test_and_about_20_percent_are_tested(n
     assert 0.15 <= n["test"] / 160 <= 0.25 and 0.05 <= n["val"] / 160 <= 0.15
     with pytest.raises(ValueError, match="not in the data"):
         patient_split(labels, patients, force_test=["P99999"])
+
+
+def test_forced_test_patients_on_a_few_patients_split_as_without(nih_index):
+    """Nine real patients, two of them forced into test (they fill its share): the rest still
+    splits into train and validation, as the same patients do without forcing."""
+    relpaths, labels, classes, patients = nih_index
+    patients, labels = np.asarray(patients), np.asarray(labels)
+    nine = sorted(set(patients.tolist()))[:9]
+    keep = np.flatnonzero(np.isin(patients, nine))
+    lab, pat = labels[keep], patients[keep]
+    plain = patient_split(lab, pat, seed=0)
+    forced = patient_split(lab, pat, seed=0, force_test=nine[:2])
+    for s in (plain, forced):
+        assert len(s.train) and len(s.val) and len(s.test)
+        assert len(s.train) + len(s.val) + len(s.test) == len(keep)
+        assert not set(pat[s.train]) & set(pat[s.val]) and not set(pat[s.val]) & set(pat[s.test])
+    assert set(pat[forced.test]) == set(nine[:2])

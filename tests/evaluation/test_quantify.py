@@ -209,3 +209,35 @@ def test_em_interval_is_the_same_whatever_block_of_replicates_it_iterates(digits
     assert q.estimate(p, n_boot=400, seed=3) == blocked
     monkeypatch.setattr(quantify, "_EM_BLOCK", 1)  # one replicate at a time
     assert q.estimate(p, n_boot=400, seed=3) == blocked
+
+
+def test_em_interval_holds_its_estimate_and_keeps_every_replicate(digits):
+    """Every bootstrap replicate runs EM as the point estimate does (from the training prior, the
+    same stopping rule), so the interval holds the estimate, also where EM converges slowly
+    (a bag of the digits model's test posteriors, almost all far from the threshold); posteriors
+    of exactly 0 and 1 (a saturated softmax) lose no replicate to 0/0, so EM's interval is then
+    counting's, replicate for replicate."""
+    prior = float(digits["y_tr"].mean())
+    q = EMQ(train_prior=prior)
+    p_neg = np.sort(digits["p_te"][digits["y_te"] == 0])[:200]  # the 200 most surely negative test cells
+    for p in (p_neg, digits["p_te"][:300], np.r_[digits["p_te"][digits["y_te"] == 1][:1], p_neg[:99]]):
+        e = q.estimate(p, n_boot=300, seed=1)
+        assert e.ci95[0] <= e.prevalence <= e.ci95[1], (e.prevalence, e.ci95)
+    hard = (digits["p_te"] >= 0.5).astype(np.float64)[:200]  # posteriors of exactly 0 and 1
+    em, cc = q.estimate(hard, n_boot=500, seed=2), ClassifyAndCount(0.5).estimate(hard, n_boot=500, seed=2)
+    assert em.prevalence == pytest.approx(cc.prevalence) and em.ci95 == pytest.approx(cc.ci95)
+
+
+def test_bag_summary_with_a_non_finite_probability_says_so_instead_of_failing():
+    """``predict``'s summary.json: a NaN probability (e.g. a half-precision overflow) leaves the
+    counts and a warning, with no prevalence, instead of failing after the CSV was written."""
+    from malaria_screen import load_model
+    from malaria_screen.evaluation.quantify import bag_summary
+
+    model = load_model()
+    labels, p = ["Uninfected", "Parasitized", "Uninfected"], [0.01, 0.99, 0.02]
+    ok = bag_summary(labels, p, model, n_boot=50)
+    assert ok["n"] == 3 and ok["prevalence"] is not None and "warning" not in ok
+    bad = bag_summary(labels, [0.01, float("nan"), 0.02], model, n_boot=50)
+    assert bad["n"] == 3 and bad["counts"] == {"Parasitized": 1, "Uninfected": 2} and bad["prevalence"] is None
+    assert "not finite" in bad["warning"]

@@ -198,3 +198,15 @@ def test_light_choice_reads_headers_within_a_cpu_bound(cell):
     t0 = time.thread_time()
     assert not is_light([(evil, None)] * 256, 2_000_000, max_seconds=0.001)
     assert time.thread_time() - t0 < 2.0  # 256 parses would take ~8 s; one or two are read
+
+
+def test_a_progressive_jpeg_goes_to_the_heavy_lane(cell):
+    """A progressive JPEG's decoding cost is set by its scans, not its size (thousands of tiny
+    scans in 100 KB cost seconds): the heavy lane, with its CPU limit, decodes it; the same cell
+    as a baseline JPEG stays light."""
+    rgb = np.asarray(Image.open(io.BytesIO(cell)).convert("RGB"))
+    baseline, progressive = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb).save(baseline, format="JPEG", quality=90)
+    Image.fromarray(rgb).save(progressive, format="JPEG", quality=90, progressive=True)
+    assert is_light([(baseline.getvalue(), None)], 2_000_000)
+    assert not is_light([(progressive.getvalue(), None)], 2_000_000)

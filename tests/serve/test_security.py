@@ -69,9 +69,11 @@ def test_api_keys(make_client, tmp_path, monkeypatch):
     assert c.get("/v1/model", headers={"X-API-Key": "wrong"}).status_code == 401
     assert c.post("/v1/classify", files=_cell(), headers={"Authorization": "Bearer beta-key-2"}).status_code == 200
     assert c.get("/v1/model", headers={"X-API-Key": "gamma-key-3"}).json()["security"]["auth"] is True
-    # probes and the docs stay open (a load balancer has no key)
+    # probes and the docs stay open (a load balancer has no key), the docs' own script and style too
     assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code in (200, 503)
     assert c.get("/openapi.json").status_code == 200
+    assert all(c.get(f"/docs/static/{f}").status_code == 200 for f in ("swagger-ui.css", "swagger-ui-bundle.js"))
+    assert c.post("/docs/static/../v1/classify", files=_cell()).status_code != 200  # no way round the key
 
 
 def test_rate_limit_per_client(make_client):

@@ -43,11 +43,13 @@ def test_labels_csv_names_every_bad_row(tmp_path):
                  "missing.jpg,1,1,5,5,Uninfected\n"        # row 4 unknown path
                  f"{f},630,470,60,60,Uninfected\n"         # row 5 mostly outside the 640x480 field
                  f"{f},50,50,30,30,infected\n"             # row 6 unknown label
-                 f"{f},50,50,x,30,Uninfected\n")           # row 7 not a number
+                 f"{f},50,50,x,30,Uninfected\n"            # row 7 not a number
+                 f"{f},90,90,30,30,Uninfected,\n")         # row 8 one cell more than the header
     with pytest.raises(LabelsError) as e:
         read_labels_csv(csv)
     text = "\n".join(e.value.problems)
-    for row, what in ((3, "same cell as row 2"), (4, "no such file"), (5, "outside"), (6, "unknown label"), (7, "numbers")):
+    for row, what in ((3, "same cell as row 2"), (4, "no such file"), (5, "outside"), (6, "unknown label"), (7, "numbers"),
+                      (8, "more cell(s) than the header")):
         assert f"row {row}: " in text and what in text, (row, text)
     assert "only 1 Parasitized" in text and "only 0 Uninfected" in text
     assert not any("row 2:" in p for p in e.value.problems)
@@ -64,6 +66,27 @@ def test_labels_csv_round_trip_and_clipping(tmp_path):
     assert back[0].bbox == (610.0, 450.0, 30.0, 30.0)  # clipped to the 640 x 480 field
     assert [c.bbox for c in back[1:]] == [c.bbox for c in cells[1:]]
     assert [c.row for c in back] == list(range(2, 8))
+
+
+def test_fields_of_one_name_in_two_folders_stay_two_fields(tmp_path):
+    """Fields are told apart by path, not by name: the same file name in two folders is two
+    fields for the method choice, the folds and the self-check's reference."""
+    from malaria_screen import load_model
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.adapt import collect_labelled
+    from malaria_screen.smear.segment import segment_field
+
+    boxes = [c.bbox for c in segment_field(decode_image(DEMO_FIELD)).cells()][:8]
+    cells = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        field = tmp_path / folder / "field.jpg"
+        field.write_bytes(DEMO_FIELD.read_bytes())
+        cells += [LabelledCell("Parasitized" if i < 3 else "Uninfected", field=str(field), bbox=tuple(map(float, b)))
+                  for i, b in enumerate(boxes)]
+    data = collect_labelled(cells, load_model())
+    assert len(data.fields) == 2 and len(set(data.groups.tolist())) == 2, data.fields
+    assert len(data.y) == 2 * len(boxes)
 
 
 def test_choose_method_by_amount_of_labels():

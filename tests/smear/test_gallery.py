@@ -47,3 +47,23 @@ def test_unclassified_fields_give_no_gallery():
     res = _result("c.jpg", [0.9])
     res.cells[0].p_parasitized = None
     assert gallery_cells(np.zeros((60, 200, 3), np.uint8), res, threshold=0.5) == []
+
+
+def test_the_web_apps_slide_gallery_asks_about_the_cells_nearest_the_real_decision(iml_dir):
+    """``screen_slide`` (the web app's whole-field tab) labels cells with the prior correction,
+    whose threshold on the raw probability is far above 0.5: the "least certain" cells are the
+    uncalled ones nearest that threshold, as in ``smear``'s report, not those nearest 0.5."""
+    from malaria_screen import load_model
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.parasitemia import decision_threshold, field_quantifier
+    from malaria_screen.smear.slide import screen_slide
+
+    model = load_model()
+    thr = decision_threshold(field_quantifier(model), model)
+    assert thr > 0.9
+    names = sorted(p.name for p in (iml_dir / "images").iterdir())[:2]
+    slide = screen_slide([(n, decode_image(iml_dir / "images" / n)) for n in names], model, include_out_of_domain=True)
+    _, uncertain, _ = slide.gallery
+    uncalled = sorted((c.p_parasitized for r in slide.fields for c in r.cells if c.label == "Uninfected"),
+                      key=lambda p: abs(p - thr))
+    assert [c.p_parasitized for c in uncertain] == uncalled[:len(uncertain)] and len(uncertain) == 12

@@ -85,3 +85,17 @@ def test_a_bootstrap_methods_slide_interval_is_never_narrower_than_its_called_ce
     cp = clustered_proportion_ci([called[:200].sum(), called[200:].sum()], [200, 200])
     assert s.ci95[0] <= cp.ci95[0] and s.ci95[1] >= cp.ci95[1] and cp.ci95[1] > cp.ci95[0]
     assert "the wider of" in s.ci_method
+
+
+def test_one_fields_bootstrap_interval_is_never_narrower_than_its_called_cells_binomial_interval():
+    """A field of 103 cells that EM finds clean: its bootstrap over cells has almost no width (all
+    cells far from the threshold), so the field gets at least the binomial interval of the cells
+    it calls (0 of 103: an upper bound of a few per cent), and the interval holds the estimate."""
+    from malaria_screen.smear.parasitemia import binomial_ci
+
+    q = EMQ().fit(None, np.r_[np.ones(46), np.zeros(54)])
+    p = np.full(103, 1e-6)
+    e = estimate_parasitemia(q, p, n_boot=200)
+    lo, hi = binomial_ci(0, 103)
+    assert e.ci95[0] <= e.prevalence <= e.ci95[1] and e.ci95[1] >= hi > 0.03
+    assert "the wider of" in e.ci_method

@@ -281,6 +281,44 @@ def test_report_template_escapes_every_value():
     assert 'src="data:image/jpeg;base64,QUJD"' in html and "10.00%" in html and html.endswith("</body></html>\n")
 
 
+def test_report_links_cannot_run_script_or_break_on_odd_names():
+    """A field's file name becomes a link in report.html: percent-encoded and relative, so a name
+    like ``javascript:...`` is a file next to the report, not a script, and ``#`` does not cut it."""
+    from malaria_screen.smear.report import render_report_row
+
+    field = {"image": "javascript:alert(1).jpg", "json": "javascript:alert(1).json", "overlay": "a#1_overlay.png",
+             "n_rbc": 1, "n_infected": 0, "n_wbc": 0, "parasitemia": 0.0, "parasitemia_ci95": [0.0, 1.0]}
+    html = render_report_row(field, "QUJD")
+    assert re.findall(r'href="([^"]*)"', html) == ["./javascript%3Aalert%281%29.json", "./a%231_overlay.png"]
+
+
+def test_fields_whose_names_share_40_characters_keep_their_own_outputs(tmp_path, monkeypatch):
+    """Each field's JSON and overlay are written under hidden temporary names first; two fields
+    written at once (parallel workers) whose names agree in their first 40 characters must not
+    share one. Here the second field is written while the first is between its two writes."""
+    import malaria_screen.smear.report as report
+    from malaria_screen.smear.screen import screen_field
+
+    img, _ = synthetic_field()
+    stems = ["microscope01_2024-03-15_patient0042_slide3_field_01", "microscope01_2024-03-15_patient0042_slide3_field_02"]
+    results = [screen_field(img, None, image_name=f"{s}.png") for s in stems]
+    real_png = report._png_bytes
+    calls = []
+
+    def png(rgb):  # the first field's JSON part is on disk: the second field is written now, whole
+        calls.append(1)
+        if len(calls) == 1:
+            report.write_field_outputs(tmp_path, stems[1], img, results[1])
+        return real_png(rgb)
+
+    monkeypatch.setattr(report, "_png_bytes", png)
+    report.write_field_outputs(tmp_path, stems[0], img, results[0])
+    for s in stems:
+        assert json.loads((tmp_path / f"{s}.json").read_text())["image"] == f"{s}.png"
+        assert (tmp_path / f"{s}_overlay.png").is_file()
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(f"{s}{x}" for s in stems for x in (".json", "_overlay.png"))
+
+
 def test_overlay_png_holds_the_overlay_pixels_exactly(iml_dir, tmp_path):
     """The overlay is written with cheaper PNG settings (filter "up", run-length matching): a
     lossless file whose pixels are the overlay's, on a real IML field."""

@@ -47,6 +47,27 @@ def test_slide_row_uses_each_fields_own_estimate():
     assert empty["parasitemia"] is None and (empty["ci95_low"], empty["ci95_high"]) == (0.0, 1.0) and empty["n_failed"] == 2
 
 
+def test_an_unclassified_slide_has_no_parasitemia_not_zero(tmp_path):
+    """`smear-slides --no-classify` counts red cells only: its row says so (no parasitemia, the
+    interval (0, 1)), as the slide's own summary.json does, instead of a 0 % that reads as negative."""
+    from malaria_screen.cli import app
+    from smear_synth import synthetic_field
+    from PIL import Image
+
+    img, _ = synthetic_field()
+    (tmp_path / "slideA").mkdir()
+    for n in ("f1.png", "f2.png"):
+        Image.fromarray(img).save(tmp_path / "slideA" / n)
+    r = CliRunner().invoke(app, ["smear-slides", str(tmp_path / "slideA"), "--out", str(tmp_path / "out"), "--no-classify",
+                                 "--no-overlays", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "parasitemia n/a" in r.output and "0.000%" not in r.output
+    row = json.loads((tmp_path / "out" / "slides.json").read_text())["slides"][0]
+    assert row["n_rbc"] == 12 and row["parasitemia"] is None and row["infected_estimate"] is None
+    assert (row["ci95_low"], row["ci95_high"]) == (0.0, 1.0)
+    assert json.loads((tmp_path / "out" / "slideA" / "summary.json").read_text())["parasitemia"] is None
+
+
 def test_smear_slides_writes_one_folder_and_one_row_per_slide(data_dir, tmp_path):
     from malaria_screen.cli import app
 

@@ -2,8 +2,8 @@
 
 from malaria_screen.app.gradio_app import (APP_KEYS_ENV, AnonymousExposureError, AppAccess, AppLimits, build_app,
                                             check_exposure, classify_files, example_fields, is_loopback, launch,
-                                            sample_files, screen_field_image, screen_slide_files)
+                                            sample_files, screen_field_image, screen_slide_files, sweep_sessions)
 
 __all__ = ["APP_KEYS_ENV", "AnonymousExposureError", "AppAccess", "AppLimits", "build_app", "check_exposure",
            "classify_files", "example_fields", "is_loopback", "launch", "sample_files", "screen_field_image",
-           "screen_slide_files"]
+           "screen_slide_files", "sweep_sessions"]

@@ -28,7 +28,8 @@ or field: the rest are listed as not processed); the whole-field tab receives th
 decoded array, so its pixels are decoded within the same limit; a bounded queue (``max_queue`` waiting events, then Gradio's
 "queue full") with ``cell_concurrency`` / ``field_concurrency`` events at once; uploaded files
 and result CSVs are deleted ``cache_ttl_s`` after they were made (Gradio's ``delete_cache``),
-and a session's CSV folder when its tab closes.
+and a session's folder when its tab closes or, for API clients that never close one, after
+``session_ttl_s`` without a write (:func:`sweep_sessions`).
 
 Access (:class:`AppAccess`, as the REST API's): optional login keys (Gradio's ``auth``: every
 page, upload, file and API route answers 401 until the login), a ``Host`` allow-list (400 for
@@ -43,6 +44,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 import asyncio  # noqa: E402
+import atexit  # noqa: E402
 import dataclasses  # noqa: E402
 import hmac  # noqa: E402
 import ipaddress  # noqa: E402
@@ -65,7 +67,7 @@ from malaria_screen.fileio import atomic_write_text, rows_to_csv  # noqa: E402
 
 __all__ = ["APP_KEYS_ENV", "AnonymousExposureError", "AppAccess", "AppLimits", "build_app", "check_exposure",
            "classify_files", "example_fields", "is_loopback", "launch", "sample_files", "screen_field_image",
-           "screen_slide_files"]
+           "screen_slide_files", "sweep_sessions"]
 
 #: Environment variable holding the app's login keys, comma-separated (``app --key-file`` adds a
 #: file's; read by the CLI with :func:`malaria_screen.serve.load_api_keys`, the REST API's reader).
@@ -106,6 +108,10 @@ class AppLimits:
         Events that may wait; more are refused ("queue full").
     cache_ttl_s : int, default=900
         Uploads and result files are deleted this long after they were made (checked as often).
+    session_ttl_s : int, default=14400
+        A session's own folder (its result CSVs, a labelling session's fields and site model) is
+        deleted when its tab closes, and, since a client of the app's API never closes one, by
+        any later click of any session once nothing in it was written for this long.
     max_label_fields : int, default=20
         Fields one labelling session holds (the "Labelling" tab).
     label_batch : int, default=12
@@ -126,6 +132,7 @@ class AppLimits:
     field_concurrency: int = 1
     max_queue: int = 16
     cache_ttl_s: int = 900
+    session_ttl_s: int = 14_400
     max_label_fields: int = 20
     label_batch: int = 12
 
@@ -425,14 +432,19 @@ def screen_slide_files(predictor, paths: Sequence[str] | None, *, rescorer=None,
     def fields():
         """Each field decoded when ``screen_slide`` takes it (it screens one before taking the
         next, in this thread), so the CPU budget is checked between screened fields."""
-        spent = 0
+        spent, names = 0, set()
         for i, p in enumerate(paths):
             name = Path(p).name
+            k = 2
+            while name in names:  # two uploads of one name (other folders): each keeps its own overlay and row
+                name = f"{Path(p).stem} ({k}){Path(p).suffix}"
+                k += 1
+            names.add(name)
             if i >= max_files or spent > max_request_pixels:
                 refused.append((name, f"not read: over the limit of {max_files} files or "
                                       f"{max_request_pixels:,} pixels per click"))
                 continue
-            if time.thread_time() - t_cpu > max_request_cpu_s:
+            if decoded and time.thread_time() - t_cpu > max_request_cpu_s:  # the first field is always screened
                 refused.append((name, _over_budget(max_request_cpu_s)))
                 continue
             try:
@@ -487,6 +499,49 @@ def _smear_available() -> bool:
     return True
 
 
+def sweep_sessions(work: Path, ttl_s: float, *, keep: str | None = None) -> list[str]:
+    """Delete the session folders under ``work`` in which nothing was written for ``ttl_s`` seconds.
+
+    A browser tab's folder goes when the tab closes (Gradio's ``unload``), but a client of the
+    app's HTTP API never closes one, so without this its result CSVs and labelling fields would
+    stay until the app stops. A folder's age is that of the newest file or folder in it (a
+    session holds at most a few dozen files); ``keep`` (the calling session) is never deleted.
+
+    Parameters
+    ----------
+    work : Path
+        The app's work folder (one sub-folder per session).
+    ttl_s : float
+        Seconds without a write after which a session's folder is deleted.
+    keep : str, optional
+        A session folder's name to leave alone.
+
+    Returns
+    -------
+    list of str
+        The names deleted.
+    """
+    now, gone = time.time(), []
+    try:
+        entries = list(os.scandir(work))
+    except OSError:
+        return gone
+    for entry in entries:
+        if entry.name == keep or not entry.is_dir(follow_symlinks=False):
+            continue
+        newest = 0.0
+        for root, dirs, files in os.walk(entry.path):
+            for name in (root, *(os.path.join(root, f) for f in files)):
+                try:
+                    newest = max(newest, os.lstat(name).st_mtime)
+                except OSError:
+                    pass
+        if now - newest > ttl_s:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            gone.append(entry.name)
+    return gone
+
+
 def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str | Path | None = None, rescorer=None,
               limits: AppLimits | None = None):
     """Build the Gradio app around one predictor.
@@ -498,7 +553,8 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     examples : sequence of str, optional
         Example image paths; default :func:`sample_files`.
     work_dir : path, optional
-        Folder for result CSVs; default a new temporary folder.
+        Folder of the sessions' files (result CSVs, labelled fields); default a new temporary
+        folder, deleted when the process exits.
     rescorer : CellRescorer, optional
         Second stage for the "Whole field" tab (fitted with this cell model).
     limits : AppLimits, optional
@@ -514,7 +570,11 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     limits = limits or AppLimits()
 
     examples = list(sample_files() if examples is None else examples)
-    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="malaria-screen-app-"))
+    if work_dir is not None:
+        work = Path(work_dir)
+    else:  # our own temporary folder: gone when the process ends normally
+        work = Path(tempfile.mkdtemp(prefix="malaria-screen-app-"))
+        atexit.register(shutil.rmtree, work, True)
     metrics = predictor.metrics or {}
     model_line = f"Model: `{Path(predictor.source).name if predictor.source else '?'}` ({getattr(predictor, 'backend', '?')})"
     model_line += (f"; limits: {limits.max_file_bytes / 2**20:g} MiB and {limits.max_pixels / 1e6:g} Mpx per image, "
@@ -529,6 +589,7 @@ def build_app(predictor, *, examples: Sequence[str] | None = None, work_dir: str
     def run(files, request: gr.Request | None = None):
         paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
         sess = work / (getattr(request, "session_hash", None) or "session")
+        sweep_sessions(work, limits.session_ttl_s, keep=sess.name)
         summary, gallery, table, csv_path = classify_files(predictor, paths, out_dir=sess, max_files=limits.max_files,
                                                            max_pixels=limits.max_pixels,
                                                            max_request_pixels=limits.max_request_pixels,
@@ -731,6 +792,7 @@ def _label_tab(gr, predictor, limits: AppLimits, work: Path) -> None:
 
     def folder(request) -> Path:
         h = getattr(request, "session_hash", None) or "session"
+        sweep_sessions(work, limits.session_ttl_s, keep=h)
         return work / h / "labelling"
 
     with gr.Tab("Labelling", id="label"), gr.Row():

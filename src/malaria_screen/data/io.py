@@ -238,7 +238,9 @@ def check_colour(rgb: np.ndarray, *, max_spread: int = GRAY_SPREAD, samples: int
     h, w = rgb.shape[:2]
     if h and w:
         step = max(1, math.ceil(math.sqrt(h * w / max(1, samples))))
-        grid = rgb[step // 2 :: step, step // 2 :: step]
+        # the half-step offset, but inside the image: a strip thinner than half a step (5000 x 1 px)
+        # would otherwise leave an empty grid
+        grid = rgb[min(step // 2, h - 1) :: step, min(step // 2, w - 1) :: step]
         # the grid's middle row first (a cell's centre is stained): most images stop there, at a
         # third of the cost; the verdict is the whole grid's either way
         if _any_coloured(grid[len(grid) // 2], max_spread) or _any_coloured(grid, max_spread):

@@ -216,9 +216,19 @@ def _in_order(pool: ProcessPoolExecutor, task_fn: Callable, tasks: list[list[str
     worker died on (the pool is broken: this process does the rest). Shuts the pool down."""
     futures: dict[int, Future] = {}
     broken = False
+
+    def submit(ti: int) -> bool:  # False once the pool is broken: a worker died (a crash, the OOM killer)
+        try:
+            futures[ti] = pool.submit(task_fn, tasks[ti], size_px, max_pixels=max_pixels)
+        except BrokenProcessPool:
+            return False
+        return True
+
     try:
         for ti in range(min(ahead, len(tasks))):
-            futures[ti] = pool.submit(task_fn, tasks[ti], size_px, max_pixels=max_pixels)
+            if not submit(ti):
+                broken = True
+                break
         for ti, task in enumerate(tasks):
             result = None
             if not broken:
@@ -226,8 +236,8 @@ def _in_order(pool: ProcessPoolExecutor, task_fn: Callable, tasks: list[list[str
                     result = futures.pop(ti).result()
                 except BrokenProcessPool:
                     broken = True
-            if not broken and ti + ahead < len(tasks):
-                futures[ti + ahead] = pool.submit(task_fn, tasks[ti + ahead], size_px, max_pixels=max_pixels)
+            if not broken and ti + ahead < len(tasks) and not submit(ti + ahead):
+                broken = True  # this task's rows stand; the rest is done here
             if result is None:
                 yield from (_run_local(local, p) for p in task)
                 continue

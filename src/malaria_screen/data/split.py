@@ -131,7 +131,8 @@ def patient_split(
             if rest_val == 0:
                 part = SplitIndices(train=np.arange(len(rest)), val=np.zeros(0, np.int64), test=np.zeros(0, np.int64))
             else:
-                tr_i, va_i = next(iter(patient_folds(labels[rest], groups[rest], n_splits=max(2, round(1 / rest_val)), seed=seed + 1)))
+                n_splits = min(max(2, round(1 / rest_val)), max(2, n_rest))  # never more folds than patients
+                tr_i, va_i = next(iter(patient_folds(labels[rest], groups[rest], n_splits=n_splits, seed=seed + 1)))
                 part = SplitIndices(train=tr_i, val=va_i, test=np.zeros(0, np.int64))
         else:
             t = want / n_rest

@@ -46,7 +46,7 @@ async def read_file_parts(request: Request, limits: ServeLimits) -> list[Part]:
     HTTPException
         413 (body over ``max_request_bytes``, more than ``max_images`` parts), 415 (not
         multipart/form-data), 408 (body not received within ``body_timeout_s``), 422 (no
-        boundary, malformed, no closing boundary, a text part where a file belongs, no file).
+        boundary or one over 70 characters, malformed, no closing boundary, a text part where a file belongs, no file).
     """
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -57,6 +57,8 @@ async def read_file_parts(request: Request, limits: ServeLimits) -> list[Part]:
     boundary = opts.get(b"boundary")
     if not boundary:
         raise HTTPException(422, "multipart/form-data without a boundary")
+    if len(boundary) > 70:  # RFC 2046 5.1.1 (python-multipart itself refuses > 256 with an exception)
+        raise HTTPException(422, f"multipart boundary of {len(boundary)} characters: at most 70 (RFC 2046)")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_request_bytes:
         raise HTTPException(413, f"request body is {int(declared):,} bytes > limit {limits.max_request_bytes:,} bytes")

@@ -24,6 +24,9 @@ __all__ = ["AccessControl", "OPEN_PATHS"]
 
 #: Paths answered without a key and not rate-limited: probes and the API's own documentation.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+#: The documentation's own files (Swagger UI's script and style, served offline): a browser
+#: fetches them without the key, so ``/docs`` would be a blank page behind one.
+OPEN_PREFIX = "/docs/static/"
 
 _MAX_CLIENTS = 10_000
 
@@ -83,7 +86,8 @@ class AccessControl:
         return wait
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        path = scope.get("path") or ""
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         key = self._key_of(scope.get("headers") or [])

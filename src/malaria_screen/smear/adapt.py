@@ -53,7 +53,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -190,6 +190,9 @@ def read_labels_csv(path: str | Path, *, check_images: bool = True) -> list[Labe
         if i >= MAX_ROWS:
             problems.append(f"more than {MAX_ROWS} rows: split the labels")
             break
+        if None in raw:  # csv.DictReader puts the cells beyond the header's columns under None
+            problems.append(f"row {row}: {len(raw[None])} more cell(s) than the header's {len(cols)} columns")
+            continue
         rec = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         label = rec.get("label", "")
         if label not in LABEL_CLASSES:
@@ -450,9 +453,13 @@ def collect_labelled(cells: Sequence[LabelledCell], model: Any, *, segment_confi
     for c in cells:
         (by_field[c.field].append(c) if c.field is not None else crops.append(c))
     n = 0
+    stems = Counter(Path(f).stem for f in by_field)
     for fpath in sorted(by_field):
         rows = by_field[fpath]
         name = Path(fpath).name
+        # a field's group (folds, the self-check's reference, the field count): its name, or its
+        # whole path where two fields of different folders share a name
+        key = Path(fpath).stem if stems[Path(fpath).stem] == 1 else str(fpath)
         say(name)
         try:
             fc = field_cells(decode_field(fpath), model, segment_config=segment_config, batch_size=batch_size)
@@ -483,14 +490,14 @@ def collect_labelled(cells: Sequence[LabelledCell], model: Any, *, segment_confi
         idx = np.asarray([i for i, _ in chosen])
         ps.append(p_all[idx])
         labs += [lab for _, lab in chosen]
-        groups += [Path(fpath).stem] * len(idx)
+        groups += [key] * len(idx)
         xs.append(x_all[idx])
         x_idx.append(np.arange(n, n + len(idx)))
         n += len(idx)
         if f_all is not None:
             feats.append(np.asarray(f_all, np.float32))
-            feat_groups += [Path(fpath).stem] * len(f_all)
-        used.append(Path(fpath).stem)
+            feat_groups += [key] * len(f_all)
+        used.append(key)
     for s in range(0, len(crops), batch_size):
         part = crops[s : s + batch_size]
         say(f"crops {s + 1}-{s + len(part)}")

@@ -43,7 +43,7 @@ from malaria_screen.evaluation.proportion import clustered_proportion_ci, propor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FIELD_METHODS", "binomial_ci", "field_quantifier", "estimate_parasitemia"]
+__all__ = ["FIELD_METHODS", "binomial_ci", "decision_threshold", "field_quantifier", "estimate_parasitemia"]
 
 #: Accepted values of ``method`` (``smear --parasitemia-method``).
 FIELD_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -120,6 +120,18 @@ def field_quantifier(model: Any, *, rescorer: Any | None = None, method: str | N
         return ClassifyAndCount(float(getattr(model, "threshold", 0.5)))
 
 
+def decision_threshold(quantifier: Quantifier | None, model: Any = None) -> float:
+    """The cell probability (raw ``p_parasitized``) at or above which ``quantifier`` calls a cell
+    Parasitized: the prior correction's ``threshold_`` (far above 0.5 at a smear's low prior), a
+    count's ``threshold``; else ``model.threshold``, else 0.5. The gallery's "least
+    certain" cells are those nearest to it, as in ``report.html`` and the web app."""
+    for value in (getattr(quantifier, "threshold_", None), getattr(quantifier, "threshold", None),
+                  getattr(model, "threshold", None)):
+        if value is not None:
+            return float(value)
+    return 0.5
+
+
 def estimate_parasitemia(quantifier: Quantifier, p: np.ndarray, *, groups: Sequence[Any] | None = None,
                          ci_method: str = "wilson", n_boot: int = 1000, seed: int = 0) -> PrevalenceEstimate:
     """A bag's parasitemia (a field's counted cells, or a slide's) with its 95 % interval.
@@ -135,7 +147,8 @@ def estimate_parasitemia(quantifier: Quantifier, p: np.ndarray, *, groups: Seque
         interval is the binomial one at the effective sample size of the fields' counts
         (:func:`~malaria_screen.evaluation.proportion.clustered_proportion_ci`: Kish 1965, Korn &
         Graubard 1998); another method's is the wider of its cluster bootstrap over fields and that
-        interval of the cells it calls.
+        interval of the cells it calls. With one field, another method's interval is the wider of
+        its bootstrap over cells and the binomial interval of the cells it calls.
     ci_method : {"wilson", "exact"}
         Binomial interval of a count-based method (one field, or a slide's effective sample size).
     n_boot, seed : int
@@ -159,8 +172,15 @@ def estimate_parasitemia(quantifier: Quantifier, p: np.ndarray, *, groups: Seque
         cp = _clustered(called, g, ci_method)
         return PrevalenceEstimate(k / p.size, cp.ci95, quantifier.name, int(p.size), k, cp.method)
     est = quantifier.estimate(p, groups=None if n_groups < 2 else g, n_boot=n_boot, seed=seed)
-    if n_groups < 2 or est.prevalence is None:
+    if est.prevalence is None:
         return est
+    if n_groups < 2:
+        # one field: a bootstrap over cells that all sit far from the threshold has almost no width
+        # (0 of 103 cells called: an upper bound of ~1e-34); never narrower than the binomial
+        # interval of the cells the estimate calls
+        blo, bhi = binomial_ci(est.n_called, est.n, method=ci_method)
+        return PrevalenceEstimate(est.prevalence, (min(est.ci95[0], blo), max(est.ci95[1], bhi)), est.method, est.n,
+                                  est.n_called, f"the wider of: {est.ci_method}; {ci_method} binomial interval of the cells called")
     # the cluster bootstrap over a few fields is far too narrow (evaluation.proportion): never narrower than the
     # effective-sample-size interval of the cells the estimate calls
     cp = _clustered(quantifier.labels(p), g, ci_method)

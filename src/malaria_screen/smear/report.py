@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import logging
 import os
 import stat
@@ -33,7 +34,7 @@ from malaria_screen.fileio import atomic_write, atomic_write_bytes, atomic_write
 from malaria_screen.smear.fields import decode_field
 from malaria_screen.smear.gallery import gallery_cells, gallery_html, select_gallery
 from malaria_screen.smear.parallel import map_fields
-from malaria_screen.smear.parasitemia import estimate_parasitemia, field_quantifier
+from malaria_screen.smear.parasitemia import decision_threshold, estimate_parasitemia, field_quantifier
 from malaria_screen.smear.screen import FieldResult, screen_field
 from malaria_screen.smear.segment import SegmentConfig
 from malaria_screen.smear.slide import counted_fields, out_of_domain_warning
@@ -224,7 +225,7 @@ def write_field_outputs(out_dir: Path, stem: str, rgb: np.ndarray, result: Field
     """
     ov = overlay_image(rgb, result)
     jp, op = out_dir / f"{stem}.json", (out_dir / f"{stem}_overlay.png" if overlay else None)
-    parts = [out_dir / f".{stem[:40]}.json.part", out_dir / f".{stem[:40]}.png.part"]
+    parts = [out_dir / name for name in _part_names(stem)]
     try:
         atomic_write_json(parts[0], result.to_json())
         if op is not None:
@@ -235,6 +236,14 @@ def write_field_outputs(out_dir: Path, stem: str, rgb: np.ndarray, result: Field
         for q in parts:
             q.unlink(missing_ok=True)
     return jp, op, ov
+
+
+def _part_names(stem: str) -> tuple[str, str]:
+    """The hidden temporary names of a field's JSON and overlay: the stem's first 40 characters
+    (a file name's length is bounded) and a digest of the whole stem, so that fields whose names
+    share their first 40 characters never share a temporary file (stems are unique in a run)."""
+    tag = f".{stem[:40]}.{hashlib.sha256(stem.encode('utf-8', 'surrogateescape')).hexdigest()[:12]}"
+    return f"{tag}.json.part", f"{tag}.png.part"
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -358,8 +367,7 @@ def run_smear(
     field_p: list[np.ndarray] = []  # each field's counted cells' p_parasitized, for the slide's estimate
     errors: list[dict] = []
     # the gallery's threshold: where the estimator calls a cell Parasitized (on the raw posterior)
-    thr = None if quantifier is None else float(getattr(quantifier, "threshold_", None)
-                                                 or getattr(quantifier, "threshold", None) or getattr(model, "threshold", 0.5))
+    thr = None if quantifier is None else decision_threshold(quantifier, model)
     opts = {"segment_config": segment_config, "stain": stain, "scale_to_nih": scale_to_nih,
             "count_border_cells": count_border_cells, "ci_method": ci_method, "overlays": overlays,
             "domain_reference": domain_reference, "gallery_threshold": thr, "quantifier": quantifier}
@@ -417,7 +425,7 @@ def _remove_unfinished(out: Path, stems: list[str], done_json: set[str], earlier
     for stem in stems:
         if f"{stem}.json" in done_json:
             continue
-        for name in (f".{stem[:40]}.json.part", f".{stem[:40]}.png.part", f"{stem}.json", f"{stem}_overlay.png"):
+        for name in (*_part_names(stem), f"{stem}.json", f"{stem}_overlay.png"):
             if name not in earlier:
                 (out / name).unlink(missing_ok=True)
 

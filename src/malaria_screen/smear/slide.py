@@ -18,6 +18,7 @@ import numpy as np
 from malaria_screen.evaluation.proportion import clustered_proportion_ci
 from malaria_screen.smear.domain import OUT_OF_DOMAIN_ADVICE
 from malaria_screen.smear.gallery import GalleryCell, gallery_cells, select_gallery
+from malaria_screen.smear.parasitemia import decision_threshold, field_quantifier
 from malaria_screen.smear.screen import FieldResult, screen_field
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,10 @@ def screen_slide(fields: Sequence[tuple[str, np.ndarray]], model: Any, *, domain
     -------
     SlideResult
     """
-    thr = float(getattr(rescorer if rescorer is not None else model, "threshold", 0.5)) if model is not None else 0.5
+    thr = 0.5
+    if model is not None:  # the gallery's threshold: where the fields' estimator calls a cell Parasitized (as smear's report)
+        quantifier = screen_kwargs.setdefault("quantifier", field_quantifier(model, rescorer=rescorer))
+        thr = decision_threshold(quantifier, rescorer if rescorer is not None else model)
     results, errors, candidates = [], [], []
     for name, rgb in fields:
         try:

@@ -36,7 +36,7 @@ def _field_counts(field: Mapping[str, Any]) -> tuple[float, float]:
 
 
 def slide_row(slide: str, fields: Sequence[Mapping[str, Any]], *, n_failed: int = 0,
-              include_out_of_domain: bool = False) -> dict[str, Any]:
+              include_out_of_domain: bool = False, classified: bool = True) -> dict[str, Any]:
     """One slide's row: fields, red cells, estimated infected cells, parasitemia and its 95 % CI.
 
     Parameters
@@ -52,13 +52,16 @@ def slide_row(slide: str, fields: Sequence[Mapping[str, Any]], *, n_failed: int 
         Count the fields the self-check found outside the model's domain (``in_domain`` False);
         by default they are left out of the row's totals, as out of ``summary.json``'s
         (:func:`~malaria_screen.smear.slide.counted_fields`), and counted in ``n_out_of_domain``.
+    classified : bool, default=True
+        False when the slide was screened without a cell model (``--no-classify``): its red cells
+        are counted, but it has no infected estimate or parasitemia (None, interval (0, 1)), never 0 %.
 
     Returns
     -------
     dict
         ``slide``, ``n_fields`` (screened), ``n_out_of_domain``, ``n_failed``, ``n_rbc``,
-        ``infected_estimate``, ``parasitemia`` (None without red cells), ``ci95_low``,
-        ``ci95_high`` ((0, 1) without red cells; with one field, its binomial interval),
+        ``infected_estimate``, ``parasitemia`` (None without red cells or unclassified), ``ci95_low``,
+        ``ci95_high`` ((0, 1) without red cells or unclassified; with one field, its binomial interval),
         ``n_effective`` (the cell count the interval was taken at), ``ci_method``.
     """
     n_out = sum(f.get("in_domain") is False for f in fields)
@@ -66,6 +69,10 @@ def slide_row(slide: str, fields: Sequence[Mapping[str, Any]], *, n_failed: int 
     fields = [f for f, k in zip(fields, keep) if k]
     counts = np.array([_field_counts(f) for f in fields], np.float64).reshape(-1, 2)
     n_rbc, infected = counts[:, 0], np.minimum(counts[:, 1], counts[:, 0])
+    if not classified:
+        return {"slide": slide, "n_fields": len(keep), "n_out_of_domain": int(n_out), "n_failed": int(n_failed),
+                "n_rbc": int(n_rbc.sum()), "infected_estimate": None, "parasitemia": None, "ci95_low": 0.0, "ci95_high": 1.0,
+                "n_effective": None, "ci_method": "not classified"}
     cp = clustered_proportion_ci(infected, n_rbc)
     return {"slide": slide, "n_fields": len(keep), "n_out_of_domain": int(n_out), "n_failed": int(n_failed), "n_rbc": int(n_rbc.sum()),
             "infected_estimate": round(float(infected.sum()), 3), "parasitemia": cp.estimate,
@@ -86,4 +93,5 @@ def slide_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[dict[str, An
         In the order of ``summaries``.
     """
     return [slide_row(name, s["fields"], n_failed=s.get("n_failed", 0),
-                      include_out_of_domain=bool(s.get("include_out_of_domain", False))) for name, s in summaries.items()]
+                      include_out_of_domain=bool(s.get("include_out_of_domain", False)),
+                      classified=bool(s.get("classified", True))) for name, s in summaries.items()]
