@@ -189,3 +189,31 @@ def test_predict_runs_the_bundled_model_onnx_with_pytorchs_labels(four_samples, 
     a, b = list(csv.DictReader(default.open())), list(csv.DictReader(torch_out.open()))
     assert [r["label"] for r in a] == [r["label"] for r in b]
     assert max(abs(float(x["p_parasitized"]) - float(y["p_parasitized"])) for x, y in zip(a, b)) <= 2e-6
+
+
+def test_bad_arguments_of_evaluate_ensemble_and_smear_eval_are_usage_errors_before_any_work(samples_dir, data_dir, tmp_path):
+    """A one-class folder, an ``--out`` that is a file, a corrupt model and a folder that is not a
+    Chula-RBC-12 folder: each a usage error (exit 2, a message, no traceback), found before any
+    cell is classified or field screened, and nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    bad_onnx = tmp_path / "bad.onnx"
+    bad_onnx.write_bytes(b"garbage")
+    default = Path(__file__).resolve().parents[2] / "src" / "malaria_screen" / "assets" / "default_model"
+    iml = data_dir / "iml_malaria_dev"
+    cases = [
+        (("evaluate", samples_dir / "Parasitized", "--out", tmp_path / "ev"), "class folders"),
+        (("evaluate", samples_dir, "--out", afile), "afile"),
+        (("ensemble", default, default, "--out", afile), "afile"),
+        (("ensemble", default, default, "--out", tmp_path / "ens", "--calibrate", samples_dir / "Parasitized"), "class folders"),
+        (("smear-eval", iml / "images", "-a", iml / "annotations.json", "-o", tmp_path / "se", "--limit", "1",
+          "--model", bad_onnx), "cannot load the cell model"),
+        (("smear-eval", iml / "images", "-a", iml / "annotations.json", "-o", tmp_path / "se", "--limit", "1",
+          "--no-classify", "--chula", data_dir / "chula_rbc" / "images"), "Chula-RBC-12"),
+    ]
+    for args, what in cases:
+        r = _run(*args)
+        assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), (args, r.output)
+        assert what in " ".join(r.output.split()), (args, r.output)
+    assert afile.read_text() == "mine" and not (tmp_path / "ev").exists() and not (tmp_path / "se").exists()
+    assert not (tmp_path / "ens").exists()

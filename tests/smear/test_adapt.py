@@ -211,6 +211,34 @@ def test_adapt_cli_refuses_bad_labels_and_leaves_nothing(tmp_path):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_overwrite_never_replaces_a_folder_of_inputs_or_of_other_files(tmp_path):
+    """``--overwrite`` replaces a site folder only: an ``--out`` that holds the labelled fields, or
+    any folder that is not a site folder, is refused before any work, and its files stay."""
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    field = fields / "field.jpg"
+    field.write_bytes(DEMO_FIELD.read_bytes())
+    boxes = [(40.0 * i, 40.0, 30.0, 30.0) for i in range(8)]
+    cells = [LabelledCell("Parasitized" if i < 3 else "Uninfected", field=str(field), bbox=b) for i, b in enumerate(boxes)]
+    for out in (fields, tmp_path):  # the fields' folder, and a folder above it
+        with pytest.raises((ValueError, FileExistsError), match="holds an input|not a site folder"):
+            adapt(cells, out, overwrite=True)
+    site_like = tmp_path / "site"  # a site folder (site.json) into which the labels were put
+    site_like.mkdir()
+    (site_like / "site.json").write_text("{}")
+    (site_like / "field.jpg").write_bytes(DEMO_FIELD.read_bytes())
+    moved = [LabelledCell(c.label, field=str(site_like / "field.jpg"), bbox=c.bbox) for c in cells]
+    with pytest.raises(ValueError, match="holds an input"):
+        adapt(moved, site_like, overwrite=True)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a site folder"):
+        adapt(cells, other, overwrite=True)
+    assert field.read_bytes() == DEMO_FIELD.read_bytes() and (other / "keep.txt").read_text() == "mine"
+    assert (site_like / "field.jpg").is_file()
+
+
 def test_interrupted_adapt_leaves_no_half_folder(tmp_path, monkeypatch):
     """Ctrl-C during the fit: no site folder, no temporary folder; an existing folder is kept intact."""
     import malaria_screen.smear.adapt as mod

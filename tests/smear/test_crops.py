@@ -79,6 +79,31 @@ def test_export_skips_difficult_and_reports_bad_field(tmp_path):
     assert (tmp_path / "out" / "Uninfected" / "f1_cell_0.png").is_file()
 
 
+def test_fields_of_one_stem_keep_their_own_crops_and_a_non_finite_box_is_refused(tmp_path):
+    """``a.png`` and ``a.jpg`` (two fields) write crops under their own prefixes, not over each
+    other; a box of "nan" px is a clear error of the annotations file, not a crash mid-export."""
+    from smear_synth import synthetic_field
+
+    img, _ = synthetic_field()
+    (tmp_path / "in").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "a.png")
+    Image.fromarray(np.ascontiguousarray(img[::-1])).save(tmp_path / "in" / "a.jpg", quality=95)
+    boxes = [{"type": "red blood cell", "bbox": {"x": "200", "y": "50", "w": "40", "h": "40"}},
+             {"type": "ring", "bbox": {"x": "200", "y": "210", "w": "40", "h": "40"}}]
+    (tmp_path / "ann.json").write_text(json.dumps([{"image_name": n, "objects": boxes} for n in ("a.png", "a.jpg")]))
+    s = export_annotation_crops(tmp_path / "in", load_iml_annotations(tmp_path / "ann.json"), tmp_path / "out")
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").glob("*/*.png"))
+    assert (s.n_parasitized, s.n_uninfected) == (2, 2) and len(written) == 4
+    assert written == ["Parasitized/a_jpg_cell_1.png", "Parasitized/a_png_cell_1.png",
+                       "Uninfected/a_jpg_cell_0.png", "Uninfected/a_png_cell_0.png"]
+    with open(tmp_path / "out" / "groups.csv", newline="") as fh:
+        assert {r["patient"] for r in csv.DictReader(fh)} == {"a_jpg", "a_png"}
+    boxes[0]["bbox"]["x"] = "nan"
+    (tmp_path / "nan.json").write_text(json.dumps([{"image_name": "a.png", "objects": boxes}]))
+    with pytest.raises(ValueError, match="finite"):
+        load_iml_annotations(tmp_path / "nan.json")
+
+
 def test_detection_crops_are_the_screening_crops(tmp_path, iml_dir):
     """--source detections: each crop is the segmented cell as `smear` cuts it, labelled by its box."""
     from malaria_screen.data.io import decode_image

@@ -425,6 +425,7 @@ def evaluate(
     from malaria_screen.data.dataset import load_cell_set
     from malaria_screen.evaluation.report import write_evaluation
 
+    check_out_dir(out)
     pred = _load_predictor(model, backend)
     if pred.positive_index is None:
         raise typer.BadParameter(f"model classes {pred.class_names} have no Parasitized class")
@@ -435,8 +436,11 @@ def evaluate(
         cells = load_cell_probs_ray(data_dir, None if model is None else str(model), backend=backend, groups_csv=groups,
                                     group_per_image=group_per_image)
     else:
-        cells = load_cell_set(data_dir, size_px=pred.input_size, cache_dir=cache_dir, groups_csv=groups,
-                              group_per_image=group_per_image, progress=progress)
+        try:
+            cells = load_cell_set(data_dir, size_px=pred.input_size, cache_dir=cache_dir, groups_csv=groups,
+                                  group_per_image=group_per_image, progress=progress)
+        except ValueError as exc:  # not a class-folder layout, one class only, an unreadable groups.csv
+            raise typer.BadParameter(str(exc), param_hint="DATA_DIR") from exc
     seen = _seen_patients(pred)
     excluded = sorted({p for p in cells.patients if p in seen})
     keep = np.arange(len(cells)) if include_train_patients else np.asarray([i for i, p in enumerate(cells.patients) if p not in seen], dtype=np.int64)

@@ -128,6 +128,7 @@ def ensemble(
 
     if threshold is not None and calibrate is not None:
         raise typer.BadParameter("give --threshold or --calibrate, not both")
+    check_out_dir(out)
     try:
         loaded = [load_model(m) for m in members]
         probe = EnsemblePredictor(loaded)  # checks count, input size and classes before anything is written
@@ -135,8 +136,8 @@ def ensemble(
         raise typer.BadParameter(str(exc)) from exc
     calib = None
     if calibrate is not None:
-        cells = load_cell_set(calibrate, size_px=probe.input_size, groups_csv=groups, progress=False)
         try:
+            cells = load_cell_set(calibrate, size_px=probe.input_size, groups_csv=groups, progress=False)
             chosen = calibration_cells(cells, probe, groups_csv=groups)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc

@@ -32,7 +32,7 @@ def _load_model(model: Optional[str], no_classify: bool, backend: str = "auto"):
 
     try:
         return load_model(model, backend=backend)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:  # missing, corrupt (a bad .onnx, config.json), not installed
         typer.echo(f"error: cannot load the cell model: {exc}. Pass --model RUN_DIR or --no-classify.", err=True)
         raise typer.Exit(2) from exc
 
@@ -348,6 +348,9 @@ def smear_eval(
 
     check_out_dir(out)
     _check_parasitemia_method(parasitemia_method)
+    if chula_dir is not None and not all((chula_dir / sub).is_dir() for sub in ("images", "labels")):
+        raise typer.BadParameter(f"{chula_dir} is not a Chula-RBC-12 folder: it needs images/ and labels/",
+                                 param_hint="'--chula'")
     ann = _load_annotations(annotations)
     names = _present_fields(field_dir, ann)
     predictor = _load_model(model, no_classify)

@@ -767,6 +767,26 @@ def site_reference(features: np.ndarray, groups: np.ndarray, *, margin: float = 
                            calibration=cal)
 
 
+def _check_out(out: Path, base_dir: Path, labels: Sequence[LabelledCell], labels_source: str | Path | None) -> None:
+    """Refuse an ``out`` that ``--overwrite`` would wrongly replace: an existing folder that is not
+    a site folder (nor empty), or one that holds an input (the model, a labelled field or crop,
+    the labels file), which the replacement would delete."""
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not a site folder: choose another --out")
+        if not is_site_dir(out) and any(out.iterdir()):
+            raise FileExistsError(f"{out} is not a site folder (no {SITE_FILE}): --overwrite only replaces a site "
+                                  "folder written by adapt; choose another --out")
+    root = out.resolve()
+    inputs = {base_dir, *(Path(c.field) for c in labels if c.field), *(Path(c.crop) for c in labels if c.crop)}
+    if labels_source:
+        inputs.add(Path(labels_source))
+    for p in sorted(inputs, key=str):
+        q = p.resolve()
+        if q == root or root in q.parents:
+            raise ValueError(f"--out {out} holds an input ({p}): replacing it would delete it; choose another --out")
+
+
 def adapt(
     labels: Sequence[LabelledCell],
     out: str | Path,
@@ -811,14 +831,15 @@ def adapt(
     Raises
     ------
     FileExistsError
-        If ``out`` exists and not ``overwrite``.
+        If ``out`` exists and not ``overwrite``, or it exists and is neither a site folder nor empty.
     FileNotFoundError
         If ``model`` is not a run folder.
     LabelsError
         If, after matching, a class has fewer than :data:`MIN_PER_CLASS` labels, or the
         method asked for needs field cells the labels do not have.
     ValueError
-        On an unknown ``method``.
+        On an unknown ``method``, or an ``out`` that holds an input (the model, a labelled field
+        or crop, the labels file).
     """
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
@@ -828,6 +849,7 @@ def adapt(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
     base_dir = default_model_dir() if model is None else Path(model)
+    _check_out(out, base_dir, labels, labels_source)
     if is_site_dir(base_dir):
         raise ValueError(f"{base_dir} is already a site model: adapt the cell model it wraps ({base_dir / MODEL_DIR})")
     if not (base_dir / "config.json").is_file() or not (base_dir / "weights.safetensors").is_file():

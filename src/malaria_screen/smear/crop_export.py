@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import glob
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -26,7 +28,8 @@ from malaria_screen.smear.labels import IGNORED_TYPES, INFECTED_TYPES, label_det
 from malaria_screen.smear.segment import SegmentConfig, segment_field
 from malaria_screen.smear.stain import check_stain_method, normalize_stain
 
-__all__ = ["ExportInterrupted", "ExportSummary", "annotation_crop", "export_annotation_crops", "export_detection_crops"]
+__all__ = ["ExportInterrupted", "ExportSummary", "annotation_crop", "export_annotation_crops", "export_detection_crops",
+           "field_stems"]
 
 
 @dataclass
@@ -124,26 +127,31 @@ def export_annotation_crops(
     Notes
     -----
     Crops are named ``<field stem>_cell_<k>.png`` (k = index of the box in the field's
-    annotation) and ``groups.csv`` maps each crop's relative path to its field id, so a grouped
+    annotation; two fields of one stem get their extension too: :func:`field_stems`) and ``groups.csv`` maps each crop's relative path to its field id, so a grouped
     split never puts cells of one field on both sides. Fields from the same patient/slide are
     still separate groups: group by slide if that is known.
     """
     inf_types = INFECTED_TYPES if infected_types is None else frozenset(infected_types)
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
+    stems = field_stems(annotations)
     try:
         for name, rgb in decoded_fields(Path(field_dir), sorted(annotations), errors):
-            stem = Path(name).stem
-            n_skipped = 0
-            for k, box in enumerate(annotations[name]):
-                if box.type in IGNORED_TYPES:
-                    n_skipped += 1
-                    continue
-                crop = annotation_crop(rgb, box.bbox, margin_px=margin_px, mask_cells=mask_cells)
-                if crop is None:
-                    n_skipped += 1
-                    continue
-                writer.write("Parasitized" if box.type in inf_types else "Uninfected", f"{stem}_cell_{k}.png", crop, stem)
+            stem = stems[name]
+            try:  # cut all of a field's crops before writing any: a bad box costs its field only
+                n_skipped, todo = 0, []
+                for k, box in enumerate(annotations[name]):
+                    crop = None if box.type in IGNORED_TYPES else annotation_crop(rgb, box.bbox, margin_px=margin_px,
+                                                                                   mask_cells=mask_cells)
+                    if crop is None:
+                        n_skipped += 1
+                    else:
+                        todo.append(("Parasitized" if box.type in inf_types else "Uninfected", f"{stem}_cell_{k}.png", crop))
+            except Exception as exc:  # noqa: BLE001 - one bad field never costs the others
+                record_error(errors, name, exc)
+                continue
+            for cls, fname, crop in todo:
+                writer.write(cls, fname, crop, stem)
             writer.end_field(n_skipped)
     except KeyboardInterrupt:
         raise ExportInterrupted(writer.finish(errors, interrupted=True)) from None
@@ -215,6 +223,7 @@ def export_detection_crops(
     check_stain_method(stain)
     writer = _CropWriter(Path(out_dir))
     errors: dict[str, str] = {}
+    stems = field_stems(annotations)
     try:
         for name, rgb in decoded_fields(Path(field_dir), sorted(annotations), errors):
             try:
@@ -230,13 +239,39 @@ def export_detection_crops(
             except Exception as exc:  # noqa: BLE001 - one bad field (too small, MemoryError, ...) never costs the others
                 record_error(errors, name, exc)
                 continue
-            stem = Path(name).stem
+            stem = stems[name]
             for (c, cls, tag), crop in sorted(zip(kept, crops), key=lambda t: t[0][0].id):
                 writer.write(cls, f"{stem}_{tag}_{c.id}.png", crop, stem)
             writer.end_field(len(cells) - len(kept))
     except KeyboardInterrupt:
         raise ExportInterrupted(writer.finish(errors, interrupted=True)) from None
     return writer.finish(errors)
+
+
+def field_stems(names: Iterable[str]) -> dict[str, str]:
+    """The prefix of each field's crop names and its group in ``groups.csv``: the file name's stem,
+    or, where two annotated fields share a stem (``a.jpg`` and ``a.png``), the stem and the
+    extension (``a_jpg``, ``a_png``), so that no field's crops overwrite another's.
+
+    Parameters
+    ----------
+    names : iterable of str
+        The fields' file names (the annotation's ``image_name``).
+
+    Returns
+    -------
+    dict
+        File name -> prefix; the prefixes are unique.
+    """
+    names = sorted(set(names))
+    counts = Counter(Path(n).stem for n in names)
+    out = {n: (Path(n).stem if counts[Path(n).stem] == 1 else f"{Path(n).stem}_{Path(n).suffix.lstrip('.')}") for n in names}
+    seen: Counter = Counter()
+    for n in names:  # the rare clash left (``a_jpg.png`` beside ``a.jpg`` and ``a.png``): a numbered suffix
+        seen[out[n]] += 1
+        if seen[out[n]] > 1:
+            out[n] = f"{out[n]}_{seen[out[n]]}"
+    return out
 
 
 class _CropWriter:

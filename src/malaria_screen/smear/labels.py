@@ -14,6 +14,7 @@ File I/O is limited to the two loaders.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +79,10 @@ def load_iml_annotations(path: str | Path) -> dict[str, list[GroundTruthBox]]:
             objs = []
             for o in entry.get("objects", []):
                 b = o["bbox"]
-                objs.append(
-                    GroundTruthBox(
-                        (float(b["x"]), float(b["y"]), float(b["w"]), float(b["h"])),
-                        str(o["type"]).strip().lower(),
-                    )
-                )
+                box = (float(b["x"]), float(b["y"]), float(b["w"]), float(b["h"]))
+                if not all(math.isfinite(v) for v in box):  # "nan", "inf": float() takes them
+                    raise ValueError(f"box coordinates must be finite numbers (px), got {box}")
+                objs.append(GroundTruthBox(box, str(o["type"]).strip().lower()))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: bad annotation entry {str(entry)[:120]!r}: {exc}") from exc
         out[name] = objs
