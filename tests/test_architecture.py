@@ -28,7 +28,7 @@ ALLOWED = {
     "cli.core": "data.dataset data.parallel evaluation.quantify evaluation.report inference.base inference.distributed "
                 "inference.run_evaluation models research.multiclass training.run",
     "cli.deploy": "app data.dataset data.io data.parallel export.bench export.onnx export.pipeline export.split_cells "
-                  "inference.base inference.ensemble inference.gradcam inference.onnx_predictor inference.predictor "
+                  "inference.base inference.ensemble inference.gradcam inference.onnx_predictor inference.predictor inference.site "
                   "models serve serve.server",
     "cli.domain": "inference.base inference.onnx_predictor smear.domain",
     "cli.research": "data.datamodule data.dataset data.split models research.cv research.features research.lr_find "

@@ -179,6 +179,11 @@ def test_explain_refuses_onnx_models_empty_input_and_grayscale_files(cli, random
     assert r.exit_code == 2
     assert "explain needs a PyTorch run folder" in r.output and "ONNX models cannot be explained" in r.output
     assert "backend=" not in r.output
+    site = tmp_path / "site"  # a site folder (adapt's): refused up front, pointing at the cell model inside
+    site.mkdir()
+    (site / "site.json").write_text("{}")
+    r = cli("explain", sample_pngs[0], "--model", site, "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "is a site model" in flat(r.output) and not (tmp_path / "s").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     r = cli("explain", empty, "--model", random_run, "--out", tmp_path / "b")

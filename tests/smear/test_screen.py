@@ -171,3 +171,20 @@ def test_perfect_classifier_r_over_fields():
     assert s["infected_sensitivity_perfect_classifier"] == pytest.approx(5 / 6)
     assert s["parasitemia_r_perfect_classifier"] == pytest.approx(np.corrcoef(ideal, truth)[0, 1])
     assert s["parasitemia_mae_pp_perfect_classifier"] == pytest.approx(np.abs(ideal - truth).mean() * 100)
+
+
+@pytest.mark.parametrize("stain", ["reinhard", "macenko"])
+def test_stain_normalisation_does_not_follow_the_lamp(chula_dir, stain):
+    """The same real field under a dimmer lamp (every pixel x 0.7) comes out of either stain
+    normalisation with about the same cell colours: both map towards the NIH crops, whatever the
+    light (Macenko used to rebuild the colours under the field's own, dimmer light)."""
+    from malaria_screen.data.io import decode_image
+    from malaria_screen.smear.segment import segment_field
+    from malaria_screen.smear.stain import normalize_stain
+
+    rgb = decode_image(chula_dir / "images" / "1.jpg")
+    mask = segment_field(rgb).labels > 0
+    dim = np.clip(rgb.astype(np.float64) * 0.7, 0, 255).astype(np.uint8)
+    bright_cells = normalize_stain(rgb, stain, mask=mask)[mask].mean(axis=0)
+    dim_cells = normalize_stain(dim, stain, mask=mask)[mask].mean(axis=0)
+    assert np.abs(bright_cells - dim_cells).max() < 12, (bright_cells, dim_cells)

@@ -423,3 +423,27 @@ def test_large_field_diameter_is_estimated_on_a_central_crop():
     d = estimate_rbc_diameter_px(tiled)
     assert abs(d / one.rbc_diameter_px - 1) < 0.10, (d, one.rbc_diameter_px)
     assert abs(segment_field(tiled).n_cells / (16 * one.n_cells) - 1) < 0.05
+
+
+def test_a_black_frame_eyepiece_surround_or_white_strip_does_not_hide_the_cells(chula_dir, iml_dir):
+    """Near-black pixels (a 2 px frame, a black strip, the round surround of a photo through the
+    eyepiece) used to take Otsu's threshold for themselves, and a white caption strip was taken
+    for the glass of a dimly lit field: 0 cells. The field now segments about as without them
+    (the surround hides part of the field); a field that segmented is left exactly as it was
+    (the retry runs only on an empty result)."""
+    from malaria_screen.data.io import decode_image
+
+    for path in (chula_dir / "images" / "1.jpg", iml_dir / "images" / "PA171753.JPG"):
+        rgb = decode_image(path)
+        h, w = rgb.shape[:2]
+        n = len(segment_field(rgb).cells())
+        frame, strip, round_ = rgb.copy(), rgb.copy(), rgb.copy()
+        frame[:2], frame[-2:], frame[:, :2], frame[:, -2:] = 0, 0, 0, 0
+        strip[-10:] = 0
+        yy, xx = np.ogrid[:h, :w]
+        round_[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 > (0.48 * min(h, w)) ** 2] = 0
+        white = rgb.copy()
+        white[: int(0.04 * h)] = 255  # a white caption strip, taken for the glass before
+        for img in (frame, strip, white):
+            assert abs(len(segment_field(img).cells()) - n) <= 0.1 * n, path.name
+        assert 0.3 * n <= len(segment_field(round_).cells()) < n, path.name

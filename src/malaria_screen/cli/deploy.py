@@ -176,6 +176,11 @@ def explain(
     if model is not None and model.suffix.lower() == ".onnx":
         raise typer.BadParameter("explain needs a PyTorch run folder (Grad-CAM needs the model's gradients); ONNX models "
                                  "cannot be explained", param_hint="'--model'")
+    from malaria_screen.inference.site import MODEL_DIR, is_site_dir
+
+    if model is not None and is_site_dir(model):  # its calibration does not change where the network looks
+        raise typer.BadParameter(f"{model} is a site model: explain the cell model it wraps ({model / MODEL_DIR})",
+                                 param_hint="'--model'")
     files = list_inputs(paths)
     try:
         pred = load_model(model, backend="torch")

@@ -67,7 +67,7 @@ def check_field_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def optical_density(rgb: np.ndarray, *, bg_percentile: float = 97.0) -> np.ndarray:
+def optical_density(rgb: np.ndarray, *, bg_percentile: float = 97.0, skip_saturated: bool = False) -> np.ndarray:
     """Per-channel optical density (natural log) relative to the field background.
 
     Parameters
@@ -77,6 +77,10 @@ def optical_density(rgb: np.ndarray, *, bg_percentile: float = 97.0) -> np.ndarr
     bg_percentile : float, default=97.0
         Pixels brighter than this percentile of the grey level (on a copy subsampled to ~400 px)
         define the background colour, their per-channel median.
+    skip_saturated : bool, default=False
+        Leave pixels at 250 or more in every channel out of the background estimate: a white
+        overlay (a caption strip, a label) is not the glass. :func:`~malaria_screen.smear.segment.segment_field`
+        asks for it only when a field gave no cell without it.
 
     Returns
     -------
@@ -93,6 +97,9 @@ def optical_density(rgb: np.ndarray, *, bg_percentile: float = 97.0) -> np.ndarr
     h, w = rgb.shape[:2]
     step = max(1, int(max(h, w) // 400))
     sub = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
+    if skip_saturated:
+        unsaturated = sub.min(axis=1) < 250
+        sub = sub[unsaturated] if unsaturated.any() else sub
     grey = sub.mean(axis=1)
     bright = sub[grey >= np.percentile(grey, bg_percentile)]
     bg = np.median(bright, axis=0) if len(bright) else sub.max(axis=0)

@@ -440,8 +440,39 @@ def segment_field(rgb: np.ndarray, config: SegmentConfig | None = None) -> Segme
     """
     cfg = config or SegmentConfig()
     rgb = check_field_rgb(rgb)
-    height, width = rgb.shape[:2]
     od = optical_density(rgb)
+    seg = _segment_od(rgb, od, cfg)
+    if seg.labels.any():
+        return seg
+    # No cell. Two kinds of overlay can cause that, and only then (a field that segments is left
+    # exactly as it is) is the field segmented again without them: near-black pixels (a frame, a
+    # strip, a reticle, the round surround of a photo through the eyepiece; optical density ~5
+    # against ~0.1-0.5 for cells) take Otsu's threshold for themselves, so cells and glass both
+    # fall below it: they count as glass for the threshold and stay marks, out of the foreground;
+    # and saturated white pixels (a caption strip, a label) taken for the glass make the dimmer
+    # real glass look stained: they are left out of the background estimate.
+    black = od[..., 0] > MARK_OD
+    white = bool((rgb.min(axis=2) >= 250).any())
+    if not black.any() and not white:
+        return seg
+    od = optical_density(rgb, skip_saturated=True) if white else od.copy()
+    od[..., 1][black] = 0.0
+    retry = _segment_od(rgb, od, cfg)
+    if retry.labels.any():
+        logger.info("overlay pixels (%.1f %% near-black%s) hid the cells; segmented without them", 100 * black.mean(),
+                    ", saturated white ones" if white else "")
+        return retry
+    return seg
+
+
+#: Optical density of the red channel above which a pixel is a neutral black mark (scale bar, text,
+#: a frame): every channel absorbs, where a stained cell passes red light.
+MARK_OD = 1.5
+
+
+def _segment_od(rgb: np.ndarray, od: np.ndarray, cfg: SegmentConfig) -> Segmentation:
+    """:func:`segment_field` from the field's optical density ``od`` (``(H, W, 3)`` float32)."""
+    height, width = rgb.shape[:2]
     diameter_px, estimated = _rbc_diameter(rgb, od, cfg)
     if not np.isfinite(diameter_px):
         logger.info("no cell-like objects found; empty segmentation")
@@ -526,7 +557,7 @@ def _foreground(od: np.ndarray, od_work: np.ndarray, ws: _WorkScale, cfg: Segmen
         green, min_object_px=max(4, int(0.5 * cfg.min_area_frac * ws.cell_area)),
         max_hole_px=cfg.max_hole_frac * ws.cell_area, factor=cfg.threshold_factor,
     )
-    mark = cv2.resize(od[..., 0], ws.size, interpolation=cv2.INTER_NEAREST) > 1.5
+    mark = cv2.resize(od[..., 0], ws.size, interpolation=cv2.INTER_NEAREST) > MARK_OD
     foreground &= ~mark
     opening = _disc(_bridge_radius(ws))
     foreground = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, opening).astype(bool)

@@ -36,6 +36,7 @@ _NIH_LAB_STDS = np.array([5.9589, 8.8851, 8.7194], dtype=np.float32)
 # Macenko reference (torchstain numpy backend fitted on the same pixels).
 _NIH_HE_REF = np.array([[0.2829, -0.0494], [0.9412, 0.8347], [0.1844, 0.5484]], dtype=np.float64)
 _NIH_MAXC_REF = np.array([0.6628, 0.7335], dtype=np.float64)
+_MACENKO_REF_IO = 240.0  # the transmitted light the reference was fitted at (torchstain's default Io)
 
 STAIN_METHODS = ("none", "reinhard", "macenko")
 
@@ -116,8 +117,12 @@ def normalize_stain(rgb: np.ndarray, method: str = "reinhard", *, mask: np.ndarr
         except (np.linalg.LinAlgError, ValueError, IndexError) as exc:
             logger.warning("Macenko normalisation failed (%s); field left unnormalised", exc)
             return rgb
+        # torchstain rebuilds the colours under the light it was given (the field's own): rebuilt
+        # under the reference's light instead (240, torchstain's default, at which the NIH
+        # reference was fitted), a dim field's cells come out as bright as NIH's, not as dim as its lamp
         out = rgb.copy()
-        out[sel] = np.clip(np.asarray(res, dtype=np.float64), 0, 255).astype(np.uint8).reshape(-1, 3)
+        res = np.asarray(res, dtype=np.float64) * (_MACENKO_REF_IO / max(io, 1.0))
+        out[sel] = np.clip(res, 0, 255).astype(np.uint8).reshape(-1, 3)
         return out
     check_stain_method(method)
     raise AssertionError(f"stain method {method!r} listed but not implemented")  # pragma: no cover
