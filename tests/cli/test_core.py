@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from typer_text import flat
 
 runner = CliRunner()
 
@@ -214,6 +215,29 @@ def test_bad_arguments_of_evaluate_ensemble_and_smear_eval_are_usage_errors_befo
     for args, what in cases:
         r = _run(*args)
         assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), (args, r.output)
-        assert what in " ".join(r.output.split()), (args, r.output)
+        assert what in flat(r.output), (args, r.output)
     assert afile.read_text() == "mine" and not (tmp_path / "ev").exists() and not (tmp_path / "se").exists()
     assert not (tmp_path / "ens").exists()
+
+
+def test_train_and_research_refuse_bad_out_and_option_combinations_before_any_work(tmp_path):
+    """Each a usage error (exit 2, no traceback) before a cell is read: an --out inside DATA_DIR
+    (its plots would become cells of the next run), --resume without a checkpoint (no folder
+    left behind), 0 epochs, a plateau schedule without validation patients, an unknown model or
+    optimizer for cv / lr-find."""
+    data = tmp_path / "data"
+    for c in ("Parasitized", "Uninfected"):
+        (data / c).mkdir(parents=True)
+    cases = [
+        (("train", data, "--out", data / "run1"), "inside DATA_DIR"),
+        (("train", data, "--out", tmp_path / "nores", "--resume"), "no checkpoint"),
+        (("train", data, "--out", tmp_path / "r0", "--epochs", "0"), "epochs"),
+        (("train", data, "--out", tmp_path / "rp", "--scheduler", "plateau", "--val-fraction", "0"), "validation patients"),
+        (("cv", data, "--out", tmp_path / "cv", "--model", "nope"), "nope"),
+        (("lr-find", data, "--out", tmp_path / "lr", "--optimizer", "sgd"), "sgd"),
+    ]
+    for args, what in cases:
+        r = _run(*args)
+        assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), (args, r.output)
+        assert what in flat(r.output), (args, r.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and not (data / "run1").exists()

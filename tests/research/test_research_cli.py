@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from typer_text import flat
 from typer.testing import CliRunner
 
 from malaria_screen.cli import app
@@ -75,6 +76,10 @@ def test_cv_covers_every_patient_once_and_resumes(tiny_nih, tmp_path):
     res = runner.invoke(app, args)  # resumed: nothing retrained
     assert res.exit_code == 0, res.output
     assert (out / "fold0" / "fold_metrics.json").stat().st_mtime_ns == stamp
+    other = [("4" if a == "3" else a) for a in args]  # 4 folds into the 3-fold folder: its folds are not reused
+    res = runner.invoke(app, other)
+    assert res.exit_code == 2 and "holds a cross-validation of other folds" in flat(res.output), res.output
+    assert (out / "fold0" / "fold_metrics.json").stat().st_mtime_ns == stamp and not (out / "fold3").exists()
 
 
 def test_compare_shares_one_split_and_resumes(tiny_nih, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from typer_text import flat
 import torch
 
 # 6 patients, 568 cells (3 infected patients with cells of both classes, 3 uninfected controls)
@@ -56,9 +57,13 @@ def test_sigkill_mid_run_then_resume_finishes_on_the_same_split(nih_dir, tmp_pat
     assert killed_at < 2  # the last epoch never completed
     split_before = (run / "split.json").read_bytes()
 
-    res = _train([str(data), "--out", str(run), "--resume", *common], tmp_path)
+    fresh = _train([str(data), "--out", str(run), *common], tmp_path)  # a new run into it would mix with this one
+    out, _ = fresh.communicate(timeout=300)
+    assert fresh.returncode == 2 and "already holds a training run" in flat(out), out
+    res = _train([str(data), "--out", str(run), "--resume", "--lr", "0.5", *common], tmp_path)
     out, _ = res.communicate(timeout=900)
     assert res.returncode == 0, out
+    assert "ignored: --lr" in flat(out)  # the run continues as its config.json says
     assert (run / "split.json").read_bytes() == split_before
     info = json.loads((run / "train_info.json").read_text())
     assert info["epochs_run"] == 3

@@ -193,11 +193,12 @@ def _run_folder(name: Optional[str]) -> Optional[str]:
 
 
 def train(
+    ctx: typer.Context,
     data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Image folder in NIH layout: DATA_DIR/<Class>/*"),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (weights, config, split, logs, plots, metrics)"),
     model: str = typer.Option("cellnet", help="Architecture (see `malaria-screen models`)"),
     input_size: Optional[int] = typer.Option(None, help="Square input side, pixels. Default: the model's own"),
-    epochs: int = typer.Option(20, help="Maximum epochs"),
+    epochs: int = typer.Option(20, min=1, help="Maximum epochs"),
     batch_size: int = typer.Option(128, help="Cells per batch"),
     optimizer: str = typer.Option("adamw", help="adam | adamw"),
     lr: float = typer.Option(4e-3, help="Peak (one-cycle) or initial (plateau) learning rate"),
@@ -285,6 +286,15 @@ def train(
     from malaria_screen.models import default_input_size
     from malaria_screen.training.run import train as run_train
 
+    check_out_dir(out)
+    if out.resolve() == data_dir.resolve() or data_dir.resolve() in out.resolve().parents:
+        raise typer.BadParameter(f"{out} is inside DATA_DIR {data_dir}: its plots would be read as cells by the next "
+                                 "run; choose a folder outside it", param_hint="'--out'")
+    if val_fraction == 0 and (scheduler == "plateau" or threshold_rule is ThresholdRule.val_count):
+        raise typer.BadParameter("--scheduler plateau and --threshold-rule val-count need validation patients: "
+                                 "set --val-fraction above 0", param_hint="'--val-fraction'")
+    if resume:
+        _warn_ignored_on_resume(ctx)
     try:
         cfg = TrainConfig(
             model=model, input_size=input_size or default_input_size(model), epochs=epochs, batch_size=batch_size,
@@ -310,7 +320,7 @@ def train(
         res = run_train(data_dir, out, cfg, resume=resume, groups_csv=groups, group_per_image=group_per_image,
                         cache_dir=cache_dir, accelerator=accelerator, devices=dev, strategy=strategy, precision=precision,
                         progress=progress, limit_train_batches=ltb)
-    except ValueError as exc:  # bad data, split, weights file or option combination
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # bad data, split, weights file, --out, options
         raise typer.BadParameter(str(exc)) from exc
     if not res.is_global_zero:  # other DDP ranks: rank zero evaluates and writes
         return
@@ -335,6 +345,21 @@ def train(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     _print_metrics(m)
+
+
+#: ``train`` options that ``--resume`` takes from the command line; every other comes from the run's config.json.
+_RESUME_OPTIONS = frozenset({"data_dir", "out", "resume", "groups", "group_per_image", "devices", "strategy", "accelerator",
+                             "precision", "num_workers", "cache_dir", "progress", "limit_train_batches", "threshold_rule"})
+
+
+def _warn_ignored_on_resume(ctx: typer.Context) -> None:
+    """Name the recipe options given on the command line that ``--resume`` ignores (the saved
+    config.json decides: a resumed run is the run that was started)."""
+    given = sorted(k for k in ctx.params if k not in _RESUME_OPTIONS
+                   and getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE")
+    if given:
+        typer.echo(f"warning: --resume continues the run as its config.json says; ignored: "
+                   f"{', '.join('--' + k.replace('_', '-') for k in given)}", err=True)
 
 
 def _comma_list(spec: Optional[str]) -> tuple[str, ...]:

@@ -90,9 +90,12 @@ def lr_find(
     from malaria_screen.models import default_input_size
     from malaria_screen.research.lr_find import lr_range_test, write_lr_find
 
-    size = input_size or default_input_size(model)
-    cfg = TrainConfig(model=model, input_size=size, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
-                      seed=seed, pretrained_weights=weights, freeze_backbone=freeze)
+    try:
+        size = input_size or default_input_size(model)
+        cfg = TrainConfig(model=model, input_size=size, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
+                          seed=seed, pretrained_weights=weights, freeze_backbone=freeze)
+    except ValueError as exc:  # an unknown model or optimizer
+        raise typer.BadParameter(str(exc)) from exc
     cells = _cells(data_dir, size, cache_dir, groups, group_per_image, progress)
     split = patient_split(cells.labels, cells.patients, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
     res = lr_range_test(cells, split, cfg, min_lr=min_lr, max_lr=max_lr, num_training=num_training, accelerator="cpu")
@@ -126,15 +129,18 @@ def cv(
 ) -> None:
     """Patient-grouped k-fold cross-validation: per-fold metrics, mean ± std, out-of-fold predictions.
 
-    Resumable: folds whose results exist are read back, not retrained.
+    Resumable: folds whose results exist are read back, not retrained (only into the same folds, recipe and cells).
     """
     from malaria_screen.models import default_input_size
     from malaria_screen.research.cv import cross_validate, write_cv
 
-    size = input_size or default_input_size(model)
-    cfg = TrainConfig(model=model, input_size=size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                      val_fraction=val_fraction, pretrained_weights=weights, freeze_backbone=freeze,
-                      backbone_lr_scale=backbone_lr_scale)
+    try:
+        size = input_size or default_input_size(model)
+        cfg = TrainConfig(model=model, input_size=size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          val_fraction=val_fraction, pretrained_weights=weights, freeze_backbone=freeze,
+                          backbone_lr_scale=backbone_lr_scale)
+    except ValueError as exc:  # an unknown model, a bad value
+        raise typer.BadParameter(str(exc)) from exc
     cells = _cells(data_dir, size, cache_dir, groups, group_per_image, progress)
     ltb = None if limit_train_batches is None else (int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
     try:

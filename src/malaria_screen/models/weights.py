@@ -29,10 +29,23 @@ def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
 
     Raises
     ------
-    RuntimeError
-        If keys or shapes do not match the architecture.
+    ValueError
+        If the file is not a safetensors file (truncated, another format), or its keys or shapes do
+        not match the architecture (e.g. a ``config.json`` naming another model): the file named.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    net.load_state_dict(load_file(str(path)), strict=True)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not readable as safetensors weights ({exc})") from exc
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: the weights do not fit the {type(net).__name__} architecture "
+                         f"({first[1].strip() if len(first) > 1 else first[0]})") from exc
     return net.eval()

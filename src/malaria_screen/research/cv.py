@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,8 @@ def cross_validate(
     Raises
     ------
     ValueError
-        If the data have no ``positive_class`` or fewer patients than ``n_folds``.
+        If the data have no ``positive_class`` or fewer patients than ``n_folds``, or ``out_dir``
+        holds the folds of another cross-validation (other folds, recipe or cells: ``cv_recipe.json``).
     """
     # torch and Lightning (Predictor, training) only when folds are trained: write_cv runs without them
     from malaria_screen.inference import Predictor
@@ -133,6 +135,13 @@ def cross_validate(
     pos = cells.class_names.index(config.positive_class)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # folds are read back only into the cross-validation that made them: same folds, recipe, cells
+    recipe = json.loads(json.dumps({"n_folds": n_folds, "n_cells": len(cells), "config": config.to_dict()}))
+    recipe_file = out / "cv_recipe.json"
+    if recipe_file.exists() and json.loads(recipe_file.read_text()) != recipe:
+        raise ValueError(f"{out} holds a cross-validation of other folds, recipe or cells ({recipe_file}): choose another "
+                         "--out (its fold results cannot be reused)")
+    atomic_write_json(recipe_file, recipe)
     folds, oof = [], []
     for k, (tr, te) in enumerate(patient_folds(cells.labels, cells.patients, n_splits=n_folds, seed=config.seed)):
         fdir = out / f"fold{k}"
@@ -141,6 +150,8 @@ def cross_validate(
             rec = json.loads(done.read_text())
             log.info("fold %d: results exist, skipped (%s)", k, done)
         else:
+            if fdir.exists():  # a fold stopped before its results: trained again from the start
+                shutil.rmtree(fdir)
             split = fold_split(cells.labels, cells.patients, tr, te, val_fraction=config.val_fraction, seed=config.seed)
             t0 = time.perf_counter()
             res = train(cells.root, fdir, config, cells=cells, split=split, progress=progress,

@@ -165,7 +165,10 @@ def train(
     Raises
     ------
     FileNotFoundError
-        On resume without a checkpoint.
+        On resume without a checkpoint (before the run folder is made).
+    FileExistsError
+        If ``out_dir`` is a file, or, without ``resume``, already holds a run (``config.json`` or
+        ``checkpoints/``): a new run never mixes with an old one's weights and checkpoints.
     ValueError
         If the split leaks patients or the data cannot be grouped; if ``pretrained_weights`` is
         set for a model that takes no weights; if gradual unfreezing is combined with DDP; if
@@ -191,13 +194,20 @@ def train(
     if config is not None and config.mixstyle and not resume:  # a wrong layer name fails before any cell is read
         mixstyle_layers(build_net(config, None), config.mixstyle_layers)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     last_ckpt = ckpt_dir / "last.ckpt"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a run folder")
+    if resume and not last_ckpt.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last_ckpt}")
+    if not resume and is_zero and ((out / "config.json").exists() or ckpt_dir.exists()):
+        # a new run would mix its config and split with the old run's weights and checkpoints (and a
+        # later --resume would continue the old run under the new split)
+        raise FileExistsError(f"{out} already holds a training run (config.json or checkpoints/): continue it with "
+                              "--resume, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
 
     if resume:
-        if not last_ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_ckpt}")
         cfg = TrainConfig.from_json(out / "config.json")
         manifest = json.loads((out / "split.json").read_text())
         check_leak_free(manifest, groups=_read_groups(groups_csv), per_image=group_per_image)
