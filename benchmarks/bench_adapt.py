@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (run / "weights.safetensors").is_file():
                 cfg = TrainConfig(epochs=args.epochs, lr=args.lr, init_from=init, seed=0, color_jitter=args.color_jitter,
                                   color_augment=args.color_augment)
+                shutil.rmtree(run, ignore_errors=True)  # a run stopped before its weights: from the start
                 train(crops, run, cfg, cells=cells, split=split, progress=False, groups_csv=crops / "groups.csv")
             model = load_model(run)
             calib = split.val

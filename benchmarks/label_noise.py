@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = runs / f"fold{k}"
         fold_cfg = base.replace(test_patients=())
         if not _reusable(out, cells.relpaths, tr[a], fold_cfg):
+            shutil.rmtree(out, ignore_errors=True)  # train() never mixes a new run with an old one's files
             train(data, out, fold_cfg, cells=cells, progress=False, split=SplitIndices(train=tr[a], val=split.val, test=tr[b]))
         oof[b] = load_model(str(out), backend="torch").predict_proba_prepared(cells.images[tr[b]])
         fold_acc.append(float((oof[b].argmax(1) == labels[tr[b]]).mean()))
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (cfg, keep) in candidates.items():
         out = runs / name
         if not _reusable(out, cells.relpaths, keep, cfg):
+            shutil.rmtree(out, ignore_errors=True)
             train(data, out, cfg, cells=cells, progress=False, split=SplitIndices(train=keep, val=split.val, test=split.test))
         print(f"{name}: {len(keep)} NIH training cells -> {out}", flush=True)
 

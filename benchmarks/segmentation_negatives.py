@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                 done.get("n_cells") != len(extra):
             raise ValueError(f"{out} holds a run of other settings or negatives: remove it or pass another --out")
     else:
+        shutil.rmtree(out, ignore_errors=True)  # a run stopped before its weights: from the start
         train(data, out, cfg, cells=both, progress=False,
               split=SplitIndices(train=np.concatenate([split.train, extra]), val=split.val, test=split.test))
         manifest = json.loads((out / "split.json").read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -209,6 +210,8 @@ def compare_models(
             atomic_write_json(split_path, split_manifest(split, patients=cells.patients, relpaths=cells.relpaths,
                                                          labels=cells.labels, class_names=cells.class_names, seed=base.seed))
         log.info("%s: training %s (%s) at %d px for %d epochs", e.label, cfg.model, e.mode, cfg.input_size, cfg.epochs)
+        if rdir.exists():  # a row stopped before its results: trained again from the start
+            shutil.rmtree(rdir)
         res = train(data_dir, rdir, cfg, cells=cells, split=split, progress=progress, accelerator=accelerator,
                     limit_train_batches=limit_train_batches)
         pred = Predictor.from_dir(rdir)
