@@ -105,6 +105,9 @@ def test_compare_shares_one_split_and_resumes(tiny_nih, tmp_path, monkeypatch):
     monkeypatch.setattr(run_mod, "train", lambda *a, **k: pytest.fail("a finished model was retrained"))
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
+    other = [("2" if a == "1" else a) for a in args]  # 2 epochs: the 1-epoch rows are not this comparison's
+    res = runner.invoke(app, other)
+    assert res.exit_code == 2 and "holds a run of another recipe" in flat(res.output), res.output
 
     # latency re-measured on an idle machine: every row gets a new positive figure, the rest stays
     from malaria_screen.research.model_comparison import remeasure_latency

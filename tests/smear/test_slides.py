@@ -66,6 +66,10 @@ def test_an_unclassified_slide_has_no_parasitemia_not_zero(tmp_path):
     assert row["n_rbc"] == 12 and row["parasitemia"] is None and row["infected_estimate"] is None
     assert (row["ci95_low"], row["ci95_high"]) == (0.0, 1.0)
     assert json.loads((tmp_path / "out" / "slideA" / "summary.json").read_text())["parasitemia"] is None
+    (tmp_path / "slideB").mkdir()  # a slide folder without field images: exit 1, as smear on it
+    r = CliRunner().invoke(app, ["smear-slides", str(tmp_path / "slideA"), str(tmp_path / "slideB"), "--out",
+                                 str(tmp_path / "out2"), "--no-classify", "--no-overlays", "--workers", "1"])
+    assert r.exit_code == 1 and "no field images in slide folder(s): slideB" in r.output, r.output
 
 
 def test_smear_slides_writes_one_folder_and_one_row_per_slide(data_dir, tmp_path):

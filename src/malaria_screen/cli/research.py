@@ -181,8 +181,11 @@ def compare(
             raise typer.BadParameter(f"unknown entries {unknown}; choose from {sorted(known)}")
         entries = [known[m] for m in models]
     ltb = None if limit_train_batches is None else (int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
-    compare_models(data_dir, out, entries, base_config=TrainConfig(epochs=epochs, seed=seed), cache_dir=cache_dir,
-                   progress=progress, accelerator=accelerator, limit_train_batches=ltb, n_boot=n_boot)
+    try:
+        compare_models(data_dir, out, entries, base_config=TrainConfig(epochs=epochs, seed=seed), cache_dir=cache_dir,
+                       progress=progress, accelerator=accelerator, limit_train_batches=ltb, n_boot=n_boot)
+    except ValueError as exc:  # rows of another recipe in --out, data without the positive class
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo((out / "compare.md").read_text())
 
 

@@ -281,7 +281,8 @@ def smear_slides(
     Each slide is screened as `smear` screens one (outputs in OUT/<slide>/); slides.csv gives per
     slide the fields, red cells, estimated infected cells, parasitemia and a 95 % interval that
     accounts for clustering by field (cells of one field are not independent: the binomial interval
-    at the fields' effective sample size, Korn & Graubard 1998). Exit status 1 if any field failed.
+    at the fields' effective sample size, Korn & Graubard 1998). Exit status 1 if any field failed
+    or a slide folder holds no field image.
     """
     from malaria_screen.data.parallel import default_workers
     from malaria_screen.smear.domain import load_reference
@@ -312,7 +313,10 @@ def smear_slides(
         p = "n/a" if r["parasitemia"] is None else f"{100 * r['parasitemia']:.3f}% (95% CI {100 * r['ci95_low']:.3f}-{100 * r['ci95_high']:.3f}%)"
         typer.echo(f"{r['slide']}: {r['n_rbc']} RBC in {r['n_fields']} field(s), parasitemia {p}")
     typer.echo(f"slide table: {out / 'slides.csv'}")
-    if any(r["n_failed"] for r in rows):
+    empty = [r["slide"] for r in rows if not r["n_fields"] and not r["n_failed"]]
+    if empty:  # as smear on a folder without field images
+        typer.echo(f"error: no field images in slide folder(s): {', '.join(empty)}", err=True)
+    if empty or any(r["n_failed"] for r in rows):
         raise typer.Exit(1)
 
 

@@ -194,6 +194,10 @@ def compare_models(
         rdir = out / "runs" / e.label
         done = rdir / "compare_row.json"
         if done.exists():
+            saved, wanted = TrainConfig.from_json(rdir / "config.json"), e.config(base)
+            if saved.replace(mean=wanted.mean, std=wanted.std) != wanted:  # mean/std: set from the cells by training
+                raise ValueError(f"{rdir} holds a run of another recipe than {e.label!r} asks now (config.json): "
+                                 "choose another --out, its rows cannot be reused")
             rows.append(json.loads(done.read_text()))
             log.info("%s: results exist, skipped", e.label)
             write_compare_table(rows, out)
