@@ -530,7 +530,7 @@ def sweep_sessions(work: Path, ttl_s: float, *, keep: str | None = None) -> list
         if entry.name == keep or not entry.is_dir(follow_symlinks=False):
             continue
         newest = 0.0
-        for root, dirs, files in os.walk(entry.path):
+        for root, _dirs, files in os.walk(entry.path):
             for name in (root, *(os.path.join(root, f) for f in files)):
                 try:
                     newest = max(newest, os.lstat(name).st_mtime)

@@ -38,9 +38,7 @@ def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
 
     try:
         state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except SafetensorError as exc:
         raise ValueError(f"{path}: not readable as safetensors weights ({exc})") from exc
     try:
         net.load_state_dict(state, strict=True)

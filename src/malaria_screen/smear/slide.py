@@ -108,8 +108,9 @@ def screen_slide(fields: Sequence[tuple[str, np.ndarray]], model: Any, *, domain
     """
     thr = 0.5
     if model is not None:  # the gallery's threshold: where the fields' estimator calls a cell Parasitized (as smear's report)
-        quantifier = screen_kwargs.setdefault("quantifier", field_quantifier(model, rescorer=rescorer))
-        thr = decision_threshold(quantifier, rescorer if rescorer is not None else model)
+        if screen_kwargs.get("quantifier") is None:  # one estimator for every field, built once
+            screen_kwargs["quantifier"] = field_quantifier(model, rescorer=rescorer)
+        thr = decision_threshold(screen_kwargs["quantifier"], rescorer if rescorer is not None else model)
     results, errors, candidates = [], [], []
     for name, rgb in fields:
         try:
